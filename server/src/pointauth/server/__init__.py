@@ -1,0 +1,1 @@
+"""pointauth server: gRPC point authorization on Redis, with PostgreSQL as the durable ledger."""

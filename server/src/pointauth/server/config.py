@@ -1,0 +1,150 @@
+"""Typed settings: one object read from a TOML file and POINTAUTH__SECTION__FIELD variables.
+
+Every field has a default that suits the embedded dev stack; `load_settings` validates all of
+them at start and names the offending field and its source in a ConfigError.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import msgspec
+from msgspec import Meta
+
+ENV_PREFIX = "POINTAUTH__"
+
+Port = Annotated[int, Meta(ge=0, le=65535)]
+Positive = Annotated[int, Meta(ge=1)]
+Seconds = Annotated[float, Meta(gt=0)]
+
+
+class ConfigError(Exception):
+    """Configuration that cannot be used; the message names the field and where it came from."""
+
+
+class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    """Address the gRPC server listens on."""
+    port: Port = 50051
+    """Port the gRPC server listens on (0 picks a free one)."""
+    workers: Positive = 1
+    """Server processes sharing the port (SO_REUSEPORT)."""
+    grace_seconds: Seconds = 10.0
+    """On SIGTERM, how long in-flight calls may take to finish."""
+
+
+class RedisSettings(_Section):
+    url: str = "redis://127.0.0.1:6379/0"
+    """Redis holding the hot ledger."""
+    max_connections: Positive = 64
+    """Connection pool size per server process."""
+
+
+class PostgresSettings(_Section):
+    dsn: str = "postgresql://pointauth@127.0.0.1:5432/pointauth"
+    """PostgreSQL holding the durable journal."""
+
+
+class LedgerSettings(_Section):
+    shards: Positive = 1024
+    """Account shards (hash tags). Fixed for the life of the data: changing it needs a migration."""
+    hold_ttl_seconds: Positive = 900
+    """Life of a hold when the request gives none."""
+    hold_ttl_min_seconds: Positive = 1
+    """Shortest hold a request may ask for."""
+    hold_ttl_max_seconds: Positive = 7 * 86400
+    """Longest hold a request may ask for."""
+    idempotency_ttl_seconds: Positive = 86400
+    """How long a request_id is remembered (retries after that are new requests)."""
+    transaction_retention_days: Positive = 90
+    """How long transactions stay in Redis for refunds and receipts."""
+    sweep_interval_seconds: Seconds = 1.0
+    """How often expired holds are looked for and released."""
+
+    def __post_init__(self) -> None:
+        if not self.hold_ttl_min_seconds <= self.hold_ttl_seconds <= self.hold_ttl_max_seconds:
+            raise ValueError("hold_ttl_seconds must lie between hold_ttl_min_seconds and hold_ttl_max_seconds")
+
+
+class ExpirySettings(_Section):
+    policy: Literal["days", "end_of_month", "end_of_year"] = "end_of_month"
+    """days: N days after the purchase; end_of_month: the end of the month `months` after the
+    purchase's month; end_of_year: the end of the year `years` after the purchase's year."""
+    days: Positive = 365
+    months: Positive = 12
+    years: Positive = 1
+
+
+class EarnSettings(_Section):
+    rate_points: Positive = 1
+    """Base rate: rate_points points per rate_amount of purchase, rounded down."""
+    rate_amount: Positive = 100
+    expiry: ExpirySettings = msgspec.field(default_factory=ExpirySettings)
+    timezone: str = "Asia/Tokyo"
+    """Zone in which month and year ends are reckoned."""
+
+    def __post_init__(self) -> None:
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown timezone {self.timezone!r}") from exc
+
+
+class Settings(_Section):
+    server: ServerSettings = msgspec.field(default_factory=ServerSettings)
+    redis: RedisSettings = msgspec.field(default_factory=RedisSettings)
+    postgres: PostgresSettings = msgspec.field(default_factory=PostgresSettings)
+    ledger: LedgerSettings = msgspec.field(default_factory=LedgerSettings)
+    earn: EarnSettings = msgspec.field(default_factory=EarnSettings)
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split("__")
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Reads `path` (if given), then applies environment overrides, then validates."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read settings file {path}: {exc}") from exc
+    overrides = _env_overrides(os.environ if env is None else env)
+    merged = _merge(data, overrides)
+    try:
+        # Environment values are strings: lax conversion turns "8" into 8 where an int is due.
+        return msgspec.convert(merged, Settings, strict=not overrides)
+    except (msgspec.ValidationError, ValueError) as exc:
+        source = f"{path}" if path else "defaults"
+        if overrides:
+            source += " with POINTAUTH__ environment overrides"
+        raise ConfigError(f"invalid settings ({source}): {exc}") from exc

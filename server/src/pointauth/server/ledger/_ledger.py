@@ -1,0 +1,231 @@
+"""Typed calls of the ledger script, and the records it returns."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from typing import Any, Literal
+
+import msgspec
+from redis.asyncio import Redis
+
+from pointauth.server.clock import Clock
+from pointauth.server.config import LedgerSettings
+from pointauth.server.ledger.keys import Keyspace
+
+LotKindCode = Literal["R", "L"]
+SCRIPT_SOURCE = files("pointauth.server.ledger").joinpath("ledger.lua").read_text()
+
+
+class LotEntry(msgspec.Struct, array_like=True, frozen=True):
+    """A lot, or one transaction's effect on a lot (`points` is then a signed delta)."""
+
+    lot_id: int
+    points: int
+    expire_ms: int
+    kind: LotKindCode
+    issuer_id: str
+
+
+class PointOfSaleRef(msgspec.Struct, array_like=True, frozen=True):
+    company_id: str
+    store_id: str
+    terminal_id: str
+    channel: int
+
+
+class OpResult(msgspec.Struct, frozen=True):
+    """What a ledger script call answered; `code` is OK or the gRPC status name of a refusal."""
+
+    code: str
+    available: int = 0
+    held: int = 0
+    reason: str = ""
+    message: str = ""
+    meta: dict[str, str] = {}
+    tx: int = 0
+    pts: int = 0
+    released: int = 0
+    exp: int = 0
+    lots: list[LotEntry] = []
+
+
+class TransactionRecord(msgspec.Struct, frozen=True):
+    """A transaction as the ledger keeps it for refunds and receipts."""
+
+    type: Literal["EARN", "GRANT", "HOLD", "CAPTURE", "REDEMPTION", "REFUND"]
+    time: int
+    pts: int
+    refunded: int
+    available: int
+    held: int
+    pos: PointOfSaleRef | None = None
+    lots: list[LotEntry] = []
+    ref: int = 0
+    state: str = ""
+    exp: int = 0
+    captured: int = 0
+    released: int = 0
+    capture: int = 0
+    amount: int = 0
+
+
+class LedgerRefusal(Exception):
+    """A refusal by the ledger: nothing changed (but the refusal is remembered for retries)."""
+
+    def __init__(self, result: OpResult) -> None:
+        super().__init__(f"{result.code} {result.reason}: {result.message}")
+        self.result = result
+
+
+_decode_result = msgspec.msgpack.Decoder(OpResult).decode
+_decode_record = msgspec.msgpack.Decoder(TransactionRecord).decode
+_encode = msgspec.msgpack.Encoder().encode
+
+
+class Ledger:
+    """Every state change of an account is one call of the ledger script, on its shard's slot."""
+
+    def __init__(self, redis: Redis, keyspace: Keyspace, clock: Clock, settings: LedgerSettings) -> None:
+        self.redis = redis
+        self.keyspace = keyspace
+        self.clock = clock
+        self.settings = settings
+        # redis-py sends EVALSHA and reloads the script on NOSCRIPT (restart, failover, flush).
+        self._script = redis.register_script(SCRIPT_SOURCE)
+
+    async def _call(
+        self, op: str, account_id: str, args: dict[str, Any], request_id: str = "", fingerprint: str = ""
+    ) -> OpResult:
+        keys = list(self.keyspace.account(account_id))
+        if request_id:
+            keys.append(self.keyspace.idempotency(account_id, request_id))
+        argv = [
+            op,
+            self.clock.now_ms(),
+            account_id,
+            fingerprint,
+            self.settings.idempotency_ttl_seconds,
+            self.settings.transaction_retention_days * 86_400_000,
+            _encode(args),
+        ]
+        raw = await self._script(keys=keys, args=argv)
+        result = _decode_result(raw)
+        if result.code != "OK":
+            raise LedgerRefusal(result)
+        return result
+
+    async def account_for_card(self, card_number: str) -> str | None:
+        account: bytes | None = await self.redis.hget(  # type: ignore[misc]
+            self.keyspace.card_bucket(card_number), card_number
+        )
+        return account.decode() if account is not None else None
+
+    async def create_account(self, account_id: str, card_number: str, request_id: str, fingerprint: str) -> OpResult:
+        bucket = self.keyspace.card_bucket(card_number)
+        owner = await self.account_for_card(card_number)
+        if owner is not None and owner != account_id:
+            raise _card_taken(card_number)
+        result = await self._call("create_account", account_id, {"card": card_number}, request_id, fingerprint)
+        # The card index is another slot: linked after the account exists, so a crash between
+        # the two leaves an account without a card (retrying the request links it), never a
+        # card pointing nowhere.
+        linked = await self.redis.hsetnx(bucket, card_number, account_id)  # type: ignore[misc]
+        if not linked and await self.account_for_card(card_number) != account_id:
+            raise _card_taken(card_number)
+        return result
+
+    async def earn(
+        self,
+        account_id: str,
+        *,
+        points: int,
+        expire_ms: int,
+        kind: LotKindCode,
+        pos: PointOfSaleRef,
+        request_id: str,
+        fingerprint: str,
+        grant: bool = False,
+        purchase_amount: int = 0,
+        purchase_ms: int = 0,
+    ) -> OpResult:
+        args = {
+            "type": "GRANT" if grant else "EARN",
+            "pts": points,
+            "exp": expire_ms,
+            "kind": kind,
+            "pos": pos,
+            "rid": request_id,
+            "amount": purchase_amount,
+            "ptime": purchase_ms,
+        }
+        return await self._call("earn", account_id, args, request_id, fingerprint)
+
+    async def authorize(
+        self, account_id: str, *, points: int, ttl_ms: int, pos: PointOfSaleRef, request_id: str, fingerprint: str
+    ) -> OpResult:
+        args = {"pts": points, "ttl": ttl_ms, "pos": pos, "rid": request_id}
+        return await self._call("authorize", account_id, args, request_id, fingerprint)
+
+    async def capture(
+        self, account_id: str, hold_seq: int, *, points: int | None, request_id: str, fingerprint: str
+    ) -> OpResult:
+        args = {"hold": hold_seq, "pts": -1 if points is None else points, "rid": request_id}
+        return await self._call("capture", account_id, args, request_id, fingerprint)
+
+    async def void(self, account_id: str, hold_seq: int, *, request_id: str, fingerprint: str) -> OpResult:
+        return await self._call("void", account_id, {"hold": hold_seq, "rid": request_id}, request_id, fingerprint)
+
+    async def redeem(
+        self, account_id: str, *, points: int, pos: PointOfSaleRef, request_id: str, fingerprint: str
+    ) -> OpResult:
+        args = {"pts": points, "pos": pos, "rid": request_id}
+        return await self._call("redeem", account_id, args, request_id, fingerprint)
+
+    async def refund(
+        self,
+        account_id: str,
+        original_seq: int,
+        *,
+        points: int | None,
+        pos: PointOfSaleRef | None,
+        request_id: str,
+        fingerprint: str,
+    ) -> OpResult:
+        args = {"orig": original_seq, "pts": -1 if points is None else points, "pos": pos, "rid": request_id}
+        return await self._call("refund", account_id, args, request_id, fingerprint)
+
+    async def balance(self, account_id: str) -> OpResult:
+        """Available and held points and the spendable lots; resolves what time has expired."""
+        return await self._call("balance", account_id, {})
+
+    async def transaction(self, account_id: str, seq: int) -> TransactionRecord | None:
+        raw: bytes | None = await self.redis.hget(  # type: ignore[misc]
+            self.keyspace.account(account_id).transactions, str(seq)
+        )
+        return _decode_record(raw) if raw is not None else None
+
+    async def expired_hold_accounts(self, limit_per_shard: int = 100) -> set[str]:
+        """Accounts with a hold past its TTL, from every shard's hold index."""
+        now = self.clock.now_ms()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for shard in range(self.keyspace.shards):
+                pipe.zrangebyscore(self.keyspace.holds(shard), "-inf", now, start=0, num=limit_per_shard)
+            replies: list[list[bytes]] = await pipe.execute()
+        return {member.decode().rpartition(".")[0] for reply in replies for member in reply}
+
+    async def sweep_expired_holds(self) -> int:
+        """Releases every hold past its TTL; returns how many accounts were swept."""
+        accounts = await self.expired_hold_accounts()
+        for account_id in accounts:
+            await self.balance(account_id)
+        return len(accounts)
+
+
+def _card_taken(card_number: str) -> LedgerRefusal:
+    return LedgerRefusal(
+        OpResult(
+            code="ALREADY_EXISTS",
+            reason="CARD_ALREADY_LINKED",
+            message=f"card {card_number} is linked to another account",
+        )
+    )

@@ -1,0 +1,68 @@
+"""Redis key names. Every key of an account carries its shard's hash tag, so one script call
+touches a single hash slot and the same code runs on one Redis or a Redis Cluster."""
+
+from __future__ import annotations
+
+import re
+import zlib
+from typing import NamedTuple
+
+# Card lookups happen before the account is known, so cards live in their own keys: small
+# hashes bucketed by card number, which Redis stores compactly (listpack) at 10M+ cards.
+# Changing the bucket count would orphan every card: it is fixed.
+CARD_BUCKETS = 1 << 18
+
+_TRANSACTION_ID = re.compile(r"^([A-Za-z0-9_-]{1,64})\.([1-9][0-9]{0,15})$")
+
+
+class AccountKeys(NamedTuple):
+    """The keys one ledger script call may touch, in the order of the script's KEYS."""
+
+    account: str
+    transactions: str
+    holds: str
+    events: str
+
+
+class Keyspace:
+    """Names keys for a fixed number of shards (changing `shards` requires a migration)."""
+
+    def __init__(self, shards: int, prefix: str = "pa") -> None:
+        self.shards = shards
+        self.prefix = prefix
+
+    def shard_of(self, account_id: str) -> int:
+        return zlib.crc32(account_id.encode()) % self.shards
+
+    def account(self, account_id: str) -> AccountKeys:
+        tag = f"{self.prefix}:{{s{self.shard_of(account_id)}}}"
+        return AccountKeys(
+            account=f"{tag}:a:{account_id}",
+            transactions=f"{tag}:x:{account_id}",
+            holds=f"{tag}:holds",
+            events=f"{tag}:events",
+        )
+
+    def idempotency(self, account_id: str, request_id: str) -> str:
+        return f"{self.prefix}:{{s{self.shard_of(account_id)}}}:r:{account_id}:{request_id}"
+
+    def events(self, shard: int) -> str:
+        return f"{self.prefix}:{{s{shard}}}:events"
+
+    def holds(self, shard: int) -> str:
+        return f"{self.prefix}:{{s{shard}}}:holds"
+
+    def card_bucket(self, card_number: str) -> str:
+        return f"{self.prefix}:card:{zlib.crc32(card_number.encode()) % CARD_BUCKETS}"
+
+
+def transaction_id(account_id: str, seq: int) -> str:
+    """A transaction (or hold) id names its account, so it routes to the right shard."""
+    return f"{account_id}.{seq}"
+
+
+def parse_transaction_id(value: str) -> tuple[str, int] | None:
+    match = _TRANSACTION_ID.match(value)
+    if match is None:
+        return None
+    return match.group(1), int(match.group(2))
