@@ -162,7 +162,18 @@ class PostgresServer:
         isready = str(self.bindir / "pg_isready")
 
         def ready() -> bool:
-            probe = [isready, "-q", "-h", LOOPBACK, "-p", str(self.port), "-d", "postgres", "-U", DB_USER]
+            probe = [
+                isready,
+                "-q",
+                "-h",
+                LOOPBACK,
+                "-p",
+                str(self.port),
+                "-d",
+                "postgres",
+                "-U",
+                DB_USER,
+            ]
             return subprocess.run(probe, check=False).returncode == 0
 
         _wait_for(ready, "postgres", self.proc, timeout=60)
@@ -172,24 +183,32 @@ class PostgresServer:
             capture_output=True, text=True, check=True,
         ).stdout.strip()  # fmt: skip
         if not created:
-            self._run(str(self.bindir / "createdb"), "-h", LOOPBACK, "-p", str(self.port), "-U", DB_USER, DATABASE)
+            self._run(
+                str(self.bindir / "createdb"),
+                "-h",
+                LOOPBACK,
+                "-p",
+                str(self.port),
+                "-U",
+                DB_USER,
+                DATABASE,
+            )
         return self
 
+    def _pg_ctl_stop(self, mode: str) -> None:
+        pgdata = str(self.data_dir / "pgdata")
+        command = [*self._as_user, str(self.bindir / "pg_ctl"), "-D", pgdata, "stop", "-m", mode]
+        subprocess.run(command, capture_output=True, check=False)
+
     def kill(self) -> None:
+        """An immediate stop, as a crash. (runuser does not pass SIGKILL on: pg_ctl does it.)"""
         if self.proc is not None:
-            # runuser forwards signals; SIGKILL of the wrapper would orphan postgres, so use pg_ctl.
-            subprocess.run(
-                [*self._as_user, str(self.bindir / "pg_ctl"), "-D", str(self.data_dir / "pgdata"), "stop", "-m", "immediate"],
-                capture_output=True, check=False,
-            )  # fmt: skip
+            self._pg_ctl_stop("immediate")
             self.proc.wait()
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            subprocess.run(
-                [*self._as_user, str(self.bindir / "pg_ctl"), "-D", str(self.data_dir / "pgdata"), "stop", "-m", "fast"],
-                capture_output=True, check=False,
-            )  # fmt: skip
+            self._pg_ctl_stop("fast")
         _stop(self.proc)
 
 
@@ -210,7 +229,10 @@ class EmbeddedStack:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.postgres.stop()
         self.redis.stop()

@@ -94,12 +94,17 @@ class Ledger:
         self._script = redis.register_script(SCRIPT_SOURCE)
 
     async def _call(
-        self, op: str, account_id: str, args: dict[str, Any], request_id: str = "", fingerprint: str = ""
+        self,
+        op: str,
+        account_id: str,
+        args: dict[str, Any],
+        request_id: str = "",
+        fingerprint: str = "",
     ) -> OpResult:
         keys = list(self.keyspace.account(account_id))
         if request_id:
             keys.append(self.keyspace.idempotency(account_id, request_id))
-        argv = [
+        argv: list[bytes | str | int] = [
             op,
             self.clock.now_ms(),
             account_id,
@@ -115,10 +120,8 @@ class Ledger:
         return result
 
     async def account_for_card(self, card_number: str) -> str | None:
-        account: bytes | None = await self.redis.hget(  # type: ignore[misc]
-            self.keyspace.card_bucket(card_number), card_number
-        )
-        return account.decode() if account is not None else None
+        account = await self.redis.hget(self.keyspace.card_bucket(card_number), card_number)
+        return _text(account)
 
     async def create_account(self, account_id: str, card_number: str, request_id: str, fingerprint: str) -> OpResult:
         bucket = self.keyspace.card_bucket(card_number)
@@ -129,7 +132,7 @@ class Ledger:
         # The card index is another slot: linked after the account exists, so a crash between
         # the two leaves an account without a card (retrying the request links it), never a
         # card pointing nowhere.
-        linked = await self.redis.hsetnx(bucket, card_number, account_id)  # type: ignore[misc]
+        linked = await self.redis.hsetnx(bucket, card_number, account_id)
         if not linked and await self.account_for_card(card_number) != account_id:
             raise _card_taken(card_number)
         return result
@@ -161,13 +164,26 @@ class Ledger:
         return await self._call("earn", account_id, args, request_id, fingerprint)
 
     async def authorize(
-        self, account_id: str, *, points: int, ttl_ms: int, pos: PointOfSaleRef, request_id: str, fingerprint: str
+        self,
+        account_id: str,
+        *,
+        points: int,
+        ttl_ms: int,
+        pos: PointOfSaleRef,
+        request_id: str,
+        fingerprint: str,
     ) -> OpResult:
         args = {"pts": points, "ttl": ttl_ms, "pos": pos, "rid": request_id}
         return await self._call("authorize", account_id, args, request_id, fingerprint)
 
     async def capture(
-        self, account_id: str, hold_seq: int, *, points: int | None, request_id: str, fingerprint: str
+        self,
+        account_id: str,
+        hold_seq: int,
+        *,
+        points: int | None,
+        request_id: str,
+        fingerprint: str,
     ) -> OpResult:
         args = {"hold": hold_seq, "pts": -1 if points is None else points, "rid": request_id}
         return await self._call("capture", account_id, args, request_id, fingerprint)
@@ -176,7 +192,13 @@ class Ledger:
         return await self._call("void", account_id, {"hold": hold_seq, "rid": request_id}, request_id, fingerprint)
 
     async def redeem(
-        self, account_id: str, *, points: int, pos: PointOfSaleRef, request_id: str, fingerprint: str
+        self,
+        account_id: str,
+        *,
+        points: int,
+        pos: PointOfSaleRef,
+        request_id: str,
+        fingerprint: str,
     ) -> OpResult:
         args = {"pts": points, "pos": pos, "rid": request_id}
         return await self._call("redeem", account_id, args, request_id, fingerprint)
@@ -191,7 +213,12 @@ class Ledger:
         request_id: str,
         fingerprint: str,
     ) -> OpResult:
-        args = {"orig": original_seq, "pts": -1 if points is None else points, "pos": pos, "rid": request_id}
+        args = {
+            "orig": original_seq,
+            "pts": -1 if points is None else points,
+            "pos": pos,
+            "rid": request_id,
+        }
         return await self._call("refund", account_id, args, request_id, fingerprint)
 
     async def balance(self, account_id: str) -> OpResult:
@@ -199,10 +226,9 @@ class Ledger:
         return await self._call("balance", account_id, {})
 
     async def transaction(self, account_id: str, seq: int) -> TransactionRecord | None:
-        raw: bytes | None = await self.redis.hget(  # type: ignore[misc]
-            self.keyspace.account(account_id).transactions, str(seq)
-        )
-        return _decode_record(raw) if raw is not None else None
+        raw = await self.redis.hget(self.keyspace.account(account_id).transactions, str(seq))
+        # The client never decodes responses (decode_responses=False): records are msgpack.
+        return _decode_record(raw) if isinstance(raw, bytes) else None
 
     async def expired_hold_accounts(self, limit_per_shard: int = 100) -> set[str]:
         """Accounts with a hold past its TTL, from every shard's hold index."""
@@ -219,6 +245,10 @@ class Ledger:
         for account_id in accounts:
             await self.balance(account_id)
         return len(accounts)
+
+
+def _text(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _card_taken(card_number: str) -> LedgerRefusal:

@@ -1,0 +1,196 @@
+"""PointsClient: the typed async client for tills, kiosks and partner systems."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import Self, TypeVar
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from pointauth.client._errors import error_from_rpc
+from pointauth.v1 import (
+    admin_service_pb2 as admin_pb,
+)
+from pointauth.v1 import (
+    admin_service_pb2_grpc,
+    common_pb2,
+    points_service_pb2_grpc,
+)
+from pointauth.v1 import (
+    points_service_pb2 as pb,
+)
+
+T = TypeVar("T")
+
+
+class _State(enum.Enum):
+    UNOPENED = 1
+    OPENED = 2
+    CLOSED = 3
+
+
+def new_request_id() -> str:
+    """A fresh request id. Keep it to retry the same request safely."""
+    return str(uuid.uuid4())
+
+
+def _timestamp(value: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+class PointsClient:
+    """`async with PointsClient("host:50051") as client:` calls PointsService and AdminService.
+
+    Every mutating method takes an optional `request_id`; pass the same one to retry a call
+    whose outcome is unknown: the server applies it once and answers as the first time.
+    Failures raise `PointauthError` subclasses with the server's reason and field violations.
+    """
+
+    def __init__(self, target: str, *, timeout: float = 5.0, channel: grpc.aio.Channel | None = None) -> None:
+        self._target = target
+        self._timeout = timeout
+        self._channel = channel
+        self._state = _State.UNOPENED
+
+    async def __aenter__(self) -> Self:
+        if self._state is not _State.UNOPENED:
+            raise RuntimeError("a PointsClient can be opened only once")
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(self._target)
+        self._points = points_service_pb2_grpc.PointsServiceStub(self._channel)
+        self._admin = admin_service_pb2_grpc.AdminServiceStub(self._channel)
+        self._state = _State.OPENED
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._state = _State.CLOSED
+        if self._channel is not None:
+            await self._channel.close()
+
+    async def _call(self, call: Callable[..., Awaitable[T]], request: object) -> T:
+        if self._state is not _State.OPENED:
+            raise RuntimeError("use the client inside `async with PointsClient(...)`")
+        try:
+            return await call(request, timeout=self._timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc.code(), exc.details() or "", exc.trailing_metadata()) from None
+
+    async def earn_points(
+        self,
+        card_number: str,
+        point_of_sale: common_pb2.PointOfSale,
+        purchase_amount: int,
+        purchase_time: datetime,
+        *,
+        request_id: str | None = None,
+    ) -> pb.EarnPointsResponse:
+        request = pb.EarnPointsRequest(
+            request_id=request_id or new_request_id(),
+            card_number=card_number,
+            point_of_sale=point_of_sale,
+            purchase_amount=purchase_amount,
+            purchase_time=_timestamp(purchase_time),
+        )
+        return await self._call(self._points.EarnPoints, request)
+
+    async def authorize_hold(
+        self,
+        card_number: str,
+        point_of_sale: common_pb2.PointOfSale,
+        points: int,
+        *,
+        hold_ttl: timedelta | None = None,
+        request_id: str | None = None,
+    ) -> pb.AuthorizeHoldResponse:
+        request = pb.AuthorizeHoldRequest(
+            request_id=request_id or new_request_id(),
+            card_number=card_number,
+            point_of_sale=point_of_sale,
+            points=points,
+        )
+        if hold_ttl is not None:
+            request.hold_ttl.CopyFrom(Duration(seconds=int(hold_ttl.total_seconds())))
+        return await self._call(self._points.AuthorizeHold, request)
+
+    async def capture_hold(
+        self, hold_id: str, points: int | None = None, *, request_id: str | None = None
+    ) -> pb.CaptureHoldResponse:
+        request = pb.CaptureHoldRequest(request_id=request_id or new_request_id(), hold_id=hold_id)
+        if points is not None:
+            request.points = points
+        return await self._call(self._points.CaptureHold, request)
+
+    async def void_hold(self, hold_id: str, *, request_id: str | None = None) -> pb.VoidHoldResponse:
+        request = pb.VoidHoldRequest(request_id=request_id or new_request_id(), hold_id=hold_id)
+        return await self._call(self._points.VoidHold, request)
+
+    async def redeem_points(
+        self, card_number: str, point_of_sale: common_pb2.PointOfSale, points: int, *, request_id: str | None = None
+    ) -> pb.RedeemPointsResponse:
+        request = pb.RedeemPointsRequest(
+            request_id=request_id or new_request_id(),
+            card_number=card_number,
+            point_of_sale=point_of_sale,
+            points=points,
+        )
+        return await self._call(self._points.RedeemPoints, request)
+
+    async def refund_transaction(
+        self,
+        transaction_id: str,
+        points: int | None = None,
+        *,
+        point_of_sale: common_pb2.PointOfSale | None = None,
+        request_id: str | None = None,
+    ) -> pb.RefundTransactionResponse:
+        request = pb.RefundTransactionRequest(
+            request_id=request_id or new_request_id(), transaction_id=transaction_id, point_of_sale=point_of_sale
+        )
+        if points is not None:
+            request.points = points
+        return await self._call(self._points.RefundTransaction, request)
+
+    async def get_balance(self, card_number: str) -> pb.GetBalanceResponse:
+        return await self._call(self._points.GetBalance, pb.GetBalanceRequest(card_number=card_number))
+
+    async def get_receipt(self, transaction_id: str) -> pb.Receipt:
+        response = await self._call(self._points.GetReceipt, pb.GetReceiptRequest(transaction_id=transaction_id))
+        return response.receipt
+
+    async def create_account(
+        self, account_id: str, card_number: str, *, request_id: str | None = None
+    ) -> admin_pb.CreateAccountResponse:
+        request = admin_pb.CreateAccountRequest(
+            request_id=request_id or new_request_id(), account_id=account_id, card_number=card_number
+        )
+        return await self._call(self._admin.CreateAccount, request)
+
+    async def grant_points(
+        self,
+        card_number: str,
+        points: int,
+        expire_time: datetime,
+        point_of_sale: common_pb2.PointOfSale,
+        *,
+        kind: common_pb2.LotKind.ValueType = common_pb2.LOT_KIND_REGULAR,
+        request_id: str | None = None,
+    ) -> admin_pb.GrantPointsResponse:
+        request = admin_pb.GrantPointsRequest(
+            request_id=request_id or new_request_id(),
+            card_number=card_number,
+            points=points,
+            kind=kind,
+            expire_time=_timestamp(expire_time),
+            point_of_sale=point_of_sale,
+        )
+        return await self._call(self._admin.GrantPoints, request)

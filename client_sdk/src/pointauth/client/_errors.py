@@ -1,0 +1,80 @@
+"""Errors raised by the pointauth client. One root; the status code and rich details are kept.
+
+PointauthError                 any error answer (code, reason, message, metadata)
+├── InvalidArgumentError       bad input; `field_violations` names each field
+├── NotFoundError              unknown card, hold or transaction
+├── RefusedError               a business refusal (INSUFFICIENT_POINTS, HOLD_EXPIRED, ...)
+├── ConflictError              ALREADY_EXISTS: request_id reused for other content, ...
+└── UnavailableError           the server or its store is unreachable: retry, same request_id
+"""
+
+from __future__ import annotations
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+
+_DETAILS_KEY = "grpc-status-details-bin"
+
+
+class PointauthError(Exception):
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        reason: str = "",
+        metadata: dict[str, str] | None = None,
+        field_violations: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(f"{code.name}{' ' + reason if reason else ''}: {message}")
+        self.code = code
+        self.message = message
+        self.reason = reason
+        self.metadata = metadata or {}
+        self.field_violations = field_violations or {}
+
+
+class InvalidArgumentError(PointauthError):
+    pass
+
+
+class NotFoundError(PointauthError):
+    pass
+
+
+class RefusedError(PointauthError):
+    pass
+
+
+class ConflictError(PointauthError):
+    pass
+
+
+class UnavailableError(PointauthError):
+    pass
+
+
+_CLASSES: dict[grpc.StatusCode, type[PointauthError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.FAILED_PRECONDITION: RefusedError,
+    grpc.StatusCode.ALREADY_EXISTS: ConflictError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+}
+
+
+def error_from_rpc(code: grpc.StatusCode, details: str, trailing_metadata: object) -> PointauthError:
+    """Decodes google.rpc.Status details (ErrorInfo, BadRequest) from a failed call's trailers."""
+    reason, metadata, violations = "", {}, {}
+    for key, value in trailing_metadata or ():  # type: ignore[attr-defined]
+        if key != _DETAILS_KEY:
+            continue
+        status = status_pb2.Status.FromString(value)
+        for detail in status.details:
+            info = error_details_pb2.ErrorInfo()
+            bad = error_details_pb2.BadRequest()
+            if detail.Unpack(info):
+                reason, metadata = info.reason, dict(info.metadata)
+            elif detail.Unpack(bad):
+                violations = {v.field: v.description for v in bad.field_violations}
+    cls = _CLASSES.get(code, PointauthError)
+    return cls(code, details or "", reason, metadata, violations)

@@ -1,0 +1,1 @@
+"""The gRPC surface: request validation, servicers, and the mapping of refusals to rich errors."""

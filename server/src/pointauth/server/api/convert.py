@@ -1,0 +1,107 @@
+"""Ledger records to pointauth.v1 messages, and what every servicer shares."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from pointauth.server.api.errors import ApiError, from_refusal
+from pointauth.server.ledger import Ledger, LedgerRefusal, LotEntry, OpResult, PointOfSaleRef
+from pointauth.v1 import common_pb2
+
+_KINDS = {"R": common_pb2.LOT_KIND_REGULAR, "L": common_pb2.LOT_KIND_LIMITED_TIME}
+
+Req = TypeVar("Req", bound=Message)
+Resp = TypeVar("Resp", bound=Message)
+Servicer = TypeVar("Servicer")
+
+
+def timestamp(ms: int) -> Timestamp:
+    return Timestamp(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
+
+
+def lot(entry: LotEntry) -> common_pb2.Lot:
+    return common_pb2.Lot(
+        lot_id=str(entry.lot_id),
+        points=entry.points,
+        expire_time=timestamp(entry.expire_ms),
+        kind=_KINDS[entry.kind],
+        issuer_id=entry.issuer_id,
+    )
+
+
+def lot_effects(entries: list[LotEntry]) -> list[common_pb2.LotEffect]:
+    return [
+        common_pb2.LotEffect(
+            lot_id=str(e.lot_id),
+            delta_points=e.points,
+            expire_time=timestamp(e.expire_ms),
+            kind=_KINDS[e.kind],
+            issuer_id=e.issuer_id,
+        )
+        for e in entries
+    ]
+
+
+def balance(result: OpResult) -> common_pb2.BalanceSummary:
+    return common_pb2.BalanceSummary(available_points=result.available, held_points=result.held)
+
+
+def point_of_sale(ref: PointOfSaleRef | None) -> common_pb2.PointOfSale | None:
+    if ref is None:
+        return None
+    return common_pb2.PointOfSale(
+        company_id=ref.company_id,
+        store_id=ref.store_id,
+        terminal_id=ref.terminal_id,
+        channel=common_pb2.Channel.ValueType(ref.channel),
+    )
+
+
+def fingerprint(method: str, request: Message) -> str:
+    """What makes two requests with one request_id "the same": everything but the id."""
+    content = type(request)()
+    content.CopyFrom(request)
+    content.ClearField("request_id")
+    digest = hashlib.blake2b(method.encode(), digest_size=16)
+    digest.update(content.SerializeToString(deterministic=True))
+    return digest.hexdigest()
+
+
+async def account_for_card(ledger: Ledger, card_number: str) -> str:
+    account = await ledger.account_for_card(card_number)
+    if account is None:
+        raise ApiError(grpc.StatusCode.NOT_FOUND, "CARD_NOT_FOUND", f"no account has card {card_number}")
+    return account
+
+
+def renamed_not_found(refusal: LedgerRefusal, reason: str, message: str) -> LedgerRefusal:
+    """An id naming an account that does not exist is an unknown hold or transaction to the caller."""
+    if refusal.result.reason != "ACCOUNT_NOT_FOUND":
+        return refusal
+    return LedgerRefusal(OpResult(code="NOT_FOUND", reason=reason, message=message))
+
+
+def rpc(
+    method: Callable[[Servicer, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]],
+) -> Callable[[Servicer, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]]:
+    """Sends ApiError and ledger refusals as rich statuses; anything else is INTERNAL."""
+
+    @functools.wraps(method)
+    async def handler(self: Servicer, request: Req, context: grpc.aio.ServicerContext[Any, Any]) -> Resp:
+        try:
+            return await method(self, request, context)
+        except LedgerRefusal as refusal:
+            error = from_refusal(refusal)
+        except ApiError as api_error:
+            error = api_error
+        await context.abort_with_status(error.to_status())
+        raise AssertionError("abort_with_status returned")  # pragma: no cover
+
+    return handler

@@ -1,0 +1,122 @@
+"""One server process: the gRPC services on grpc.aio, health and reflection, the hold sweeper,
+and a graceful stop (health NOT_SERVING, in-flight calls finish, then stop)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from types import TracebackType
+from typing import Self
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from redis.asyncio import Redis
+
+from pointauth.server.api.admin import AdminServicer
+from pointauth.server.api.points import PointsServicer
+from pointauth.server.clock import Clock, SystemClock
+from pointauth.server.config import Settings
+from pointauth.server.earn_policy import EarnPolicy
+from pointauth.server.ledger import Keyspace, Ledger
+from pointauth.v1 import (
+    admin_service_pb2,
+    admin_service_pb2_grpc,
+    points_service_pb2,
+    points_service_pb2_grpc,
+)
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    points_service_pb2.DESCRIPTOR.services_by_name["PointsService"].full_name,
+    admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+)
+
+
+class PointauthServer:
+    """`async with PointauthServer(settings) as server:` serves until `stop()`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        clock: Clock | None = None,
+        *,
+        reuse_port: bool = False,
+        sweeper: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.redis = Redis.from_url(settings.redis.url, max_connections=settings.redis.max_connections)
+        self.ledger = Ledger(self.redis, Keyspace(settings.ledger.shards), self.clock, settings.ledger)
+        self.health = health.aio.HealthServicer()
+        self._reuse_port = reuse_port
+        self._run_sweeper = sweeper
+        self._sweeper: asyncio.Task[None] | None = None
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        await self.redis.ping()
+        server = grpc.aio.server(
+            options=[
+                # Several processes share the port only when asked; otherwise a busy port is an error.
+                ("grpc.so_reuseport", 1 if self._reuse_port else 0),
+                ("grpc.max_concurrent_streams", 1000),
+            ]
+        )
+        points_service_pb2_grpc.add_PointsServiceServicer_to_server(
+            PointsServicer(self.ledger, EarnPolicy(self.settings.earn), self.settings.ledger, self.clock),
+            server,
+        )
+        admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.ledger, self.clock), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, health.SERVICE_NAME), server)
+        address = f"{self.settings.server.host}:{self.settings.server.port}"
+        self.port = server.add_insecure_port(address)
+        await server.start()
+        self.server = server
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self._run_sweeper:
+            self._sweeper = asyncio.create_task(self._sweep_forever())
+        log.info("pointauth listening on %s:%d", self.settings.server.host, self.port)
+
+    async def _sweep_forever(self) -> None:
+        """Releases holds nobody touches after their TTL (reads already see them as expired)."""
+        while True:
+            try:
+                swept = await self.ledger.sweep_expired_holds()
+                if swept:
+                    log.debug("released expired holds of %d accounts", swept)
+            except Exception:
+                log.exception("hold sweep failed; retrying")
+            await asyncio.sleep(self.settings.ledger.sweep_interval_seconds)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful: health says NOT_SERVING, new calls are refused, in-flight calls finish."""
+        await self.health.enter_graceful_shutdown()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        if self.server is not None:
+            await self.server.stop(self.settings.server.grace_seconds if grace is None else grace)
+        await self.redis.aclose()
+
+    async def wait(self) -> None:
+        if self.server is not None:
+            await self.server.wait_for_termination()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()

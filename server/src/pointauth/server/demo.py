@@ -1,0 +1,64 @@
+"""Demo members for `pointauth dev`: a few cards with regular and limited-time points.
+
+Loading is idempotent (fixed request ids), so restarting `dev` does not add points twice."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass
+
+from pointauth.server.ledger import Ledger, LedgerRefusal, PointOfSaleRef
+
+_NAMESPACE = uuid.UUID("6f1b2c1e-8d0a-4c47-9a5e-2b7f3c9d4e10")
+HEAD_OFFICE = PointOfSaleRef(company_id="demo-retail", store_id="head-office", terminal_id="admin", channel=5)
+DAY_MS = 86_400_000
+
+
+@dataclass(frozen=True)
+class DemoMember:
+    account_id: str
+    card_number: str
+    regular_points: int
+    limited_points: int
+
+
+MEMBERS = (
+    DemoMember("member-0001", "9100000000000001", 1200, 300),
+    DemoMember("member-0002", "9100000000000002", 5000, 0),
+    DemoMember("member-0003", "9100000000000003", 80, 500),
+)
+
+
+def _request(name: str) -> tuple[str, str]:
+    return str(uuid.uuid5(_NAMESPACE, name)), hashlib.blake2b(name.encode(), digest_size=16).hexdigest()
+
+
+async def load_demo_members(ledger: Ledger) -> list[DemoMember]:
+    now = ledger.clock.now_ms()
+    for member in MEMBERS:
+        rid, fp = _request(f"open {member.account_id}")
+        try:
+            await ledger.create_account(member.account_id, member.card_number, rid, fp)
+        except LedgerRefusal as refusal:
+            if refusal.result.reason != "ACCOUNT_ALREADY_EXISTS":
+                raise
+            continue  # loaded by an earlier run
+        lots = (
+            (member.regular_points, "R", now + 365 * DAY_MS),
+            (member.limited_points, "L", now + 30 * DAY_MS),
+        )
+        for points, kind, expire_ms in lots:
+            if points:
+                rid, fp = _request(f"grant {member.account_id} {kind}")
+                await ledger.earn(
+                    member.account_id,
+                    points=points,
+                    expire_ms=expire_ms,
+                    kind="L" if kind == "L" else "R",
+                    pos=HEAD_OFFICE,
+                    request_id=rid,
+                    fingerprint=fp,
+                    grant=True,
+                )
+    return list(MEMBERS)
