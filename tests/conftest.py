@@ -6,13 +6,16 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
 
+from pointauth.client import Channel, PointOfSale, PointsClient
+from pointauth.server.app import PointauthServer
 from pointauth.server.clock import ManualClock
-from pointauth.server.config import LedgerSettings
+from pointauth.server.config import LedgerSettings, PostgresSettings, RedisSettings, ServerSettings, Settings
 from pointauth.server.ledger import Keyspace, Ledger
 from pointauth.server.stack import EmbeddedStack
 
@@ -52,3 +55,45 @@ def ledger_settings() -> LedgerSettings:
 @pytest.fixture
 def ledger(redis: Redis, clock: ManualClock, ledger_settings: LedgerSettings) -> Ledger:
     return Ledger(redis, Keyspace(ledger_settings.shards), clock, ledger_settings)
+
+
+@pytest.fixture
+def settings(stack: EmbeddedStack, ledger_settings: LedgerSettings) -> Settings:
+    return Settings(
+        server=ServerSettings(port=0, grace_seconds=2.0),
+        redis=RedisSettings(url=stack.redis.url),
+        postgres=PostgresSettings(dsn=stack.postgres.dsn),
+        ledger=ledger_settings,
+    )
+
+
+@pytest.fixture
+async def server(settings: Settings, clock: ManualClock, redis: Redis) -> AsyncIterator[PointauthServer]:
+    # No background sweeper: tests resolve expiry explicitly, so nothing races the assertions.
+    async with PointauthServer(settings, clock, sweeper=False) as running:
+        yield running
+
+
+@pytest.fixture
+async def client(server: PointauthServer) -> AsyncIterator[PointsClient]:
+    async with PointsClient(f"127.0.0.1:{server.port}") as connected:
+        yield connected
+
+
+STORE = PointOfSale(company_id="acme", store_id="store-1", terminal_id="till-1", channel=Channel.CHANNEL_STORE)
+CARD = "4000000000000001"
+
+
+@pytest.fixture
+async def member(client: PointsClient, clock: ManualClock) -> str:
+    """A member with card CARD and 1,000 regular points expiring in 30 days; returns the card."""
+    await client.create_account("member-1", CARD)
+    await client.grant_points(CARD, 1000, at(clock.now_ms() + 30 * DAY_MS), STORE)
+    return CARD
+
+
+DAY_MS = 86_400_000
+
+
+def at(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)

@@ -56,6 +56,7 @@ class PointauthServer:
         self._sweeper: asyncio.Task[None] | None = None
         self.server: grpc.aio.Server | None = None
         self.port = 0
+        self._stopped = False
 
     async def start(self) -> None:
         await self.redis.ping()
@@ -96,6 +97,9 @@ class PointauthServer:
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful: health says NOT_SERVING, new calls are refused, in-flight calls finish."""
+        if self._stopped:
+            return
+        self._stopped = True
         await self.health.enter_graceful_shutdown()
         if self._sweeper is not None:
             self._sweeper.cancel()

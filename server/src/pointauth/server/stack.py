@@ -157,8 +157,8 @@ class PostgresServer:
             "-h", LOOPBACK, "-k", str(self.data_dir),
             "-c", "fsync=on", "-c", "max_connections=200", "-c", "logging_collector=off",
         ]  # fmt: skip
-        log = (self.data_dir / "postgres.log").open("ab")
-        self.proc = subprocess.Popen([*self._as_user, *args], stdout=log, stderr=log)
+        with (self.data_dir / "postgres.log").open("ab") as log:
+            self.proc = subprocess.Popen([*self._as_user, *args], stdout=log, stderr=log)
         isready = str(self.bindir / "pg_isready")
 
         def ready() -> bool:

@@ -1,0 +1,116 @@
+"""The server as operators run it: health, reflection, SIGTERM drain, several processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from redis.asyncio import Redis
+
+from pointauth.client import PointsClient
+from pointauth.server.app import PointauthServer
+from pointauth.server.ledger import Keyspace, Ledger
+from pointauth.server.stack import EmbeddedStack, free_port
+from tests.conftest import STORE
+
+PYTHON = sys.executable
+
+
+async def test_health_and_reflection_are_served(server: PointauthServer) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "pointauth.v1.PointsService"):
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        names = {s.name async for r in responses for s in r.list_services_response.service}
+    assert {"pointauth.v1.PointsService", "pointauth.v1.AdminService", "grpc.health.v1.Health"} <= names
+
+
+async def test_graceful_stop_reports_not_serving_and_finishes_in_flight_calls(
+    server: PointauthServer, member: str, redis: Redis
+) -> None:
+    async with PointsClient(f"127.0.0.1:{server.port}") as client:
+        # Redis holds every write for a moment, so the calls are surely in flight when the stop begins.
+        await redis.client_pause(700, all=False)
+        in_flight = [asyncio.create_task(client.redeem_points(member, STORE, 1)) for _ in range(50)]
+        await asyncio.sleep(0.3)
+        await server.stop(grace=5)
+        done = await asyncio.gather(*in_flight, return_exceptions=True)
+    assert [r for r in done if isinstance(r, BaseException)] == []
+    applied = [r for r in done if not isinstance(r, BaseException)]
+    assert len(applied) == 50
+    balance = await Ledger(redis, Keyspace(16), server.clock, server.settings.ledger).balance("member-1")
+    assert balance.available == 1000 - len(applied)
+    assert (await server.health.Check(health_pb2.HealthCheckRequest(service=""), None)).status == (
+        health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+
+
+@pytest.fixture
+def serve_env(stack: EmbeddedStack) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"POINTAUTH__REDIS__URL": stack.redis.url, "POINTAUTH__LEDGER__SHARDS": "16"})
+    return env
+
+
+def _wait_serving(port: int, proc: subprocess.Popen[bytes]) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        for _ in range(200):
+            assert proc.poll() is None, "server exited while starting"
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=0.5)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise AssertionError("server did not start")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_serve_runs_workers_and_stops_on_sigterm(
+    serve_env: dict[str, str], workers: int, client: PointsClient, member: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    with (tmp_path / "serve.log").open("wb") as log:
+        proc = subprocess.Popen(  # noqa: ASYNC220 (started once, then awaited in threads)
+            [PYTHON, "-m", "pointauth.server.cli", "serve", "--workers", str(workers), "--port", str(port)],
+            env=serve_env,
+            stderr=log,
+        )
+    try:
+        await asyncio.to_thread(_wait_serving, port, proc)
+        async with PointsClient(f"127.0.0.1:{port}") as remote:
+            balances = await asyncio.gather(*(remote.get_balance(member) for _ in range(20)))
+        assert {b.balance.available_points for b in balances} == {1000}
+        if workers > 1:
+            pgrep = ["pgrep", "-P", str(proc.pid)]
+            children = (await asyncio.to_thread(subprocess.run, pgrep, capture_output=True, text=True)).stdout.split()
+            assert len(children) >= workers
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_bad_configuration_is_a_clear_error(serve_env: dict[str, str]) -> None:
+    env = dict(serve_env, POINTAUTH__SERVER__PORT="70000")
+    result = subprocess.run(
+        [PYTHON, "-m", "pointauth.server.cli", "serve"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "$.server.port" in result.stderr
+    assert "65535" in result.stderr
