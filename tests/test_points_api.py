@@ -323,3 +323,27 @@ async def test_every_change_appends_its_event(client: PointsClient, member: str,
     assert log[2]["lots"] == [[2, -100, log[1]["lots"][0][2], "R", "acme"]]
     assert log[3]["lots"] == [[2, 40, log[1]["lots"][0][2], "R", "acme"]]
     assert log[3]["pos"] == ["acme", "store-1", "till-1", common_pb2.CHANNEL_STORE]
+
+
+async def test_sweep_in_slices_covers_every_shard(
+    client: PointsClient, clock: ManualClock, redis: Redis, server: object
+) -> None:
+    from pointauth.server.app import PointauthServer
+
+    assert isinstance(server, PointauthServer)
+    cards = [f"40000000000001{i:02d}" for i in range(12)]
+    for i, card in enumerate(cards):
+        await client.create_account(f"sweep-{i}", card)
+        await client.grant_points(card, 10, at(clock.now_ms() + DAY_MS), STORE)
+        await client.authorize_hold(card, STORE, 10, hold_ttl=timedelta(seconds=5))
+    clock.advance(5_000)
+    swept = [await server.ledger.sweep_expired_holds(4) for _ in range(4)]  # 16 shards, 4 at a time
+    assert sum(swept) == len(cards)
+    assert [await redis.zcard(KEYS.holds(shard)) for shard in range(16)] == [0] * 16
+
+
+async def test_a_card_unknown_at_first_is_found_once_linked(client: PointsClient) -> None:
+    with pytest.raises(NotFoundError):
+        await client.get_balance("4000000000000777")
+    await client.create_account("late-1", "4000000000000777")
+    assert (await client.get_balance("4000000000000777")).account_id == "late-1"

@@ -88,7 +88,7 @@ class PointauthServer:
         """Releases holds nobody touches after their TTL (reads already see them as expired)."""
         while True:
             try:
-                swept = await self.ledger.sweep_expired_holds()
+                swept = await self.ledger.sweep_expired_holds(self.settings.ledger.sweep_shards_per_tick)
                 if swept:
                     log.debug("released expired holds of %d accounts", swept)
             except Exception:

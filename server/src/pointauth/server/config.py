@@ -68,7 +68,12 @@ class LedgerSettings(_Section):
     transaction_retention_days: Positive = 90
     """How long transactions stay in Redis for refunds and receipts."""
     sweep_interval_seconds: Seconds = 1.0
-    """How often expired holds are looked for and released."""
+    """How often the sweeper looks for holds past their TTL and releases them."""
+    sweep_shards_per_tick: Positive = 64
+    """Shards looked at per sweep, in turn (1,024 shards at 64 a second: each every 16 s).
+    Reads and writes see an expired hold as expired at once; the sweep only writes it down."""
+    card_cache_size: Annotated[int, Meta(ge=0)] = 100_000
+    """Card-to-account links cached per server process (0: none). Links never change yet."""
 
     def __post_init__(self) -> None:
         if not self.hold_ttl_min_seconds <= self.hold_ttl_seconds <= self.hold_ttl_max_seconds:

@@ -65,12 +65,12 @@ def point_of_sale(ref: PointOfSaleRef | None) -> common_pb2.PointOfSale | None:
 
 
 def fingerprint(method: str, request: Message) -> str:
-    """What makes two requests with one request_id "the same": everything but the id."""
-    content = type(request)()
-    content.CopyFrom(request)
-    content.ClearField("request_id")
+    """What makes two requests with one request_id "the same": everything but the id.
+
+    Clears request_id on the request itself (the handler has read it already): no copy."""
+    request.ClearField("request_id")
     digest = hashlib.blake2b(method.encode(), digest_size=16)
-    digest.update(content.SerializeToString(deterministic=True))
+    digest.update(request.SerializeToString(deterministic=True))
     return digest.hexdigest()
 
 

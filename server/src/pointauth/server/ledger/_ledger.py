@@ -92,6 +92,11 @@ class Ledger:
         self.settings = settings
         # redis-py sends EVALSHA and reloads the script on NOSCRIPT (restart, failover, flush).
         self._script = redis.register_script(SCRIPT_SOURCE)
+        # card -> account, saving a round trip per till call. Safe because a link is permanent:
+        # CreateAccount refuses a linked card, and nothing unlinks one yet. Whatever adds
+        # unlinking or moving cards must invalidate this cache in every server process.
+        self._cards: dict[str, str] = {}
+        self._sweep_cursor = 0
 
     async def _call(
         self,
@@ -120,8 +125,14 @@ class Ledger:
         return result
 
     async def account_for_card(self, card_number: str) -> str | None:
-        account = await self.redis.hget(self.keyspace.card_bucket(card_number), card_number)
-        return _text(account)
+        account = self._cards.get(card_number)
+        if account is None:
+            account = _text(await self.redis.hget(self.keyspace.card_bucket(card_number), card_number))
+            if account is not None and self.settings.card_cache_size:
+                if len(self._cards) >= self.settings.card_cache_size:
+                    del self._cards[next(iter(self._cards))]  # the oldest entry: FIFO is enough here
+                self._cards[card_number] = account
+        return account
 
     async def create_account(self, account_id: str, card_number: str, request_id: str, fingerprint: str) -> OpResult:
         bucket = self.keyspace.card_bucket(card_number)
@@ -230,21 +241,39 @@ class Ledger:
         # The client never decodes responses (decode_responses=False): records are msgpack.
         return _decode_record(raw) if isinstance(raw, bytes) else None
 
-    async def expired_hold_accounts(self, limit_per_shard: int = 100) -> set[str]:
-        """Accounts with a hold past its TTL, from every shard's hold index."""
+    async def expired_hold_accounts(self, shards: range, limit_per_shard: int = 100) -> set[str]:
+        """Accounts with a hold past its TTL, from the given shards' hold indexes."""
         now = self.clock.now_ms()
         async with self.redis.pipeline(transaction=False) as pipe:
-            for shard in range(self.keyspace.shards):
+            for shard in shards:
                 pipe.zrangebyscore(self.keyspace.holds(shard), "-inf", now, start=0, num=limit_per_shard)
             replies: list[list[bytes]] = await pipe.execute()
         return {member.decode().rpartition(".")[0] for reply in replies for member in reply}
 
-    async def sweep_expired_holds(self) -> int:
-        """Releases every hold past its TTL; returns how many accounts were swept."""
-        accounts = await self.expired_hold_accounts()
+    async def sweep_expired_holds(self, shard_count: int | None = None) -> int:
+        """Releases holds past their TTL in the next `shard_count` shards (all by default), in
+        turn, so that a periodic sweep costs little; returns how many accounts were swept."""
+        count = min(shard_count or self.keyspace.shards, self.keyspace.shards)
+        first = self._sweep_cursor
+        self._sweep_cursor = (first + count) % self.keyspace.shards
+        shards = [s % self.keyspace.shards for s in range(first, first + count)]
+        accounts: set[str] = set()
+        for run in _runs(shards):
+            accounts |= await self.expired_hold_accounts(run)
         for account_id in accounts:
             await self.balance(account_id)
         return len(accounts)
+
+
+def _runs(shards: list[int]) -> list[range]:
+    """[1022, 1023, 0, 1] -> [range(1022, 1024), range(0, 2)]."""
+    runs: list[range] = []
+    for shard in shards:
+        if runs and runs[-1].stop == shard:
+            runs[-1] = range(runs[-1].start, shard + 1)
+        else:
+            runs.append(range(shard, shard + 1))
+    return runs
 
 
 def _text(value: bytes | str | None) -> str | None:

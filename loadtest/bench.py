@@ -1,0 +1,417 @@
+"""`python -m loadtest.bench`: pointauth's speed in one run, on one machine.
+
+It starts (or is given) Redis and PostgreSQL, seeds the population, runs `pointauth serve --workers N`
+and a bare grpc.aio echo server with the same N, then drives both from a pool of client processes:
+the echo ceiling, closed-loop concurrency sweeps of Authorize+Capture, Earn and GetBalance, and
+Authorize+Capture paced at half its best throughput. Latencies are HDR histograms (µs); the table
+gives throughput, p50/p99/p99.9, the ratio to the echo ceiling and the CPU each process group used;
+then Redis memory per account and write-behind lag. `--json` writes it all for machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+from hdrh.histogram import HdrHistogram
+
+from loadtest.driver import POS, Step, StepResult, new_histogram
+from loadtest.lag import LagSampler
+from loadtest.population import CARD_FORMAT, Population
+from loadtest.procs import ClientPool, CpuMeter, Service
+from pointauth.server.ledger import Keyspace
+from pointauth.server.stack import EmbeddedStack, free_port
+from pointauth.v1 import points_service_pb2 as pb
+
+LABELS = {
+    "echo": "echo (bare grpc.aio)",
+    "authorize_capture": "Authorize+Capture",
+    "earn": "EarnPoints",
+    "balance": "GetBalance",
+}
+# RPCs per unit operation: the ratio to the echo ceiling compares calls with calls.
+RPCS_PER_OP = {"echo": 1, "authorize_capture": 2, "earn": 1, "balance": 1}
+
+
+@dataclass
+class Row:
+    scenario: str
+    concurrency: int
+    mode: str
+    ops_per_s: float
+    rpcs_per_s: float
+    ok: int
+    refused: int
+    errors: int
+    latency_ms: dict[str, dict[str, float]]
+    cpu_cores: dict[str, float]
+    ratio_to_echo_ceiling: float | None = None
+    refusals: dict[str, int] = field(default_factory=dict)
+    error_samples: list[str] = field(default_factory=list)
+
+
+def _percentiles(hist: HdrHistogram) -> dict[str, float]:
+    def ms(value: float) -> float:
+        return round(value / 1000, 3)
+
+    return {
+        "p50": ms(hist.get_value_at_percentile(50)),
+        "p99": ms(hist.get_value_at_percentile(99)),
+        "p99.9": ms(hist.get_value_at_percentile(99.9)),
+        "max": ms(hist.get_max_value()),
+        "count": hist.get_total_count(),
+    }
+
+
+def merge(scenario: str, concurrency: int, mode: str, duration_s: float, results: list[StepResult]) -> Row:
+    merged: dict[str, HdrHistogram] = {}
+    refusals: dict[str, int] = {}
+    for result in results:
+        for name, encoded in result.histograms.items():
+            merged.setdefault(name, new_histogram()).decode_and_add(encoded)
+        for reason, count in result.refusals.items():
+            refusals[reason] = refusals.get(reason, 0) + count
+    ok = sum(r.ok for r in results)
+    return Row(
+        scenario=scenario,
+        concurrency=concurrency,
+        mode=mode,
+        ops_per_s=round(ok / duration_s, 1),
+        rpcs_per_s=round(ok * RPCS_PER_OP[scenario] / duration_s, 1),
+        ok=ok,
+        refused=sum(r.refused for r in results),
+        errors=sum(r.errors for r in results),
+        latency_ms={name: _percentiles(hist) for name, hist in merged.items() if hist.get_total_count()},
+        cpu_cores={},
+        refusals=refusals,
+        error_samples=[s for r in results for s in r.error_samples][:5],
+    )
+
+
+def split(total: int, parts: int) -> list[int]:
+    """`total` loops over at most `parts` processes, as evenly as it goes (no empty share)."""
+    parts = max(1, min(parts, total))
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+@dataclass
+class Plan:
+    concurrencies: list[int]
+    warmup_s: float
+    duration_s: float
+    paced: bool
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--accounts", type=int, default=100_000, help="population size (seeded unless --no-seed)")
+    p.add_argument("--card-format", default=CARD_FORMAT, help="member n's card, a str.format with n")
+    p.add_argument("--no-seed", action="store_true", help="the population is there already (pointauth seed)")
+    p.add_argument("--workers", type=int, default=2, help="server processes, for pointauth and the echo alike")
+    p.add_argument("--clients", type=int, default=2, help="load generator processes")
+    p.add_argument("--concurrency", default="1,4,16,64", help="closed-loop concurrencies to sweep")
+    p.add_argument("--duration", type=float, default=8.0, help="measured seconds per step")
+    p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each step")
+    p.add_argument("--scenarios", default="authorize_capture,earn,balance")
+    p.add_argument("--quick", action="store_true", help="one concurrency (8), 2 s steps, no paced step: ~30 s")
+    p.add_argument("--hot-traffic", type=float, default=0.0, help="share of calls on the hot 20%% (0: uniform)")
+    p.add_argument("--shards", type=int, default=1024, help="ledger shards (must match the seeded data)")
+    p.add_argument("--redis-url", help="use this Redis instead of starting one")
+    p.add_argument("--postgres-dsn", help="use this PostgreSQL instead of starting one (with --redis-url)")
+    p.add_argument("--worker-cmd", help="write-behind worker command to run (default: `pointauth worker` if present)")
+    p.add_argument("--data-dir", type=Path, help="embedded stack folder (default: a temporary one, removed)")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    return p.parse_args(argv)
+
+
+def seed(redis_url: str, keyspace: Keyspace, accounts: int) -> tuple[int, float]:
+    """Seeds with `pointauth seed`'s own code; returns (accounts written now, seconds)."""
+    from pointauth.server import seed as seeding
+
+    client = redis.Redis.from_url(redis_url)
+    done = {int(start) for start in client.smembers(seeding.DONE_KEY)}
+    todo = list(seeding.chunks(accounts, done))
+    started = time.monotonic()
+    seeding.load_redis(redis_url, keyspace, todo, int(time.time() * 1000))
+    return sum(count for _, count in todo), time.monotonic() - started
+
+
+def used_memory(client: redis.Redis) -> int:
+    info: dict[str, Any] = client.info("memory")
+    return int(info["used_memory"])
+
+
+def check_population(client: redis.Redis, keyspace: Keyspace, population: Population) -> None:
+    last = population.card(population.accounts - 1)
+    if not client.hexists(keyspace.card_bucket(last), last):
+        raise SystemExit(f"card {last} is not in Redis: seed {population.accounts} accounts first")
+
+
+def worker_command(args: argparse.Namespace) -> list[str] | None:
+    if args.worker_cmd:
+        command: str = args.worker_cmd
+        return command.split()
+    # The write-behind worker is run when the CLI has it, so the lag figure appears by itself.
+    from pointauth.server.cli import build_parser
+
+    subcommands = next(
+        (action.choices for action in build_parser()._actions if isinstance(action, argparse._SubParsersAction)), {}
+    )
+    if "worker" in subcommands:
+        return [sys.executable, "-m", "pointauth.server.cli", "--log-level", "WARNING", "worker"]
+    return None
+
+
+def run(args: argparse.Namespace, out: contextlib.ExitStack) -> dict[str, Any]:
+    plan = Plan([int(c) for c in args.concurrency.split(",")], args.warmup, args.duration, paced=True)
+    if args.quick:
+        plan = Plan([8], 0.5, 2.0, paced=False)
+    scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    keyspace = Keyspace(args.shards)
+    population = Population(args.accounts, args.card_format, hot_traffic=args.hot_traffic)
+
+    if args.redis_url:
+        redis_url, postgres_dsn = args.redis_url, args.postgres_dsn or ""
+        redis_pids: list[int] = []
+        log_dir = Path(tempfile.mkdtemp(prefix="pointauth-bench-logs-"))
+    else:
+        data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="pointauth-bench-"))
+        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir.chmod(0o755)
+        if args.data_dir is None:
+            out.callback(shutil.rmtree, data_dir, ignore_errors=True)
+        stack = out.enter_context(EmbeddedStack(data_dir))
+        redis_url, postgres_dsn = stack.redis.url, stack.postgres.dsn
+        redis_pids = [stack.redis.proc.pid] if stack.redis.proc else []
+        log_dir = data_dir
+    client = redis.Redis.from_url(redis_url)
+    out.callback(client.close)
+    appendfsync = client.config_get("appendfsync").get("appendfsync", "?")
+
+    memory: dict[str, Any] = {"accounts": args.accounts}
+    if not args.no_seed:
+        before = used_memory(client)
+        written, seconds = seed(redis_url, keyspace, args.accounts)
+        memory.update(seeded_now=written, seed_seconds=round(seconds, 1))
+        if written == args.accounts:
+            memory["bytes_per_account"] = round((used_memory(client) - before) / written, 1)
+    check_population(client, keyspace, population)
+    memory["used_memory"] = used_memory(client)
+    memory.setdefault("bytes_per_account_upper_bound", round(memory["used_memory"] / args.accounts, 1))
+
+    env = {
+        **os.environ,
+        "POINTAUTH__REDIS__URL": redis_url,
+        "POINTAUTH__POSTGRES__DSN": postgres_dsn,
+        "POINTAUTH__LEDGER__SHARDS": str(args.shards),
+        "POINTAUTH__SERVER__GRACE_SECONDS": "1",
+    }
+    python = sys.executable
+    echo_port, server_port = free_port(), free_port()
+    echo = out.enter_context(
+        Service(
+            "echo server",
+            [python, "-m", "loadtest.echo_server", "--port", str(echo_port), "--workers", str(args.workers)],
+            echo_port,
+            env,
+            log_dir / "echo.log",
+        )
+    )
+    server = out.enter_context(
+        Service(
+            "pointauth serve",
+            [
+                python,
+                "-m",
+                "pointauth.server.cli",
+                "--log-level",
+                "WARNING",
+                "serve",
+                "--workers",
+                str(args.workers),
+                "--port",
+                str(server_port),
+            ],
+            server_port,
+            env,
+            log_dir / "server.log",
+        )
+    )
+    worker_pids: list[int] = []
+    command = worker_command(args)
+    if command:
+        worker = out.enter_context(Service("write-behind worker", command, None, env, log_dir / "worker.log"))
+        worker_pids = worker.pids()
+    pool = out.enter_context(ClientPool(args.clients))
+    lag = LagSampler(redis_url, keyspace)
+
+    payload = pb.AuthorizeHoldRequest(
+        request_id="0b8f6d3e-3a4c-4b8e-9a51-5f2c7d9e1a20", card_number=population.card(0), point_of_sale=POS, points=1
+    ).SerializeToString()
+
+    def step(scenario: str, concurrency: int, rate: float = 0.0) -> Row:
+        target = echo.target if scenario == "echo" else server.target
+        shares = split(concurrency, pool.size)
+        steps = [
+            Step(
+                scenario=scenario,
+                target=target,
+                loops=loops,
+                warmup_s=plan.warmup_s,
+                duration_s=plan.duration_s,
+                population=population,
+                rate_per_s=rate * loops / concurrency,
+                channels=min(loops, 4),
+                echo_payload=payload,
+                seed=zlib.crc32(f"{scenario}/{concurrency}/{index}".encode()),
+            )
+            for index, loops in enumerate(shares)
+        ]
+        groups = {"server": server.pids(), "redis": redis_pids, "clients": pool.pids(), "echo": echo.pids()}
+        if worker_pids:
+            groups["worker"] = worker_pids
+        meter = CpuMeter({name: pids for name, pids in groups.items() if pids})
+        meter.start()
+        results = pool.run(steps)
+        cpu = meter.stop()
+        row = merge(scenario, concurrency, f"paced {rate:.0f}/s" if rate else "closed", plan.duration_s, results)
+        row.cpu_cores = cpu
+        print(format_row(row), flush=True)
+        return row
+
+    rows: list[Row] = []
+    print(f"{'':22}{HEADER}", flush=True)
+    for concurrency in plan.concurrencies:
+        rows.append(step("echo", concurrency))
+    ceiling = max(row.rpcs_per_s for row in rows)
+    lag.start()
+    for scenario in scenarios:
+        for concurrency in plan.concurrencies:
+            rows.append(step(scenario, concurrency))
+    if plan.paced and "authorize_capture" in scenarios:
+        best = max((r for r in rows if r.scenario == "authorize_capture"), key=lambda r: r.ops_per_s)
+        # Half the best rate, with far more loops than that rate needs, so a slow answer delays
+        # only its own loop and the arrival rate holds (open-loop like).
+        rows.append(step("authorize_capture", max(64, best.concurrency), rate=best.ops_per_s / 2))
+    lag.stop()
+    for row in rows:
+        row.ratio_to_echo_ceiling = round(row.rpcs_per_s / ceiling, 3) if ceiling else None
+
+    lag_figures: dict[str, Any] | str = "n/a (no write-behind consumer group on the event streams)"
+    if lag.samples_ms:
+        ordered = sorted(lag.samples_ms)
+        lag_figures = {
+            "samples": len(ordered),
+            "p50_ms": ordered[len(ordered) // 2],
+            "p99_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
+            "max_ms": ordered[-1],
+        }
+    return {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "cpu_model": _cpu_model(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "config": {
+            "accounts": args.accounts,
+            "workers": args.workers,
+            "clients": args.clients,
+            "shards": args.shards,
+            "hot_traffic": args.hot_traffic,
+            "redis_appendfsync": appendfsync,
+            "warmup_s": plan.warmup_s,
+            "duration_s": plan.duration_s,
+        },
+        "echo_ceiling_rpcs_per_s": ceiling,
+        "rows": [asdict(row) for row in rows],
+        "redis_memory": memory,
+        "write_behind_lag": lag_figures,
+    }
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+HEADER = f"{'conc':>5} {'mode':>14} {'ops/s':>9} {'rpc/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9}"
+HEADER += f" {'÷echo':>6} {'refused':>7} {'errors':>6}  cpu cores"
+
+
+def format_row(row: Row, sub: str = "op") -> str:
+    lat = row.latency_ms.get(sub, {})
+    cpu = " ".join(f"{name}={cores:.2f}" for name, cores in row.cpu_cores.items())
+    ratio = f"{row.ratio_to_echo_ceiling:.2f}" if row.ratio_to_echo_ceiling is not None else "-"
+    label = LABELS[row.scenario] if sub == "op" else f"  {sub}"
+    line = f"{label:22}{row.concurrency:>5} {row.mode:>14} {row.ops_per_s:>9,.0f} {row.rpcs_per_s:>9,.0f}"
+    line += f" {lat.get('p50', 0):>8.3f} {lat.get('p99', 0):>8.3f} {lat.get('p99.9', 0):>9.3f}"
+    return line + f" {ratio:>6} {row.refused:>7} {row.errors:>6}  {cpu}"
+
+
+def report(result: dict[str, Any]) -> str:
+    cfg, machine = result["config"], result["machine"]
+    lines = [
+        "",
+        f"pointauth benchmark: {cfg['accounts']:,} accounts, {cfg['workers']} server processes, "
+        f"{cfg['clients']} client processes, Redis appendfsync={cfg['redis_appendfsync']}",
+        f"machine: {machine['cpus']} CPUs ({machine['cpu_model']}), Python {machine['python']}",
+        "",
+        f"{'':22}{HEADER}",
+    ]
+    for data in result["rows"]:
+        row = Row(**data)
+        lines.append(format_row(row))
+        lines.extend(format_row(row, sub) for sub in row.latency_ms if sub != "op")
+        lines.extend(f"{'':24}error: {sample}" for sample in row.error_samples)
+    lines.append("")
+    lines.append(f"echo ceiling: {result['echo_ceiling_rpcs_per_s']:,.0f} rpc/s")
+    memory = result["redis_memory"]
+    if "bytes_per_account" in memory:
+        lines.append(
+            f"Redis memory per account: {memory['bytes_per_account']:,.0f} bytes "
+            f"(used_memory delta over {memory['seeded_now']:,} seeded accounts, seeded in {memory['seed_seconds']} s)"
+        )
+    lines.append(
+        f"Redis used_memory: {memory['used_memory']:,} bytes = "
+        f"{memory['bytes_per_account_upper_bound']:,.0f} bytes per account (upper bound, everything included)"
+    )
+    lag = result["write_behind_lag"]
+    if isinstance(lag, dict):
+        lines.append(
+            f"write-behind lag: p50 {lag['p50_ms']} ms, p99 {lag['p99_ms']} ms, max {lag['max_ms']} ms "
+            f"({lag['samples']} samples, 1/s)"
+        )
+    else:
+        lines.append(f"write-behind lag: {lag}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    with contextlib.ExitStack() as out:
+        result = run(args, out)
+    print(report(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    bad = sum(row["errors"] for row in result["rows"])
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

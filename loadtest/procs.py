@@ -1,0 +1,169 @@
+"""Processes the benchmark runs and watches: servers started as commands, the client pool, and the
+CPU each group of processes used (from /proc), which tells what bounds a step."""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import signal
+import subprocess
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import grpc
+
+from loadtest.driver import Step, StepResult, client_main
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            found.extend(int(child) for child in task.read_text().split())
+        except OSError:
+            continue
+    return found
+
+
+def tree(pid: int) -> list[int]:
+    """pid and all its descendants."""
+    pids, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        pids.append(current)
+        todo.extend(_children(current))
+    return pids
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / TICKS
+
+
+class CpuMeter:
+    """CPU used by named process groups between start() and stop(), in cores (1.0 = one core busy)."""
+
+    def __init__(self, groups: dict[str, list[int]]) -> None:
+        self.groups = groups
+        self._start: dict[str, float] = {}
+        self._t0 = 0.0
+
+    def start(self) -> None:
+        self._t0 = time.monotonic()
+        self._start = {name: cpu_seconds(pids) for name, pids in self.groups.items()}
+
+    def stop(self) -> dict[str, float]:
+        elapsed = max(time.monotonic() - self._t0, 1e-9)
+        return {name: round((cpu_seconds(pids) - self._start[name]) / elapsed, 2) for name, pids in self.groups.items()}
+
+
+class Service:
+    """A server command run for the benchmark; `with` starts it and waits for it to answer."""
+
+    def __init__(self, name: str, command: list[str], port: int | None, env: dict[str, str], log: Path) -> None:
+        """`port`: where it answers gRPC once ready; None for a process that serves nothing."""
+        self.name, self.command, self.port, self.env, self.log = name, command, port, env, log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def pids(self) -> list[int]:
+        return tree(self.proc.pid) if self.proc is not None else []
+
+    def __enter__(self) -> Self:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=log)
+        if self.port is not None:
+            self._wait_listening()
+        # The first process to listen answered; give its siblings (SO_REUSEPORT) time to join.
+        time.sleep(1.0)
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with code {self.proc.returncode}:\n{self.log_tail()}")
+        return self
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The end of its log: the folder holding it may be gone once the error is read."""
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def _wait_listening(self) -> None:
+        with grpc.insecure_channel(self.target) as channel:
+            try:
+                grpc.channel_ready_future(channel).result(timeout=30)
+            except grpc.FutureTimeoutError:
+                self.__exit__(None, None, None)
+                raise RuntimeError(
+                    f"{self.name} did not listen on {self.target} within 30 s:\n{self.log_tail()}"
+                ) from None
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            for pid in reversed(tree(self.proc.pid)):
+                os.kill(pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+class ClientPool:
+    """Client processes (spawned: grpc does not survive fork) that run each step together."""
+
+    def __init__(self, size: int) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._conns: list[Connection] = []
+        self._procs: list[multiprocessing.process.BaseProcess] = []
+        for index in range(size):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=client_main, args=(child,), name=f"bench-client-{index}", daemon=True)
+            self._conns.append(parent)
+            self._procs.append(proc)
+
+    @property
+    def size(self) -> int:
+        return len(self._procs)
+
+    def pids(self) -> list[int]:
+        return [proc.pid for proc in self._procs if proc.pid is not None]
+
+    def run(self, steps: list[Step]) -> list[StepResult]:
+        """One step per process (fewer steps than processes leaves the rest idle)."""
+        for conn, step in zip(self._conns, steps, strict=False):
+            conn.send(step)
+        return [conn.recv() for conn, _ in zip(self._conns, steps, strict=False)]
+
+    def __enter__(self) -> Self:
+        for proc in self._procs:
+            proc.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        for conn in self._conns:
+            with contextlib.suppress(OSError):
+                conn.send(None)
+        for proc in self._procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()

@@ -1,0 +1,40 @@
+"""The benchmark runs end to end in quick mode against the test stack and reports sane figures.
+No timed assertions: speed is for the benchmark to print, not for tests to judge."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from pointauth.server.stack import EmbeddedStack
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_quick_bench_reports_ordered_percentiles_and_no_errors(stack: EmbeddedStack, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    command = [
+        sys.executable, "-m", "loadtest.bench", "--quick",
+        "--accounts", "1000", "--workers", "1", "--clients", "1",
+        "--redis-url", stack.redis.url, "--postgres-dsn", stack.postgres.dsn, "--json", str(out),
+    ]  # fmt: skip
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+    result = json.loads(out.read_text())
+    rows = {row["scenario"]: row for row in result["rows"]}
+    assert set(rows) == {"echo", "authorize_capture", "earn", "balance"}
+    for row in rows.values():
+        assert row["ok"] > 0
+        assert row["ops_per_s"] > 0
+        assert (row["errors"], row["refused"]) == (0, 0), row
+        for name, latency in row["latency_ms"].items():
+            assert 0 < latency["p50"] <= latency["p99"] <= latency["p99.9"] <= latency["max"], (name, latency)
+            assert latency["count"] == row["ok"]
+    assert set(rows["authorize_capture"]["latency_ms"]) == {"op", "AuthorizeHold", "CaptureHold"}
+    assert result["echo_ceiling_rpcs_per_s"] == rows["echo"]["rpcs_per_s"]
+    assert result["redis_memory"]["accounts"] == 1000
+    assert result["redis_memory"]["used_memory"] > 0
+    assert "Authorize+Capture" in run.stdout
