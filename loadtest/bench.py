@@ -11,7 +11,9 @@ then Redis memory per account and write-behind lag. `--json` writes it all for m
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import io
 import json
 import os
 import platform
@@ -136,16 +138,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def seed(redis_url: str, keyspace: Keyspace, accounts: int) -> tuple[int, float]:
-    """Seeds with `pointauth seed`'s own code; returns (accounts written now, seconds)."""
+def seed(redis_url: str, postgres_dsn: str, keyspace: Keyspace, accounts: int) -> tuple[int, float]:
+    """Migrates, then seeds both stores with `pointauth seed`; returns (accounts new in Redis, seconds)."""
     from pointauth.server import seed as seeding
+    from pointauth.server.config import LedgerSettings, PostgresSettings, RedisSettings, Settings
+    from pointauth.server.writebehind import migrate
 
+    asyncio.run(migrate(postgres_dsn))
     client = redis.Redis.from_url(redis_url)
     done = {int(start) for start in client.smembers(seeding.DONE_KEY)}
-    todo = list(seeding.chunks(accounts, done))
+    new = sum(count for _, count in seeding.chunks(accounts, done))
+    settings = Settings(
+        redis=RedisSettings(url=redis_url),
+        postgres=PostgresSettings(dsn=postgres_dsn),
+        ledger=LedgerSettings(shards=keyspace.shards),
+    )
     started = time.monotonic()
-    seeding.load_redis(redis_url, keyspace, todo, int(time.time() * 1000))
-    return sum(count for _, count in todo), time.monotonic() - started
+    if seeding.seed_command(settings, accounts, io.StringIO()) != 0:
+        raise SystemExit("seeding failed")
+    return new, time.monotonic() - started
 
 
 def used_memory(client: redis.Redis) -> int:
@@ -163,15 +174,7 @@ def worker_command(args: argparse.Namespace) -> list[str] | None:
     if args.worker_cmd:
         command: str = args.worker_cmd
         return command.split()
-    # The write-behind worker is run when the CLI has it, so the lag figure appears by itself.
-    from pointauth.server.cli import build_parser
-
-    subcommands = next(
-        (action.choices for action in build_parser()._actions if isinstance(action, argparse._SubParsersAction)), {}
-    )
-    if "worker" in subcommands:
-        return [sys.executable, "-m", "pointauth.server.cli", "--log-level", "WARNING", "worker"]
-    return None
+    return [sys.executable, "-m", "pointauth.server.cli", "--log-level", "WARNING", "worker"]
 
 
 def run(args: argparse.Namespace, out: contextlib.ExitStack) -> dict[str, Any]:
@@ -203,7 +206,7 @@ def run(args: argparse.Namespace, out: contextlib.ExitStack) -> dict[str, Any]:
     memory: dict[str, Any] = {"accounts": args.accounts}
     if not args.no_seed:
         before = used_memory(client)
-        written, seconds = seed(redis_url, keyspace, args.accounts)
+        written, seconds = seed(redis_url, postgres_dsn, keyspace, args.accounts)
         memory.update(seeded_now=written, seed_seconds=round(seconds, 1))
         if written == args.accounts:
             memory["bytes_per_account"] = round((used_memory(client) - before) / written, 1)

@@ -19,5 +19,6 @@ async def account_state(redis: Redis, keyspace: Keyspace, account_id: str) -> di
 async def events(redis: Redis, keyspace: Keyspace, account_id: str) -> list[dict[str, Any]]:
     """The account's events in its shard's stream, in order."""
     entries: list[tuple[bytes, dict[bytes, bytes]]] = await redis.xrange(keyspace.account(account_id).events)  # type: ignore[assignment]
-    decoded = [msgspec.msgpack.decode(fields[b"e"]) for _, fields in entries]
+    # Entries without "e" only point the write-behind at a refusal's idempotency record.
+    decoded = [msgspec.msgpack.decode(fields[b"e"]) for _, fields in entries if b"e" in fields]
     return [event for event in decoded if event["account"] == account_id]

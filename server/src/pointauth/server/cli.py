@@ -13,6 +13,9 @@ from pointauth.server.config import ConfigError, Settings, load_settings
 
 USAGE_HINT = """\
 pointauth is serving on {address} (Redis {redis_url}, PostgreSQL {pg_dsn}).
+Every point movement is journaled in PostgreSQL within about a second:
+  psql {pg_dsn} -c 'SELECT event_id, type, points, store_id FROM journal ORDER BY event_time DESC LIMIT 10'
+  uv run pointauth status     (with POINTAUTH__REDIS__URL and POINTAUTH__POSTGRES__DSN set as above)
 
 Try it with grpcurl (server reflection is on):
   grpcurl -plaintext -d '{{"card_number": "9100000000000001"}}' {address} pointauth.v1.PointsService/GetBalance
@@ -52,6 +55,43 @@ def _cmd_dev(args: argparse.Namespace) -> int:
     return run_dev(_settings(args), Path(args.data_dir), USAGE_HINT)
 
 
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from pointauth.server.writebehind import migrate_command
+
+    return migrate_command(_settings(args))
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from pointauth.server.writebehind import worker_command, worker_config
+
+    settings = _settings(args)
+    return worker_command(settings, worker_config(settings, args.index, args.count, args.consumer))
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from pointauth.server.writebehind import status_command
+
+    return status_command(_settings(args))
+
+
+def _cmd_reconcile(args: argparse.Namespace) -> int:
+    from pointauth.server.writebehind import reconcile_command
+
+    return reconcile_command(_settings(args), settle_seconds=args.settle_seconds)
+
+
+def _cmd_rehydrate(args: argparse.Namespace) -> int:
+    from pointauth.server.writebehind import rehydrate_command
+
+    return rehydrate_command(_settings(args), force=args.force)
+
+
+def _cmd_seed(args: argparse.Namespace) -> int:
+    from pointauth.server.seed import seed_command
+
+    return seed_command(_settings(args), args.accounts)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pointauth", description=__doc__)
     parser.add_argument("--config", type=Path, help="settings TOML file (POINTAUTH__SECTION__FIELD overrides)")
@@ -67,6 +107,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, help="server processes sharing the port")
     serve.add_argument("--port", type=int, help="gRPC port")
     serve.set_defaults(func=_cmd_serve)
+
+    sub.add_parser("migrate", help="apply pending PostgreSQL migrations").set_defaults(func=_cmd_migrate)
+
+    worker = sub.add_parser("worker", help="write the Redis event streams behind into PostgreSQL")
+    worker.add_argument("--index", type=int, default=0, help="this worker applies shard %% count == index")
+    worker.add_argument("--count", type=int, default=1, help="how many workers split the shards")
+    worker.add_argument("--consumer", help="consumer name; keep it across restarts (default: host name)")
+    worker.set_defaults(func=_cmd_worker)
+
+    sub.add_parser("status", help="write-behind lag, backlog and throughput").set_defaults(func=_cmd_status)
+
+    reconcile = sub.add_parser("reconcile", help="prove Redis and PostgreSQL agree; exit 1 listing differences")
+    reconcile.add_argument("--settle-seconds", type=float, default=5.0, help="wait this long for in-flight events")
+    reconcile.set_defaults(func=_cmd_reconcile)
+
+    rehydrate = sub.add_parser("rehydrate", help="rebuild Redis from PostgreSQL")
+    rehydrate.add_argument("--force", action="store_true", help="even over a Redis that holds data")
+    rehydrate.set_defaults(func=_cmd_rehydrate)
+
+    seed = sub.add_parser("seed", help="bulk-load a load-test population into Redis and PostgreSQL")
+    seed.add_argument("--accounts", type=int, required=True, help="accounts a00000000 .. (N-1)")
+    seed.set_defaults(func=_cmd_seed)
     return parser
 
 

@@ -80,6 +80,17 @@ class LedgerSettings(_Section):
             raise ValueError("hold_ttl_seconds must lie between hold_ttl_min_seconds and hold_ttl_max_seconds")
 
 
+class WriteBehindSettings(_Section):
+    batch_size: Positive = 1000
+    """Stream entries a worker reads per round."""
+    poll_ms: Positive = 50
+    """Pause when every stream is empty (bounds the lag that polling adds)."""
+    claim_idle_ms: Positive = 30_000
+    """Entries delivered but unacknowledged this long (a crashed worker) are claimed."""
+    max_deliveries: Positive = 5
+    """An entry that fails this many times goes to dead_letters, with an ERROR log."""
+
+
 class ExpirySettings(_Section):
     policy: Literal["days", "end_of_month", "end_of_year"] = "end_of_month"
     """days: N days after the purchase; end_of_month: the end of the month `months` after the
@@ -109,6 +120,7 @@ class Settings(_Section):
     redis: RedisSettings = msgspec.field(default_factory=RedisSettings)
     postgres: PostgresSettings = msgspec.field(default_factory=PostgresSettings)
     ledger: LedgerSettings = msgspec.field(default_factory=LedgerSettings)
+    writebehind: WriteBehindSettings = msgspec.field(default_factory=WriteBehindSettings)
     earn: EarnSettings = msgspec.field(default_factory=EarnSettings)
 
 

@@ -139,7 +139,9 @@ class Ledger:
         owner = await self.account_for_card(card_number)
         if owner is not None and owner != account_id:
             raise _card_taken(card_number)
-        result = await self._call("create_account", account_id, {"card": card_number}, request_id, fingerprint)
+        result = await self._call(
+            "create_account", account_id, {"card": card_number, "rid": request_id}, request_id, fingerprint
+        )
         # The card index is another slot: linked after the account exists, so a crash between
         # the two leaves an account without a card (retrying the request links it), never a
         # card pointing nowhere.

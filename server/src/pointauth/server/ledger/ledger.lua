@@ -250,7 +250,13 @@ local function finish(result)
   result.available = available()
   result.held = held()
   local packed = cmsgpack.pack(result)
-  if K_IDEM then redis.call('SET', K_IDEM, FINGERPRINT .. packed, 'EX', IDEM_TTL) end
+  if K_IDEM then
+    redis.call('SET', K_IDEM, FINGERPRINT .. packed, 'EX', IDEM_TTL)
+    -- A refusal has no event; this entry tells the write-behind to keep its record durable too.
+    if result.code ~= 'OK' and ARGS.rid then
+      redis.call('XADD', K_EVENTS, '*', 'i', cmsgpack.pack({account = ACCOUNT, rid = ARGS.rid}))
+    end
+  end
   return packed
 end
 
