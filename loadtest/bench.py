@@ -146,8 +146,7 @@ def seed(redis_url: str, postgres_dsn: str, keyspace: Keyspace, accounts: int) -
 
     asyncio.run(migrate(postgres_dsn))
     client = redis.Redis.from_url(redis_url)
-    done = {int(start) for start in client.smembers(seeding.DONE_KEY)}
-    new = sum(count for _, count in seeding.chunks(accounts, done))
+    new = sum(count for _, count in seeding.chunks(accounts, seeding.redis_seeded(client)))
     settings = Settings(
         redis=RedisSettings(url=redis_url),
         postgres=PostgresSettings(dsn=postgres_dsn),

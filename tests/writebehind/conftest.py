@@ -53,6 +53,7 @@ FAST = WorkerConfig(
     poll_ms=10,
     claim_idle_ms=500,
     housekeeping_s=0.2,
+    trim_s=0.2,
     backoff_initial_s=0.05,
     backoff_max_s=0.5,
 )

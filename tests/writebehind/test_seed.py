@@ -68,3 +68,21 @@ async def test_seed_loads_both_stores_idempotently(stack: EmbeddedStack, redis: 
     assert await _pg_counts(dsn) == (ACCOUNTS, cards, lots, lots + 1)
     assert (await ledger.balance(account_id(7))).available == balance.available - 5
     assert (await reconcile(redis, dsn, keyspace, settle_seconds=2)).ok
+
+
+async def test_a_larger_seed_adds_only_the_missing_accounts(stack: EmbeddedStack, redis: Redis, dsn: str) -> None:
+    settings = Settings(
+        redis=RedisSettings(url=stack.redis.url), postgres=PostgresSettings(dsn=dsn), ledger=LedgerSettings(shards=16)
+    )
+    assert await asyncio.to_thread(seed_command, settings, 100, io.StringIO()) == 0
+    out = io.StringIO()
+    assert await asyncio.to_thread(seed_command, settings, 250, out) == 0
+    assert "(150 new in Redis)" in out.getvalue()
+    expected = [seed_account(n, 0) for n in range(250)]
+    assert (await _pg_counts(dsn))[:3] == (
+        250,
+        sum(len(c) for _, c, _ in expected),
+        sum(len(lot) for _, _, lot in expected),
+    )
+    assert await Ledger(redis, Keyspace(16), SystemClock(), settings.ledger).account_for_card(primary_card(249))
+    assert (await reconcile(redis, dsn, Keyspace(16), settle_seconds=0)).ok

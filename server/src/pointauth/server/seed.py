@@ -2,8 +2,9 @@
 stream, as `redis-cli --pipe` does) and PostgreSQL (COPY), both at once.
 
 Account n is always the same (a deterministic hash of n), so runs are repeatable. Seeding is
-idempotent per chunk: finished chunks are recorded (a Redis set; the chunk's rows in PostgreSQL,
-written in one transaction) and skipped when run again; card links are only ever added.
+idempotent: what each chunk of accounts has seeded is recorded (a Redis hash; in PostgreSQL, the
+chunk's own rows, written in one transaction), so a second run, or a larger one, only adds the
+accounts that are missing and never overwrites one; card links are only ever added.
 """
 
 from __future__ import annotations
@@ -81,10 +82,18 @@ def redis_chunk(start: int, count: int, anchor_ms: int, keyspace: Keyspace) -> b
     return b"".join(out)
 
 
-def chunks(accounts: int, done: set[int]) -> Iterator[tuple[int, int]]:
+def chunks(accounts: int, seeded: dict[int, int]) -> Iterator[tuple[int, int]]:
+    """(first, count) ranges still to seed: the CHUNK-aligned pieces of [0, accounts) less what
+    `seeded` (chunk start -> accounts of that chunk already there) says is done."""
     for start in range(0, accounts, CHUNK):
-        if start not in done:
-            yield start, min(CHUNK, accounts - start)
+        first, end = start + seeded.get(start, 0), min(start + CHUNK, accounts)
+        if first < end:
+            yield first, end - first
+
+
+def redis_seeded(client: Any) -> dict[int, int]:
+    """What earlier runs wrote to Redis: chunk start -> accounts seeded."""
+    return {int(start): int(count) for start, count in client.hgetall(DONE_KEY).items()}
 
 
 class _RespPipe:
@@ -140,9 +149,10 @@ def load_redis(
         pipe.send(redis_chunk(start, count, anchor_ms, keyspace))
         progress(count)
     if todo:
-        # Sent after the chunks' own commands, so a chunk is marked done only once written.
-        pipe.send(b"*%d\r\n$4\r\nSADD\r\n%s" % (2 + len(todo), _bulk(DONE_KEY.encode())))
-        pipe.send(b"".join(_bulk(b"%d" % start) for start, _ in todo))
+        # Sent after the chunks' own commands, so a chunk counts as seeded only once written.
+        marks = [(first - first % CHUNK, first % CHUNK + count) for first, count in todo]
+        pipe.send(b"*%d\r\n$4\r\nHSET\r\n%s" % (2 + 2 * len(marks), _bulk(DONE_KEY.encode())))
+        pipe.send(b"".join(_bulk(b"%d" % start) + _bulk(b"%d" % seeded) for start, seeded in marks))
     pipe.close()
     if pipe.errors:
         raise RuntimeError(f"Redis refused {len(pipe.errors)} seeding commands, first: {pipe.errors[0]!r}")
@@ -179,12 +189,12 @@ def postgres_chunk(start: int, count: int, anchor_ms: int, keyspace: Keyspace) -
 async def load_postgres(
     dsn: str,
     keyspace: Keyspace,
-    todo: list[tuple[int, int]],
+    accounts: int,
     anchor_ms: int,
     progress: Callable[[int], None] = lambda _: None,
 ) -> None:
-    """One transaction per chunk, skipped when its first account is there: a chunk is all in or
-    all out, so an interrupted seed resumes where it stopped."""
+    """One transaction per chunk, so a chunk is all in or all out; each resumes after the last
+    account it already holds, so a seed interrupted or grown later picks up where it stopped."""
     columns = {"accounts": _ACCOUNT_COLUMNS, "cards": ("card_number", "account_id"),
                "lots": ("account_id", "lot_id", "points", "expire_ms", "kind", "issuer_id"),
                "journal": _JOURNAL_COLUMNS}  # fmt: skip
@@ -195,15 +205,22 @@ async def load_postgres(
         # Foreign-key checks cost more than the COPY itself; every chunk is consistent by
         # construction, so a superuser skips them as pg_restore --disable-triggers does.
         skip_triggers = bool(await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"))
-        for start, count in todo:
-            if await conn.fetchval("SELECT 1 FROM accounts WHERE account_id = $1", account_id(start)) is None:
-                chunk = postgres_chunk(start, count, anchor_ms, keyspace)
+        for start in range(0, accounts, CHUNK):
+            end = min(start + CHUNK, accounts)
+            last = await conn.fetchval(
+                "SELECT max(account_id) FROM accounts WHERE account_id >= $1 AND account_id < $2",
+                account_id(start),
+                account_id(start + CHUNK),
+            )
+            first = start if last is None else int(last[1:]) + 1
+            if first < end:
+                chunk = postgres_chunk(first, end - first, anchor_ms, keyspace)
                 async with conn.transaction():
                     if skip_triggers:
                         await conn.execute("SET LOCAL session_replication_role = replica")
                     for table, data in chunk.items():
                         await conn.copy_to_table(table, source=io.BytesIO(data), columns=columns[table], format="text")
-            progress(count)
+            progress(end - start)
 
 
 def _load_redis_process(redis_url: str, shards: int, todo: list[tuple[int, int]], anchor_ms: int, done: Any) -> None:
@@ -222,9 +239,9 @@ def seed_command(settings: Settings, accounts: int, out: TextIO = sys.stdout) ->
     keyspace = Keyspace(settings.ledger.shards)
     anchor_ms = int(time.time() // 86_400) * DAY_MS  # today, 00:00 UTC: expiries ahead of now
     client = redis_sync.Redis.from_url(settings.redis.url)
-    done_chunks = {int(start) for start in client.smembers(DONE_KEY)}
+    seeded = redis_seeded(client)
     memory_before = int(client.info("memory")["used_memory"])
-    redis_todo = list(chunks(accounts, done_chunks))
+    redis_todo = list(chunks(accounts, seeded))
     started = time.monotonic()
     ctx = multiprocessing.get_context("spawn")
     redis_done = ctx.Value("q", 0)
@@ -241,7 +258,7 @@ def seed_command(settings: Settings, accounts: int, out: TextIO = sys.stdout) ->
         pg_done += n
         bar(pg_done + redis_done.value + accounts - sum(c for _, c in redis_todo), total)
 
-    asyncio.run(load_postgres(settings.postgres.dsn, keyspace, list(chunks(accounts, set())), anchor_ms, progress))
+    asyncio.run(load_postgres(settings.postgres.dsn, keyspace, accounts, anchor_ms, progress))
     postgres_seconds = time.monotonic() - started
     while redis_proc.is_alive():
         redis_proc.join(0.5)

@@ -61,7 +61,9 @@ class WorkerConfig:
     max_deliveries: int = 5
     """An entry not applied after this many deliveries goes to dead_letters."""
     housekeeping_s: float = 1.0
-    """Trimming, heartbeat and the XAUTOCLAIM check run at most this often."""
+    """Heartbeat (throughput, lag) and the XAUTOCLAIM check run at most this often."""
+    trim_s: float = 10.0
+    """Stream trimming, which reads every stream's group state, runs at most this often."""
     backoff_initial_s: float = 0.2
     backoff_max_s: float = 10.0
 
@@ -100,9 +102,12 @@ class WriteBehindWorker:
         # Streams whose own pending entries are still to be read again, and from which id: set at
         # start (a restart after a crash) and after losing Redis between commit and XACK.
         self._own_cursor: dict[str, str] = {}
+        self._is_standalone: bool | None = None
         self._claim_cursor: dict[str, str] = dict.fromkeys(self.streams, "0-0")
         self._months: set[tuple[int, int]] = set()
         self._next_housekeeping = 0.0
+        self._next_trim = 0.0
+        self._read_after = 0.0
         self._next_claim = 0.0
         self._rate_mark = (time.monotonic(), 0)
         self.events_per_second = 0.0
@@ -184,13 +189,22 @@ class WriteBehindWorker:
             await self._housekeeping()
         if self._batch is None:
             self._batch = await self._read()
+            if self._batch and len(self._batch) < self.config.batch_size:
+                # A short batch: let the next one gather for a moment, so that under a steady
+                # trickle the worker reads (and packs a thousand stream names) ~1/poll_ms a second.
+                self._read_after = time.monotonic() + self.config.poll_ms / 1000
         if not self._batch:
             self._batch = None
-            await _sleep(stop, self.config.poll_ms / 1000)
+            self.lag_ms = 0  # nothing was waiting
+            if not await self._standalone():  # a standalone read has blocked for poll_ms already
+                await _sleep(stop, self.config.poll_ms / 1000)
             return
         # Kept until it has committed and been acknowledged: a PostgreSQL outage retries the same
         # batch instead of delivering its entries again.
         await self._process(self._batch)
+        # The oldest entry of the batch just committed waited this long (entry ids carry Redis's
+        # clock in ms; the worker runs beside it or close to it).
+        self.lag_ms = max(0, int(time.time() * 1000) - min(e.entry_id.ms for e in self._batch))
         self._batch = None
 
     # -- reading --------------------------------------------------------------------------------
@@ -199,6 +213,8 @@ class WriteBehindWorker:
         return max(10, -(-self.config.batch_size // max(1, streams)))
 
     async def _read(self) -> list[StreamEntry]:
+        if (wait := self._read_after - time.monotonic()) > 0:
+            await asyncio.sleep(wait)
         if self._own_cursor:
             entries = await self._read_own()
             if entries:
@@ -207,7 +223,7 @@ class WriteBehindWorker:
         if time.monotonic() >= self._next_claim:
             self._next_claim = time.monotonic() + max(self.config.housekeeping_s, self.config.claim_idle_ms / 2000)
             entries = await self._claim_idle()
-        return entries + await self._read_group(dict.fromkeys(self.streams, ">"))
+        return entries + await self._read_group(dict.fromkeys(self.streams, ">"), block_ms=self.config.poll_ms)
 
     async def _read_own(self) -> list[StreamEntry]:
         count = self._per_stream(len(self._own_cursor))
@@ -223,10 +239,27 @@ class WriteBehindWorker:
                 self._own_cursor[stream] = str(got[-1].entry_id)
         return entries
 
-    async def _read_group(self, positions: dict[str, str], count: int | None = None) -> list[StreamEntry]:
-        # One XREADGROUP per stream (pipelined): streams of different shards may live on
-        # different Redis Cluster nodes, so one multi-stream call is not an option.
+    async def _read_group(
+        self, positions: dict[str, str], count: int | None = None, block_ms: int | None = None
+    ) -> list[StreamEntry]:
         count = count or self._per_stream(len(positions))
+        if await self._standalone():
+            # One Redis holds every stream: one call reads them all, and returns only those with
+            # entries; BLOCK waits for the first one instead of polling a thousand empty streams.
+            reply: Any = await self.redis.xreadgroup(
+                self.config.group,
+                self.config.consumer,
+                dict[Any, Any](positions),
+                count=count,
+                block=block_ms,
+            )
+            return [
+                entry
+                for name, items in reply or []
+                for entry in self._entries(name.decode() if isinstance(name, bytes) else name, items)
+            ]
+        # On a Redis Cluster the shards' streams live in different slots, so one multi-stream
+        # call is not an option: one XREADGROUP per stream, pipelined.
         streams = list(positions)
         async with self.redis.pipeline(transaction=False) as pipe:
             for stream in streams:
@@ -237,6 +270,12 @@ class WriteBehindWorker:
             for _name, items in reply or []:
                 entries.extend(self._entries(stream, items))
         return entries
+
+    async def _standalone(self) -> bool:
+        if self._is_standalone is None:
+            info: dict[str, Any] = await self.redis.info("server")
+            self._is_standalone = info.get("redis_mode", "standalone") == "standalone"
+        return self._is_standalone
 
     def _entries(self, stream: str, items: list[tuple[bytes, dict[bytes, bytes] | None]]) -> list[StreamEntry]:
         shard = self.streams[stream]
@@ -396,17 +435,21 @@ class WriteBehindWorker:
     # -- housekeeping ---------------------------------------------------------------------------
 
     async def _housekeeping(self) -> None:
-        backlogs = await stream_backlogs(self.redis, list(self.streams), self.config.group)
         now_ms = await redis_now_ms(self.redis)
-        oldest = [b.oldest_unapplied.ms for b in backlogs if b.oldest_unapplied is not None]
-        self.lag_ms = max(0, now_ms - min(oldest)) if oldest else 0
+        conn = await self._connection()
+        if time.monotonic() >= self._next_trim:
+            # Reading the group state of every stream costs a round of a thousand commands: the
+            # exact lag comes with it every trim_s, and from the batches in between.
+            self._next_trim = time.monotonic() + self.config.trim_s
+            backlogs = await stream_backlogs(self.redis, list(self.streams), self.config.group)
+            oldest = [b.oldest_unapplied.ms for b in backlogs if b.oldest_unapplied is not None]
+            self.lag_ms = max(0, now_ms - min(oldest)) if oldest else 0
+            await self._trim(conn, backlogs)
         mark_time, mark_count = self._rate_mark
         elapsed = time.monotonic() - mark_time
         if elapsed >= 1.0:
             self.events_per_second = (self.applied_total - mark_count) / elapsed
             self._rate_mark = (time.monotonic(), self.applied_total)
-        conn = await self._connection()
-        await self._trim(conn, backlogs)
         await self._heartbeat(conn)
         if _month(now_ms + 31 * 86_400_000) not in self._months:
             await create_partitions(conn, datetime.now(UTC), PARTITIONS_AHEAD)
