@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import msgspec
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from pointauth.server.config import ConfigError, Settings, load_settings
 
@@ -140,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"pointauth: {exc}", file=sys.stderr)
         return 2
+    except (OSError, RedisConnectionError) as exc:  # a store is unreachable: say so, no traceback
+        print(f"pointauth: cannot reach a server the settings name: {exc}", file=sys.stderr)
+        return 1
     return code
 
 
