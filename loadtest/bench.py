@@ -6,6 +6,9 @@ the echo ceiling, closed-loop concurrency sweeps of Authorize+Capture, Earn and 
 Authorize+Capture paced at half its best throughput. Latencies are HDR histograms (µs); the table
 gives throughput, p50/p99/p99.9, the ratio to the echo ceiling and the CPU each process group used;
 then Redis memory per account and write-behind lag. `--json` writes it all for machines.
+
+The table goes to stdout once, at the end, when the ratios to the echo ceiling are known; while it
+runs, one progress line per step (and the seeding's progress bar) go to stderr.
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import io
 import json
+import multiprocessing
 import os
 import platform
 import shutil
@@ -34,6 +37,7 @@ from loadtest.lag import LagSampler
 from loadtest.population import CARD_FORMAT, Population
 from loadtest.procs import ClientPool, CpuMeter, Service
 from pointauth.server.ledger import Keyspace
+from pointauth.server.progress import ProgressBar
 from pointauth.server.stack import EmbeddedStack, free_port
 from pointauth.v1 import points_service_pb2 as pb
 
@@ -138,23 +142,57 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def seed(redis_url: str, postgres_dsn: str, keyspace: Keyspace, accounts: int) -> tuple[int, float]:
-    """Migrates, then seeds both stores with `pointauth seed`; returns (accounts new in Redis, seconds)."""
+def _seed_redis(redis_url: str, shards: int, todo: list[tuple[int, int]], anchor_ms: int, done: Any) -> None:
     from pointauth.server import seed as seeding
-    from pointauth.server.config import LedgerSettings, PostgresSettings, RedisSettings, Settings
+
+    def count(n: int) -> None:
+        with done.get_lock():
+            done.value += n
+
+    seeding.load_redis(redis_url, Keyspace(shards), todo, anchor_ms, count)
+
+
+def seed(redis_url: str, postgres_dsn: str, keyspace: Keyspace, accounts: int) -> tuple[int, float]:
+    """Migrates, then seeds both stores with `pointauth seed`'s own loaders, Redis from a second
+    process as `pointauth seed` does; returns (accounts new in Redis, seconds).
+
+    The progress bar counts accounts, each once both stores hold it, so its total is the account
+    count (`pointauth seed`'s own bar counts every account twice, once per store)."""
+    from pointauth.server import seed as seeding
     from pointauth.server.writebehind import migrate
 
     asyncio.run(migrate(postgres_dsn))
     client = redis.Redis.from_url(redis_url)
-    new = sum(count for _, count in seeding.chunks(accounts, seeding.redis_seeded(client)))
-    settings = Settings(
-        redis=RedisSettings(url=redis_url),
-        postgres=PostgresSettings(dsn=postgres_dsn),
-        ledger=LedgerSettings(shards=keyspace.shards),
-    )
+    todo = list(seeding.chunks(accounts, seeding.redis_seeded(client)))
+    new = sum(count for _, count in todo)
+    anchor_ms = int(time.time() // 86_400) * seeding.DAY_MS  # today, 00:00 UTC, as `pointauth seed`
     started = time.monotonic()
-    if seeding.seed_command(settings, accounts, io.StringIO()) != 0:
-        raise SystemExit("seeding failed")
+    ctx = multiprocessing.get_context("spawn")
+    in_redis = ctx.Value("q", accounts - new)
+    loader = ctx.Process(target=_seed_redis, args=(redis_url, keyspace.shards, todo, anchor_ms, in_redis))
+    loader.start()
+    bar = ProgressBar("accounts seeded (Redis and PostgreSQL)")
+    in_postgres, shown_all = 0, False
+
+    def show() -> None:
+        nonlocal shown_all
+        if not shown_all:  # the bar ends its line at 100 %: once
+            done = min(in_postgres, in_redis.value)
+            bar(done, accounts)
+            shown_all = done >= accounts
+
+    def progress(n: int) -> None:
+        nonlocal in_postgres
+        in_postgres += n
+        show()
+
+    asyncio.run(seeding.load_postgres(postgres_dsn, keyspace, accounts, anchor_ms, progress))
+    while loader.exitcode is None:
+        loader.join(0.5)
+        show()
+    show()  # the loader may have finished before the loop looked
+    if loader.exitcode != 0:
+        raise SystemExit("seeding Redis failed (see above)")
     return new, time.monotonic() - started
 
 
@@ -290,11 +328,12 @@ def run(args: argparse.Namespace, out: contextlib.ExitStack) -> dict[str, Any]:
         cpu = meter.stop()
         row = merge(scenario, concurrency, f"paced {rate:.0f}/s" if rate else "closed", plan.duration_s, results)
         row.cpu_cores = cpu
-        print(format_row(row), flush=True)
+        print(progress_line(len(rows) + 1, total_steps, row), file=sys.stderr, flush=True)
         return row
 
     rows: list[Row] = []
-    print(f"{'':22}{HEADER}", flush=True)
+    total_steps = len(plan.concurrencies) * (1 + len(scenarios))
+    total_steps += 1 if plan.paced and "authorize_capture" in scenarios else 0
     for concurrency in plan.concurrencies:
         rows.append(step("echo", concurrency))
     ceiling = max(row.rpcs_per_s for row in rows)
@@ -357,13 +396,26 @@ HEADER += f" {'÷echo':>6} {'refused':>7} {'errors':>6}  cpu cores"
 
 
 def format_row(row: Row, sub: str = "op") -> str:
+    """A table row; for one call of a pair (`sub`), only its latencies: throughput, ratio, counts
+    and CPU belong to the pair and are on the pair's row."""
     lat = row.latency_ms.get(sub, {})
+    latencies = f" {lat.get('p50', 0):>8.3f} {lat.get('p99', 0):>8.3f} {lat.get('p99.9', 0):>9.3f}"
+    if sub != "op":
+        return f"{'  ' + sub:22}{'':5} {'':14} {'':9} {'':9}{latencies}"
     cpu = " ".join(f"{name}={cores:.2f}" for name, cores in row.cpu_cores.items())
     ratio = f"{row.ratio_to_echo_ceiling:.2f}" if row.ratio_to_echo_ceiling is not None else "-"
-    label = LABELS[row.scenario] if sub == "op" else f"  {sub}"
-    line = f"{label:22}{row.concurrency:>5} {row.mode:>14} {row.ops_per_s:>9,.0f} {row.rpcs_per_s:>9,.0f}"
-    line += f" {lat.get('p50', 0):>8.3f} {lat.get('p99', 0):>8.3f} {lat.get('p99.9', 0):>9.3f}"
+    line = f"{LABELS[row.scenario]:22}{row.concurrency:>5} {row.mode:>14} {row.ops_per_s:>9,.0f}"
+    line += f" {row.rpcs_per_s:>9,.0f}{latencies}"
     return line + f" {ratio:>6} {row.refused:>7} {row.errors:>6}  {cpu}"
+
+
+def progress_line(step: int, steps: int, row: Row) -> str:
+    """While the run goes on: what a step measured, briefly (the table comes at the end)."""
+    p99 = row.latency_ms.get("op", {}).get("p99", 0)
+    return (
+        f"step {step}/{steps}: {LABELS[row.scenario]}, {row.concurrency} loops {row.mode}: "
+        f"{row.ops_per_s:,.0f} ops/s, p99 {p99:.1f} ms, {row.errors} errors"
+    )
 
 
 def report(result: dict[str, Any]) -> str:

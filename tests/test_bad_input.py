@@ -72,6 +72,12 @@ def grant(**changes: Any) -> admin_pb.GrantPointsRequest:
     return admin_pb.GrantPointsRequest(**fields)
 
 
+def create(**changes: Any) -> admin_pb.CreateAccountRequest:
+    fields: dict[str, Any] = {"request_id": RID, "account_id": "member-2", "card_number": "4000000000000002"}
+    fields.update(changes)
+    return admin_pb.CreateAccountRequest(**fields)
+
+
 # (case, method, request, fields the error must name)
 # ruff: noqa: E501 (one case a line reads best as a table)
 CASES: list[tuple[str, str, Any, set[str]]] = [
@@ -107,7 +113,26 @@ CASES: list[tuple[str, str, Any, set[str]]] = [
     ("unspecified lot kind", "GrantPoints", grant(kind=0), {"kind"}),
     ("unknown lot kind", "GrantPoints", grant(kind=7), {"kind"}),
     ("grant without expiry", "GrantPoints", grant(expire_time=None), {"expire_time"}),
-    ("account id with a dot", "CreateAccount", admin_pb.CreateAccountRequest(request_id=RID, account_id="a.b", card_number="1"), {"account_id"}),
+    ("account id with a dot", "CreateAccount", create(account_id="a.b"), {"account_id"}),
+    ("account id that is a dot", "CreateAccount", create(account_id="."), {"account_id"}),
+    ("account id -1", "CreateAccount", create(account_id="-1"), {"account_id"}),
+    ("account id NULL", "CreateAccount", create(account_id="NULL"), {"account_id"}),
+    ("account id undefined", "CreateAccount", create(account_id="undefined"), {"account_id"}),
+    ("card -1", "CreateAccount", create(card_number="-1"), {"card_number"}),
+    ("card too short", "CreateAccount", create(card_number="123"), {"card_number"}),
+    ("card ending in a dash", "CreateAccount", create(card_number="4000-"), {"card_number"}),
+    ("card null", "RedeemPoints", redeem(card_number="null"), {"card_number"}),
+    ("store None", "RedeemPoints", redeem(point_of_sale=pos(store_id="None")), {"point_of_sale.store_id"}),
+    ("company starting with a dash", "EarnPoints", earn(point_of_sale=pos(company_id="-acme")), {"point_of_sale.company_id"}),
+    ("purchase in the year 9999", "EarnPoints", earn(purchase_time=Timestamp(seconds=253_402_128_000)), {"purchase_time"}),
+    ("purchase at the last second of 9999", "EarnPoints", earn(purchase_time=Timestamp(seconds=253_402_300_799)), {"purchase_time"}),
+    ("purchase beyond the skew", "EarnPoints", earn(purchase_time=Timestamp(seconds=NOW.seconds + 301)), {"purchase_time"}),
+    ("purchase time nanos out of range", "EarnPoints", earn(purchase_time=Timestamp(seconds=NOW.seconds, nanos=10**9)), {"purchase_time"}),
+    ("grant expiry nanos out of range", "GrantPoints", grant(expire_time=Timestamp(seconds=1_900_000_000, nanos=-1)), {"expire_time"}),
+    ("grant expiry after 9999", "GrantPoints", grant(expire_time=Timestamp(seconds=253_402_300_800)), {"expire_time"}),
+    ("hold ttl nanos of a whole second", "AuthorizeHold", authorize(hold_ttl=Duration(seconds=1, nanos=10**9)), {"hold_ttl"}),
+    ("hold ttl with negative nanos", "AuthorizeHold", authorize(hold_ttl=Duration(seconds=60, nanos=-1)), {"hold_ttl"}),
+    ("negative hold ttl", "AuthorizeHold", authorize(hold_ttl=Duration(seconds=-60)), {"hold_ttl"}),
 ]  # fmt: skip
 
 
@@ -116,9 +141,35 @@ def _method(channel: grpc.aio.Channel, name: str) -> Callable[..., Any]:
     service = "AdminService" if name in ("GrantPoints", "CreateAccount") else "PointsService"
     return channel.unary_unary(
         f"/pointauth.v1.{service}/{name}",
-        request_serializer=lambda m: m.SerializeToString(),
+        request_serializer=lambda m: m if isinstance(m, bytes) else m.SerializeToString(),
         response_deserializer=lambda raw: raw,
     )
+
+
+METHODS = [
+    *(m.name for m in pb.DESCRIPTOR.services_by_name["PointsService"].methods),
+    *(m.name for m in admin_pb.DESCRIPTOR.services_by_name["AdminService"].methods),
+]
+# Field 1, length 5, but only two bytes follow: no parser can read it.
+TRUNCATED = b"\x0a\x05ab"
+# Field 1 (a string in every request: request_id, card_number, ...) holding bytes that are not UTF-8.
+NOT_UTF8 = b"\x0a\x02\xff\xfe"
+
+
+@pytest.mark.parametrize("method", METHODS)
+async def test_a_body_that_is_not_protobuf_is_invalid_argument(
+    server: PointauthServer, member: str, redis: Redis, method: str
+) -> None:
+    keys_before = sorted(await redis.keys("*"))
+    state_before = await account_state(redis, Keyspace(16), "member-1")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        for body in (TRUNCATED, NOT_UTF8):
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await _method(channel, method)(body)
+            error = error_from_rpc(raised.value.code(), raised.value.details() or "", raised.value.trailing_metadata())
+            assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST"), method
+    assert sorted(await redis.keys("*")) == keys_before
+    assert await account_state(redis, Keyspace(16), "member-1") == state_before
 
 
 @pytest.mark.parametrize(("case", "method", "request_message", "fields"), CASES, ids=[c[0] for c in CASES])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 import grpc
@@ -41,8 +42,11 @@ async def test_earn_computes_points_by_base_rate_rounding_down(
     assert receipt.point_of_sale.store_id == "store-1"
 
 
-async def test_earned_lot_expires_at_end_of_month_a_year_later(client: PointsClient, member: str) -> None:
+async def test_earned_lot_expires_at_end_of_month_a_year_later(
+    client: PointsClient, member: str, clock: ManualClock
+) -> None:
     # 2026-11-22 12:00 JST; the default policy is the end of the month 12 months later.
+    clock.advance(1_795_316_400_000 - clock.now_ms())
     earned = await client.earn_points(member, STORE, 1000, at(1_795_316_400_000))
     assert earned.lot.expire_time.ToJsonString() == "2027-11-30T15:00:00Z"  # 2027-12-01 00:00 JST
 
@@ -306,6 +310,62 @@ async def test_create_account_conflicts(client: PointsClient, member: str) -> No
     assert exists.value.reason == "ACCOUNT_ALREADY_EXISTS"
     with pytest.raises(NotFoundError):
         await client.get_balance("4000000000000002")
+
+
+async def test_a_refused_opening_leaves_no_trace(client: PointsClient, member: str, redis: Redis) -> None:
+    keys_before = {k for k in await redis.keys("*") if b":r:" not in k}
+    with pytest.raises(ConflictError):
+        await client.create_account("member-2", CARD)  # CARD belongs to member-1
+    with pytest.raises(ConflictError):
+        await client.create_account("member-1", "4000000000000002")  # member-1 exists
+    # Nothing of either refusal was stored but their idempotency records ("r:" keys).
+    assert {k for k in await redis.keys("*") if b":r:" not in k} == keys_before
+    with pytest.raises(NotFoundError):
+        await client.get_balance("4000000000000002")
+    opened = await client.create_account("member-2", "4000000000000002")
+    assert (opened.account_id, opened.card_number) == ("member-2", "4000000000000002")
+
+
+async def test_concurrent_openings_with_one_card_have_exactly_one_winner(client: PointsClient, redis: Redis) -> None:
+    for race in range(30):
+        card = f"40000000009{race:05d}"
+        accounts = [f"race-{race}-a", f"race-{race}-b"]
+        results = await asyncio.gather(
+            *(client.create_account(account, card) for account in accounts), return_exceptions=True
+        )
+        winners = [a for a, r in zip(accounts, results, strict=True) if not isinstance(r, BaseException)]
+        losers = [r for r in results if isinstance(r, BaseException)]
+        assert len(winners) == 1, results
+        assert [(type(e), getattr(e, "reason", "")) for e in losers] == [(ConflictError, "CARD_ALREADY_LINKED")]
+        assert (await client.get_balance(card)).account_id == winners[0]
+        loser = next(a for a in accounts if a != winners[0])
+        assert not await redis.exists(KEYS.account(loser).account)
+        assert [e["account"] for e in await events(redis, KEYS, loser)] == []
+        # The loser's id is free: opening it with another card works.
+        await client.create_account(loser, f"40000000008{race:05d}")
+
+
+async def test_no_path_adds_points_past_the_balance_cap(client: PointsClient, clock: ManualClock) -> None:
+    cap = 10**15
+    card = "4000000000000777"
+    await client.create_account("capped", card)
+    expiry = at(clock.now_ms() + 30 * DAY_MS)
+    await client.grant_points(card, cap, expiry, STORE)
+    redemption = await client.redeem_points(card, STORE, 10)
+    await client.grant_points(card, 10, expiry, STORE)
+    with pytest.raises(RefusedError) as refund:
+        await client.refund_transaction(redemption.transaction_id)
+    assert refund.value.reason == "BALANCE_LIMIT_EXCEEDED"
+    assert refund.value.metadata["max_balance_points"] == str(cap)
+    with pytest.raises(RefusedError) as grant:
+        await client.grant_points(card, 1, expiry, STORE)
+    assert grant.value.reason == "BALANCE_LIMIT_EXCEEDED"
+    balance = await client.get_balance(card)
+    assert (balance.balance.available_points, balance.balance.held_points) == (cap, 0)
+    # Holds and voids only move points between available and held: they stay within the cap.
+    hold = await client.authorize_hold(card, STORE, 10)
+    await client.void_hold(hold.hold_id)
+    assert (await client.get_balance(card)).balance.available_points == cap
 
 
 async def test_script_reloads_after_noscript(client: PointsClient, member: str, redis: Redis) -> None:

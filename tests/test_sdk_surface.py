@@ -19,18 +19,24 @@ def test_client_exports_exactly_its_public_names() -> None:
     assert set(pointauth.client.__all__) == {
         "Channel",
         "ConflictError",
+        "ErrorReason",
+        "InternalError",
         "InvalidArgumentError",
         "LotKind",
         "NotFoundError",
+        "OverloadedError",
         "PointOfSale",
         "PointauthError",
         "PointsClient",
         "RefusedError",
+        "RetryableError",
         "UnavailableError",
         "error_from_rpc",
         "new_request_id",
     }
     assert issubclass(pointauth.client.RefusedError, pointauth.client.PointauthError)
+    assert issubclass(pointauth.client.OverloadedError, pointauth.client.RetryableError)
+    assert issubclass(pointauth.client.UnavailableError, pointauth.client.RetryableError)
 
 
 async def test_redis_is_durable_and_never_evicts(redis: Redis) -> None:

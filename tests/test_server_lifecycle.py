@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from redis.asyncio import Redis
 
-from pointauth.client import PointsClient
+from pointauth.client import PointsClient, UnavailableError
 from pointauth.server.app import PointauthServer
 from pointauth.server.ledger import Keyspace, Ledger
 from pointauth.server.stack import EmbeddedStack, free_port
@@ -35,6 +35,25 @@ async def test_health_and_reflection_are_served(server: PointauthServer) -> None
         responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
         names = {s.name async for r in responses for s in r.list_services_response.service}
     assert {"pointauth.v1.PointsService", "pointauth.v1.AdminService", "grpc.health.v1.Health"} <= names
+
+
+async def test_reflection_v1_is_served_beside_v1alpha(server: PointauthServer) -> None:
+    # grpcurl and buf curl ask for grpc.reflection.v1 first; its messages are v1alpha's, renamed.
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        info = channel.stream_stream(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        requests = [
+            reflection_pb2.ServerReflectionRequest(list_services=""),
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol="pointauth.v1.PointsService"),
+        ]
+        replies = [reply async for reply in info(iter(requests))]
+    names = {s.name for s in replies[0].list_services_response.service}
+    assert {"pointauth.v1.PointsService", "grpc.reflection.v1.ServerReflection"} <= names
+    files = replies[1].file_descriptor_response.file_descriptor_proto
+    assert any(b"pointauth/v1/points_service.proto" in f for f in files)
 
 
 async def test_graceful_stop_reports_not_serving_and_finishes_in_flight_calls(
@@ -101,6 +120,73 @@ async def test_serve_runs_workers_and_stops_on_sigterm(
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(proc.wait, 30) == 0
     finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+async def test_sigterm_lets_a_burst_in_flight_finish_on_every_process(
+    serve_env: dict[str, str], client: PointsClient, member: str, redis: Redis, tmp_path: Path
+) -> None:
+    port = free_port()
+    with (tmp_path / "serve.log").open("wb") as log:
+        proc = subprocess.Popen(  # noqa: ASYNC220 (started once, then awaited in threads)
+            [PYTHON, "-m", "pointauth.server.cli", "serve", "--workers", "2", "--port", str(port)],
+            env=dict(serve_env, POINTAUTH__SERVER__GRACE_SECONDS="10"),
+            stderr=log,
+        )
+    tills = [PointsClient(f"127.0.0.1:{port}") for _ in range(8)]  # 8 connections over both processes
+    try:
+        await asyncio.to_thread(_wait_serving, port, proc)
+        for till in tills:
+            await till.__aenter__()
+            await till.get_balance(member)
+        # Writes wait 1.5 s: the 100 redeems are surely in flight when SIGTERM arrives.
+        await redis.client_pause(1500, all=False)
+        in_flight = [asyncio.create_task(tills[i % 8].redeem_points(member, STORE, 1)) for i in range(100)]
+        await asyncio.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        with pytest.raises(UnavailableError):  # new calls are refused while the old ones finish
+            await tills[0].get_balance(member)
+        done = await asyncio.gather(*in_flight, return_exceptions=True)
+        assert [r for r in done if isinstance(r, BaseException)] == []
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+    finally:
+        for till in tills:
+            await till.__aexit__(None, None, None)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (await client.get_balance(member)).balance.available_points == 900
+
+
+async def test_a_second_sigterm_stops_at_once(
+    serve_env: dict[str, str], member: str, redis: Redis, tmp_path: Path
+) -> None:
+    port = free_port()
+    with (tmp_path / "serve.log").open("wb") as log:
+        proc = subprocess.Popen(  # noqa: ASYNC220 (started once, then awaited in threads)
+            [PYTHON, "-m", "pointauth.server.cli", "serve", "--port", str(port)],
+            env=dict(serve_env, POINTAUTH__SERVER__GRACE_SECONDS="60"),
+            stderr=log,
+        )
+    try:
+        await asyncio.to_thread(_wait_serving, port, proc)
+        async with PointsClient(f"127.0.0.1:{port}") as till:
+            await redis.client_pause(20_000, all=False)  # the drain would wait for this call
+            stuck = asyncio.create_task(till.redeem_points(member, STORE, 1))
+            await asyncio.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            assert proc.poll() is None  # draining
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(proc.wait, 10) == 128 + signal.SIGTERM
+            await redis.client_unpause()
+            with pytest.raises(UnavailableError):
+                await stuck
+    finally:
+        await redis.client_unpause()
         if proc.poll() is None:
             proc.kill()
             proc.wait()

@@ -4,12 +4,14 @@ No timed assertions: speed is for the benchmark to print, not for tests to judge
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 from redis.asyncio import Redis
 
+from loadtest.bench import HEADER
 from pointauth.server.stack import EmbeddedStack
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,3 +45,21 @@ def test_quick_bench_reports_ordered_percentiles_and_no_errors(
     assert result["redis_memory"]["accounts"] == 1000
     assert result["redis_memory"]["used_memory"] > 0
     assert "Authorize+Capture" in run.stdout
+
+    # One table, printed once the ratios to the echo ceiling are known (progress goes to stderr).
+    output = run.stdout + run.stderr
+    assert output.count(HEADER) == 1, output
+    table = run.stdout.split(HEADER, 1)[1].split("\n\n", 1)[0].splitlines()[1:]
+    assert [line.split()[0] for line in table] == ["echo", "Authorize+Capture", "AuthorizeHold", "CaptureHold",
+                                                    "EarnPoints", "GetBalance"], table  # fmt: skip
+    ratio_column = slice(22 + HEADER.index("÷echo") - 1, 22 + HEADER.index("÷echo") + 5)
+    for line in table:
+        if line.startswith("  "):  # one call of a pair: its latencies only, the rest is the pair's
+            assert len(line.split()) == 4, line
+        else:
+            assert float(line[ratio_column]) > 0, line
+    # The seeding's progress bar counts accounts, to the account count.
+    bars = re.findall(r"(\d+)/(\d+) accounts", run.stderr)
+    assert bars, run.stderr
+    assert {int(total) for _, total in bars} == {1000}
+    assert int(bars[-1][0]) == 1000

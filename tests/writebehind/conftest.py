@@ -64,12 +64,21 @@ async def running_worker(
     redis_url: str, dsn: str, keyspace: Keyspace, config: WorkerConfig = FAST
 ) -> AsyncIterator[WriteBehindWorker]:
     """A worker in this process, on its own Redis client; stopped (and its errors raised) at exit."""
+    async with worker_task(redis_url, dsn, keyspace, config) as (worker, _):
+        yield worker
+
+
+@contextlib.asynccontextmanager
+async def worker_task(
+    redis_url: str, dsn: str, keyspace: Keyspace, config: WorkerConfig = FAST
+) -> AsyncIterator[tuple[WriteBehindWorker, asyncio.Task[None]]]:
+    """`running_worker`, with the task running it: a test can see whether the worker is still alive."""
     redis = Redis.from_url(redis_url)
     worker = WriteBehindWorker(redis, dsn, keyspace, config)
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
     try:
-        yield worker
+        yield worker, task
     finally:
         stop.set()
         try:

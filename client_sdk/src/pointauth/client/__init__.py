@@ -3,25 +3,33 @@
 from pointauth.client._client import PointsClient, new_request_id
 from pointauth.client._errors import (
     ConflictError,
+    InternalError,
     InvalidArgumentError,
     NotFoundError,
+    OverloadedError,
     PointauthError,
     RefusedError,
+    RetryableError,
     UnavailableError,
     error_from_rpc,
 )
 from pointauth.v1.common_pb2 import Channel, LotKind, PointOfSale
+from pointauth.v1.error_reason_pb2 import ErrorReason
 
 __all__ = [
     "Channel",
     "ConflictError",
+    "ErrorReason",
+    "InternalError",
     "InvalidArgumentError",
     "LotKind",
     "NotFoundError",
+    "OverloadedError",
     "PointOfSale",
     "PointauthError",
     "PointsClient",
     "RefusedError",
+    "RetryableError",
     "UnavailableError",
     "error_from_rpc",
     "new_request_id",

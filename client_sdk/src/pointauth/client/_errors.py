@@ -5,13 +5,18 @@ PointauthError                 any error answer (code, reason, message, metadata
 ├── NotFoundError              unknown card, hold or transaction
 ├── RefusedError               a business refusal (INSUFFICIENT_POINTS, HOLD_EXPIRED, ...)
 ├── ConflictError              ALREADY_EXISTS: request_id reused for other content, ...
-└── UnavailableError           the server or its store is unreachable: retry, same request_id
+├── RetryableError             a retry with the same request_id can succeed; `retry_delay` (s)
+│   ├── UnavailableError       the server or its store (BACKEND_UNAVAILABLE) is unreachable
+│   └── OverloadedError        RESOURCE_EXHAUSTED (SERVER_OVERLOADED): the server shed the call
+└── InternalError              a server fault; the server logged it
 """
 
 from __future__ import annotations
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
+
+from pointauth.v1.error_reason_pb2 import ErrorReason
 
 _DETAILS_KEY = "grpc-status-details-bin"
 
@@ -24,6 +29,7 @@ class PointauthError(Exception):
         reason: str = "",
         metadata: dict[str, str] | None = None,
         field_violations: dict[str, str] | None = None,
+        retry_delay: float | None = None,
     ) -> None:
         super().__init__(f"{code.name}{' ' + reason if reason else ''}: {message}")
         self.code = code
@@ -31,6 +37,16 @@ class PointauthError(Exception):
         self.reason = reason
         self.metadata = metadata or {}
         self.field_violations = field_violations or {}
+        self.retry_delay = retry_delay
+        """Seconds the server suggests waiting before a retry (google.rpc.RetryInfo), if any."""
+
+    @property
+    def error_reason(self) -> ErrorReason.ValueType:
+        """`reason` as the ErrorReason enum; ERROR_REASON_UNSPECIFIED for a reason newer than this SDK."""
+        try:
+            return ErrorReason.Value(self.reason)
+        except ValueError:
+            return ErrorReason.ERROR_REASON_UNSPECIFIED
 
 
 class InvalidArgumentError(PointauthError):
@@ -49,7 +65,19 @@ class ConflictError(PointauthError):
     pass
 
 
-class UnavailableError(PointauthError):
+class RetryableError(PointauthError):
+    pass
+
+
+class UnavailableError(RetryableError):
+    pass
+
+
+class OverloadedError(RetryableError):
+    pass
+
+
+class InternalError(PointauthError):
     pass
 
 
@@ -59,12 +87,16 @@ _CLASSES: dict[grpc.StatusCode, type[PointauthError]] = {
     grpc.StatusCode.FAILED_PRECONDITION: RefusedError,
     grpc.StatusCode.ALREADY_EXISTS: ConflictError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: OverloadedError,
+    grpc.StatusCode.INTERNAL: InternalError,
 }
 
 
 def error_from_rpc(code: grpc.StatusCode, details: str, trailing_metadata: object) -> PointauthError:
-    """Decodes google.rpc.Status details (ErrorInfo, BadRequest) from a failed call's trailers."""
+    """Decodes google.rpc.Status details (ErrorInfo, BadRequest, RetryInfo) from a failed call's
+    trailers."""
     reason, metadata, violations = "", {}, {}
+    retry_delay: float | None = None
     for key, value in trailing_metadata or ():  # type: ignore[attr-defined]
         if key != _DETAILS_KEY:
             continue
@@ -72,9 +104,12 @@ def error_from_rpc(code: grpc.StatusCode, details: str, trailing_metadata: objec
         for detail in status.details:
             info = error_details_pb2.ErrorInfo()
             bad = error_details_pb2.BadRequest()
+            retry = error_details_pb2.RetryInfo()
             if detail.Unpack(info):
                 reason, metadata = info.reason, dict(info.metadata)
             elif detail.Unpack(bad):
                 violations = {v.field: v.description for v in bad.field_violations}
+            elif detail.Unpack(retry):
+                retry_delay = retry.retry_delay.ToMilliseconds() / 1000
     cls = _CLASSES.get(code, PointauthError)
-    return cls(code, details or "", reason, metadata, violations)
+    return cls(code, details or "", reason, metadata, violations, retry_delay)

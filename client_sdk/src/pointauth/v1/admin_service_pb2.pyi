@@ -30,9 +30,14 @@ class CreateAccountRequest(_message.Message):
     request_id: _builtins.str
     """Client-chosen UUID identifying this request for safe retries."""
     account_id: _builtins.str
-    """The account's identifier (the member ID of the loyalty program)."""
+    """The account's identifier (the member ID of the loyalty program): 1 to 64 of A-Z, a-z, 0-9,
+    '_' and '-', starting with a letter or digit; never a placeholder such as "null".
+    """
     card_number: _builtins.str
-    """The first card linked to the account."""
+    """The first card linked to the account.
+    Card numbers (plastic cards and app member IDs): 4 to 64 of A-Z, a-z, 0-9 and '-', starting
+    and ending with a letter or digit; never a placeholder such as "null" or "undefined".
+    """
     def __init__(
         self,
         *,
@@ -89,14 +94,14 @@ class GrantPointsRequest(_message.Message):
     request_id: _builtins.str
     """Client-chosen UUID identifying this request for safe retries."""
     card_number: _builtins.str
-    """The member's card."""
+    """The member's card (grammar as in CreateAccountRequest.card_number)."""
     points: _builtins.int
     """Points to grant."""
     kind: _common_pb2.LotKind.ValueType
     """The lot's kind."""
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
-        """When the granted points expire; must be in the future."""
+        """When the granted points expire: in the future, and no later than 9999-12-31T23:59:59Z."""
 
     @_builtins.property
     def point_of_sale(self) -> _common_pb2.PointOfSale:

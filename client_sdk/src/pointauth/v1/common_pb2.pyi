@@ -86,6 +86,7 @@ Global___LotKind: _TypeAlias = LotKind  # noqa: Y015
 class PointOfSale(_message.Message):
     """PointOfSale says where an operation happened: which company, store and till.
     Every earn and use records it, so that settlement between companies can be computed.
+    Each id is 1 to 64 of A-Z, a-z, 0-9, '_' and '-', starting with a letter or digit.
     """
 
     DESCRIPTOR: _descriptor.Descriptor

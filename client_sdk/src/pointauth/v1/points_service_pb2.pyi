@@ -108,7 +108,10 @@ class EarnPointsRequest(_message.Message):
     request_id: _builtins.str
     """Client-chosen UUID identifying this request for safe retries."""
     card_number: _builtins.str
-    """The member's card (or app ID) presented at the till."""
+    """The member's card (or app ID) presented at the till.
+    Card numbers (plastic cards and app member IDs): 4 to 64 of A-Z, a-z, 0-9 and '-', starting
+    and ending with a letter or digit; never a placeholder such as "null" or "undefined".
+    """
     purchase_amount: _builtins.int
     """The amount paid, in minor currency units (yen). Points are computed from it by the base
     rate, rounded down.
@@ -119,7 +122,10 @@ class EarnPointsRequest(_message.Message):
 
     @_builtins.property
     def purchase_time(self) -> _timestamp_pb2.Timestamp:
-        """When the purchase happened; the lot's expiry is computed from it."""
+        """When the purchase happened; the lot's expiry is computed from it. From 1970 on, and no later
+        than the server's clock plus a small skew (by default 5 minutes): a purchase that has not
+        happened yet earns nothing.
+        """
 
     def __init__(
         self,
@@ -190,7 +196,7 @@ class AuthorizeHoldRequest(_message.Message):
     request_id: _builtins.str
     """Client-chosen UUID identifying this request for safe retries."""
     card_number: _builtins.str
-    """The member's card."""
+    """The member's card (grammar as in EarnPointsRequest.card_number)."""
     points: _builtins.int
     """Points to reserve."""
     @_builtins.property
@@ -199,8 +205,8 @@ class AuthorizeHoldRequest(_message.Message):
 
     @_builtins.property
     def hold_ttl(self) -> _duration_pb2.Duration:
-        """How long the hold lives; unset means the server's default. Must be within the server's
-        bounds (by default 1 second to 7 days).
+        """How long the hold lives; unset means the server's default. A valid positive Duration
+        (nanos 0 to 999,999,999) within the server's bounds (by default 1 second to 7 days).
         """
 
     def __init__(
@@ -393,7 +399,7 @@ class RedeemPointsRequest(_message.Message):
     request_id: _builtins.str
     """Client-chosen UUID identifying this request for safe retries."""
     card_number: _builtins.str
-    """The member's card."""
+    """The member's card (grammar as in EarnPointsRequest.card_number)."""
     points: _builtins.int
     """Points to spend."""
     @_builtins.property
@@ -540,7 +546,7 @@ class GetBalanceRequest(_message.Message):
 
     CARD_NUMBER_FIELD_NUMBER: _builtins.int
     card_number: _builtins.str
-    """The member's card."""
+    """The member's card (grammar as in EarnPointsRequest.card_number)."""
     def __init__(
         self,
         *,

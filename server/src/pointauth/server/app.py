@@ -11,15 +11,17 @@ from typing import Self
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-from redis.asyncio import Redis
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from pointauth.server.api.admin import AdminServicer
+from pointauth.server.api.boundary import ErrorBoundary
 from pointauth.server.api.points import PointsServicer
 from pointauth.server.clock import Clock, SystemClock
 from pointauth.server.config import Settings
 from pointauth.server.earn_policy import EarnPolicy
-from pointauth.server.ledger import Keyspace, Ledger
+from pointauth.server.ledger import Keyspace, Ledger, connect
+from pointauth.server.services.accounts import AccountsService
+from pointauth.server.services.points import PointsService
 from pointauth.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
@@ -48,8 +50,10 @@ class PointauthServer:
     ) -> None:
         self.settings = settings
         self.clock = clock or SystemClock()
-        self.redis = Redis.from_url(settings.redis.url, max_connections=settings.redis.max_connections)
+        self.redis = connect(settings.redis)
         self.ledger = Ledger(self.redis, Keyspace(settings.ledger.shards), self.clock, settings.ledger)
+        self.points = PointsService(self.ledger, EarnPolicy(settings.earn), self.clock)
+        self.accounts = AccountsService(self.ledger, self.points)
         self.health = health.aio.HealthServicer()
         self._reuse_port = reuse_port
         self._run_sweeper = sweeper
@@ -60,20 +64,24 @@ class PointauthServer:
 
     async def start(self) -> None:
         await self.redis.ping()
+        self.boundary = ErrorBoundary(
+            max_in_flight=self.settings.server.max_in_flight,
+            retry_delay_ms=self.settings.server.overload_retry_ms,
+        )
         server = grpc.aio.server(
+            interceptors=[self.boundary],
             options=[
                 # Several processes share the port only when asked; otherwise a busy port is an error.
                 ("grpc.so_reuseport", 1 if self._reuse_port else 0),
                 ("grpc.max_concurrent_streams", 1000),
-            ]
+            ],
         )
         points_service_pb2_grpc.add_PointsServiceServicer_to_server(
-            PointsServicer(self.ledger, EarnPolicy(self.settings.earn), self.settings.ledger, self.clock),
-            server,
+            PointsServicer(self.points, self.settings.ledger), server
         )
-        admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.ledger, self.clock), server)
+        admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.accounts), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, health.SERVICE_NAME), server)
+        _serve_reflection(server)
         address = f"{self.settings.server.host}:{self.settings.server.port}"
         self.port = server.add_insecure_port(address)
         await server.start()
@@ -124,3 +132,24 @@ class PointauthServer:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+
+
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _serve_reflection(server: grpc.aio.Server) -> None:
+    """Server reflection as v1 (what grpcurl, buf curl and Postman ask for first) and v1alpha.
+
+    grpcio-reflection implements only v1alpha; v1 renamed the package and kept every message
+    and field number, so the same servicer answers both."""
+    names = (*SERVICE_NAMES, reflection.SERVICE_NAME, REFLECTION_V1, health.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    servicer = reflection.aio.ReflectionServicer(names)
+    v1 = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": v1}),)
+    )

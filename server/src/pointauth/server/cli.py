@@ -14,22 +14,24 @@ from pointauth.server.config import ConfigError, Settings, load_settings
 
 USAGE_HINT = """\
 pointauth is serving on {address} (Redis {redis_url}, PostgreSQL {pg_dsn}).
-Every point movement is journaled in PostgreSQL within about a second:
-  psql {pg_dsn} -c 'SELECT event_id, type, points, store_id FROM journal ORDER BY event_time DESC LIMIT 10'
-  uv run pointauth status     (with POINTAUTH__REDIS__URL and POINTAUTH__POSTGRES__DSN set as above)
+Its settings are in {config}, for every pointauth command. The write-behind's lag, whether
+Redis and PostgreSQL agree, and the latest events journaled in PostgreSQL:
+  uv run pointauth --config {config} status
+  uv run pointauth --config {config} reconcile
+  {psql} {pg_dsn} -c 'SELECT event_id, type, points, store_id FROM journal ORDER BY event_time DESC LIMIT 10'
 
-Try it with grpcurl (server reflection is on):
-  grpcurl -plaintext -d '{{"card_number": "9100000000000001"}}' {address} pointauth.v1.PointsService/GetBalance
-  grpcurl -plaintext -d '{{"request_id": "'$(cat /proc/sys/kernel/random/uuid)'", "card_number": "9100000000000001",
-    "point_of_sale": {{"company_id": "demo-retail", "store_id": "store-001", "terminal_id": "till-1",
-    "channel": "CHANNEL_STORE"}}, "points": 100}}' {address} pointauth.v1.PointsService/AuthorizeHold
+Try it with buf curl (server reflection is on):
+  uv run buf curl --protocol grpc --http2-prior-knowledge -d '{{"card_number": "{card}"}}' \\
+    http://{address}/pointauth.v1.PointsService/GetBalance
+  uv run buf curl --protocol grpc --http2-prior-knowledge -d '{{"request_id": "'$(cat /proc/sys/kernel/random/uuid)'",
+    "card_number": "{card}", "points": 100, "point_of_sale": {{"company_id": "demo-retail",
+    "store_id": "store-001", "terminal_id": "till-1", "channel": "CHANNEL_STORE"}}}}' \\
+    http://{address}/pointauth.v1.PointsService/AuthorizeHold
 
-Or from Python with the SDK (pip install ./client_sdk):
-  from pointauth.client import PointsClient
-  async with PointsClient("{address}") as client:
-      print(await client.get_balance("9100000000000001"))
+Or from Python with the SDK (client_sdk/examples/get_balance.py):
+  uv run python client_sdk/examples/get_balance.py {address} {card}
 
-Demo cards: {cards}. Ctrl-C stops everything.
+Demo cards: {cards}. Ctrl-C stops everything (data stays in {data_dir}).
 """
 
 
@@ -52,8 +54,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_dev(args: argparse.Namespace) -> int:
     from pointauth.server.dev import run_dev
+    from pointauth.server.stack import StackError
 
-    return run_dev(_settings(args), Path(args.data_dir), USAGE_HINT)
+    try:
+        return run_dev(_settings(args), Path(args.data_dir), USAGE_HINT)
+    except StackError as exc:  # e.g. no redis-server: the message says what to install
+        print(f"pointauth: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C while the stores were starting: they are stopped again
+        return 130
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:

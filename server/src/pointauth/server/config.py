@@ -40,13 +40,22 @@ class ServerSettings(_Section):
     """Server processes sharing the port (SO_REUSEPORT)."""
     grace_seconds: Seconds = 10.0
     """On SIGTERM, how long in-flight calls may take to finish."""
+    max_in_flight: Positive = 1000
+    """Calls one process works on at once; more are refused at once with RESOURCE_EXHAUSTED
+    (SERVER_OVERLOADED) and a retry delay, instead of queueing past any till's deadline."""
+    overload_retry_ms: Positive = 200
+    """Retry delay suggested to callers refused for overload or an unavailable store."""
 
 
 class RedisSettings(_Section):
     url: str = "redis://127.0.0.1:6379/0"
     """Redis holding the hot ledger."""
     max_connections: Positive = 64
-    """Connection pool size per server process."""
+    """Connection pool size per server process. Calls beyond it wait for a free connection."""
+    pool_wait_seconds: Seconds = 2.0
+    """How long a call waits for a free connection before it is refused as SERVER_OVERLOADED."""
+    command_timeout_seconds: Seconds = 5.0
+    """A Redis command (or connect) taking longer is BACKEND_UNAVAILABLE."""
 
 
 class PostgresSettings(_Section):
@@ -95,9 +104,10 @@ class ExpirySettings(_Section):
     policy: Literal["days", "end_of_month", "end_of_year"] = "end_of_month"
     """days: N days after the purchase; end_of_month: the end of the month `months` after the
     purchase's month; end_of_year: the end of the year `years` after the purchase's year."""
-    days: Positive = 365
-    months: Positive = 12
-    years: Positive = 1
+    # Bounded so that every expiry stays a valid date (and far below Lua's exact integers).
+    days: Annotated[int, Meta(ge=1, le=36_500)] = 365
+    months: Annotated[int, Meta(ge=1, le=1_200)] = 12
+    years: Annotated[int, Meta(ge=1, le=100)] = 1
 
 
 class EarnSettings(_Section):
@@ -107,6 +117,8 @@ class EarnSettings(_Section):
     expiry: ExpirySettings = msgspec.field(default_factory=ExpirySettings)
     timezone: str = "Asia/Tokyo"
     """Zone in which month and year ends are reckoned."""
+    purchase_time_skew_seconds: Annotated[int, Meta(ge=0)] = 300
+    """How far in the future a purchase_time may lie (tills' clocks drift); later is refused."""
 
     def __post_init__(self) -> None:
         try:

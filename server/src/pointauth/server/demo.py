@@ -8,7 +8,10 @@ import hashlib
 import uuid
 from dataclasses import dataclass
 
-from pointauth.server.ledger import Ledger, LedgerRefusal, PointOfSaleRef
+from pointauth.server.domain import reasons
+from pointauth.server.domain.reasons import ErrorReason
+from pointauth.server.ledger import LedgerRefusal, LotKindCode, PointOfSaleRef
+from pointauth.server.services.accounts import AccountsService
 
 _NAMESPACE = uuid.UUID("6f1b2c1e-8d0a-4c47-9a5e-2b7f3c9d4e10")
 HEAD_OFFICE = PointOfSaleRef(company_id="demo-retail", store_id="head-office", terminal_id="admin", channel=5)
@@ -34,31 +37,30 @@ def _request(name: str) -> tuple[str, str]:
     return str(uuid.uuid5(_NAMESPACE, name)), hashlib.blake2b(name.encode(), digest_size=16).hexdigest()
 
 
-async def load_demo_members(ledger: Ledger) -> list[DemoMember]:
-    now = ledger.clock.now_ms()
+async def load_demo_members(accounts: AccountsService) -> list[DemoMember]:
+    now = accounts.points.clock.now_ms()
     for member in MEMBERS:
         rid, fp = _request(f"open {member.account_id}")
         try:
-            await ledger.create_account(member.account_id, member.card_number, rid, fp)
+            await accounts.open(member.account_id, member.card_number, request_id=rid, fingerprint=fp)
         except LedgerRefusal as refusal:
-            if refusal.result.reason != "ACCOUNT_ALREADY_EXISTS":
+            if refusal.result.reason != reasons.name(ErrorReason.ACCOUNT_ALREADY_EXISTS):
                 raise
             continue  # loaded by an earlier run
-        lots = (
+        lots: tuple[tuple[int, LotKindCode, int], ...] = (
             (member.regular_points, "R", now + 365 * DAY_MS),
             (member.limited_points, "L", now + 30 * DAY_MS),
         )
         for points, kind, expire_ms in lots:
             if points:
                 rid, fp = _request(f"grant {member.account_id} {kind}")
-                await ledger.earn(
-                    member.account_id,
+                await accounts.grant(
+                    member.card_number,
                     points=points,
                     expire_ms=expire_ms,
-                    kind="L" if kind == "L" else "R",
+                    kind=kind,
                     pos=HEAD_OFFICE,
                     request_id=rid,
                     fingerprint=fp,
-                    grant=True,
                 )
     return list(MEMBERS)

@@ -12,6 +12,7 @@ class EarnPolicy:
     def __init__(self, settings: EarnSettings) -> None:
         self._settings = settings
         self._zone = ZoneInfo(settings.timezone)
+        self.purchase_time_skew_ms = settings.purchase_time_skew_seconds * 1000
 
     def points_for(self, purchase_amount: int) -> int:
         """rate_points per rate_amount, rounded down: 1 point per 100 yen gives 0 for 99 yen."""

@@ -1,4 +1,9 @@
-"""`pointauth serve`: N server processes on one port (SO_REUSEPORT), each on uvloop."""
+"""`pointauth serve`: N server processes on one port (SO_REUSEPORT), each on uvloop.
+
+On SIGTERM (or Ctrl-C) each process marks health NOT_SERVING, refuses new calls, lets the calls
+in flight finish within `grace_seconds`, and exits 0. A second signal ends it at once: an
+operator who asks twice is never ignored.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import logging
 import multiprocessing
 import os
 import signal
+from types import FrameType
 
 import uvloop
 
@@ -15,21 +21,42 @@ from pointauth.server.config import Settings
 
 log = logging.getLogger(__name__)
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-async def serve_until_signalled(settings: Settings, *, reuse_port: bool, sweeper: bool) -> None:
+
+def on_stop_signals(loop: asyncio.AbstractEventLoop, stopping: asyncio.Event) -> None:
+    """The first SIGTERM/SIGINT sets `stopping`; the second exits the process at once."""
+
+    def first(sig: signal.Signals) -> None:
+        log.info("%s: stopping (again to stop at once)", sig.name)
+        stopping.set()
+        for again in STOP_SIGNALS:
+            loop.add_signal_handler(again, os._exit, 128 + again)
+
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, first, sig)
+
+
+async def serve_until_signalled(
+    settings: Settings, *, reuse_port: bool, sweeper: bool, signalled_early: list[int] | None = None
+) -> None:
     stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
+    on_stop_signals(asyncio.get_running_loop(), stopping)
+    if signalled_early:
+        return
     async with PointauthServer(settings, reuse_port=reuse_port, sweeper=sweeper):
         await stopping.wait()
-        log.info("stopping: draining in-flight calls (up to %.0f s)", settings.server.grace_seconds)
+        log.info("draining in-flight calls (up to %.0f s)", settings.server.grace_seconds)
 
 
 def _worker_main(settings: Settings, index: int) -> None:
+    # A stop forwarded while this child was still starting: remembered, not lost.
+    early: list[int] = []
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda signum, _frame: early.append(signum))
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker-{index} %(levelname)s %(message)s")
     # One sweeper is enough: the others would repeat its work.
-    uvloop.run(serve_until_signalled(settings, reuse_port=True, sweeper=index == 0))
+    uvloop.run(serve_until_signalled(settings, reuse_port=True, sweeper=index == 0, signalled_early=early))
 
 
 def serve(settings: Settings) -> int:
@@ -41,16 +68,24 @@ def serve(settings: Settings) -> int:
         raise SystemExit("--workers > 1 needs a fixed port: each process would get its own with port 0")
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_worker_main, args=(settings, i), name=f"pointauth-{i}") for i in range(workers)]
-    for proc in procs:
-        proc.start()
+    received: list[int] = []
 
-    def forward(signum: int, _frame: object) -> None:
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        received.append(signum)
         for proc in procs:
             if proc.pid is not None and proc.is_alive():
                 os.kill(proc.pid, signum)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    # Before the children start: a signal during their start-up is forwarded, not lost.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, forward)
     for proc in procs:
+        if received:  # stopped while starting: start no more
+            break
+        proc.start()
+        if received:  # the signal came while this child was being spawned
+            forward(received[-1], None)
+    started = [proc for proc in procs if proc.pid is not None]
+    for proc in started:
         proc.join()
-    return max((proc.exitcode or 0) for proc in procs)
+    return max((proc.exitcode or 0 for proc in started), default=0)

@@ -1,5 +1,8 @@
 """The embedded stack: redis-server and PostgreSQL started from this machine's binaries, on
-loopback, in a data folder of our own. Used by `pointauth dev` and by the test fixtures."""
+loopback, in a data folder of our own. Used by `pointauth dev` and by the test fixtures.
+
+Each store runs in a session of its own: Ctrl-C in a terminal signals the whole foreground
+process group, and the stores must outlive the server and worker that use them, stopping last."""
 
 from __future__ import annotations
 
@@ -78,7 +81,7 @@ class RedisServer:
             "--maxmemory-policy", "noeviction", "--save", "",
             "--daemonize", "no", "--logfile", "redis.log",
         ]  # fmt: skip
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         _wait_for(self._pong, "redis-server", self.proc)
         return self
 
@@ -158,7 +161,7 @@ class PostgresServer:
             "-c", "fsync=on", "-c", "max_connections=200", "-c", "logging_collector=off",
         ]  # fmt: skip
         with (self.data_dir / "postgres.log").open("ab") as log:
-            self.proc = subprocess.Popen([*self._as_user, *args], stdout=log, stderr=log)
+            self.proc = subprocess.Popen([*self._as_user, *args], stdout=log, stderr=log, start_new_session=True)
         isready = str(self.bindir / "pg_isready")
 
         def ready() -> bool:

@@ -7,10 +7,10 @@ from typing import Any
 import grpc
 
 from pointauth.server.api import convert
-from pointauth.server.api.convert import account_for_card, fingerprint, rpc
+from pointauth.server.api.convert import fingerprint
 from pointauth.server.api.validation import Violations
-from pointauth.server.clock import Clock
-from pointauth.server.ledger import Ledger, transaction_id
+from pointauth.server.domain.ids import transaction_id
+from pointauth.server.services.accounts import AccountsService
 from pointauth.v1 import admin_service_pb2 as pb
 from pointauth.v1 import admin_service_pb2_grpc
 
@@ -18,25 +18,24 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
-    def __init__(self, ledger: Ledger, clock: Clock) -> None:
-        self.ledger = ledger
-        self.clock = clock
+    def __init__(self, accounts: AccountsService) -> None:
+        self.accounts = accounts
 
-    @rpc
     async def CreateAccount(self, request: pb.CreateAccountRequest, context: Context) -> pb.CreateAccountResponse:
         v = Violations()
         request_id = v.request_id(request.request_id)
         account = v.identifier("account_id", request.account_id)
-        card = v.identifier("card_number", request.card_number)
+        card = v.card_number("card_number", request.card_number)
         v.raise_if_any()
-        await self.ledger.create_account(account, card, request_id, fingerprint("CreateAccount", request))
+        await self.accounts.open(
+            account, card, request_id=request_id, fingerprint=fingerprint("CreateAccount", request)
+        )
         return pb.CreateAccountResponse(account_id=account, card_number=card)
 
-    @rpc
     async def GrantPoints(self, request: pb.GrantPointsRequest, context: Context) -> pb.GrantPointsResponse:
         v = Violations()
         request_id = v.request_id(request.request_id)
-        card = v.identifier("card_number", request.card_number)
+        card = v.card_number("card_number", request.card_number)
         points = v.points("points", request.points)
         kind = v.lot_kind("kind", request.kind)
         pos = v.point_of_sale(request.point_of_sale if request.HasField("point_of_sale") else None)
@@ -47,16 +46,14 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
             expire_ms = v.timestamp("expire_time", request.expire_time)
         v.raise_if_any()
         assert pos is not None
-        account = await account_for_card(self.ledger, card)
-        result = await self.ledger.earn(
-            account,
+        account, result = await self.accounts.grant(
+            card,
             points=points,
             expire_ms=expire_ms,
-            kind="L" if kind == "L" else "R",
+            kind=kind,
             pos=pos,
             request_id=request_id,
             fingerprint=fingerprint("GrantPoints", request),
-            grant=True,
         )
         return pb.GrantPointsResponse(
             transaction_id=transaction_id(account, result.tx),

@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
 
-import grpc
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from pointauth.server.api.errors import ApiError, from_refusal
-from pointauth.server.ledger import Ledger, LedgerRefusal, LotEntry, OpResult, PointOfSaleRef
+from pointauth.server.ledger import LotEntry, OpResult, PointOfSaleRef
 from pointauth.v1 import common_pb2
 
 _KINDS = {"R": common_pb2.LOT_KIND_REGULAR, "L": common_pb2.LOT_KIND_LIMITED_TIME}
-
-Req = TypeVar("Req", bound=Message)
-Resp = TypeVar("Resp", bound=Message)
-Servicer = TypeVar("Servicer")
 
 
 def timestamp(ms: int) -> Timestamp:
@@ -72,36 +63,3 @@ def fingerprint(method: str, request: Message) -> str:
     digest = hashlib.blake2b(method.encode(), digest_size=16)
     digest.update(request.SerializeToString(deterministic=True))
     return digest.hexdigest()
-
-
-async def account_for_card(ledger: Ledger, card_number: str) -> str:
-    account = await ledger.account_for_card(card_number)
-    if account is None:
-        raise ApiError(grpc.StatusCode.NOT_FOUND, "CARD_NOT_FOUND", f"no account has card {card_number}")
-    return account
-
-
-def renamed_not_found(refusal: LedgerRefusal, reason: str, message: str) -> LedgerRefusal:
-    """An id naming an account that does not exist is an unknown hold or transaction to the caller."""
-    if refusal.result.reason != "ACCOUNT_NOT_FOUND":
-        return refusal
-    return LedgerRefusal(OpResult(code="NOT_FOUND", reason=reason, message=message))
-
-
-def rpc(
-    method: Callable[[Servicer, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]],
-) -> Callable[[Servicer, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]]:
-    """Sends ApiError and ledger refusals as rich statuses; anything else is INTERNAL."""
-
-    @functools.wraps(method)
-    async def handler(self: Servicer, request: Req, context: grpc.aio.ServicerContext[Any, Any]) -> Resp:
-        try:
-            return await method(self, request, context)
-        except LedgerRefusal as refusal:
-            error = from_refusal(refusal)
-        except ApiError as api_error:
-            error = api_error
-        await context.abort_with_status(error.to_status())
-        raise AssertionError("abort_with_status returned")  # pragma: no cover
-
-    return handler

@@ -7,13 +7,12 @@ from typing import Any
 import grpc
 
 from pointauth.server.api import convert
-from pointauth.server.api.convert import account_for_card, fingerprint, renamed_not_found, rpc
-from pointauth.server.api.errors import ApiError
+from pointauth.server.api.convert import fingerprint
 from pointauth.server.api.validation import MAX_AMOUNT, Violations
-from pointauth.server.clock import Clock
 from pointauth.server.config import LedgerSettings
-from pointauth.server.earn_policy import EarnPolicy
-from pointauth.server.ledger import Ledger, LedgerRefusal, TransactionRecord, transaction_id
+from pointauth.server.domain.ids import transaction_id
+from pointauth.server.ledger import TransactionRecord
+from pointauth.server.services.points import PointsService
 from pointauth.v1 import common_pb2, points_service_pb2_grpc
 from pointauth.v1 import points_service_pb2 as pb
 
@@ -36,17 +35,16 @@ _HOLD_STATES = {
 
 
 class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
-    def __init__(self, ledger: Ledger, policy: EarnPolicy, settings: LedgerSettings, clock: Clock) -> None:
-        self.ledger = ledger
-        self.policy = policy
-        self.settings = settings
-        self.clock = clock
+    """Validates each request, hands it to the use case, and shapes the answer."""
 
-    @rpc
+    def __init__(self, points: PointsService, settings: LedgerSettings) -> None:
+        self.points = points
+        self.settings = settings
+
     async def EarnPoints(self, request: pb.EarnPointsRequest, context: Context) -> pb.EarnPointsResponse:
         v = Violations()
         request_id = v.request_id(request.request_id)
-        card = v.identifier("card_number", request.card_number)
+        card = v.card_number("card_number", request.card_number)
         pos = v.point_of_sale(request.point_of_sale if request.HasField("point_of_sale") else None)
         if request.purchase_amount < 0 or request.purchase_amount > MAX_AMOUNT:
             v.add("purchase_amount", f"must be between 0 and {MAX_AMOUNT}")
@@ -54,20 +52,17 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
         if not request.HasField("purchase_time"):
             v.add("purchase_time", "is required")
         else:
-            purchase_ms = v.timestamp("purchase_time", request.purchase_time)
+            latest_ms = self.points.clock.now_ms() + self.points.policy.purchase_time_skew_ms
+            purchase_ms = v.timestamp("purchase_time", request.purchase_time, not_after_ms=latest_ms)
         v.raise_if_any()
         assert pos is not None
-        account = await account_for_card(self.ledger, card)
-        result = await self.ledger.earn(
-            account,
-            points=self.policy.points_for(request.purchase_amount),
-            expire_ms=self.policy.expire_ms(purchase_ms),
-            kind="R",
+        account, result = await self.points.earn(
+            card,
+            purchase_amount=request.purchase_amount,
+            purchase_ms=purchase_ms,
             pos=pos,
             request_id=request_id,
             fingerprint=fingerprint("EarnPoints", request),
-            purchase_amount=request.purchase_amount,
-            purchase_ms=purchase_ms,
         )
         return pb.EarnPointsResponse(
             transaction_id=transaction_id(account, result.tx),
@@ -76,26 +71,21 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
             balance=convert.balance(result),
         )
 
-    @rpc
     async def AuthorizeHold(self, request: pb.AuthorizeHoldRequest, context: Context) -> pb.AuthorizeHoldResponse:
         v = Violations()
         request_id = v.request_id(request.request_id)
-        card = v.identifier("card_number", request.card_number)
+        card = v.card_number("card_number", request.card_number)
         pos = v.point_of_sale(request.point_of_sale if request.HasField("point_of_sale") else None)
         points = v.points("points", request.points)
         ttl_ms = self.settings.hold_ttl_seconds * 1000
         if request.HasField("hold_ttl"):
             ttl_ms = v.duration_ms(
-                "hold_ttl",
-                request.hold_ttl,
-                self.settings.hold_ttl_min_seconds,
-                self.settings.hold_ttl_max_seconds,
+                "hold_ttl", request.hold_ttl, self.settings.hold_ttl_min_seconds, self.settings.hold_ttl_max_seconds
             )
         v.raise_if_any()
         assert pos is not None
-        account = await account_for_card(self.ledger, card)
-        result = await self.ledger.authorize(
-            account,
+        account, result = await self.points.authorize(
+            card,
             points=points,
             ttl_ms=ttl_ms,
             pos=pos,
@@ -109,23 +99,15 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
             balance=convert.balance(result),
         )
 
-    @rpc
     async def CaptureHold(self, request: pb.CaptureHoldRequest, context: Context) -> pb.CaptureHoldResponse:
         v = Violations()
         request_id = v.request_id(request.request_id)
         account, hold = v.transaction("hold_id", request.hold_id)
         points = v.points("points", request.points) if request.HasField("points") else None
         v.raise_if_any()
-        try:
-            result = await self.ledger.capture(
-                account,
-                hold,
-                points=points,
-                request_id=request_id,
-                fingerprint=fingerprint("CaptureHold", request),
-            )
-        except LedgerRefusal as refusal:
-            raise renamed_not_found(refusal, "HOLD_NOT_FOUND", f"no hold {request.hold_id}") from None
+        result = await self.points.capture(
+            account, hold, points=points, request_id=request_id, fingerprint=fingerprint("CaptureHold", request)
+        )
         return pb.CaptureHoldResponse(
             transaction_id=transaction_id(account, result.tx),
             captured_points=result.pts,
@@ -133,36 +115,26 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
             balance=convert.balance(result),
         )
 
-    @rpc
     async def VoidHold(self, request: pb.VoidHoldRequest, context: Context) -> pb.VoidHoldResponse:
         v = Violations()
         request_id = v.request_id(request.request_id)
         account, hold = v.transaction("hold_id", request.hold_id)
         v.raise_if_any()
-        try:
-            result = await self.ledger.void(
-                account, hold, request_id=request_id, fingerprint=fingerprint("VoidHold", request)
-            )
-        except LedgerRefusal as refusal:
-            raise renamed_not_found(refusal, "HOLD_NOT_FOUND", f"no hold {request.hold_id}") from None
+        result = await self.points.void(
+            account, hold, request_id=request_id, fingerprint=fingerprint("VoidHold", request)
+        )
         return pb.VoidHoldResponse(released_points=result.released, balance=convert.balance(result))
 
-    @rpc
     async def RedeemPoints(self, request: pb.RedeemPointsRequest, context: Context) -> pb.RedeemPointsResponse:
         v = Violations()
         request_id = v.request_id(request.request_id)
-        card = v.identifier("card_number", request.card_number)
+        card = v.card_number("card_number", request.card_number)
         pos = v.point_of_sale(request.point_of_sale if request.HasField("point_of_sale") else None)
         points = v.points("points", request.points)
         v.raise_if_any()
         assert pos is not None
-        account = await account_for_card(self.ledger, card)
-        result = await self.ledger.redeem(
-            account,
-            points=points,
-            pos=pos,
-            request_id=request_id,
-            fingerprint=fingerprint("RedeemPoints", request),
+        account, result = await self.points.redeem(
+            card, points=points, pos=pos, request_id=request_id, fingerprint=fingerprint("RedeemPoints", request)
         )
         return pb.RedeemPointsResponse(
             transaction_id=transaction_id(account, result.tx),
@@ -171,7 +143,6 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
             balance=convert.balance(result),
         )
 
-    @rpc
     async def RefundTransaction(
         self, request: pb.RefundTransactionRequest, context: Context
     ) -> pb.RefundTransactionResponse:
@@ -181,18 +152,14 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
         points = v.points("points", request.points) if request.HasField("points") else None
         pos = v.point_of_sale(request.point_of_sale if request.HasField("point_of_sale") else None, required=False)
         v.raise_if_any()
-        try:
-            result = await self.ledger.refund(
-                account,
-                original,
-                points=points,
-                pos=pos,
-                request_id=request_id,
-                fingerprint=fingerprint("RefundTransaction", request),
-            )
-        except LedgerRefusal as refusal:
-            message = f"no refundable transaction {request.transaction_id}"
-            raise renamed_not_found(refusal, "TRANSACTION_NOT_FOUND", message) from None
+        result = await self.points.refund(
+            account,
+            original,
+            points=points,
+            pos=pos,
+            request_id=request_id,
+            fingerprint=fingerprint("RefundTransaction", request),
+        )
         return pb.RefundTransactionResponse(
             transaction_id=transaction_id(account, result.tx),
             refunded_points=result.pts,
@@ -200,14 +167,11 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
             balance=convert.balance(result),
         )
 
-    @rpc
     async def GetBalance(self, request: pb.GetBalanceRequest, context: Context) -> pb.GetBalanceResponse:
         v = Violations()
-        card = v.identifier("card_number", request.card_number)
+        card = v.card_number("card_number", request.card_number)
         v.raise_if_any()
-        account = await account_for_card(self.ledger, card)
-        read_ms = self.clock.now_ms()
-        result = await self.ledger.balance(account)
+        (account, result), read_ms = await self.points.balance(card)
         return pb.GetBalanceResponse(
             account_id=account,
             balance=convert.balance(result),
@@ -215,18 +179,11 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
             read_time=convert.timestamp(read_ms),
         )
 
-    @rpc
     async def GetReceipt(self, request: pb.GetReceiptRequest, context: Context) -> pb.GetReceiptResponse:
         v = Violations()
         account, seq = v.transaction("transaction_id", request.transaction_id)
         v.raise_if_any()
-        record = await self.ledger.transaction(account, seq)
-        if record is None:
-            raise ApiError(
-                grpc.StatusCode.NOT_FOUND,
-                "TRANSACTION_NOT_FOUND",
-                f"no transaction {request.transaction_id}",
-            )
+        record = await self.points.receipt(account, seq)
         return pb.GetReceiptResponse(receipt=self._receipt(account, seq, record))
 
     def _receipt(self, account: str, seq: int, record: TransactionRecord) -> pb.Receipt:
@@ -249,9 +206,7 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
         if record.ref:
             receipt.related_transaction_id = transaction_id(account, record.ref)
         if record.type == "HOLD":
-            # A hold past its TTL is expired even if no sweeper has written it yet.
-            state = "EXPIRED" if record.state == "HELD" and record.exp <= self.clock.now_ms() else record.state
-            receipt.hold_state = _HOLD_STATES[state]
+            receipt.hold_state = _HOLD_STATES[self.points.hold_state(record)]
             receipt.hold_expire_time.CopyFrom(convert.timestamp(record.exp))
             if record.capture:
                 receipt.related_transaction_id = transaction_id(account, record.capture)

@@ -3,7 +3,6 @@ a POS developer fixes them all at once. Nothing reaches the ledger before this p
 
 from __future__ import annotations
 
-import re
 import uuid
 
 import grpc
@@ -11,14 +10,16 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from pointauth.server.api.errors import ApiError
-from pointauth.server.ledger import PointOfSaleRef, parse_transaction_id
+from pointauth.server.domain import ids
+from pointauth.server.domain.reasons import ErrorReason
+from pointauth.server.ledger import LotKindCode, PointOfSaleRef
 from pointauth.v1 import common_pb2
 
 # Lua numbers are doubles: amounts and balances stay far below 2^53 so every point is exact.
 MAX_POINTS = 10**15
 MAX_AMOUNT = 10**15
-ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-# Timestamps a till can mean: from 1970 to the year 9999 (google.protobuf.Timestamp's range).
+# Timestamps a till can mean: from 1970 to the end of the year 9999 (google.protobuf.Timestamp's
+# own upper bound); each field may narrow this (a purchase can't lie in the future).
 MAX_TIMESTAMP_SECONDS = 253_402_300_799
 
 
@@ -36,7 +37,7 @@ class Violations:
             fields = ", ".join(field for field, _ in self.items)
             raise ApiError(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                "INVALID_ARGUMENT",
+                ErrorReason.INVALID_ARGUMENT,
                 f"invalid request: {fields}",
                 violations=self.items,
             )
@@ -55,8 +56,15 @@ class Violations:
     def identifier(self, field: str, value: str) -> str:
         if not value:
             self.add(field, "is required")
-        elif not ID_PATTERN.match(value):
-            self.add(field, "must be 1 to 64 characters of A-Z, a-z, 0-9, '_' or '-'")
+        elif not ids.is_id(value):
+            self.add(field, f"must be {ids.ID_RULE}")
+        return value
+
+    def card_number(self, field: str, value: str) -> str:
+        if not value:
+            self.add(field, "is required")
+        elif not ids.is_card_number(value):
+            self.add(field, f"must be {ids.CARD_RULE}")
         return value
 
     def points(self, field: str, value: int) -> int:
@@ -67,31 +75,41 @@ class Violations:
         return value
 
     def transaction(self, field: str, value: str) -> tuple[str, int]:
-        parsed = parse_transaction_id(value)
+        parsed = ids.parse_transaction_id(value)
         if parsed is None:
             self.add(field, "is required" if not value else "is not a pointauth transaction id")
             return "", 0
         return parsed
 
-    def timestamp(self, field: str, value: Timestamp) -> int:
+    def timestamp(self, field: str, value: Timestamp, *, not_after_ms: int | None = None) -> int:
+        """Milliseconds since the epoch; a Timestamp outside 1970..9999 (or after `not_after_ms`)
+        or with nanos outside 0..999,999,999 is a violation."""
         if not 0 <= value.seconds <= MAX_TIMESTAMP_SECONDS or not 0 <= value.nanos < 1_000_000_000:
-            self.add(field, "is not a valid timestamp")
+            self.add(field, "must be a valid timestamp between 1970-01-01 and 9999-12-31")
             return 0
-        return value.seconds * 1000 + value.nanos // 1_000_000
+        ms = value.seconds * 1000 + value.nanos // 1_000_000
+        if not_after_ms is not None and ms > not_after_ms:
+            self.add(field, "must not lie in the future")
+            return 0
+        return ms
 
     def duration_ms(self, field: str, value: Duration, low_s: int, high_s: int) -> int:
+        # A valid Duration has nanos within ±999,999,999 of the sign of seconds; only positive
+        # spans make sense here.
         total_ms = value.seconds * 1000 + value.nanos // 1_000_000
-        if not low_s * 1000 <= total_ms <= high_s * 1000 or value.nanos < 0:
-            self.add(field, f"must be between {low_s} s and {high_s} s")
+        valid = value.seconds >= 0 and 0 <= value.nanos < 1_000_000_000
+        if not valid or not low_s * 1000 <= total_ms <= high_s * 1000:
+            self.add(field, f"must be a duration between {low_s} s and {high_s} s")
+            return 0
         return total_ms
 
-    def lot_kind(self, field: str, value: int) -> str:
+    def lot_kind(self, field: str, value: int) -> LotKindCode:
         if value == common_pb2.LOT_KIND_REGULAR:
             return "R"
         if value == common_pb2.LOT_KIND_LIMITED_TIME:
             return "L"
         self.add(field, "must be LOT_KIND_REGULAR or LOT_KIND_LIMITED_TIME")
-        return ""
+        return "R"
 
     def point_of_sale(self, pos: common_pb2.PointOfSale | None, required: bool = True) -> PointOfSaleRef | None:
         """`pos` is None when the request has no point_of_sale."""

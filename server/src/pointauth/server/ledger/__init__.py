@@ -4,20 +4,24 @@ from pointauth.server.ledger._ledger import (
     Ledger,
     LedgerRefusal,
     LotEntry,
+    LotKindCode,
     OpResult,
     PointOfSaleRef,
     TransactionRecord,
 )
-from pointauth.server.ledger.keys import Keyspace, parse_transaction_id, transaction_id
+from pointauth.server.ledger.connection import BACKEND_ERRORS, PoolExhausted, connect
+from pointauth.server.ledger.keys import Keyspace
 
 __all__ = [
+    "BACKEND_ERRORS",
     "Keyspace",
     "Ledger",
     "LedgerRefusal",
     "LotEntry",
+    "LotKindCode",
     "OpResult",
     "PointOfSaleRef",
+    "PoolExhausted",
     "TransactionRecord",
-    "parse_transaction_id",
-    "transaction_id",
+    "connect",
 ]

@@ -10,6 +10,8 @@ from redis.asyncio import Redis
 
 from pointauth.server.clock import Clock
 from pointauth.server.config import LedgerSettings
+from pointauth.server.domain import reasons
+from pointauth.server.domain.reasons import ErrorReason
 from pointauth.server.ledger.keys import Keyspace
 
 LotKindCode = Literal["R", "L"]
@@ -77,6 +79,11 @@ class LedgerRefusal(Exception):
         self.result = result
 
 
+_RELEASE_CARD = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end
+return 0
+"""
+
 _decode_result = msgspec.msgpack.Decoder(OpResult).decode
 _decode_record = msgspec.msgpack.Decoder(TransactionRecord).decode
 _encode = msgspec.msgpack.Encoder().encode
@@ -92,6 +99,7 @@ class Ledger:
         self.settings = settings
         # redis-py sends EVALSHA and reloads the script on NOSCRIPT (restart, failover, flush).
         self._script = redis.register_script(SCRIPT_SOURCE)
+        self._release_script = redis.register_script(_RELEASE_CARD)
         # card -> account, saving a round trip per till call. Safe because a link is permanent:
         # CreateAccount refuses a linked card, and nothing unlinks one yet. Whatever adds
         # unlinking or moving cards must invalidate this cache in every server process.
@@ -135,20 +143,32 @@ class Ledger:
         return account
 
     async def create_account(self, account_id: str, card_number: str, request_id: str, fingerprint: str) -> OpResult:
+        """Opens the account with its first card. The card index (another slot) decides which
+        of two concurrent openings gets a card, so it is claimed first; an opening the account
+        script then refuses gives its claim back. A refused request changes nothing."""
+        keys = self.keyspace.account(account_id)
+        if await self.redis.exists(keys.account):
+            # Opened already (or this is a retry): the script answers (replay, or refusal)
+            # without this request touching the card index.
+            return await self._call(
+                "create_account", account_id, {"card": card_number, "rid": request_id}, request_id, fingerprint
+            )
         bucket = self.keyspace.card_bucket(card_number)
-        owner = await self.account_for_card(card_number)
-        if owner is not None and owner != account_id:
+        claimed = bool(await self.redis.hsetnx(bucket, card_number, account_id))
+        if not claimed and _text(await self.redis.hget(bucket, card_number)) != account_id:
             raise _card_taken(card_number)
-        result = await self._call(
-            "create_account", account_id, {"card": card_number, "rid": request_id}, request_id, fingerprint
-        )
-        # The card index is another slot: linked after the account exists, so a crash between
-        # the two leaves an account without a card (retrying the request links it), never a
-        # card pointing nowhere.
-        linked = await self.redis.hsetnx(bucket, card_number, account_id)
-        if not linked and await self.account_for_card(card_number) != account_id:
-            raise _card_taken(card_number)
-        return result
+        try:
+            return await self._call(
+                "create_account", account_id, {"card": card_number, "rid": request_id}, request_id, fingerprint
+            )
+        except LedgerRefusal:
+            if claimed:
+                await self._release_card(bucket, card_number, account_id)
+            raise
+
+    async def _release_card(self, bucket: str, card_number: str, account_id: str) -> None:
+        """Removes the card's link only if it still names this account (compare and delete)."""
+        await self._release_script(keys=[bucket], args=[card_number, account_id])
 
     async def earn(
         self,
@@ -286,7 +306,7 @@ def _card_taken(card_number: str) -> LedgerRefusal:
     return LedgerRefusal(
         OpResult(
             code="ALREADY_EXISTS",
-            reason="CARD_ALREADY_LINKED",
+            reason=reasons.name(ErrorReason.CARD_ALREADY_LINKED),
             message=f"card {card_number} is linked to another account",
         )
     )

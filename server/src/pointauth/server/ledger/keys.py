@@ -3,7 +3,6 @@ touches a single hash slot and the same code runs on one Redis or a Redis Cluste
 
 from __future__ import annotations
 
-import re
 import zlib
 from typing import NamedTuple
 
@@ -11,8 +10,6 @@ from typing import NamedTuple
 # hashes bucketed by card number, which Redis stores compactly (listpack) at 10M+ cards.
 # Changing the bucket count would orphan every card: it is fixed.
 CARD_BUCKETS = 1 << 18
-
-_TRANSACTION_ID = re.compile(r"^([A-Za-z0-9_-]{1,64})\.([1-9][0-9]{0,15})$")
 
 
 class AccountKeys(NamedTuple):
@@ -54,15 +51,3 @@ class Keyspace:
 
     def card_bucket(self, card_number: str) -> str:
         return f"{self.prefix}:card:{zlib.crc32(card_number.encode()) % CARD_BUCKETS}"
-
-
-def transaction_id(account_id: str, seq: int) -> str:
-    """A transaction (or hold) id names its account, so it routes to the right shard."""
-    return f"{account_id}.{seq}"
-
-
-def parse_transaction_id(value: str) -> tuple[str, int] | None:
-    match = _TRANSACTION_ID.match(value)
-    if match is None:
-        return None
-    return match.group(1), int(match.group(2))

@@ -271,6 +271,17 @@ local function insufficient(wanted)
     {available_points = fmt(avail), requested_points = fmt(wanted)})
 end
 
+-- Every path that adds points (earn, grant, refund of a use) keeps available + held within
+-- MAX_BALANCE. Voids and hold expiries only move points from held back to available.
+local function over_cap(adding)
+  return available() + held() + adding > MAX_BALANCE
+end
+
+local function balance_limit()
+  return refuse('FAILED_PRECONDITION', 'BALANCE_LIMIT_EXCEEDED',
+    'the balance would exceed ' .. fmt(MAX_BALANCE) .. ' points', {max_balance_points = fmt(MAX_BALANCE)})
+end
+
 local function event_base(type_, extra)
   extra.type = type_
   extra.rid = ARGS.rid
@@ -309,10 +320,7 @@ function OPS.earn()
   if pts > 0 and exp <= NOW then
     return refuse('FAILED_PRECONDITION', 'LOT_ALREADY_EXPIRED', 'the new lot would already be expired')
   end
-  if available() + held() + pts > MAX_BALANCE then
-    return refuse('FAILED_PRECONDITION', 'BALANCE_LIMIT_EXCEEDED',
-      'the balance would exceed ' .. fmt(MAX_BALANCE) .. ' points')
-  end
+  if over_cap(pts) then return balance_limit() end
   local seq = A.seq + 1
   local lots = {}
   if pts > 0 then
@@ -428,6 +436,8 @@ function OPS.refund()
     if available() < want then return insufficient(want) end
     lots = effects(take(want, ARGS.orig), -1)
   else
+    -- Points given back count against the cap like any other points added.
+    if over_cap(want) then return balance_limit() end
     lots = {}
     local rest = want
     for i = #orig.alloc, 1, -1 do

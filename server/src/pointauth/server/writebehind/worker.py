@@ -21,9 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pointauth.server.ledger import Keyspace
 from pointauth.server.writebehind.events import (
@@ -36,12 +34,11 @@ from pointauth.server.writebehind.events import (
 )
 from pointauth.server.writebehind.journal import BatchOutcome, Delivered, IdempotencyRow, JournalWriter
 from pointauth.server.writebehind.migrate import PARTITIONS_AHEAD, create_partitions
-from pointauth.server.writebehind.pg import Connection, connect, is_transient
+from pointauth.server.writebehind.outage import failed_store
+from pointauth.server.writebehind.pg import Connection, connect
 from pointauth.server.writebehind.status import GROUP, StreamBacklog, redis_now_ms, stream_backlogs
 
 log = logging.getLogger(__name__)
-
-_REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 @dataclass(frozen=True)
@@ -130,31 +127,30 @@ class WriteBehindWorker:
                         ready = True
                     await self._step(stop)
                     backoff.reset()
-                except _REDIS_ERRORS as exc:
-                    delay = backoff.next()
-                    log.warning("write-behind: Redis unavailable (%s); retrying in %.1f s", exc, delay)
-                    # A batch may have committed without its XACK: read our pending entries again.
-                    self._batch = None
-                    ready = False
-                    await _sleep(stop, delay)
-                except ResponseError as exc:
-                    if "NOGROUP" not in str(exc):
-                        raise
-                    log.warning("write-behind: consumer group missing (Redis flushed or replaced); recreating it")
-                    self._batch = None
-                    ready = False
                 except Exception as exc:
-                    if not is_transient(exc):
-                        raise
+                    store = failed_store(exc)
+                    if store is None:
+                        if not (isinstance(exc, ResponseError) and "NOGROUP" in str(exc)):
+                            raise
+                        log.warning("write-behind: consumer group missing (Redis flushed or replaced); recreating it")
+                        self._batch = None
+                        ready = False
+                        continue
                     delay = backoff.next()
                     log.warning(
-                        "write-behind: PostgreSQL unavailable (%s: %s); %d entries wait, retrying in %.1f s",
-                        type(exc).__name__, exc, len(self._batch or ()), delay,
+                        "write-behind: %s unavailable (%s: %s); %d entries wait, retrying in %.1f s",
+                        store, type(exc).__name__, exc, len(self._batch or ()), delay,
                     )  # fmt: skip
-                    await self._drop_connection()
+                    if store == "PostgreSQL":
+                        # Whatever state the failure left it in, the connection is not used again.
+                        self._discard_connection()
+                    else:
+                        # A batch may have committed without its XACK: read our pending entries again.
+                        self._batch = None
+                        ready = False
                     await _sleep(stop, delay)
         finally:
-            await self._drop_connection()
+            await self._close_connection()
 
     def _reread_own(self) -> None:
         self._own_cursor = dict.fromkeys(self.streams, "0-0")
@@ -169,18 +165,34 @@ class WriteBehindWorker:
                 raise reply
 
     async def _connection(self) -> Connection:
-        if self._conn is None or self._conn.is_closed():
-            self._conn = await connect(self.dsn)
-            await self.writer.prepare(self._conn)
+        if self._conn is not None and self._conn.is_closed():
+            self._discard_connection()
+        if self._conn is None:
+            conn = await connect(self.dsn)
+            try:
+                await self.writer.prepare(conn)
+            except BaseException:
+                conn.terminate()
+                raise
+            self._conn = conn
         return self._conn
 
-    async def _drop_connection(self) -> None:
+    def _discard_connection(self) -> None:
+        """Drops the connection without a word to the server: after a failure it may be broken or
+        mid-operation, and a polite close could wait on a server that is gone."""
         conn, self._conn = self._conn, None
-        if conn is not None and not conn.is_closed():
-            try:
-                await asyncio.wait_for(conn.close(), 2)
-            except Exception:  # a dead server: nothing left to close politely
-                log.debug("closing the PostgreSQL connection failed", exc_info=True)
+        if conn is not None:
+            conn.terminate()
+
+    async def _close_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None or conn.is_closed():
+            return
+        try:
+            await asyncio.wait_for(conn.close(), 2)
+        except Exception as exc:
+            log.debug("closing the PostgreSQL connection failed (%s); terminating it", exc)
+            conn.terminate()
 
     async def _step(self, stop: asyncio.Event) -> None:
         now = time.monotonic()

@@ -1,0 +1,1 @@
+"""Pure shared vocabulary of the domain: ids and their grammar. No I/O."""

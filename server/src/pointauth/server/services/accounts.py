@@ -1,0 +1,39 @@
+"""Operator use cases: opening accounts and granting points outside a purchase."""
+
+from __future__ import annotations
+
+from pointauth.server.ledger import Ledger, LotKindCode, OpResult, PointOfSaleRef
+from pointauth.server.services.points import Outcome, PointsService
+
+
+class AccountsService:
+    def __init__(self, ledger: Ledger, points: PointsService) -> None:
+        self.ledger = ledger
+        self.points = points
+
+    async def open(self, account_id: str, card_number: str, *, request_id: str, fingerprint: str) -> OpResult:
+        return await self.ledger.create_account(account_id, card_number, request_id, fingerprint)
+
+    async def grant(
+        self,
+        card_number: str,
+        *,
+        points: int,
+        expire_ms: int,
+        kind: LotKindCode,
+        pos: PointOfSaleRef,
+        request_id: str,
+        fingerprint: str,
+    ) -> Outcome:
+        account = await self.points.account_for_card(card_number)
+        result = await self.ledger.earn(
+            account,
+            points=points,
+            expire_ms=expire_ms,
+            kind=kind,
+            pos=pos,
+            request_id=request_id,
+            fingerprint=fingerprint,
+            grant=True,
+        )
+        return Outcome(account, result)

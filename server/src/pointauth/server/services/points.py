@@ -1,0 +1,128 @@
+"""The till's use cases: earn, hold, capture, void, redeem, refund, balance and receipt."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from pointauth.server.clock import Clock
+from pointauth.server.domain.reasons import ErrorReason, Reason
+from pointauth.server.earn_policy import EarnPolicy
+from pointauth.server.ledger import Ledger, LedgerRefusal, OpResult, PointOfSaleRef, TransactionRecord
+from pointauth.server.services.refusals import not_found, renamed_not_found
+
+
+class Outcome(NamedTuple):
+    """What the ledger answered, and for which account (a card names it only indirectly)."""
+
+    account_id: str
+    result: OpResult
+
+
+class PointsService:
+    def __init__(self, ledger: Ledger, policy: EarnPolicy, clock: Clock) -> None:
+        self.ledger = ledger
+        self.policy = policy
+        self.clock = clock
+
+    async def account_for_card(self, card_number: str) -> str:
+        account = await self.ledger.account_for_card(card_number)
+        if account is None:
+            raise not_found(ErrorReason.CARD_NOT_FOUND, f"no account has card {card_number}")
+        return account
+
+    async def earn(
+        self,
+        card_number: str,
+        *,
+        purchase_amount: int,
+        purchase_ms: int,
+        pos: PointOfSaleRef,
+        request_id: str,
+        fingerprint: str,
+    ) -> Outcome:
+        account = await self.account_for_card(card_number)
+        result = await self.ledger.earn(
+            account,
+            points=self.policy.points_for(purchase_amount),
+            expire_ms=self.policy.expire_ms(purchase_ms),
+            kind="R",
+            pos=pos,
+            request_id=request_id,
+            fingerprint=fingerprint,
+            purchase_amount=purchase_amount,
+            purchase_ms=purchase_ms,
+        )
+        return Outcome(account, result)
+
+    async def authorize(
+        self, card_number: str, *, points: int, ttl_ms: int, pos: PointOfSaleRef, request_id: str, fingerprint: str
+    ) -> Outcome:
+        account = await self.account_for_card(card_number)
+        result = await self.ledger.authorize(
+            account, points=points, ttl_ms=ttl_ms, pos=pos, request_id=request_id, fingerprint=fingerprint
+        )
+        return Outcome(account, result)
+
+    async def capture(
+        self, account_id: str, hold_seq: int, *, points: int | None, request_id: str, fingerprint: str
+    ) -> OpResult:
+        try:
+            return await self.ledger.capture(
+                account_id, hold_seq, points=points, request_id=request_id, fingerprint=fingerprint
+            )
+        except LedgerRefusal as refusal:
+            raise _unknown_hold(refusal, account_id, hold_seq) from None
+
+    async def void(self, account_id: str, hold_seq: int, *, request_id: str, fingerprint: str) -> OpResult:
+        try:
+            return await self.ledger.void(account_id, hold_seq, request_id=request_id, fingerprint=fingerprint)
+        except LedgerRefusal as refusal:
+            raise _unknown_hold(refusal, account_id, hold_seq) from None
+
+    async def redeem(
+        self, card_number: str, *, points: int, pos: PointOfSaleRef, request_id: str, fingerprint: str
+    ) -> Outcome:
+        account = await self.account_for_card(card_number)
+        result = await self.ledger.redeem(
+            account, points=points, pos=pos, request_id=request_id, fingerprint=fingerprint
+        )
+        return Outcome(account, result)
+
+    async def refund(
+        self,
+        account_id: str,
+        original_seq: int,
+        *,
+        points: int | None,
+        pos: PointOfSaleRef | None,
+        request_id: str,
+        fingerprint: str,
+    ) -> OpResult:
+        try:
+            return await self.ledger.refund(
+                account_id, original_seq, points=points, pos=pos, request_id=request_id, fingerprint=fingerprint
+            )
+        except LedgerRefusal as refusal:
+            message = f"no refundable transaction {account_id}.{original_seq}"
+            raise renamed_not_found(refusal, ErrorReason.TRANSACTION_NOT_FOUND, message) from None
+
+    async def balance(self, card_number: str) -> tuple[Outcome, int]:
+        """The balance and the instant it was read at."""
+        account = await self.account_for_card(card_number)
+        read_ms = self.clock.now_ms()
+        return Outcome(account, await self.ledger.balance(account)), read_ms
+
+    async def receipt(self, account_id: str, seq: int) -> TransactionRecord:
+        record = await self.ledger.transaction(account_id, seq)
+        if record is None:
+            raise not_found(ErrorReason.TRANSACTION_NOT_FOUND, f"no transaction {account_id}.{seq}")
+        return record
+
+    def hold_state(self, record: TransactionRecord) -> str:
+        """A hold past its TTL is expired even if no sweeper has written it down yet."""
+        return "EXPIRED" if record.state == "HELD" and record.exp <= self.clock.now_ms() else record.state
+
+
+def _unknown_hold(refusal: LedgerRefusal, account_id: str, hold_seq: int) -> LedgerRefusal:
+    reason: Reason = ErrorReason.HOLD_NOT_FOUND
+    return renamed_not_found(refusal, reason, f"no hold {account_id}.{hold_seq}")

@@ -1,0 +1,18 @@
+"""Refusals the use cases raise themselves, beside those the ledger script answers."""
+
+from __future__ import annotations
+
+from pointauth.server.domain import reasons
+from pointauth.server.domain.reasons import ErrorReason, Reason
+from pointauth.server.ledger import LedgerRefusal, OpResult
+
+
+def not_found(reason: Reason, message: str) -> LedgerRefusal:
+    return LedgerRefusal(OpResult(code="NOT_FOUND", reason=reasons.name(reason), message=message))
+
+
+def renamed_not_found(refusal: LedgerRefusal, reason: Reason, message: str) -> LedgerRefusal:
+    """An id naming an account that does not exist is an unknown hold or transaction to the caller."""
+    if refusal.result.reason != reasons.name(ErrorReason.ACCOUNT_NOT_FOUND):
+        return refusal
+    return not_found(reason, message)
