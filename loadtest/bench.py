@@ -36,9 +36,9 @@ from loadtest.driver import POS, Step, StepResult, new_histogram
 from loadtest.lag import LagSampler
 from loadtest.population import CARD_FORMAT, Population
 from loadtest.procs import ClientPool, CpuMeter, Service
+from pointauth.server.devstack.stack import EmbeddedStack, free_port
 from pointauth.server.ledger import Keyspace
-from pointauth.server.progress import ProgressBar
-from pointauth.server.stack import EmbeddedStack, free_port
+from pointauth.server.ops.progress import ProgressBar
 from pointauth.v1 import points_service_pb2 as pb
 
 LABELS = {
@@ -143,7 +143,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _seed_redis(redis_url: str, shards: int, todo: list[tuple[int, int]], anchor_ms: int, done: Any) -> None:
-    from pointauth.server import seed as seeding
+    from pointauth.server.ops import seed as seeding
 
     def count(n: int) -> None:
         with done.get_lock():
@@ -158,8 +158,8 @@ def seed(redis_url: str, postgres_dsn: str, keyspace: Keyspace, accounts: int) -
 
     The progress bar counts accounts, each once both stores hold it, so its total is the account
     count (`pointauth seed`'s own bar counts every account twice, once per store)."""
-    from pointauth.server import seed as seeding
-    from pointauth.server.writebehind import migrate
+    from pointauth.server.journal import migrate
+    from pointauth.server.ops import seed as seeding
 
     asyncio.run(migrate(postgres_dsn))
     client = redis.Redis.from_url(redis_url)

@@ -10,8 +10,8 @@ import time
 
 from redis.asyncio import Redis
 
+from pointauth.server.journal.status import stream_backlogs
 from pointauth.server.ledger import Keyspace
-from pointauth.server.writebehind.status import stream_backlogs
 
 
 async def _oldest_unapplied_ms(redis_url: str, keyspace: Keyspace) -> int:

@@ -1,10 +1,13 @@
 """Fixtures: a real redis-server and a real PostgreSQL for the session, started from this
-machine's binaries on free loopback ports; a ledger and an in-process gRPC server per test."""
+machine's binaries on free loopback ports (and started again if a test stopped them); a ledger
+and an in-process gRPC server per test; a migrated PostgreSQL schema of its own per test."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,8 +19,10 @@ from pointauth.client import Channel, PointOfSale, PointsClient
 from pointauth.server.app import PointauthServer
 from pointauth.server.clock import ManualClock
 from pointauth.server.config import LedgerSettings, PostgresSettings, RedisSettings, ServerSettings, Settings
+from pointauth.server.devstack.stack import EmbeddedStack
+from pointauth.server.journal import migrate
+from pointauth.server.journal.pg import connection
 from pointauth.server.ledger import Keyspace, Ledger
-from pointauth.server.stack import EmbeddedStack
 
 # A fixed, recent instant: tests move the clock instead of sleeping.
 START_MS = 1_795_000_000_000
@@ -97,3 +102,32 @@ DAY_MS = 86_400_000
 
 def at(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+@pytest.fixture(autouse=True)
+def stack_guard(stack: EmbeddedStack) -> Iterator[None]:
+    """Some tests kill and stop the servers: start them again if a test failed midway."""
+    yield
+    if stack.redis.proc is None or stack.redis.proc.poll() is not None:
+        stack.redis.start()
+    if stack.postgres.proc is None or stack.postgres.proc.poll() is not None:
+        stack.postgres.start()
+
+
+@pytest.fixture
+async def dsn(stack: EmbeddedStack) -> AsyncIterator[str]:
+    """A migrated schema of its own (asyncpg passes unknown DSN parameters as settings)."""
+    schema = f"wb_{uuid.uuid4().hex[:12]}"
+    async with connection(stack.postgres.dsn) as conn:
+        await conn.execute(f"CREATE SCHEMA {schema}")
+    scoped = f"{stack.postgres.dsn}?search_path={schema}"
+    await migrate(scoped)
+    yield scoped
+    with contextlib.suppress(Exception):  # the server may be down if the test failed
+        async with connection(stack.postgres.dsn) as conn:
+            await conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture
+def keyspace(ledger: Ledger) -> Keyspace:
+    return ledger.keyspace

@@ -20,7 +20,7 @@ from loadtest import bench
 from pointauth.server.app import PointauthServer
 from pointauth.server.cli import build_parser
 from pointauth.server.config import Settings
-from pointauth.server.demo import load_demo_members
+from pointauth.server.devstack.demo import load_demo_members
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"

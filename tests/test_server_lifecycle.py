@@ -18,8 +18,8 @@ from redis.asyncio import Redis
 
 from pointauth.client import PointsClient, UnavailableError
 from pointauth.server.app import PointauthServer
+from pointauth.server.devstack.stack import EmbeddedStack, free_port
 from pointauth.server.ledger import Keyspace, Ledger
-from pointauth.server.stack import EmbeddedStack, free_port
 from tests.conftest import STORE
 
 PYTHON = sys.executable

@@ -12,7 +12,7 @@ from pathlib import Path
 from redis.asyncio import Redis
 
 from loadtest.bench import HEADER
-from pointauth.server.stack import EmbeddedStack
+from pointauth.server.devstack.stack import EmbeddedStack
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -18,8 +18,8 @@ from pointauth.server.api.boundary import ErrorBoundary
 from pointauth.server.api.points import PointsServicer
 from pointauth.server.clock import Clock, SystemClock
 from pointauth.server.config import Settings
-from pointauth.server.earn_policy import EarnPolicy
 from pointauth.server.ledger import Keyspace, Ledger, connect
+from pointauth.server.rules.earn_policy import EarnPolicy
 from pointauth.server.services.accounts import AccountsService
 from pointauth.server.services.points import PointsService
 from pointauth.v1 import (

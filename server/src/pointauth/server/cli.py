@@ -53,8 +53,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_dev(args: argparse.Namespace) -> int:
-    from pointauth.server.dev import run_dev
-    from pointauth.server.stack import StackError
+    from pointauth.server.devstack.dev import run_dev
+    from pointauth.server.devstack.stack import StackError
 
     try:
         return run_dev(_settings(args), Path(args.data_dir), USAGE_HINT)
@@ -66,38 +66,38 @@ def _cmd_dev(args: argparse.Namespace) -> int:
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
-    from pointauth.server.writebehind import migrate_command
+    from pointauth.server.ops import migrate_command
 
     return migrate_command(_settings(args))
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from pointauth.server.writebehind import worker_command, worker_config
+    from pointauth.server.ops import worker_command, worker_config
 
     settings = _settings(args)
     return worker_command(settings, worker_config(settings, args.index, args.count, args.consumer))
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from pointauth.server.writebehind import status_command
+    from pointauth.server.ops import status_command
 
     return status_command(_settings(args))
 
 
 def _cmd_reconcile(args: argparse.Namespace) -> int:
-    from pointauth.server.writebehind import reconcile_command
+    from pointauth.server.ops import reconcile_command
 
     return reconcile_command(_settings(args), settle_seconds=args.settle_seconds)
 
 
 def _cmd_rehydrate(args: argparse.Namespace) -> int:
-    from pointauth.server.writebehind import rehydrate_command
+    from pointauth.server.ops import rehydrate_command
 
     return rehydrate_command(_settings(args), force=args.force)
 
 
 def _cmd_seed(args: argparse.Namespace) -> int:
-    from pointauth.server.seed import seed_command
+    from pointauth.server.ops.seed import seed_command
 
     return seed_command(_settings(args), args.accounts)
 

@@ -18,23 +18,9 @@ import uvloop
 
 from pointauth.server.app import PointauthServer
 from pointauth.server.config import Settings
+from pointauth.server.signals import STOP_SIGNALS, on_stop_signals
 
 log = logging.getLogger(__name__)
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-def on_stop_signals(loop: asyncio.AbstractEventLoop, stopping: asyncio.Event) -> None:
-    """The first SIGTERM/SIGINT sets `stopping`; the second exits the process at once."""
-
-    def first(sig: signal.Signals) -> None:
-        log.info("%s: stopping (again to stop at once)", sig.name)
-        stopping.set()
-        for again in STOP_SIGNALS:
-            loop.add_signal_handler(again, os._exit, 128 + again)
-
-    for sig in STOP_SIGNALS:
-        loop.add_signal_handler(sig, first, sig)
 
 
 async def serve_until_signalled(

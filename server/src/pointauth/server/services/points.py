@@ -6,8 +6,8 @@ from typing import NamedTuple
 
 from pointauth.server.clock import Clock
 from pointauth.server.domain.reasons import ErrorReason, Reason
-from pointauth.server.earn_policy import EarnPolicy
 from pointauth.server.ledger import Ledger, LedgerRefusal, OpResult, PointOfSaleRef, TransactionRecord
+from pointauth.server.rules.earn_policy import EarnPolicy
 from pointauth.server.services.refusals import not_found, renamed_not_found
 
 

@@ -1,0 +1,1 @@
+"""The embedded redis-server + PostgreSQL of `pointauth dev` and the tests, and demo data."""

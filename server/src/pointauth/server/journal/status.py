@@ -1,0 +1,153 @@
+"""How far PostgreSQL is behind Redis: per shard stream, what is not yet applied and how old
+the oldest of it is, and each worker's recent throughput."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from pointauth.server.journal.events import EntryId
+from pointauth.server.journal.pg import connection
+from pointauth.server.ledger import Keyspace
+
+GROUP = "pointauth-writebehind"
+
+
+@dataclass(frozen=True)
+class StreamBacklog:
+    stream: str
+    pending: int
+    """Delivered to a worker, not yet acknowledged (being applied, or held back)."""
+    undelivered: int
+    """Not yet read by any worker."""
+    oldest_unapplied: EntryId | None
+    last_delivered: EntryId
+    oldest_pending: EntryId | None
+
+    @property
+    def backlog(self) -> int:
+        return self.pending + self.undelivered
+
+
+@dataclass(frozen=True)
+class WorkerHeartbeat:
+    consumer: str
+    shards: list[int]
+    applied_total: int
+    events_per_second: float
+    lag_ms: int
+    last_seen: datetime
+
+
+@dataclass(frozen=True)
+class Status:
+    now_ms: int
+    streams: list[StreamBacklog]
+    workers: list[WorkerHeartbeat]
+    applied_events: int
+
+    @property
+    def backlog(self) -> int:
+        return sum(s.backlog for s in self.streams)
+
+    @property
+    def lag_ms(self) -> int:
+        """Age of the oldest event not yet in PostgreSQL (0 when none is waiting)."""
+        oldest = [s.oldest_unapplied.ms for s in self.streams if s.oldest_unapplied is not None]
+        return max(0, self.now_ms - min(oldest)) if oldest else 0
+
+    def render(self) -> str:
+        lines = [
+            f"write-behind lag: {self.lag_ms} ms, backlog: {self.backlog} events, "
+            f"applied so far: {self.applied_events} events",
+        ]
+        for w in self.workers:
+            lines.append(
+                f"  worker {w.consumer}: {w.events_per_second:.0f} events/s, lag {w.lag_ms} ms, "
+                f"{w.applied_total} applied, {len(w.shards)} shards, last seen {w.last_seen:%Y-%m-%d %H:%M:%S%z}"
+            )
+        behind = sorted((s for s in self.streams if s.backlog), key=lambda s: -s.backlog)
+        for s in behind[:20]:
+            lines.append(f"  {s.stream}: {s.pending} pending, {s.undelivered} undelivered")
+        if len(behind) > 20:
+            lines.append(f"  ... and {len(behind) - 20} more streams with a backlog")
+        return "\n".join(lines)
+
+
+async def redis_now_ms(redis: Redis) -> int:
+    """Stream entry ids carry Redis's clock, so ages are measured on it."""
+    seconds, micros = await redis.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+async def stream_backlogs(redis: Redis, streams: list[str], group: str = GROUP) -> list[StreamBacklog]:
+    """One pipeline per call; each stream is its own key, so this also works on a Redis Cluster."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for stream in streams:
+            pipe.xlen(stream)
+            pipe.xinfo_groups(stream)
+            pipe.xpending(stream, group)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+    found: list[tuple[str, EntryId, int, EntryId | None, int | None]] = []
+    for i, stream in enumerate(streams):
+        length, groups, pending = replies[3 * i : 3 * i + 3]
+        if not length or isinstance(length, ResponseError) or isinstance(groups, ResponseError):
+            continue  # no stream: nothing written, nothing to apply
+        info = next((g for g in groups if _text(g["name"]) == group), None)
+        if info is None or isinstance(pending, ResponseError):
+            # No worker has read this stream yet: all of it waits.
+            found.append((stream, EntryId(0, 0), 0, None, int(length)))
+            continue
+        last = EntryId.parse(info["last-delivered-id"])
+        oldest_pending = EntryId.parse(pending["min"]) if pending["pending"] else None
+        # Redis 7 counts the undelivered entries itself, except after deletions (then nil).
+        lag = info.get("lag")
+        found.append((stream, last, int(pending["pending"]), oldest_pending, None if lag is None else int(lag)))
+    # The first entry after what was delivered: its id is its time.
+    async with redis.pipeline(transaction=False) as pipe:
+        for stream, last, _, _, lag in found:
+            pipe.xrange(stream, min=f"({last}", count=1 if lag is not None else 100_000)
+        replies = await pipe.execute(raise_on_error=False)
+    out: list[StreamBacklog] = []
+    for (stream, last, pending_count, oldest_pending, lag), after in zip(found, replies, strict=True):
+        new = [] if isinstance(after, ResponseError) else after
+        first_new = EntryId.parse(new[0][0]) if new else None
+        candidates = [e for e in (oldest_pending, first_new) if e is not None]
+        out.append(
+            StreamBacklog(
+                stream=stream,
+                pending=pending_count,
+                undelivered=lag if lag is not None else len(new),
+                oldest_unapplied=min(candidates) if candidates else None,
+                last_delivered=last,
+                oldest_pending=oldest_pending,
+            )
+        )
+    return out
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+async def worker_status(redis: Redis, dsn: str, keyspace: Keyspace, group: str = GROUP) -> Status:
+    streams = [keyspace.events(shard) for shard in range(keyspace.shards)]
+    backlogs = await stream_backlogs(redis, streams, group)
+    now_ms = await redis_now_ms(redis)
+    async with connection(dsn) as conn:
+        rows = await conn.fetch(
+            "SELECT consumer, shards, applied_total, events_per_second, lag_ms, last_seen FROM worker_heartbeats"
+            " ORDER BY consumer"
+        )
+        applied = await conn.fetchval("SELECT coalesce(sum(applied_events), 0) FROM stream_positions")
+    workers = [
+        WorkerHeartbeat(
+            r["consumer"], list(r["shards"]), r["applied_total"], r["events_per_second"], r["lag_ms"], r["last_seen"]
+        )
+        for r in rows
+    ]
+    return Status(now_ms=now_ms, streams=backlogs, workers=workers, applied_events=int(applied))

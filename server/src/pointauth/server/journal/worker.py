@@ -1,0 +1,515 @@
+"""The write-behind worker: reads its shards' event streams with a consumer group and applies
+them to PostgreSQL in batches, acknowledging each entry only after its batch has committed.
+
+Crash safety comes from that order: an entry is acknowledged (and may be trimmed) only once
+PostgreSQL has it, and applying an entry twice is harmless (per-account sequence check, then
+ON CONFLICT on the journal). Entries a crashed worker left pending are read again by the same
+consumer on restart, or claimed by XAUTOCLAIM once idle too long. An entry that keeps failing
+is moved to `dead_letters` after `max_deliveries`, with an error in the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from pointauth.server.journal.events import (
+    EntryId,
+    Event,
+    IdempotencyNote,
+    StreamEntry,
+    UndecodableEntry,
+    decode,
+)
+from pointauth.server.journal.migrate import PARTITIONS_AHEAD, create_partitions
+from pointauth.server.journal.outage import failed_store
+from pointauth.server.journal.pg import Connection, connect
+from pointauth.server.journal.status import GROUP, StreamBacklog, redis_now_ms, stream_backlogs
+from pointauth.server.journal.writer import BatchOutcome, Delivered, IdempotencyRow, JournalWriter
+from pointauth.server.ledger import Keyspace
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    index: int = 0
+    """This worker applies the shards with shard % count == index."""
+    count: int = 1
+    consumer: str = field(default_factory=socket.gethostname)
+    """Consumer name in the group: keep it across restarts so a restart resumes its own entries."""
+    group: str = GROUP
+    batch_size: int = 1000
+    """Entries read per round, spread over the worker's streams."""
+    poll_ms: int = 50
+    """Pause when every stream is empty (bounds the lag added by polling)."""
+    claim_idle_ms: int = 30_000
+    """Pending entries idle this long (a crashed or stuck consumer) are claimed."""
+    max_deliveries: int = 5
+    """An entry not applied after this many deliveries goes to dead_letters."""
+    housekeeping_s: float = 1.0
+    """Heartbeat (throughput, lag) and the XAUTOCLAIM check run at most this often."""
+    trim_s: float = 10.0
+    """Stream trimming, which reads every stream's group state, runs at most this often."""
+    backoff_initial_s: float = 0.2
+    backoff_max_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"worker index {self.index} is not below worker count {self.count}")
+
+
+class _Backoff:
+    def __init__(self, initial: float, maximum: float) -> None:
+        self.initial, self.maximum = initial, maximum
+        self.current = initial
+
+    def next(self) -> float:
+        delay = self.current
+        self.current = min(self.maximum, self.current * 2)
+        return delay
+
+    def reset(self) -> None:
+        self.current = self.initial
+
+
+class WriteBehindWorker:
+    def __init__(self, redis: Redis, dsn: str, keyspace: Keyspace, config: WorkerConfig | None = None) -> None:
+        self.redis = redis
+        self.dsn = dsn
+        self.keyspace = keyspace
+        self.config = config or WorkerConfig()
+        self.shards = [s for s in range(keyspace.shards) if s % self.config.count == self.config.index]
+        self.streams = {keyspace.events(s): s for s in self.shards}
+        self.writer = JournalWriter(keyspace)
+        self.applied_total = 0
+        self.dead_lettered = 0
+        self._conn: Connection | None = None
+        self._batch: list[StreamEntry] | None = None
+        # Streams whose own pending entries are still to be read again, and from which id: set at
+        # start (a restart after a crash) and after losing Redis between commit and XACK.
+        self._own_cursor: dict[str, str] = {}
+        self._is_standalone: bool | None = None
+        self._claim_cursor: dict[str, str] = dict.fromkeys(self.streams, "0-0")
+        self._months: set[tuple[int, int]] = set()
+        self._next_housekeeping = 0.0
+        self._next_trim = 0.0
+        self._read_after = 0.0
+        self._next_claim = 0.0
+        self._rate_mark = (time.monotonic(), 0)
+        self.events_per_second = 0.0
+        self.lag_ms = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Applies events until `stop` is set; survives PostgreSQL and Redis outages."""
+        backoff = _Backoff(self.config.backoff_initial_s, self.config.backoff_max_s)
+        log.info(
+            "write-behind worker %s: %d of %d shards (index %d of %d)",
+            self.config.consumer, len(self.shards), self.keyspace.shards, self.config.index, self.config.count,
+        )  # fmt: skip
+        ready = False
+        try:
+            while not stop.is_set():
+                try:
+                    if not ready:
+                        await self._ensure_groups()
+                        self._reread_own()
+                        ready = True
+                    await self._step(stop)
+                    backoff.reset()
+                except Exception as exc:
+                    store = failed_store(exc)
+                    if store is None:
+                        if not (isinstance(exc, ResponseError) and "NOGROUP" in str(exc)):
+                            raise
+                        log.warning("write-behind: consumer group missing (Redis flushed or replaced); recreating it")
+                        self._batch = None
+                        ready = False
+                        continue
+                    delay = backoff.next()
+                    log.warning(
+                        "write-behind: %s unavailable (%s: %s); %d entries wait, retrying in %.1f s",
+                        store, type(exc).__name__, exc, len(self._batch or ()), delay,
+                    )  # fmt: skip
+                    if store == "PostgreSQL":
+                        # Whatever state the failure left it in, the connection is not used again.
+                        self._discard_connection()
+                    else:
+                        # A batch may have committed without its XACK: read our pending entries again.
+                        self._batch = None
+                        ready = False
+                    await _sleep(stop, delay)
+        finally:
+            await self._close_connection()
+
+    def _reread_own(self) -> None:
+        self._own_cursor = dict.fromkeys(self.streams, "0-0")
+
+    async def _ensure_groups(self) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in self.streams:
+                pipe.xgroup_create(stream, self.config.group, id="0", mkstream=True)
+            replies = await pipe.execute(raise_on_error=False)
+        for reply in replies:
+            if isinstance(reply, ResponseError) and "BUSYGROUP" not in str(reply):
+                raise reply
+
+    async def _connection(self) -> Connection:
+        if self._conn is not None and self._conn.is_closed():
+            self._discard_connection()
+        if self._conn is None:
+            conn = await connect(self.dsn)
+            try:
+                await self.writer.prepare(conn)
+            except BaseException:
+                conn.terminate()
+                raise
+            self._conn = conn
+        return self._conn
+
+    def _discard_connection(self) -> None:
+        """Drops the connection without a word to the server: after a failure it may be broken or
+        mid-operation, and a polite close could wait on a server that is gone."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.terminate()
+
+    async def _close_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None or conn.is_closed():
+            return
+        try:
+            await asyncio.wait_for(conn.close(), 2)
+        except Exception as exc:
+            log.debug("closing the PostgreSQL connection failed (%s); terminating it", exc)
+            conn.terminate()
+
+    async def _step(self, stop: asyncio.Event) -> None:
+        now = time.monotonic()
+        if now >= self._next_housekeeping:
+            self._next_housekeeping = now + self.config.housekeeping_s
+            await self._housekeeping()
+        if self._batch is None:
+            self._batch = await self._read()
+            if self._batch and len(self._batch) < self.config.batch_size:
+                # A short batch: let the next one gather for a moment, so that under a steady
+                # trickle the worker reads (and packs a thousand stream names) ~1/poll_ms a second.
+                self._read_after = time.monotonic() + self.config.poll_ms / 1000
+        if not self._batch:
+            self._batch = None
+            self.lag_ms = 0  # nothing was waiting
+            if not await self._standalone():  # a standalone read has blocked for poll_ms already
+                await _sleep(stop, self.config.poll_ms / 1000)
+            return
+        # Kept until it has committed and been acknowledged: a PostgreSQL outage retries the same
+        # batch instead of delivering its entries again.
+        await self._process(self._batch)
+        # The oldest entry of the batch just committed waited this long (entry ids carry Redis's
+        # clock in ms; the worker runs beside it or close to it).
+        self.lag_ms = max(0, int(time.time() * 1000) - min(e.entry_id.ms for e in self._batch))
+        self._batch = None
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def _per_stream(self, streams: int) -> int:
+        return max(10, -(-self.config.batch_size // max(1, streams)))
+
+    async def _read(self) -> list[StreamEntry]:
+        if (wait := self._read_after - time.monotonic()) > 0:
+            await asyncio.sleep(wait)
+        if self._own_cursor:
+            entries = await self._read_own()
+            if entries:
+                return entries
+        entries = []
+        if time.monotonic() >= self._next_claim:
+            self._next_claim = time.monotonic() + max(self.config.housekeeping_s, self.config.claim_idle_ms / 2000)
+            entries = await self._claim_idle()
+        return entries + await self._read_group(dict.fromkeys(self.streams, ">"), block_ms=self.config.poll_ms)
+
+    async def _read_own(self) -> list[StreamEntry]:
+        count = self._per_stream(len(self._own_cursor))
+        entries = await self._read_group(self._own_cursor, count)
+        by_stream: dict[str, list[StreamEntry]] = defaultdict(list)
+        for e in entries:
+            by_stream[e.stream].append(e)
+        for stream in list(self._own_cursor):
+            got = by_stream.get(stream, [])
+            if len(got) < count:
+                del self._own_cursor[stream]
+            else:
+                self._own_cursor[stream] = str(got[-1].entry_id)
+        return entries
+
+    async def _read_group(
+        self, positions: dict[str, str], count: int | None = None, block_ms: int | None = None
+    ) -> list[StreamEntry]:
+        count = count or self._per_stream(len(positions))
+        if await self._standalone():
+            # One Redis holds every stream: one call reads them all, and returns only those with
+            # entries; BLOCK waits for the first one instead of polling a thousand empty streams.
+            reply: Any = await self.redis.xreadgroup(
+                self.config.group,
+                self.config.consumer,
+                dict[Any, Any](positions),
+                count=count,
+                block=block_ms,
+            )
+            return [
+                entry
+                for name, items in reply or []
+                for entry in self._entries(name.decode() if isinstance(name, bytes) else name, items)
+            ]
+        # On a Redis Cluster the shards' streams live in different slots, so one multi-stream
+        # call is not an option: one XREADGROUP per stream, pipelined.
+        streams = list(positions)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in streams:
+                pipe.xreadgroup(self.config.group, self.config.consumer, {stream: positions[stream]}, count=count)
+            replies: list[Any] = await pipe.execute()
+        entries: list[StreamEntry] = []
+        for stream, reply in zip(streams, replies, strict=True):
+            for _name, items in reply or []:
+                entries.extend(self._entries(stream, items))
+        return entries
+
+    async def _standalone(self) -> bool:
+        if self._is_standalone is None:
+            info: dict[str, Any] = await self.redis.info("server")
+            self._is_standalone = info.get("redis_mode", "standalone") == "standalone"
+        return self._is_standalone
+
+    def _entries(self, stream: str, items: list[tuple[bytes, dict[bytes, bytes] | None]]) -> list[StreamEntry]:
+        shard = self.streams[stream]
+        return [StreamEntry(stream, shard, EntryId.parse(eid), fields or {}) for eid, fields in items]
+
+    async def _claim_idle(self) -> list[StreamEntry]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in self.streams:
+                pipe.xautoclaim(
+                    stream, self.config.group, self.config.consumer, self.config.claim_idle_ms,
+                    start_id=self._claim_cursor[stream], count=self._per_stream(len(self.streams)),
+                )  # fmt: skip
+            replies: list[Any] = await pipe.execute()
+        claimed: list[StreamEntry] = []
+        for stream, reply in zip(self.streams, replies, strict=True):
+            cursor, items = reply[0], reply[1]
+            self._claim_cursor[stream] = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
+            claimed.extend(self._entries(stream, items))
+        if claimed:
+            log.warning("write-behind: claimed %d entries idle for over %d ms", len(claimed), self.config.claim_idle_ms)
+        return claimed
+
+    # -- applying -------------------------------------------------------------------------------
+
+    async def _process(self, entries: list[StreamEntry]) -> None:
+        deliveries: list[Delivered] = []
+        notes: list[tuple[StreamEntry, IdempotencyNote]] = []
+        undecodable: list[tuple[StreamEntry, str]] = []
+        for entry in entries:
+            try:
+                decoded = decode(entry)
+            except UndecodableEntry as exc:
+                undecodable.append((entry, str(exc)))
+                continue
+            if isinstance(decoded, Event):
+                deliveries.append(Delivered(entry, decoded))
+            else:
+                notes.append((entry, decoded))
+        idempotency = await self._idempotency_rows(deliveries, notes)
+        await self._ensure_partitions(deliveries)
+        conn = await self._connection()
+        outcome = await self.writer.apply(conn, deliveries, idempotency)
+        dead = [(e, reason, 1) for e, reason in undecodable]
+        dead += await self._exhausted(outcome)
+        if dead:
+            await self._dead_letter(conn, dead)
+        await self._ack([d.entry for d in outcome.acknowledged] + [e for e, _ in notes] + [e for e, _, _ in dead])
+        self.applied_total += len(outcome.applied)
+
+    async def _idempotency_rows(
+        self, deliveries: list[Delivered], notes: list[tuple[StreamEntry, IdempotencyNote]]
+    ) -> list[IdempotencyRow]:
+        """The request-id records of this batch, copied so rehydrate can restore them.
+
+        The ledger script keeps them in Redis only; the worker copies each one when it applies
+        the event carrying its request id. A record lost with Redis before that copy (the
+        worker's lag, about a second) is not restored: a retry of that request then runs anew.
+        """
+        with_rid = [(d.event.account, d.event.rid) for d in deliveries if d.event.rid]
+        with_rid += [(n.account, n.rid) for _, n in notes]
+        if not with_rid:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for account, rid in with_rid:
+                key = self.keyspace.idempotency(account, rid)
+                pipe.get(key)
+                pipe.pttl(key)
+            replies: list[Any] = await pipe.execute()
+        now_ms = time.time_ns() // 1_000_000
+        rows: list[IdempotencyRow] = []
+        for i, (account, rid) in enumerate(with_rid):
+            record, ttl = replies[2 * i], replies[2 * i + 1]
+            if isinstance(record, bytes) and isinstance(ttl, int) and ttl > 0:
+                expires = datetime.fromtimestamp((now_ms + ttl) / 1000, UTC)
+                rows.append(IdempotencyRow(account, rid, record, expires))
+        # One row per key (a request id may come twice: redelivery, or an event and a note).
+        return list({(r.account_id, r.request_id): r for r in rows}.values())
+
+    async def _ensure_partitions(self, deliveries: list[Delivered]) -> None:
+        months = {_month(d.event.time) for d in deliveries} - self._months
+        if not months:
+            return
+        conn = await self._connection()
+        for year, month in sorted(months):
+            await create_partitions(conn, datetime(year, month, 1, tzinfo=UTC), 1)
+            self._months.add((year, month))
+
+    async def _exhausted(self, outcome: BatchOutcome) -> list[tuple[StreamEntry, str, int]]:
+        """Held-back entries that have used up their deliveries (to be dead-lettered)."""
+        if not outcome.held:
+            return []
+        by_stream: dict[str, list[tuple[Delivered, str]]] = defaultdict(list)
+        for item, why in outcome.held:
+            by_stream[item.entry.stream].append((item, why))
+        dead: list[tuple[StreamEntry, str, int]] = []
+        for stream, held in by_stream.items():
+            ids = sorted(d.entry.entry_id for d, _ in held)
+            pending = await self.redis.xpending_range(
+                stream, self.config.group, min=str(ids[0]), max=str(ids[-1]), count=len(ids) * 4 + 100,
+                consumername=self.config.consumer,
+            )  # fmt: skip
+            delivered: dict[EntryId, int] = {}
+            for p in pending:
+                message_id = p["message_id"]
+                if isinstance(message_id, bytes | str):
+                    delivered[EntryId.parse(message_id)] = int(p["times_delivered"])
+            for item, why in held:
+                times = delivered.get(item.entry.entry_id, 1)
+                if times >= self.config.max_deliveries:
+                    dead.append((item.entry, why, times))
+                else:
+                    log.warning(
+                        "write-behind: holding back %s (%s, delivery %d of %d)",
+                        item.event.event_id, why, times, self.config.max_deliveries,
+                    )  # fmt: skip
+        return dead
+
+    async def _dead_letter(self, conn: Connection, dead: list[tuple[StreamEntry, str, int]]) -> None:
+        rows = []
+        for entry, reason, times in dead:
+            payload = entry.fields.get(b"e") or entry.fields.get(b"i")
+            event = None
+            try:
+                decoded = decode(entry)
+                event = decoded if isinstance(decoded, Event) else None
+            except UndecodableEntry:
+                pass
+            rows.append(
+                (
+                    entry.stream, str(entry.entry_id), event.account if event else None,
+                    event.seq if event else None, times, reason, payload,
+                )
+            )  # fmt: skip
+            log.error(
+                "write-behind: DEAD LETTER %s %s after %d deliveries: %s (kept in dead_letters; the account's "
+                "later events will wait behind it until an operator repairs it)",
+                entry.stream, entry.entry_id, times, reason,
+            )  # fmt: skip
+        await conn.executemany(
+            "INSERT INTO dead_letters (stream, entry_id, account_id, seq, deliveries, reason, payload)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+            rows,
+        )
+        self.dead_lettered += len(rows)
+
+    async def _ack(self, entries: list[StreamEntry]) -> None:
+        by_stream: dict[str, list[str]] = defaultdict(list)
+        for entry in entries:
+            by_stream[entry.stream].append(str(entry.entry_id))
+        if not by_stream:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream, ids in by_stream.items():
+                pipe.xack(stream, self.config.group, *ids)
+            await pipe.execute()
+
+    # -- housekeeping ---------------------------------------------------------------------------
+
+    async def _housekeeping(self) -> None:
+        now_ms = await redis_now_ms(self.redis)
+        conn = await self._connection()
+        if time.monotonic() >= self._next_trim:
+            # Reading the group state of every stream costs a round of a thousand commands: the
+            # exact lag comes with it every trim_s, and from the batches in between.
+            self._next_trim = time.monotonic() + self.config.trim_s
+            backlogs = await stream_backlogs(self.redis, list(self.streams), self.config.group)
+            oldest = [b.oldest_unapplied.ms for b in backlogs if b.oldest_unapplied is not None]
+            self.lag_ms = max(0, now_ms - min(oldest)) if oldest else 0
+            await self._trim(conn, backlogs)
+        mark_time, mark_count = self._rate_mark
+        elapsed = time.monotonic() - mark_time
+        if elapsed >= 1.0:
+            self.events_per_second = (self.applied_total - mark_count) / elapsed
+            self._rate_mark = (time.monotonic(), self.applied_total)
+        await self._heartbeat(conn)
+        if _month(now_ms + 31 * 86_400_000) not in self._months:
+            await create_partitions(conn, datetime.now(UTC), PARTITIONS_AHEAD)
+            self._months.update(_month(now_ms + i * 28 * 86_400_000) for i in range(PARTITIONS_AHEAD))
+
+    async def _trim(self, conn: Connection, backlogs: list[StreamBacklog]) -> None:
+        """Trims each stream below the oldest entry PostgreSQL may still lack.
+
+        That is below every pending entry, below the first undelivered one, and at most up to the
+        applied position PostgreSQL recorded: acknowledgement follows commit, so all three agree
+        unless someone acknowledged by hand.
+        """
+        rows = await conn.fetch(
+            "SELECT stream, applied_ms, applied_seq FROM stream_positions WHERE stream = ANY($1::text[])",
+            [b.stream for b in backlogs],
+        )
+        applied = {r["stream"]: EntryId(r["applied_ms"], r["applied_seq"]) for r in rows}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for b in backlogs:
+                if b.stream not in applied:
+                    continue
+                bounds = [b.last_delivered.next(), applied[b.stream].next()]
+                if b.oldest_pending is not None:
+                    bounds.append(b.oldest_pending)
+                pipe.xtrim(b.stream, minid=str(min(bounds)), approximate=True)
+            await pipe.execute()
+
+    async def _heartbeat(self, conn: Connection) -> None:
+        await conn.execute(
+            """
+            INSERT INTO worker_heartbeats (consumer, shards, applied_total, events_per_second, lag_ms, last_seen)
+            VALUES ($1, $2, $3, $4, $5, now())
+            ON CONFLICT (consumer) DO UPDATE SET shards = EXCLUDED.shards, applied_total = EXCLUDED.applied_total,
+                events_per_second = EXCLUDED.events_per_second, lag_ms = EXCLUDED.lag_ms, last_seen = now()
+            """,
+            self.config.consumer,
+            self.shards,
+            self.applied_total,
+            self.events_per_second,
+            self.lag_ms,
+        )
+
+
+def _month(ms: int) -> tuple[int, int]:
+    moment = datetime.fromtimestamp(ms / 1000, UTC)
+    return moment.year, moment.month
+
+
+async def _sleep(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)

@@ -1,0 +1,390 @@
+"""Proves Redis and PostgreSQL agree, per account: the state Redis stores (sequence, lots, open
+holds, card link, hold index) equals the PostgreSQL projection of the journal; and the journal
+itself is complete, holding the account's events 1..last_seq once each, which add up to the points
+Redis holds.
+
+Both sides are compared as stored, not as of a "now": Redis keeps an expired lot or hold until
+the next script call on the account, and so does the projection, which changes only by events.
+An account whose Redis sequence is ahead of PostgreSQL's has events still on their way; it is
+compared again until it catches up or `settle_seconds` have passed.
+
+The journal is read in one aggregate pass, a row per account beside its accounts row: account by
+account, a journal laid out by time would cost a random read per event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.asyncio import Redis
+
+from pointauth.server.journal.pg import Connection, Record, connection
+from pointauth.server.ledger import Keyspace
+
+PAGE = 2000
+
+# (points, expiry ms, kind, issuer) per lot id; (points, expiry ms) per open hold seq.
+Lots = dict[int, tuple[int, int, str, str]]
+Holds = dict[int, tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class Difference:
+    account_id: str
+    what: str
+    redis: str
+    postgres: str
+    text: str = ""
+    """Said instead of the two sides where they would not tell what is wrong (the journal's)."""
+
+    def __str__(self) -> str:
+        if self.text:
+            return f"{self.account_id}: {self.text}"
+        return f"{self.account_id}: {self.what}: Redis {self.redis}, PostgreSQL {self.postgres}"
+
+
+@dataclass
+class ReconcileReport:
+    accounts: int = 0
+    differences: list[Difference] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.differences
+
+    @property
+    def accounts_per_second(self) -> float:
+        return self.accounts / self.seconds if self.seconds else 0.0
+
+
+# What an event adds to the account's points, from what the journal keeps of it: `points`, the
+# hold's `released`, and `lots`, each lot's signed change of unheld points. Three sums, each
+# compared with what Redis stores:
+# - the balance (available + held, as stored: expired lots count until an event expires them)
+#   from `points` by type: earning and granting add; redeeming, capturing and expiring lots take
+#   away; a refund gives back what a capture or redemption spent, or takes back what an earn gave
+#   (its lot effects' sign says which); holds move points between available and held, so add
+#   nothing, and neither does opening the account;
+# - the unheld points, Redis's lots: the sum of the lot effects;
+# - the held points, Redis's holds: each hold authorized, less each captured (with what its
+#   capture released), voided or expired.
+_EVENT_TYPES = (
+    "ACCOUNT_OPENED", "EARN", "GRANT", "HOLD_AUTHORIZED", "HOLD_CAPTURED", "HOLD_VOIDED", "HOLD_EXPIRED",
+    "REDEEMED", "REFUNDED", "LOTS_EXPIRED",
+)  # fmt: skip
+_BALANCE = """CASE type
+    WHEN 'EARN' THEN points WHEN 'GRANT' THEN points
+    WHEN 'REDEEMED' THEN -points WHEN 'HOLD_CAPTURED' THEN -points WHEN 'LOTS_EXPIRED' THEN -points
+    WHEN 'REFUNDED' THEN coalesce(sign((lots -> 0 ->> 1)::bigint), 0)::bigint * points
+    ELSE 0 END"""
+_UNHELD = "(SELECT coalesce(sum((effect ->> 1)::bigint), 0) FROM jsonb_array_elements(lots) AS effect)"
+_HELD = """CASE type
+    WHEN 'HOLD_AUTHORIZED' THEN points
+    WHEN 'HOLD_CAPTURED' THEN -(points + coalesce(released, 0))
+    WHEN 'HOLD_VOIDED' THEN -points WHEN 'HOLD_EXPIRED' THEN -points
+    ELSE 0 END"""
+_KNOWN = ", ".join(f"'{t}'" for t in _EVENT_TYPES)
+
+# Per account, the journal's figures and the accounts row's last_seq, in one snapshot (the worker
+# writes both in one transaction). {where} is empty for the whole journal, or picks accounts.
+_JOURNAL_TOTALS = f"""
+SELECT coalesce(a.account_id, j.account_id) AS account_id, a.last_seq,
+       coalesce(j.events, 0) AS events, coalesce(j.seqs, 0) AS seqs, j.first_seq, j.last_journal_seq,
+       coalesce(j.balance, 0) AS balance, coalesce(j.unheld, 0) AS unheld, coalesce(j.held, 0) AS held,
+       coalesce(j.unknown, 0) AS unknown
+FROM (SELECT account_id, last_seq FROM accounts {{where}}) AS a
+FULL JOIN (
+    SELECT account_id, count(*) AS events, count(DISTINCT seq) AS seqs, min(seq) AS first_seq,
+           max(seq) AS last_journal_seq, sum({_BALANCE})::bigint AS balance, sum({_UNHELD})::bigint AS unheld,
+           sum({_HELD})::bigint AS held, count(*) FILTER (WHERE type NOT IN ({_KNOWN})) AS unknown
+    FROM journal {{where}}
+    GROUP BY account_id
+) AS j ON j.account_id = a.account_id
+"""
+
+# For accounts whose journal is not 1..last_seq: the runs of missing seqs, and the seqs present
+# more than once or beyond last_seq. Their journal rows are read once, through the index.
+_JOURNAL_GAPS = """
+WITH a AS (
+    SELECT u.account_id, acc.last_seq
+    FROM unnest($1::text[]) AS u(account_id) JOIN accounts AS acc USING (account_id)
+), present AS (
+    SELECT j.account_id, j.seq, count(*) AS n FROM a JOIN journal AS j USING (account_id) GROUP BY j.account_id, j.seq
+), missing AS (
+    SELECT a.account_id, s.seq, s.seq - row_number() OVER (PARTITION BY a.account_id ORDER BY s.seq) AS run
+    FROM a CROSS JOIN LATERAL generate_series(1, a.last_seq) AS s(seq)
+    LEFT JOIN present AS p ON p.account_id = a.account_id AND p.seq = s.seq
+    WHERE p.seq IS NULL
+)
+SELECT account_id, 'missing' AS kind, min(seq) AS first, max(seq) AS last FROM missing GROUP BY account_id, run
+UNION ALL
+SELECT p.account_id, CASE WHEN p.seq > a.last_seq THEN 'beyond' ELSE 'repeated' END, p.seq, p.seq
+FROM present AS p JOIN a USING (account_id)
+WHERE p.n > 1 OR p.seq > a.last_seq
+ORDER BY account_id, kind, first
+"""
+_LISTED = 20
+
+
+@dataclass(frozen=True)
+class _Journal:
+    last_seq: int | None
+    """The accounts row's; None without one."""
+    events: int
+    seqs: int
+    first_seq: int | None
+    last_journal_seq: int | None
+    balance: int
+    unheld: int
+    held: int
+    unknown: int
+
+    @property
+    def complete(self) -> bool:
+        n = self.last_seq or 0
+        return self.events == self.seqs == n and (n == 0 or (self.first_seq, self.last_journal_seq) == (1, n))
+
+
+@dataclass
+class _Side:
+    seq: int = 0
+    lots: Lots = field(default_factory=dict)
+    holds: Holds = field(default_factory=dict)
+    card: str | None = None
+
+
+async def reconcile(
+    redis: Redis, dsn: str, keyspace: Keyspace, *, settle_seconds: float = 5.0, page: int = PAGE
+) -> ReconcileReport:
+    started = time.perf_counter()
+    report = ReconcileReport()
+    suspects: dict[str, list[Difference]] = {}
+    async with connection(dsn) as conn:
+        seen: set[str] = set()
+        async with conn.transaction():  # a cursor lives in a transaction
+            cursor = await conn.cursor(_JOURNAL_TOTALS.format(where=""))
+            while rows := await cursor.fetch(page):
+                journal = {r["account_id"]: _journal(r) for r in rows}
+                accounts = list(journal)
+                seen.update(accounts)
+                suspects.update(await _compare(redis, conn, keyspace, accounts, journal))
+                report.accounts += len(accounts)
+        # Accounts Redis has and PostgreSQL does not (not yet, or never).
+        only_redis: list[str] = []
+        async for key in redis.scan_iter(match=f"{keyspace.prefix}:{{s*}}:a:*", count=1000):
+            account = (key.decode() if isinstance(key, bytes) else str(key)).split(":a:", 1)[1]
+            if account not in seen:
+                only_redis.append(account)
+        for i in range(0, len(only_redis), page):
+            suspects.update(await _compare(redis, conn, keyspace, only_redis[i : i + page]))
+        report.accounts += len(only_redis)
+        # Differences may be events in flight: look again until they settle.
+        deadline = time.monotonic() + settle_seconds
+        while suspects and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            suspects = await _compare(redis, conn, keyspace, sorted(suspects))
+    report.differences = [d for diffs in suspects.values() for d in diffs]
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+async def _compare(
+    redis: Redis,
+    conn: Connection,
+    keyspace: Keyspace,
+    accounts: list[str],
+    journal: dict[str, _Journal] | None = None,
+) -> dict[str, list[Difference]]:
+    pg = await _postgres_sides(conn, accounts)
+    rd = await _redis_sides(redis, keyspace, accounts, pg)
+    journal = dict(journal or {})
+    # Journal figures from before this page's projection was read are read again where the
+    # account has moved since, so that all three describe the same events.
+    stale = [a for a in accounts if a not in journal or (a in pg and journal[a].last_seq != pg[a].seq)]
+    if stale:
+        journal.update(await _journal_totals(conn, stale))
+    gaps = await _journal_gaps(conn, [a for a in accounts if a in journal and not journal[a].complete])
+    out: dict[str, list[Difference]] = {}
+    for account in accounts:
+        diffs = list(_differences(account, rd.get(account), pg.get(account)))
+        diffs += _journal_differences(account, journal.get(account), rd.get(account), pg.get(account), gaps)
+        if diffs:
+            out[account] = diffs
+    return out
+
+
+def _journal(r: Record) -> _Journal:
+    return _Journal(
+        r["last_seq"], r["events"], r["seqs"], r["first_seq"], r["last_journal_seq"],
+        r["balance"], r["unheld"], r["held"], r["unknown"],
+    )  # fmt: skip
+
+
+async def _journal_totals(conn: Connection, accounts: list[str]) -> dict[str, _Journal]:
+    query = _JOURNAL_TOTALS.format(where="WHERE account_id = ANY($1::text[])")
+    return {r["account_id"]: _journal(r) for r in await conn.fetch(query, accounts)}
+
+
+async def _journal_gaps(conn: Connection, accounts: list[str]) -> dict[str, list[Difference]]:
+    """What is wrong with these accounts' journal sequences, said seq by seq."""
+    if not accounts:
+        return {}
+    found: dict[tuple[str, str], list[tuple[int, int]]] = defaultdict(list)
+    for r in await conn.fetch(_JOURNAL_GAPS, accounts):
+        found[(r["account_id"], r["kind"])].append((r["first"], r["last"]))
+    wording = {"missing": "is missing seq {}", "repeated": "has seq {} more than once", "beyond": "has seq {} beyond"}
+    out: dict[str, list[Difference]] = defaultdict(list)
+    for (account, kind), runs in sorted(found.items()):
+        listed = _runs(runs)
+        text = "journal " + wording[kind].format(listed)
+        if kind == "beyond":
+            text += " the account's last_seq"
+        out[account].append(Difference(account, f"journal seqs {kind}", "", listed, text))
+    return out
+
+
+def _runs(runs: list[tuple[int, int]]) -> str:
+    shown = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs[:_LISTED])
+    return shown + (f" and {len(runs) - _LISTED} more" if len(runs) > _LISTED else "")
+
+
+def _journal_differences(
+    account: str, j: _Journal | None, rd: _Side | None, pg: _Side | None, gaps: dict[str, list[Difference]]
+) -> list[Difference]:
+    if j is None:
+        return []
+    out: list[Difference] = []
+    if j.last_seq is None:
+        text = f"journal has {j.events} events of an account PostgreSQL has no accounts row for"
+        out.append(Difference(account, "journal account", "", "missing", text))
+    elif not j.complete:
+        # No gap found when read again (a repair meanwhile): say what the pass saw.
+        saw = f"journal has {j.events} events for seq 1..{j.last_seq}"
+        out += gaps.get(account) or [Difference(account, "journal seqs", "", f"{j.events} events", saw)]
+    if j.unknown:
+        text = f"journal has {j.unknown} events of unknown type"
+        out.append(Difference(account, "journal types", "", str(j.unknown), text))
+    if rd is None or j.last_seq is None:
+        return out
+    if rd.seq != j.last_seq:
+        if pg is not None and pg.seq == rd.seq:  # else the projection's seq difference says it
+            text = f"journal is at seq {j.last_seq}, Redis at seq {rd.seq}"
+            out.append(Difference(account, "journal seq", str(rd.seq), str(j.last_seq), text))
+        return out
+    unheld = sum(lot[0] for lot in rd.lots.values())
+    held = sum(hold[0] for hold in rd.holds.values())
+    if j.balance != unheld + held:
+        text = f"journal sums to {j.balance} points, Redis holds {unheld + held}"
+        out.append(Difference(account, "journal balance", str(unheld + held), str(j.balance), text))
+    if j.unheld != unheld:
+        text = f"journal's lot effects sum to {j.unheld} points, Redis's lots hold {unheld}"
+        out.append(Difference(account, "journal lots", str(unheld), str(j.unheld), text))
+    if j.held != held:
+        text = f"journal's holds sum to {j.held} points, Redis holds {held} on hold"
+        out.append(Difference(account, "journal holds", str(held), str(j.held), text))
+    return out
+
+
+async def _postgres_sides(conn: Connection, accounts: list[str]) -> dict[str, _Side]:
+    sides = {
+        r["account_id"]: _Side(seq=r["last_seq"], card=r["card_number"])
+        for r in await conn.fetch(
+            "SELECT a.account_id, a.last_seq, c.card_number FROM accounts a"
+            " LEFT JOIN cards c ON c.account_id = a.account_id AND c.card_number = a.card_number"
+            " WHERE a.account_id = ANY($1::text[])",
+            accounts,
+        )
+    }
+    for r in await conn.fetch(
+        "SELECT account_id, lot_id, points, expire_ms, kind, issuer_id FROM lots WHERE account_id = ANY($1::text[])",
+        accounts,
+    ):
+        sides[r["account_id"]].lots[r["lot_id"]] = (r["points"], r["expire_ms"], r["kind"], r["issuer_id"])
+    for r in await conn.fetch(
+        "SELECT account_id, seq, points, expire_ms FROM transactions"
+        " WHERE account_id = ANY($1::text[]) AND type = 'HOLD' AND state = 'HELD'",
+        accounts,
+    ):
+        sides[r["account_id"]].holds[r["seq"]] = (r["points"], r["expire_ms"])
+    return sides
+
+
+async def _redis_sides(redis: Redis, keyspace: Keyspace, accounts: list[str], pg: dict[str, _Side]) -> dict[str, _Side]:
+    async with redis.pipeline(transaction=False) as pipe:
+        for account in accounts:
+            pipe.hgetall(keyspace.account(account).account)
+        for account in accounts:
+            side = pg.get(account)
+            if side is not None and side.card is not None:
+                pipe.hget(keyspace.card_bucket(side.card), side.card)
+            for seq in sorted(side.holds) if side is not None else ():
+                pipe.zscore(keyspace.account(account).holds, f"{account}.{seq}")
+        replies: list[Any] = await pipe.execute()
+    sides: dict[str, _Side] = {}
+    for account, stored in zip(accounts, replies, strict=False):
+        if stored:
+            sides[account] = _parse_account_hash(stored)
+    rest = iter(replies[len(accounts) :])
+    for account in accounts:
+        side = pg.get(account)
+        if side is None:
+            continue
+        found = sides.get(account)
+        if side.card is not None:
+            owner = next(rest)
+            if found is not None and owner is not None and owner.decode() == account:
+                found.card = side.card
+        for seq in sorted(side.holds):
+            score = next(rest)
+            # The hold index entry is what lets the sweeper expire the hold: it must be there.
+            if found is not None and seq in found.holds and score is None:
+                found.holds[seq] = (found.holds[seq][0], -1)
+    return sides
+
+
+def _parse_account_hash(stored: dict[bytes, bytes]) -> _Side:
+    side = _Side()
+    for raw_field, raw_value in stored.items():
+        name, value = raw_field.decode(), raw_value.decode()
+        if name == "seq":
+            side.seq = int(value)
+        elif name.startswith("l:"):
+            pts, exp, kind, issuer = value.split(":", 3)
+            side.lots[int(name[2:])] = (int(pts), int(exp), kind, issuer)
+        elif name.startswith("h:"):
+            pts, exp = value.split(":")
+            side.holds[int(name[2:])] = (int(pts), int(exp))
+    return side
+
+
+def _differences(account: str, rd: _Side | None, pg: _Side | None) -> Iterable[Difference]:
+    if rd is None and pg is None:
+        return
+    if rd is None:
+        yield Difference(account, "account", "missing", f"at seq {pg.seq}" if pg else "")
+        return
+    if pg is None:
+        yield Difference(account, "account", f"at seq {rd.seq}", "missing")
+        return
+    if rd.seq != pg.seq:
+        yield Difference(account, "seq", str(rd.seq), str(pg.seq))
+    for lot_id in sorted(rd.lots.keys() | pg.lots.keys()):
+        if rd.lots.get(lot_id) != pg.lots.get(lot_id):
+            yield Difference(account, f"lot {lot_id}", _fmt(rd.lots.get(lot_id)), _fmt(pg.lots.get(lot_id)))
+    for seq in sorted(rd.holds.keys() | pg.holds.keys()):
+        r, p = rd.holds.get(seq), pg.holds.get(seq)
+        if r != p:
+            what = f"hold {seq}" + (" (not in the hold index)" if r is not None and r[1] == -1 else "")
+            yield Difference(account, what, _fmt(r), _fmt(p))
+    if pg.card is not None and rd.card != pg.card:
+        yield Difference(account, "card", "not linked", pg.card)
+
+
+def _fmt(value: tuple[Any, ...] | None) -> str:
+    return "absent" if value is None else ":".join(str(v) for v in value)

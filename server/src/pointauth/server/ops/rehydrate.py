@@ -1,0 +1,146 @@
+"""Rebuilds Redis from PostgreSQL after Redis was lost: account hashes (sequence, lots, open
+holds), transaction records (open holds and those within the refund window), the hold index,
+the card index and the request-id records still within their TTL.
+
+What PostgreSQL had not yet received when Redis was lost (the worker's lag, about a second of
+traffic) cannot come back; the tills' retries with the same request ids redo those requests.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import msgspec
+from redis.asyncio import Redis
+
+from pointauth.server.journal.pg import connection
+from pointauth.server.journal.status import stream_backlogs
+from pointauth.server.journal.writer import record_from_row
+from pointauth.server.ledger import Keyspace
+
+PAGE = 1000
+Progress = Callable[[int, int], None]
+_encode = msgspec.msgpack.Encoder().encode
+
+
+class RehydrateRefused(RuntimeError):
+    """Redis still has events PostgreSQL lacks: rebuilding from PostgreSQL would lose them."""
+
+
+@dataclass(frozen=True)
+class RehydrateReport:
+    accounts: int
+    transactions: int
+    idempotency_records: int
+    cards: int
+    seconds: float
+
+
+async def rehydrate(
+    redis: Redis,
+    dsn: str,
+    keyspace: Keyspace,
+    *,
+    now_ms: int,
+    transaction_retention_ms: int,
+    progress: Progress | None = None,
+    force: bool = False,
+    page: int = PAGE,
+) -> RehydrateReport:
+    """`now_ms` is the ledger clock (for the refund window); request-id TTLs follow Redis's own clock."""
+    started = time.perf_counter()
+    if not force:
+        backlog = [
+            b for b in await stream_backlogs(redis, [keyspace.events(s) for s in range(keyspace.shards)]) if b.backlog
+        ]
+        if backlog:
+            total = sum(b.backlog for b in backlog)
+            raise RehydrateRefused(
+                f"{total} events in {len(backlog)} streams are not in PostgreSQL yet: let the worker apply them "
+                "(pointauth status shows the backlog), or force the rebuild and lose them"
+            )
+    counts = {"accounts": 0, "transactions": 0, "idempotency": 0, "cards": 0}
+    async with connection(dsn) as conn:
+        total = int(await conn.fetchval("SELECT count(*) FROM accounts"))
+        after = ""
+        while True:
+            accounts = await conn.fetch(
+                "SELECT account_id, last_seq FROM accounts WHERE account_id > $1 ORDER BY account_id LIMIT $2",
+                after,
+                page,
+            )
+            if not accounts:
+                break
+            ids = [r["account_id"] for r in accounts]
+            after = ids[-1]
+            lots = await conn.fetch(
+                "SELECT account_id, lot_id, points, expire_ms, kind, issuer_id FROM lots"
+                " WHERE account_id = ANY($1::text[]) ORDER BY account_id, lot_id",
+                ids,
+            )
+            records = await conn.fetch(
+                "SELECT * FROM transactions WHERE account_id = ANY($1::text[])"
+                " AND ((type = 'HOLD' AND state = 'HELD') OR time_ms > $2) ORDER BY account_id, seq",
+                ids,
+                now_ms - transaction_retention_ms,
+            )
+            idempotency = await conn.fetch(
+                "SELECT account_id, request_id, record, (extract(epoch FROM expires_at - now()) * 1000)::bigint AS ttl"
+                " FROM idempotency_records WHERE account_id = ANY($1::text[]) AND expires_at > now() + interval '1 s'",
+                ids,
+            )
+            cards = await conn.fetch(
+                "SELECT card_number, account_id FROM cards WHERE account_id = ANY($1::text[])", ids
+            )
+            fields: dict[str, list[bytes | str]] = defaultdict(list)
+            for r in lots:
+                fields[r["account_id"]] += [
+                    f"l:{r['lot_id']}",
+                    f"{r['points']}:{r['expire_ms']}:{r['kind']}:{r['issuer_id']}",
+                ]
+            first_record: dict[str, int] = {}
+            async with redis.pipeline(transaction=False) as pipe:
+                for r in accounts:
+                    keys = keyspace.account(r["account_id"])
+                    pipe.delete(keys.account, keys.transactions)
+                for row in records:
+                    rec = record_from_row(row)
+                    keys = keyspace.account(rec.account_id)
+                    first_record.setdefault(rec.account_id, rec.seq)
+                    pipe.hset(keys.transactions, str(rec.seq), _encode(rec.as_script_record()))
+                    if rec.type == "HOLD" and rec.state == "HELD":
+                        fields[rec.account_id] += [f"h:{rec.seq}", f"{rec.points}:{rec.expire_ms}"]
+                        pipe.zadd(keys.holds, {f"{rec.account_id}.{rec.seq}": rec.expire_ms or 0})
+                for r in accounts:
+                    account = r["account_id"]
+                    # x0: where the script's pruning of old transaction records resumes.
+                    x0 = first_record.get(account, r["last_seq"] + 1)
+                    mapping = ["seq", str(r["last_seq"]), "x0", str(x0), *fields[account]]
+                    pipe.execute_command("HSET", keyspace.account(account).account, *mapping)
+                for r in idempotency:
+                    key = keyspace.idempotency(r["account_id"], r["request_id"])
+                    pipe.set(key, r["record"], px=r["ttl"])
+                for r in cards:
+                    pipe.hset(keyspace.card_bucket(r["card_number"]), r["card_number"], r["account_id"])
+                await pipe.execute()
+            counts["accounts"] += len(accounts)
+            counts["transactions"] += len(records)
+            counts["idempotency"] += len(idempotency)
+            counts["cards"] += len(cards)
+            if progress is not None:
+                progress(counts["accounts"], total)
+    return RehydrateReport(
+        accounts=counts["accounts"],
+        transactions=counts["transactions"],
+        idempotency_records=counts["idempotency"],
+        cards=counts["cards"],
+        seconds=time.perf_counter() - started,
+    )
+
+
+def utc_now_ms() -> int:
+    return int(datetime.now(UTC).timestamp() * 1000)

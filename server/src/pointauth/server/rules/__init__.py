@@ -1,0 +1,1 @@
+"""Pure earn rules over plain data: no I/O."""

@@ -1,0 +1,258 @@
+"""What the write-behind tests drive and check: mixed till traffic through the ledger, and the
+journal and balances as an operator would read them in PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from pointauth.server.clock import ManualClock
+from pointauth.server.journal import WorkerConfig, WriteBehindWorker
+from pointauth.server.journal.pg import connection
+from pointauth.server.ledger import Keyspace, Ledger, LedgerRefusal, OpResult, PointOfSaleRef
+
+DAY_MS = 86_400_000
+TILL = PointOfSaleRef("acme", "store-7", "till-3", 1)
+
+
+def fingerprint(request_id: str) -> str:
+    return hashlib.sha256(request_id.encode()).hexdigest()[:32]
+
+
+@dataclass
+class Traffic:
+    """Tills doing earn, hold, capture, void, redeem and refund on a few accounts.
+
+    Each request keeps its request id across retries, so an operation interrupted by a Redis
+    crash is retried until acknowledged, exactly as a till does; `acknowledged` holds the
+    request ids of every operation the ledger answered OK.
+    """
+
+    ledger: Ledger
+    clock: ManualClock
+    accounts: list[str]
+    seed: int = 7
+    retry_connection_errors: bool = False
+    acknowledged: set[str] = field(default_factory=set)
+    # Account openings: their event carries no request id (the ledger does not pass it on).
+    openings: set[str] = field(default_factory=set)
+    refused: int = 0
+    _holds: dict[str, list[int]] = field(default_factory=dict)
+    _spends: dict[str, list[int]] = field(default_factory=dict)
+    _counter: int = 0
+
+    async def open_accounts(self) -> None:
+        for i, account in enumerate(self.accounts):
+            rid = self._rid()
+            self.openings.add(rid)
+            card = f"card-{account}-{i}"
+            await self._call(rid, partial(self.ledger.create_account, account, card, rid, fingerprint(rid)))
+            await self._earn(account, 500)
+
+    def _rid(self) -> str:
+        self._counter += 1
+        return f"req-{self.seed}-{self._counter}"
+
+    async def _call(self, rid: str, op: Callable[[], Awaitable[OpResult]]) -> OpResult | None:
+        while True:
+            try:
+                result = await op()
+            except LedgerRefusal:
+                self.refused += 1
+                return None
+            except (RedisConnectionError, OSError):
+                if not self.retry_connection_errors:
+                    raise
+                await asyncio.sleep(0.05)
+                continue
+            self.acknowledged.add(rid)
+            return result
+
+    async def _earn(self, account: str, points: int) -> None:
+        rid = self._rid()
+        exp = self.clock.now_ms() + 30 * DAY_MS
+        result = await self._call(
+            rid,
+            lambda: self.ledger.earn(
+                account, points=points, expire_ms=exp, kind="R", pos=TILL, request_id=rid, fingerprint=fingerprint(rid)
+            ),
+        )
+        if result is not None:
+            self._spends.setdefault(account, []).append(result.tx)
+
+    async def run(self, operations: int, tills: int = 4) -> None:
+        rng = random.Random(self.seed)
+        per_till = operations // tills
+
+        async def till(n: int) -> None:
+            local = random.Random(rng.random() + n)
+            for _ in range(per_till):
+                await self.one(local)
+
+        await asyncio.gather(*(till(n) for n in range(tills)))
+
+    async def one(self, rng: random.Random) -> None:
+        account = rng.choice(self.accounts)
+        holds = self._holds.setdefault(account, [])
+        kind = rng.choice(["earn", "earn", "hold", "hold", "capture", "void", "redeem", "refund"])
+        rid = self._rid()
+        fp = fingerprint(rid)
+        if kind == "earn":
+            await self._earn(account, rng.randint(1, 200))
+        elif kind == "hold":
+            pts = rng.randint(1, 60)
+            r = await self._call(
+                rid,
+                lambda: self.ledger.authorize(
+                    account, points=pts, ttl_ms=600_000, pos=TILL, request_id=rid, fingerprint=fp
+                ),
+            )
+            if r is not None:
+                holds.append(r.tx)
+        elif kind in ("capture", "void") and holds:
+            hold = holds.pop(rng.randrange(len(holds)))
+            if kind == "capture":
+                part = rng.choice([None, 1])
+                r = await self._call(
+                    rid, lambda: self.ledger.capture(account, hold, points=part, request_id=rid, fingerprint=fp)
+                )
+                if r is not None:
+                    self._spends.setdefault(account, []).append(r.tx)
+            else:
+                await self._call(rid, lambda: self.ledger.void(account, hold, request_id=rid, fingerprint=fp))
+        elif kind == "redeem":
+            pts = rng.randint(1, 40)
+            r = await self._call(
+                rid, lambda: self.ledger.redeem(account, points=pts, pos=TILL, request_id=rid, fingerprint=fp)
+            )
+            if r is not None:
+                self._spends.setdefault(account, []).append(r.tx)
+        elif kind == "refund" and self._spends.get(account):
+            orig = rng.choice(self._spends[account])
+            await self._call(
+                rid,
+                lambda: self.ledger.refund(account, orig, points=1, pos=None, request_id=rid, fingerprint=fp),
+            )
+
+    def open_holds(self) -> dict[str, list[int]]:
+        return {a: list(h) for a, h in self._holds.items() if h}
+
+
+async def redis_seqs(redis: Redis, keyspace: Keyspace, accounts: list[str]) -> dict[str, int]:
+    async with redis.pipeline(transaction=False) as pipe:
+        for account in accounts:
+            pipe.hget(keyspace.account(account).account, "seq")
+        replies: list[Any] = await pipe.execute()
+    return {a: int(r) for a, r in zip(accounts, replies, strict=True) if r is not None}
+
+
+async def wait_until_applied(
+    redis: Redis, dsn: str, keyspace: Keyspace, accounts: list[str], within_s: float = 30.0
+) -> None:
+    """Until PostgreSQL's last applied sequence of every account equals Redis's."""
+    deadline = time.monotonic() + within_s
+    while True:
+        expected = await redis_seqs(redis, keyspace, accounts)
+        async with connection(dsn) as conn:
+            rows = await conn.fetch("SELECT account_id, last_seq FROM accounts")
+        applied = {r["account_id"]: r["last_seq"] for r in rows}
+        if applied == expected:
+            return
+        if time.monotonic() > deadline:
+            behind = {a: (s, applied.get(a)) for a, s in expected.items() if applied.get(a) != s}
+            raise AssertionError(f"PostgreSQL did not catch up: (Redis seq, PostgreSQL seq) {behind}")
+        await asyncio.sleep(0.1)
+
+
+async def assert_journal_complete(redis: Redis, dsn: str, keyspace: Keyspace, accounts: list[str]) -> int:
+    """Every account's journal is 1..seq (Redis's seq), each event once; returns the row count."""
+    expected = await redis_seqs(redis, keyspace, accounts)
+    async with connection(dsn) as conn:
+        rows = await conn.fetch(
+            "SELECT account_id, count(*) AS n, count(DISTINCT seq) AS distinct_seqs, min(seq) AS lo, max(seq) AS hi"
+            " FROM journal GROUP BY account_id"
+        )
+        doubled = await conn.fetch("SELECT event_id FROM journal GROUP BY event_id HAVING count(*) > 1")
+    assert doubled == []
+    found = {r["account_id"]: (r["n"], r["distinct_seqs"], r["lo"], r["hi"]) for r in rows}
+    assert found == {a: (seq, seq, 1, seq) for a, seq in expected.items()}
+    return sum(expected.values())
+
+
+async def assert_acknowledged_journaled(traffic: Traffic, dsn: str) -> None:
+    """Every request the ledger acknowledged is in the journal (by its request id)."""
+    async with connection(dsn) as conn:
+        opened = await conn.fetchval("SELECT count(*) FROM journal WHERE type = 'ACCOUNT_OPENED'")
+    assert opened == len(traffic.accounts)
+    missing = traffic.acknowledged - traffic.openings - await journal_request_ids(dsn)
+    assert missing == set()
+
+
+async def journal_request_ids(dsn: str) -> set[str]:
+    async with connection(dsn) as conn:
+        rows = await conn.fetch("SELECT request_id FROM journal WHERE request_id IS NOT NULL")
+    return {r["request_id"] for r in rows}
+
+
+async def assert_balances_match(ledger: Ledger, dsn: str, accounts: list[str]) -> None:
+    """The balance the ledger answers equals the one PostgreSQL holds (no lot has expired)."""
+    async with connection(dsn) as conn:
+        lots = await conn.fetch("SELECT account_id, sum(points) AS pts FROM lots GROUP BY account_id")
+        holds = await conn.fetch(
+            "SELECT account_id, sum(points) AS pts FROM holds WHERE state = 'HELD' GROUP BY account_id"
+        )
+    available = {r["account_id"]: int(r["pts"]) for r in lots}
+    held = {r["account_id"]: int(r["pts"]) for r in holds}
+    for account in accounts:
+        balance = await ledger.balance(account)
+        assert (balance.available, balance.held) == (available.get(account, 0), held.get(account, 0)), account
+
+
+FAST = WorkerConfig(
+    consumer="test-worker",
+    batch_size=200,
+    poll_ms=10,
+    claim_idle_ms=500,
+    housekeeping_s=0.2,
+    trim_s=0.2,
+    backoff_initial_s=0.05,
+    backoff_max_s=0.5,
+)
+
+
+@contextlib.asynccontextmanager
+async def running_worker(
+    redis_url: str, dsn: str, keyspace: Keyspace, config: WorkerConfig = FAST
+) -> AsyncIterator[WriteBehindWorker]:
+    """A worker in this process, on its own Redis client; stopped (and its errors raised) at exit."""
+    async with worker_task(redis_url, dsn, keyspace, config) as (worker, _):
+        yield worker
+
+
+@contextlib.asynccontextmanager
+async def worker_task(
+    redis_url: str, dsn: str, keyspace: Keyspace, config: WorkerConfig = FAST
+) -> AsyncIterator[tuple[WriteBehindWorker, asyncio.Task[None]]]:
+    """`running_worker`, with the task running it: a test can see whether the worker is still alive."""
+    redis = Redis.from_url(redis_url)
+    worker = WriteBehindWorker(redis, dsn, keyspace, config)
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        yield worker, task
+    finally:
+        stop.set()
+        try:
+            await asyncio.wait_for(task, 30)
+        finally:
+            await redis.aclose()
