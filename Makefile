@@ -9,7 +9,7 @@ test:         ## lint, types, stub check, buf lint + breaking, tests (what CI ru
 bench:        ## pointauth's speed on this machine: table on stdout, figures in bench.json
 	uv run python -m loadtest.bench --json bench.json
 
-bench-quick:  ## one step per scenario (~30 s)
+bench-quick:  ## one short run of each step (~40 s)
 	uv run python -m loadtest.bench --quick
 
 proto-release: ## VERSION=v0.2.0: record HEAD's protos as a release; buf breaking checks against it

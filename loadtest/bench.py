@@ -1,14 +1,20 @@
 """`python -m loadtest.bench`: pointauth's speed in one run, on one machine.
 
-It starts (or is given) Redis and PostgreSQL, seeds the population, runs `pointauth serve --workers N`
-and a bare grpc.aio echo server with the same N, then drives both from a pool of client processes:
-the echo ceiling, closed-loop concurrency sweeps of Authorize+Capture, Earn and GetBalance, and
-Authorize+Capture paced at half its best throughput. Latencies are HDR histograms (µs); the table
-gives throughput, p50/p99/p99.9, the ratio to the echo ceiling and the CPU each process group used;
-then Redis memory per account and write-behind lag. `--json` writes it all for machines.
+It starts (or is given) Redis and PostgreSQL, seeds the population, and runs `pointauth serve
+--workers N`, the write-behind worker and two references with the same N: a bare grpc.aio echo,
+and the echo plus one Redis script call per RPC (the ceiling of any design that touches Redis
+once). Then, from a pool of client processes:
 
-The table goes to stdout once, at the end, when the ratios to the echo ceiling are known; while it
-runs, one progress line per step (and the seeding's progress bar) go to stderr.
+- closed loops at `--concurrency` of every scenario: throughput, and its ratio to both references;
+- AuthorizeHold at fixed rates (`--rates`): latency measured from when each call was due, not
+  when it was sent (no coordinated omission), with how busy the machine was meanwhile.
+
+Each step runs `--repeat` times; the table shows the median and the spread (min-max). Latencies
+are HDR histograms (µs). CPU is counted for every process group: server, references, Redis,
+PostgreSQL, worker and the load generator. `--json` writes every repeat for machines.
+
+The table goes to stdout once, at the end; while it runs, one progress line per step (and the
+seeding's progress bar) go to stderr.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from hdrh.histogram import HdrHistogram
 from loadtest.driver import POS, Step, StepResult, new_histogram
 from loadtest.lag import LagSampler
 from loadtest.population import CARD_FORMAT, Population
-from loadtest.procs import ClientPool, CpuMeter, Service
+from loadtest.procs import ClientPool, CpuMeter, Service, named
 from pointauth.server.devstack.stack import EmbeddedStack, free_port
 from pointauth.server.ledger import Keyspace
 from pointauth.server.ops.progress import ProgressBar
@@ -43,12 +49,15 @@ from pointauth.v1 import points_service_pb2 as pb
 
 LABELS = {
     "echo": "echo (bare grpc.aio)",
+    "echo_redis": "echo + 1 Redis call",
+    "authorize": "AuthorizeHold",
     "authorize_capture": "Authorize+Capture",
     "earn": "EarnPoints",
     "balance": "GetBalance",
 }
-# RPCs per unit operation: the ratio to the echo ceiling compares calls with calls.
-RPCS_PER_OP = {"echo": 1, "authorize_capture": 2, "earn": 1, "balance": 1}
+# RPCs per unit operation: the ratios to the references compare calls with calls.
+RPCS_PER_OP = {"echo": 1, "echo_redis": 1, "authorize": 1, "authorize_capture": 2, "earn": 1, "balance": 1}
+REFERENCES = ("echo", "echo_redis")
 
 
 @dataclass
@@ -63,9 +72,60 @@ class Row:
     errors: int
     latency_ms: dict[str, dict[str, float]]
     cpu_cores: dict[str, float]
-    ratio_to_echo_ceiling: float | None = None
+    busy: float = 0.0
+    """How busy the whole machine was during the step: the share of all its cores' time."""
     refusals: dict[str, int] = field(default_factory=dict)
     error_samples: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Summary:
+    """A step's repeats: medians, with the spread (min, max) of throughput and p99."""
+
+    scenario: str
+    concurrency: int
+    mode: str
+    repeats: int
+    ops_per_s: float
+    ops_range: tuple[float, float]
+    rpcs_per_s: float
+    latency_ms: dict[str, dict[str, float]]
+    p99_range: tuple[float, float]
+    busy: float
+    cpu_cores: dict[str, float]
+    refused: int
+    errors: int
+    ratios: dict[str, float] = field(default_factory=dict)
+    """Calls per second over each reference's (echo, echo_redis)."""
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else round((ordered[middle - 1] + ordered[middle]) / 2, 3)
+
+
+def summarize(rows: list[Row]) -> Summary:
+    first = rows[0]
+    p99s = [r.latency_ms.get("op", {}).get("p99", 0.0) for r in rows]
+    return Summary(
+        scenario=first.scenario,
+        concurrency=first.concurrency,
+        mode=first.mode,
+        repeats=len(rows),
+        ops_per_s=_median([r.ops_per_s for r in rows]),
+        ops_range=(min(r.ops_per_s for r in rows), max(r.ops_per_s for r in rows)),
+        rpcs_per_s=_median([r.rpcs_per_s for r in rows]),
+        latency_ms={
+            name: {key: _median([r.latency_ms[name][key] for r in rows if name in r.latency_ms]) for key in figures}
+            for name, figures in first.latency_ms.items()
+        },
+        p99_range=(min(p99s), max(p99s)),
+        busy=_median([r.busy for r in rows]),
+        cpu_cores={name: _median([r.cpu_cores.get(name, 0.0) for r in rows]) for name in first.cpu_cores},
+        refused=sum(r.refused for r in rows),
+        errors=sum(r.errors for r in rows),
+    )
 
 
 def _percentiles(hist: HdrHistogram) -> dict[str, float]:
@@ -114,10 +174,11 @@ def split(total: int, parts: int) -> list[int]:
 
 @dataclass
 class Plan:
-    concurrencies: list[int]
+    concurrency: int
+    rates: list[float]
     warmup_s: float
     duration_s: float
-    paced: bool
+    repeat: int
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -127,11 +188,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-seed", action="store_true", help="the population is there already (pointauth seed)")
     p.add_argument("--workers", type=int, default=2, help="server processes, for pointauth and the echo alike")
     p.add_argument("--clients", type=int, default=2, help="load generator processes")
-    p.add_argument("--concurrency", default="1,4,16,64", help="closed-loop concurrencies to sweep")
+    p.add_argument("--concurrency", type=int, default=64, help="closed loops per throughput step")
+    p.add_argument("--rates", default="100,200,400", help="fixed AuthorizeHold rates (calls/s) for latency")
+    p.add_argument("--repeat", type=int, default=3, help="runs of each step; the table shows median and spread")
     p.add_argument("--duration", type=float, default=8.0, help="measured seconds per step")
     p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each step")
-    p.add_argument("--scenarios", default="authorize_capture,earn,balance")
-    p.add_argument("--quick", action="store_true", help="one concurrency (8), 2 s steps, no paced step: ~30 s")
+    p.add_argument("--scenarios", default="authorize,authorize_capture,earn,balance")
+    p.add_argument("--quick", action="store_true", help="8 loops, one rate (50/s), one 2 s run per step: ~40 s")
     p.add_argument("--hot-traffic", type=float, default=0.0, help="share of calls on the hot 20%% (0: uniform)")
     p.add_argument("--shards", type=int, default=1024, help="ledger shards (must match the seeded data)")
     p.add_argument("--redis-url", help="use this Redis instead of starting one")
@@ -215,16 +278,17 @@ def worker_command(args: argparse.Namespace) -> list[str] | None:
 
 
 def run(args: argparse.Namespace, out: contextlib.ExitStack) -> dict[str, Any]:
-    plan = Plan([int(c) for c in args.concurrency.split(",")], args.warmup, args.duration, paced=True)
+    plan = Plan(
+        args.concurrency, [float(r) for r in args.rates.split(",") if r], args.warmup, args.duration, args.repeat
+    )
     if args.quick:
-        plan = Plan([8], 0.5, 2.0, paced=False)
+        plan = Plan(8, [50.0], 0.5, 2.0, 1)
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     keyspace = Keyspace(args.shards)
     population = Population(args.accounts, args.card_format, hot_traffic=args.hot_traffic)
 
     if args.redis_url:
         redis_url, postgres_dsn = args.redis_url, args.postgres_dsn or ""
-        redis_pids: list[int] = []
         log_dir = Path(tempfile.mkdtemp(prefix="pointauth-bench-logs-"))
     else:
         data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="pointauth-bench-"))
@@ -234,7 +298,6 @@ def run(args: argparse.Namespace, out: contextlib.ExitStack) -> dict[str, Any]:
             out.callback(shutil.rmtree, data_dir, ignore_errors=True)
         stack = out.enter_context(EmbeddedStack(data_dir))
         redis_url, postgres_dsn = stack.redis.url, stack.postgres.dsn
-        redis_pids = [stack.redis.proc.pid] if stack.redis.proc else []
         log_dir = data_dir
     client = redis.Redis.from_url(redis_url)
     out.callback(client.close)
@@ -259,96 +322,93 @@ def run(args: argparse.Namespace, out: contextlib.ExitStack) -> dict[str, Any]:
         "POINTAUTH__SERVER__GRACE_SECONDS": "1",
     }
     python = sys.executable
-    echo_port, server_port = free_port(), free_port()
-    echo = out.enter_context(
-        Service(
-            "echo server",
-            [python, "-m", "loadtest.echo_server", "--port", str(echo_port), "--workers", str(args.workers)],
-            echo_port,
+    workers = str(args.workers)
+    serve = [python, "-m", "pointauth.server.cli", "--log-level", "WARNING", "serve"]
+    echo_port, echo_redis_port, server_port = free_port(), free_port(), free_port()
+    echo_command = [python, "-m", "loadtest.echo_server", "--workers", workers, "--port"]
+    services = {
+        "echo": Service("echo server", [*echo_command, str(echo_port)], echo_port, env, log_dir / "echo.log"),
+        "echo_redis": Service(
+            "echo + Redis server",
+            [*echo_command, str(echo_redis_port), "--redis-url", redis_url],
+            echo_redis_port,
             env,
-            log_dir / "echo.log",
-        )
-    )
-    server = out.enter_context(
-        Service(
+            log_dir / "echo-redis.log",
+        ),
+        "server": Service(
             "pointauth serve",
-            [
-                python,
-                "-m",
-                "pointauth.server.cli",
-                "--log-level",
-                "WARNING",
-                "serve",
-                "--workers",
-                str(args.workers),
-                "--port",
-                str(server_port),
-            ],
+            [*serve, "--workers", workers, "--port", str(server_port)],
             server_port,
             env,
             log_dir / "server.log",
-        )
-    )
-    worker_pids: list[int] = []
+        ),
+    }
+    for service in services.values():
+        out.enter_context(service)
     command = worker_command(args)
     if command:
-        worker = out.enter_context(Service("write-behind worker", command, None, env, log_dir / "worker.log"))
-        worker_pids = worker.pids()
+        services["worker"] = out.enter_context(
+            Service("write-behind worker", command, None, env, log_dir / "worker.log")
+        )
     pool = out.enter_context(ClientPool(args.clients))
     lag = LagSampler(redis_url, keyspace)
 
     payload = pb.AuthorizeHoldRequest(
         request_id="0b8f6d3e-3a4c-4b8e-9a51-5f2c7d9e1a20", card_number=population.card(0), point_of_sale=POS, points=1
     ).SerializeToString()
+    steps_planned = (len(REFERENCES) + len(scenarios) + len(plan.rates)) * plan.repeat
+    rows: list[Row] = []
 
-    def step(scenario: str, concurrency: int, rate: float = 0.0) -> Row:
-        target = echo.target if scenario == "echo" else server.target
-        shares = split(concurrency, pool.size)
+    def step(scenario: str, loops: int, rate: float = 0.0) -> Row:
+        target = services[scenario if scenario in REFERENCES else "server"].target
+        shares = split(loops, pool.size)
         steps = [
             Step(
                 scenario=scenario,
                 target=target,
-                loops=loops,
+                loops=share,
                 warmup_s=plan.warmup_s,
                 duration_s=plan.duration_s,
                 population=population,
-                rate_per_s=rate * loops / concurrency,
-                channels=min(loops, 4),
+                rate_per_s=rate * share / loops,
+                channels=min(share, 4),
                 echo_payload=payload,
-                seed=zlib.crc32(f"{scenario}/{concurrency}/{index}".encode()),
+                seed=zlib.crc32(f"{scenario}/{loops}/{rate}/{len(rows)}/{index}".encode()),
             )
-            for index, loops in enumerate(shares)
+            for index, share in enumerate(shares)
         ]
-        groups = {"server": server.pids(), "redis": redis_pids, "clients": pool.pids(), "echo": echo.pids()}
-        if worker_pids:
-            groups["worker"] = worker_pids
+        groups = {name: service.pids() for name, service in services.items()}
+        groups.update(redis=named("redis-server"), postgres=named("postgres"), clients=pool.pids())
         meter = CpuMeter({name: pids for name, pids in groups.items() if pids})
         meter.start()
         results = pool.run(steps)
         cpu = meter.stop()
-        row = merge(scenario, concurrency, f"paced {rate:.0f}/s" if rate else "closed", plan.duration_s, results)
-        row.cpu_cores = cpu
-        print(progress_line(len(rows) + 1, total_steps, row), file=sys.stderr, flush=True)
+        row = merge(scenario, loops, f"{rate:.0f}/s" if rate else "closed", plan.duration_s, results)
+        row.cpu_cores, row.busy = cpu, meter.busy
+        rows.append(row)
+        print(progress_line(len(rows), steps_planned, row), file=sys.stderr, flush=True)
         return row
 
-    rows: list[Row] = []
-    total_steps = len(plan.concurrencies) * (1 + len(scenarios))
-    total_steps += 1 if plan.paced and "authorize_capture" in scenarios else 0
-    for concurrency in plan.concurrencies:
-        rows.append(step("echo", concurrency))
-    ceiling = max(row.rpcs_per_s for row in rows)
     lag.start()
-    for scenario in scenarios:
-        for concurrency in plan.concurrencies:
-            rows.append(step(scenario, concurrency))
-    if plan.paced and "authorize_capture" in scenarios:
-        best = max((r for r in rows if r.scenario == "authorize_capture"), key=lambda r: r.ops_per_s)
-        # Half the best rate, with far more loops than that rate needs, so a slow answer delays
-        # only its own loop and the arrival rate holds (open-loop like).
-        rows.append(step("authorize_capture", max(64, best.concurrency), rate=best.ops_per_s / 2))
+    for _ in range(plan.repeat):
+        for scenario in (*REFERENCES, *scenarios):
+            step(scenario, plan.concurrency)
+        # Far more loops than a rate needs, so a slow answer delays only its own loop and the
+        # arrival rate holds (open-loop like); each call's latency counts from when it was due.
+        for rate in plan.rates:
+            step("authorize", max(64, plan.concurrency), rate=rate)
     lag.stop()
+
+    groups_of_rows: dict[tuple[str, int, str], list[Row]] = {}
     for row in rows:
-        row.ratio_to_echo_ceiling = round(row.rpcs_per_s / ceiling, 3) if ceiling else None
+        groups_of_rows.setdefault((row.scenario, row.concurrency, row.mode), []).append(row)
+    summaries = [summarize(group) for group in groups_of_rows.values()]
+    ceilings = {
+        ref: next(s.rpcs_per_s for s in summaries if s.scenario == ref and s.mode == "closed") for ref in REFERENCES
+    }
+    for summary in summaries:
+        if summary.mode == "closed":
+            summary.ratios = {ref: round(summary.rpcs_per_s / c, 3) if c else 0.0 for ref, c in ceilings.items()}
 
     lag_figures: dict[str, Any] | str = "n/a (no sample: the run was shorter than a second)"
     if lag.samples_ms:
@@ -375,8 +435,10 @@ def run(args: argparse.Namespace, out: contextlib.ExitStack) -> dict[str, Any]:
             "redis_appendfsync": appendfsync,
             "warmup_s": plan.warmup_s,
             "duration_s": plan.duration_s,
+            "repeat": plan.repeat,
         },
-        "echo_ceiling_rpcs_per_s": ceiling,
+        "ceilings_rpcs_per_s": ceilings,
+        "summary": [asdict(summary) for summary in summaries],
         "rows": [asdict(row) for row in rows],
         "redis_memory": memory,
         "write_behind_lag": lag_figures,
@@ -391,22 +453,29 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
-HEADER = f"{'conc':>5} {'mode':>14} {'ops/s':>9} {'rpc/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9}"
-HEADER += f" {'÷echo':>6} {'refused':>7} {'errors':>6}  cpu cores"
+HEADER = f"{'loops':>5} {'mode':>7} {'ops/s':>8} {'(min-max)':>13} {'rpc/s':>8} {'p50 ms':>7} {'p99 ms':>7}"
+HEADER += f" {'(min-max)':>13} {'p99.9':>7} {'÷echo':>6} {'÷e+R':>5} {'busy':>5} {'errors':>6}  cpu cores"
 
 
-def format_row(row: Row, sub: str = "op") -> str:
+def format_row(row: Summary, sub: str = "op") -> str:
     """A table row; for one call of a pair (`sub`), only its latencies: throughput, ratio, counts
     and CPU belong to the pair and are on the pair's row."""
     lat = row.latency_ms.get(sub, {})
-    latencies = f" {lat.get('p50', 0):>8.3f} {lat.get('p99', 0):>8.3f} {lat.get('p99.9', 0):>9.3f}"
+    p50, p99, p999 = (f"{lat.get(key, 0):>7.2f}" for key in ("p50", "p99", "p99.9"))
     if sub != "op":
-        return f"{'  ' + sub:22}{'':5} {'':14} {'':9} {'':9}{latencies}"
-    cpu = " ".join(f"{name}={cores:.2f}" for name, cores in row.cpu_cores.items())
-    ratio = f"{row.ratio_to_echo_ceiling:.2f}" if row.ratio_to_echo_ceiling is not None else "-"
-    line = f"{LABELS[row.scenario]:22}{row.concurrency:>5} {row.mode:>14} {row.ops_per_s:>9,.0f}"
-    line += f" {row.rpcs_per_s:>9,.0f}{latencies}"
-    return line + f" {ratio:>6} {row.refused:>7} {row.errors:>6}  {cpu}"
+        return f"{'  ' + sub:22}{'':5} {'':7} {'':8} {'':13} {'':8} {p50} {p99} {'':13} {p999}"
+    ops = f"{row.ops_range[0]:,.0f}-{row.ops_range[1]:,.0f}"
+    p99s = f"{row.p99_range[0]:.1f}-{row.p99_range[1]:.1f}"
+    ratios = " ".join(
+        f"{row.ratios[ref]:>{width}.2f}" if ref in row.ratios else f"{'-':>{width}}"
+        for ref, width in zip(REFERENCES, (6, 5), strict=True)
+    )
+    # Idle groups (the references while pointauth runs, and the other way round) are left out.
+    cpu = " ".join(f"{name}={cores:.2f}" for name, cores in row.cpu_cores.items() if cores >= 0.01)
+    return (
+        f"{LABELS[row.scenario]:22}{row.concurrency:>5} {row.mode:>7} {row.ops_per_s:>8,.0f} {ops:>13} "
+        f"{row.rpcs_per_s:>8,.0f} {p50} {p99} {p99s:>13} {p999} {ratios} {row.busy:>5.2f} {row.errors:>6}  {cpu}"
+    )
 
 
 def progress_line(step: int, steps: int, row: Row) -> str:
@@ -414,7 +483,7 @@ def progress_line(step: int, steps: int, row: Row) -> str:
     p99 = row.latency_ms.get("op", {}).get("p99", 0)
     return (
         f"step {step}/{steps}: {LABELS[row.scenario]}, {row.concurrency} loops {row.mode}: "
-        f"{row.ops_per_s:,.0f} ops/s, p99 {p99:.1f} ms, {row.errors} errors"
+        f"{row.ops_per_s:,.0f} ops/s, p99 {p99:.1f} ms, machine {row.busy:.0%} busy, {row.errors} errors"
     )
 
 
@@ -423,18 +492,24 @@ def report(result: dict[str, Any]) -> str:
     lines = [
         "",
         f"pointauth benchmark: {cfg['accounts']:,} accounts, {cfg['workers']} server processes, "
-        f"{cfg['clients']} client processes, Redis appendfsync={cfg['redis_appendfsync']}",
+        f"{cfg['clients']} client processes, Redis appendfsync={cfg['redis_appendfsync']}, "
+        f"each step {cfg['repeat']}x {cfg['duration_s']} s (medians; min-max over the runs)",
         f"machine: {machine['cpus']} CPUs ({machine['cpu_model']}), Python {machine['python']}",
+        "latency from when each call was due; busy = share of all cores' time used, by everything",
         "",
         f"{'':22}{HEADER}",
     ]
-    for data in result["rows"]:
-        row = Row(**data)
+    for data in result["summary"]:
+        row = Summary(**{**data, "ops_range": tuple(data["ops_range"]), "p99_range": tuple(data["p99_range"])})
         lines.append(format_row(row))
         lines.extend(format_row(row, sub) for sub in row.latency_ms if sub != "op")
-        lines.extend(f"{'':24}error: {sample}" for sample in row.error_samples)
+    samples = [sample for data in result["rows"] for sample in data["error_samples"]][:5]
+    lines.extend(f"error: {sample}" for sample in samples)
     lines.append("")
-    lines.append(f"echo ceiling: {result['echo_ceiling_rpcs_per_s']:,.0f} rpc/s")
+    ceilings = result["ceilings_rpcs_per_s"]
+    lines.append(
+        f"references: bare echo {ceilings['echo']:,.0f} rpc/s, echo + 1 Redis call {ceilings['echo_redis']:,.0f} rpc/s"
+    )
     memory = result["redis_memory"]
     if "bytes_per_account" in memory:
         lines.append(

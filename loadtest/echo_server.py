@@ -1,7 +1,12 @@
-"""The bare grpc.aio ceiling: a unary echo of raw bytes, served like `pointauth serve` (N processes on
-one port with SO_REUSEPORT, uvloop, the same server options) but with no work per call.
+"""The benchmark's two references, served like `pointauth serve` (N processes on one port with
+SO_REUSEPORT, uvloop, the same server options):
 
-    python -m loadtest.echo_server --port 50052 --workers 2
+- the bare grpc.aio ceiling: a unary echo of raw bytes, no work per call;
+- with `--redis-url`, the echo plus one Redis script call per RPC, through a pool as large as
+  pointauth's: the ceiling of any design that touches Redis once per call (a write, so with
+  `appendfsync always` it pays the fsync an AuthorizeHold pays).
+
+    python -m loadtest.echo_server --port 50052 --workers 2 [--redis-url redis://127.0.0.1:6379/0]
 """
 
 from __future__ import annotations
@@ -9,19 +14,37 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
+import random
 import signal
+from collections.abc import Awaitable, Callable
 
 import grpc
 import uvloop
+from redis.asyncio import Redis
 
 SERVICE = "pointauth.bench.v1.EchoService"
+# One write in one shard's slot, as the ledger script's calls are.
+_TOUCH = "return redis.call('INCR', KEYS[1])"
+
+Handler = Callable[[bytes, grpc.aio.ServicerContext[bytes, bytes]], Awaitable[bytes]]
 
 
 async def _echo(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
     return request
 
 
-async def serve(host: str, port: int) -> None:
+def _echo_with_redis(redis_url: str) -> Handler:
+    redis = Redis.from_url(redis_url, max_connections=64)
+    touch = redis.register_script(_TOUCH)
+
+    async def echo(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        await touch(keys=[f"pa:{{s{random.randrange(1024)}}}:bench"])
+        return request
+
+    return echo
+
+
+async def serve(host: str, port: int, redis_url: str | None = None) -> None:
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -29,7 +52,8 @@ async def serve(host: str, port: int) -> None:
     # The options of pointauth.server.app.PointauthServer, so only the work per call differs.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_concurrent_streams", 1000)])
     # No (de)serializers: the handler sees the request's bytes, the floor of what any RPC costs.
-    handler = grpc.method_handlers_generic_handler(SERVICE, {"Echo": grpc.unary_unary_rpc_method_handler(_echo)})
+    echo = _echo_with_redis(redis_url) if redis_url else _echo
+    handler = grpc.method_handlers_generic_handler(SERVICE, {"Echo": grpc.unary_unary_rpc_method_handler(echo)})
     server.add_generic_rpc_handlers((handler,))
     server.add_insecure_port(f"{host}:{port}")
     await server.start()
@@ -37,8 +61,8 @@ async def serve(host: str, port: int) -> None:
     await server.stop(1.0)
 
 
-def _worker(host: str, port: int) -> None:
-    uvloop.run(serve(host, port))
+def _worker(host: str, port: int, redis_url: str | None) -> None:
+    uvloop.run(serve(host, port, redis_url))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,9 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--redis-url", help="make one Redis script call per RPC on this Redis")
     args = parser.parse_args(argv)
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(args.host, args.port)) for _ in range(args.workers)]
+    procs = [ctx.Process(target=_worker, args=(args.host, args.port, args.redis_url)) for _ in range(args.workers)]
     for proc in procs:
         proc.start()
 

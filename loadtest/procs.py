@@ -52,20 +52,44 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / TICKS
 
 
+def named(command: str) -> list[int]:
+    """Every process of this machine running `command` (e.g. redis-server, postgres): the stores'
+    CPU counts whether the bench started them or was given them."""
+    found = []
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        with contextlib.suppress(OSError):
+            if comm.read_text().strip() == command:
+                found.append(int(comm.parent.name))
+    return found
+
+
+def _machine_ticks() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole machine since boot, from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
 class CpuMeter:
-    """CPU used by named process groups between start() and stop(), in cores (1.0 = one core busy)."""
+    """CPU used by named process groups between start() and stop(), in cores (1.0 = one core
+    busy), and how busy the whole machine was (0..1: the share of all its cores' time)."""
 
     def __init__(self, groups: dict[str, list[int]]) -> None:
         self.groups = groups
         self._start: dict[str, float] = {}
+        self._machine = (0, 0)
         self._t0 = 0.0
+        self.busy = 0.0
 
     def start(self) -> None:
         self._t0 = time.monotonic()
         self._start = {name: cpu_seconds(pids) for name, pids in self.groups.items()}
+        self._machine = _machine_ticks()
 
     def stop(self) -> dict[str, float]:
         elapsed = max(time.monotonic() - self._t0, 1e-9)
+        busy, total = _machine_ticks()
+        self.busy = round((busy - self._machine[0]) / max(total - self._machine[1], 1), 3)
         return {name: round((cpu_seconds(pids) - self._start[name]) / elapsed, 2) for name, pids in self.groups.items()}
 
 

@@ -31,33 +31,44 @@ def test_quick_bench_reports_ordered_percentiles_and_no_errors(
     assert run.returncode == 0, run.stdout + run.stderr
 
     result = json.loads(out.read_text())
-    rows = {row["scenario"]: row for row in result["rows"]}
-    assert set(rows) == {"echo", "authorize_capture", "earn", "balance"}
-    for row in rows.values():
+    closed = {row["scenario"]: row for row in result["summary"] if row["mode"] == "closed"}
+    paced = [row for row in result["summary"] if row["mode"] != "closed"]
+    assert set(closed) == {"echo", "echo_redis", "authorize", "authorize_capture", "earn", "balance"}
+    assert [(row["scenario"], row["mode"]) for row in paced] == [("authorize", "50/s")]
+    assert len(result["rows"]) == 7  # quick: one run of each step
+    for row in result["rows"]:
         assert row["ok"] > 0
-        assert row["ops_per_s"] > 0
         assert (row["errors"], row["refused"]) == (0, 0), row
+        assert 0 < row["busy"] <= 1
         for name, latency in row["latency_ms"].items():
             assert 0 < latency["p50"] <= latency["p99"] <= latency["p99.9"] <= latency["max"], (name, latency)
             assert latency["count"] == row["ok"]
-    assert set(rows["authorize_capture"]["latency_ms"]) == {"op", "AuthorizeHold", "CaptureHold"}
-    assert result["echo_ceiling_rpcs_per_s"] == rows["echo"]["rpcs_per_s"]
+    assert set(closed["authorize_capture"]["latency_ms"]) == {"op", "AuthorizeHold", "CaptureHold"}
+    assert result["ceilings_rpcs_per_s"] == {ref: closed[ref]["rpcs_per_s"] for ref in ("echo", "echo_redis")}
+    assert closed["authorize"]["ratios"]["echo"] == round(
+        closed["authorize"]["rpcs_per_s"] / closed["echo"]["rpcs_per_s"], 3
+    )
+    # Every process group's CPU is counted, the stores' included.
+    assert {"server", "echo", "echo_redis", "worker", "redis", "postgres", "clients"} <= set(
+        closed["authorize"]["cpu_cores"]
+    )
     assert result["redis_memory"]["accounts"] == 1000
     assert result["redis_memory"]["used_memory"] > 0
-    assert "Authorize+Capture" in run.stdout
 
-    # One table, printed once the ratios to the echo ceiling are known (progress goes to stderr).
+    # One table, printed once the ratios to the references are known (progress goes to stderr).
     output = run.stdout + run.stderr
     assert output.count(HEADER) == 1, output
     table = run.stdout.split(HEADER, 1)[1].split("\n\n", 1)[0].splitlines()[1:]
-    assert [line.split()[0] for line in table] == ["echo", "Authorize+Capture", "AuthorizeHold", "CaptureHold",
-                                                    "EarnPoints", "GetBalance"], table  # fmt: skip
-    ratio_column = slice(22 + HEADER.index("÷echo") - 1, 22 + HEADER.index("÷echo") + 5)
+    assert [line[:22].strip() for line in table] == [
+        "echo (bare grpc.aio)", "echo + 1 Redis call", "AuthorizeHold", "Authorize+Capture",
+        "AuthorizeHold", "CaptureHold", "EarnPoints", "GetBalance", "AuthorizeHold",
+    ], table  # fmt: skip
+    echo_column = slice(22 + HEADER.index("÷echo") - 1, 22 + HEADER.index("÷echo") + 5)
     for line in table:
         if line.startswith("  "):  # one call of a pair: its latencies only, the rest is the pair's
             assert len(line.split()) == 4, line
-        else:
-            assert float(line[ratio_column]) > 0, line
+        elif " closed " in line:
+            assert float(line[echo_column]) > 0, line
     # The seeding's progress bar counts accounts, to the account count.
     bars = re.findall(r"(\d+)/(\d+) accounts", run.stderr)
     assert bars, run.stderr
