@@ -58,8 +58,14 @@ def ledger_settings() -> LedgerSettings:
 
 
 @pytest.fixture
-def ledger(redis: Redis, clock: ManualClock, ledger_settings: LedgerSettings) -> Ledger:
-    return Ledger(redis, Keyspace(ledger_settings.shards), clock, ledger_settings)
+def keyspace(ledger_settings: LedgerSettings) -> Keyspace:
+    """The tests' key names (16 shards), shared by the ledger, the server's settings and helpers."""
+    return Keyspace(ledger_settings.shards)
+
+
+@pytest.fixture
+def ledger(redis: Redis, clock: ManualClock, keyspace: Keyspace, ledger_settings: LedgerSettings) -> Ledger:
+    return Ledger(redis, keyspace, clock, ledger_settings)
 
 
 @pytest.fixture
@@ -105,8 +111,13 @@ def at(ms: int) -> datetime:
 
 
 @pytest.fixture(autouse=True)
-def stack_guard(stack: EmbeddedStack) -> Iterator[None]:
-    """Some tests kill and stop the servers: start them again if a test failed midway."""
+def stack_guard(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Some tests kill and stop the servers: start them again if a test failed midway. Tests
+    that use neither (the pure unit tests) start nothing."""
+    if "stack" not in request.fixturenames:
+        yield
+        return
+    stack: EmbeddedStack = request.getfixturevalue("stack")
     yield
     if stack.redis.proc is None or stack.redis.proc.poll() is not None:
         stack.redis.start()
@@ -126,8 +137,3 @@ async def dsn(stack: EmbeddedStack) -> AsyncIterator[str]:
     with contextlib.suppress(Exception):  # the server may be down if the test failed
         async with connection(stack.postgres.dsn) as conn:
             await conn.execute(f"DROP SCHEMA {schema} CASCADE")
-
-
-@pytest.fixture
-def keyspace(ledger: Ledger) -> Keyspace:
-    return ledger.keyspace

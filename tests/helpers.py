@@ -1,4 +1,5 @@
-"""What a test checks besides the answers: the account's stored state and its events."""
+"""What a test checks besides the answers: the account's stored state and its events, read
+through the ledger's codec (the one definition of what Redis stores)."""
 
 from __future__ import annotations
 
@@ -7,18 +8,23 @@ from typing import Any
 import msgspec
 from redis.asyncio import Redis
 
-from pointauth.server.ledger import Keyspace
+from pointauth.server.ledger import Keyspace, codec
 
 
-async def account_state(redis: Redis, keyspace: Keyspace, account_id: str) -> dict[bytes, bytes]:
-    """The account hash as stored: lots, open holds and sequence."""
-    stored = await redis.hgetall(keyspace.account(account_id).account)
-    return {bytes(k): bytes(v) for k, v in stored.items()}  # type: ignore[arg-type]
+async def account_state(redis: Redis, keyspace: Keyspace, account_id: str) -> codec.AccountHash:
+    """The account hash as stored: sequence, lots and open holds."""
+    stored: dict[bytes, bytes] = await redis.hgetall(keyspace.account(account_id).account)  # type: ignore[assignment]
+    return codec.decode_account(stored)
+
+
+async def stream_events(redis: Redis, keyspace: Keyspace, account_id: str) -> list[codec.Event]:
+    """The account's events in its shard's stream, in order."""
+    entries: list[tuple[bytes, dict[bytes, bytes]]] = await redis.xrange(keyspace.account(account_id).events)  # type: ignore[assignment]
+    decoded = [codec.decode_stream_entry(fields) for _, fields in entries]
+    # Notes (a refusal's request id, for the write-behind) are not events.
+    return [e for e in decoded if isinstance(e, codec.Event) and e.account == account_id]
 
 
 async def events(redis: Redis, keyspace: Keyspace, account_id: str) -> list[dict[str, Any]]:
-    """The account's events in its shard's stream, in order."""
-    entries: list[tuple[bytes, dict[bytes, bytes]]] = await redis.xrange(keyspace.account(account_id).events)  # type: ignore[assignment]
-    # Entries without "e" only point the write-behind at a refusal's idempotency record.
-    decoded = [msgspec.msgpack.decode(fields[b"e"]) for _, fields in entries if b"e" in fields]
-    return [event for event in decoded if event["account"] == account_id]
+    """stream_events as plain maps of the fields each event has (lots and points of sale as lists)."""
+    return [msgspec.to_builtins(e) for e in await stream_events(redis, keyspace, account_id)]

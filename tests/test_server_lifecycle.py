@@ -57,7 +57,7 @@ async def test_reflection_v1_is_served_beside_v1alpha(server: PointauthServer) -
 
 
 async def test_graceful_stop_reports_not_serving_and_finishes_in_flight_calls(
-    server: PointauthServer, member: str, redis: Redis
+    server: PointauthServer, member: str, redis: Redis, keyspace: Keyspace
 ) -> None:
     async with PointsClient(f"127.0.0.1:{server.port}") as client:
         # Redis holds every write for a moment, so the calls are surely in flight when the stop begins.
@@ -69,7 +69,7 @@ async def test_graceful_stop_reports_not_serving_and_finishes_in_flight_calls(
     assert [r for r in done if isinstance(r, BaseException)] == []
     applied = [r for r in done if not isinstance(r, BaseException)]
     assert len(applied) == 50
-    balance = await Ledger(redis, Keyspace(16), server.clock, server.settings.ledger).balance("member-1")
+    balance = await Ledger(redis, keyspace, server.clock, server.settings.ledger).balance("member-1")
     assert balance.available == 1000 - len(applied)
     assert (await server.health.Check(health_pb2.HealthCheckRequest(service=""), None)).status == (
         health_pb2.HealthCheckResponse.NOT_SERVING
@@ -97,6 +97,16 @@ def _wait_serving(port: int, proc: subprocess.Popen[bytes]) -> None:
     raise AssertionError("server did not start")
 
 
+def _child_kind(pid: int) -> str:
+    """What a child of `pointauth serve` is, by its command line."""
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    if "--multiprocessing-fork" in argv:
+        return "worker"
+    if any("multiprocessing.resource_tracker" in arg for arg in argv):
+        return "resource_tracker"
+    return " ".join(argv)
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_serve_runs_workers_and_stops_on_sigterm(
     serve_env: dict[str, str], workers: int, client: PointsClient, member: str, tmp_path: Path
@@ -113,10 +123,12 @@ async def test_serve_runs_workers_and_stops_on_sigterm(
         async with PointsClient(f"127.0.0.1:{port}") as remote:
             balances = await asyncio.gather(*(remote.get_balance(member) for _ in range(20)))
         assert {b.balance.available_points for b in balances} == {1000}
-        if workers > 1:
-            pgrep = ["pgrep", "-P", str(proc.pid)]
-            children = (await asyncio.to_thread(subprocess.run, pgrep, capture_output=True, text=True)).stdout.split()
-            assert len(children) >= workers
+        pgrep = ["pgrep", "-P", str(proc.pid)]
+        children = (await asyncio.to_thread(subprocess.run, pgrep, capture_output=True, text=True)).stdout.split()
+        # One worker serves in the process itself; more are spawned, with multiprocessing's
+        # resource tracker beside them, and nothing else.
+        kinds = sorted(_child_kind(int(pid)) for pid in children)
+        assert kinds == ([] if workers == 1 else ["resource_tracker"] + ["worker"] * workers)
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(proc.wait, 30) == 0
     finally:

@@ -158,10 +158,10 @@ NOT_UTF8 = b"\x0a\x02\xff\xfe"
 
 @pytest.mark.parametrize("method", METHODS)
 async def test_a_body_that_is_not_protobuf_is_invalid_argument(
-    server: PointauthServer, member: str, redis: Redis, method: str
+    server: PointauthServer, member: str, redis: Redis, keyspace: Keyspace, method: str
 ) -> None:
     keys_before = sorted(await redis.keys("*"))
-    state_before = await account_state(redis, Keyspace(16), "member-1")
+    state_before = await account_state(redis, keyspace, "member-1")
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         for body in (TRUNCATED, NOT_UTF8):
             with pytest.raises(grpc.aio.AioRpcError) as raised:
@@ -169,7 +169,7 @@ async def test_a_body_that_is_not_protobuf_is_invalid_argument(
             error = error_from_rpc(raised.value.code(), raised.value.details() or "", raised.value.trailing_metadata())
             assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST"), method
     assert sorted(await redis.keys("*")) == keys_before
-    assert await account_state(redis, Keyspace(16), "member-1") == state_before
+    assert await account_state(redis, keyspace, "member-1") == state_before
 
 
 @pytest.mark.parametrize(("case", "method", "request_message", "fields"), CASES, ids=[c[0] for c in CASES])
@@ -177,12 +177,12 @@ async def test_bad_input_is_invalid_argument_and_changes_nothing(
     server: PointauthServer,
     member: str,
     redis: Redis,
+    keyspace: Keyspace,
     case: str,
     method: str,
     request_message: Any,
     fields: set[str],
 ) -> None:
-    keyspace = Keyspace(16)
     state_before = await account_state(redis, keyspace, "member-1")
     events_before = await events(redis, keyspace, "member-1")
     keys_before = sorted(await redis.keys("*"))

@@ -104,18 +104,21 @@ async def test_calls_beyond_max_in_flight_are_shed_with_a_retry_hint(
     assert (balance.balance.available_points, balance.balance.held_points) == (950, 50)
 
 
-@pytest.mark.parametrize("tuned", [{"redis": {"max_connections": 4, "pool_wait_seconds": 0.3}}], indirect=True)
-async def test_a_wait_for_a_redis_connection_past_its_limit_is_shed(
+@pytest.mark.parametrize("tuned", [{"redis": {"pipeline_batches": 1, "pool_wait_seconds": 0.3}}], indirect=True)
+async def test_a_call_not_sent_to_redis_within_the_wait_is_shed(
     tuned: PointsClient, clock: ManualClock, redis: Redis
 ) -> None:
     await _open_member(tuned, clock, "shed-2", "4000000000004000", 1000)
-    await redis.client_pause(1500, all=False)  # 4 calls hold the 4 connections; 16 wait 0.3 s
+    await redis.client_pause(1500, all=False)
+    # The one batch allowed in flight holds the first redeem; the next 19 wait for it past 0.3 s.
+    first = asyncio.create_task(tuned.redeem_points("4000000000004000", STORE, 1))
+    await asyncio.sleep(0.2)
     results = await asyncio.gather(
-        *(tuned.redeem_points("4000000000004000", STORE, 1) for _ in range(20)), return_exceptions=True
+        first, *(tuned.redeem_points("4000000000004000", STORE, 1) for _ in range(19)), return_exceptions=True
     )
-    assert Counter(_outcome(r) for r in results) == {"OK": 4, "SERVER_OVERLOADED": 16}
+    assert Counter(_outcome(r) for r in results) == {"OK": 1, "SERVER_OVERLOADED": 19}
     assert {type(r) for r in results if isinstance(r, BaseException)} == {OverloadedError}
-    assert (await tuned.get_balance("4000000000004000")).balance.available_points == 996
+    assert (await tuned.get_balance("4000000000004000")).balance.available_points == 999
 
 
 async def test_a_redis_outage_is_unavailable_and_the_server_recovers_after_it(

@@ -17,7 +17,6 @@ from pointauth.v1 import points_service_pb2 as pb
 from tests.conftest import CARD, DAY_MS, STORE, at
 from tests.helpers import account_state, events
 
-KEYS = Keyspace(16)
 OTHER_STORE = common_pb2.PointOfSale(
     company_id="partner", store_id="store-9", terminal_id="kiosk-1", channel=common_pb2.CHANNEL_KIOSK
 )
@@ -98,17 +97,15 @@ async def test_partial_capture_releases_the_rest(client: PointsClient, member: s
     assert hold_receipt.related_transaction_id == captured.transaction_id
 
 
-async def test_void_returns_all_points(client: PointsClient, member: str, redis: Redis) -> None:
-    before = await account_state(redis, KEYS, "member-1")
+async def test_void_returns_all_points(client: PointsClient, member: str, redis: Redis, keyspace: Keyspace) -> None:
+    before = await account_state(redis, keyspace, "member-1")
     hold = await client.authorize_hold(member, STORE, 400)
     voided = await client.void_hold(hold.hold_id)
     assert voided.released_points == 400
     assert voided.balance.available_points == 1000
-    after = await account_state(redis, KEYS, "member-1")
-    assert {k: v for k, v in after.items() if k.startswith(b"l:")} == {
-        k: v for k, v in before.items() if k.startswith(b"l:")
-    }
-    assert not any(k.startswith(b"h:") for k in after)
+    after = await account_state(redis, keyspace, "member-1")
+    assert after.lots == before.lots
+    assert after.holds == {}
 
 
 @pytest.mark.parametrize(
@@ -140,7 +137,7 @@ async def test_capture_above_the_hold_is_refused(client: PointsClient, member: s
 
 
 async def test_hold_expires_after_its_ttl_without_a_sweeper(
-    client: PointsClient, member: str, clock: ManualClock, redis: Redis
+    client: PointsClient, member: str, clock: ManualClock, redis: Redis, keyspace: Keyspace
 ) -> None:
     hold = await client.authorize_hold(member, STORE, 250, hold_ttl=timedelta(seconds=60))
     clock.advance(59_999)
@@ -154,11 +151,11 @@ async def test_hold_expires_after_its_ttl_without_a_sweeper(
         assert refused.value.reason == "HOLD_EXPIRED"
     balance = await client.get_balance(member)
     assert (balance.balance.available_points, balance.balance.held_points) == (1000, 0)
-    assert [e["type"] for e in await events(redis, KEYS, "member-1")][-1] == "HOLD_EXPIRED"
+    assert [e["type"] for e in await events(redis, keyspace, "member-1")][-1] == "HOLD_EXPIRED"
 
 
 async def test_sweeper_releases_untouched_expired_holds(
-    client: PointsClient, member: str, clock: ManualClock, redis: Redis, server: object
+    client: PointsClient, member: str, clock: ManualClock, redis: Redis, keyspace: Keyspace, server: object
 ) -> None:
     from pointauth.server.app import PointauthServer
 
@@ -166,9 +163,9 @@ async def test_sweeper_releases_untouched_expired_holds(
     await client.authorize_hold(member, STORE, 100, hold_ttl=timedelta(seconds=10))
     clock.advance(10_000)
     assert await server.ledger.sweep_expired_holds() == 1
-    state = await account_state(redis, KEYS, "member-1")
-    assert not any(k.startswith(b"h:") for k in state)
-    assert await redis.zcard(KEYS.account("member-1").holds) == 0
+    state = await account_state(redis, keyspace, "member-1")
+    assert state.holds == {}
+    assert await redis.zcard(keyspace.account("member-1").holds) == 0
     assert await server.ledger.sweep_expired_holds() == 0
 
 
@@ -268,7 +265,7 @@ async def test_unknown_things_are_not_found(client: PointsClient, member: str, c
 
 
 async def test_replay_returns_the_first_response_and_applies_once(
-    client: PointsClient, member: str, redis: Redis
+    client: PointsClient, member: str, redis: Redis, keyspace: Keyspace
 ) -> None:
     request_id = new_request_id()
     first = await client.redeem_points(member, STORE, 100, request_id=request_id)
@@ -276,7 +273,7 @@ async def test_replay_returns_the_first_response_and_applies_once(
     again = await client.redeem_points(member, STORE, 100, request_id=request_id)
     assert again.SerializeToString() == first.SerializeToString()
     assert (await client.get_balance(member)).balance.available_points == 850
-    assert [e["type"] for e in await events(redis, KEYS, "member-1")].count("REDEEMED") == 2
+    assert [e["type"] for e in await events(redis, keyspace, "member-1")].count("REDEEMED") == 2
 
 
 async def test_reused_request_id_with_other_content_is_already_exists(client: PointsClient, member: str) -> None:
@@ -326,7 +323,9 @@ async def test_a_refused_opening_leaves_no_trace(client: PointsClient, member: s
     assert (opened.account_id, opened.card_number) == ("member-2", "4000000000000002")
 
 
-async def test_concurrent_openings_with_one_card_have_exactly_one_winner(client: PointsClient, redis: Redis) -> None:
+async def test_concurrent_openings_with_one_card_have_exactly_one_winner(
+    client: PointsClient, redis: Redis, keyspace: Keyspace
+) -> None:
     for race in range(30):
         card = f"40000000009{race:05d}"
         accounts = [f"race-{race}-a", f"race-{race}-b"]
@@ -339,8 +338,8 @@ async def test_concurrent_openings_with_one_card_have_exactly_one_winner(client:
         assert [(type(e), getattr(e, "reason", "")) for e in losers] == [(ConflictError, "CARD_ALREADY_LINKED")]
         assert (await client.get_balance(card)).account_id == winners[0]
         loser = next(a for a in accounts if a != winners[0])
-        assert not await redis.exists(KEYS.account(loser).account)
-        assert [e["account"] for e in await events(redis, KEYS, loser)] == []
+        assert not await redis.exists(keyspace.account(loser).account)
+        assert [e["account"] for e in await events(redis, keyspace, loser)] == []
         # The loser's id is free: opening it with another card works.
         await client.create_account(loser, f"40000000008{race:05d}")
 
@@ -368,16 +367,18 @@ async def test_no_path_adds_points_past_the_balance_cap(client: PointsClient, cl
     assert (await client.get_balance(card)).balance.available_points == cap
 
 
-async def test_script_reloads_after_noscript(client: PointsClient, member: str, redis: Redis) -> None:
-    await redis.script_flush()
+async def test_library_reloads_after_function_flush(client: PointsClient, member: str, redis: Redis) -> None:
+    await redis.function_flush()
     redeemed = await client.redeem_points(member, STORE, 10)
     assert redeemed.balance.available_points == 990
 
 
-async def test_every_change_appends_its_event(client: PointsClient, member: str, redis: Redis) -> None:
+async def test_every_change_appends_its_event(
+    client: PointsClient, member: str, redis: Redis, keyspace: Keyspace
+) -> None:
     hold = await client.authorize_hold(member, STORE, 100)
     await client.capture_hold(hold.hold_id, 60)
-    log = await events(redis, KEYS, "member-1")
+    log = await events(redis, keyspace, "member-1")
     assert [e["type"] for e in log] == ["ACCOUNT_OPENED", "GRANT", "HOLD_AUTHORIZED", "HOLD_CAPTURED"]
     assert [e["seq"] for e in log] == [1, 2, 3, 4]
     assert log[2]["lots"] == [[2, -100, log[1]["lots"][0][2], "R", "acme"]]
@@ -386,7 +387,7 @@ async def test_every_change_appends_its_event(client: PointsClient, member: str,
 
 
 async def test_sweep_in_slices_covers_every_shard(
-    client: PointsClient, clock: ManualClock, redis: Redis, server: object
+    client: PointsClient, clock: ManualClock, redis: Redis, keyspace: Keyspace, server: object
 ) -> None:
     from pointauth.server.app import PointauthServer
 
@@ -399,7 +400,7 @@ async def test_sweep_in_slices_covers_every_shard(
     clock.advance(5_000)
     swept = [await server.ledger.sweep_expired_holds(4) for _ in range(4)]  # 16 shards, 4 at a time
     assert sum(swept) == len(cards)
-    assert [await redis.zcard(KEYS.holds(shard)) for shard in range(16)] == [0] * 16
+    assert [await redis.zcard(keyspace.holds(shard)) for shard in range(keyspace.shards)] == [0] * keyspace.shards
 
 
 async def test_a_card_unknown_at_first_is_found_once_linked(client: PointsClient) -> None:

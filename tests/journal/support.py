@@ -19,7 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from pointauth.server.clock import ManualClock
 from pointauth.server.journal import WorkerConfig, WriteBehindWorker
 from pointauth.server.journal.pg import connection
-from pointauth.server.ledger import Keyspace, Ledger, LedgerRefusal, OpResult, PointOfSaleRef
+from pointauth.server.ledger import Keyspace, Ledger, LedgerRefusal, OpResult, PointOfSaleRef, codec
 
 DAY_MS = 86_400_000
 TILL = PointOfSaleRef("acme", "store-7", "till-3", 1)
@@ -148,12 +148,48 @@ class Traffic:
         return {a: list(h) for a, h in self._holds.items() if h}
 
 
+async def every_kind(ledger: Ledger, clock: ManualClock, account: str) -> dict[str, OpResult]:
+    """One account through every operation, record type, hold state and event type, with known
+    figures (see the comments: lot 2 regular, lot 3 limited-time and expiring first); returns
+    each call's answer by the request id it used (a refusal's as well)."""
+    t0 = clock.now_ms()
+    answers: dict[str, OpResult] = {}
+
+    async def call(rid: str, op: Callable[..., Awaitable[OpResult]], *args: Any, **kwargs: Any) -> None:
+        try:
+            answers[rid] = await op(*args, request_id=rid, fingerprint=fingerprint(rid), **kwargs)
+        except LedgerRefusal as refusal:
+            answers[rid] = refusal.result
+
+    await call("open", lambda **kw: ledger.create_account(account, f"card-{account}", **kw))  # seq 1
+    earn = {"pos": TILL, "kind": "R", "purchase_amount": 30_000, "purchase_ms": t0}
+    await call("earn", ledger.earn, account, points=300, expire_ms=t0 + 30 * DAY_MS, **earn)  # 2: lot 2 = 300
+    await call("grant", ledger.earn, account, points=100, expire_ms=t0 + DAY_MS, kind="L", pos=TILL, grant=True)  # 3
+    hold = {"pos": TILL, "ttl_ms": 600_000}
+    await call("hold-captured", ledger.authorize, account, points=150, **hold)  # 4: lot 3 100, lot 2 50
+    await call("capture", ledger.capture, account, 4, points=120)  # 5: uses lot 3 100, lot 2 20; 30 back to lot 2
+    await call("hold-voided", ledger.authorize, account, points=10, **hold)  # 6: lot 2 10
+    await call("void", ledger.void, account, 6)  # 7
+    await call("redeem", ledger.redeem, account, points=50, pos=TILL)  # 8: lot 2 50
+    await call("refund-capture", ledger.refund, account, 5, points=30, pos=None)  # 9: lot 2 +20, lot 3 +10
+    await call("refund-redemption", ledger.refund, account, 8, points=None, pos=None)  # 10: lot 2 +50
+    await call("refund-earn", ledger.refund, account, 2, points=40, pos=None)  # 11: lot 2 -40
+    await call("refused", ledger.redeem, account, points=1_000_000, pos=TILL)  # no event: a note
+    await call("hold-expired", ledger.authorize, account, points=20, pos=TILL, ttl_ms=60_000)  # 12: lot 3 10, lot 2 10
+    clock.advance(60_000)
+    answers["expire-hold"] = await ledger.balance(account)  # 13: HOLD_EXPIRED
+    clock.set(t0 + DAY_MS)
+    answers["expire-lot"] = await ledger.balance(account)  # 14: LOTS_EXPIRED, lot 3's 10
+    await call("hold-held", ledger.authorize, account, points=5, **hold)  # 15: lot 2 5, left open
+    return answers
+
+
 async def redis_seqs(redis: Redis, keyspace: Keyspace, accounts: list[str]) -> dict[str, int]:
     async with redis.pipeline(transaction=False) as pipe:
         for account in accounts:
-            pipe.hget(keyspace.account(account).account, "seq")
+            pipe.hgetall(keyspace.account(account).account)
         replies: list[Any] = await pipe.execute()
-    return {a: int(r) for a, r in zip(accounts, replies, strict=True) if r is not None}
+    return {a: codec.decode_account(r).seq for a, r in zip(accounts, replies, strict=True) if r}
 
 
 async def wait_until_applied(

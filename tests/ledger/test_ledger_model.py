@@ -79,11 +79,11 @@ operations = st.lists(
 )
 
 
-async def _run(redis_url: str, ops: list[tuple[Any, ...]]) -> None:
+async def _run(redis_url: str, keyspace: Keyspace, ops: list[tuple[Any, ...]]) -> None:
     redis = Redis.from_url(redis_url)
     await redis.flushall()
     clock = ManualClock(START_MS)
-    ledger = Ledger(redis, Keyspace(16), clock, LedgerSettings(shards=16))
+    ledger = Ledger(redis, keyspace, clock, LedgerSettings(shards=keyspace.shards))
     model = Model()
     ids = iter(range(1, 10_000))
 
@@ -187,5 +187,7 @@ async def _run(redis_url: str, ops: list[tuple[Any, ...]]) -> None:
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=operations)
-def test_random_operations_match_the_model(stack: EmbeddedStack, ops: list[tuple[Any, ...]]) -> None:
-    asyncio.run(_run(stack.redis.url, ops))
+def test_random_operations_match_the_model(
+    stack: EmbeddedStack, keyspace: Keyspace, ops: list[tuple[Any, ...]]
+) -> None:
+    asyncio.run(_run(stack.redis.url, keyspace, ops))

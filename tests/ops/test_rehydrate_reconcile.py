@@ -7,15 +7,17 @@ from __future__ import annotations
 import asyncio
 import io
 
+import msgspec
 import pytest
 from redis.asyncio import Redis
 
 from pointauth.server.clock import ManualClock
 from pointauth.server.config import LedgerSettings, PostgresSettings, RedisSettings, Settings
 from pointauth.server.devstack.stack import EmbeddedStack
-from pointauth.server.ledger import Keyspace, Ledger, LedgerRefusal
+from pointauth.server.ledger import Keyspace, Ledger, LedgerRefusal, codec
 from pointauth.server.ops import RehydrateRefused, reconcile, reconcile_command, rehydrate
 from pointauth.server.ops.progress import ProgressBar
+from tests.helpers import account_state
 from tests.journal.support import (
     TILL,
     Traffic,
@@ -44,6 +46,7 @@ async def test_flushed_redis_is_rehydrated_and_holds_still_resolve(
         await wait_until_applied(redis, dsn, keyspace, ACCOUNTS)
     balances = {a: await ledger.balance(a) for a in ACCOUNTS}
     open_holds = traffic.open_holds()
+    stored = await _stored(redis, keyspace, ACCOUNTS)
 
     await redis.flushall()  # Redis lost
     progress = io.StringIO()
@@ -54,6 +57,9 @@ async def test_flushed_redis_is_rehydrated_and_holds_still_resolve(
     assert report.accounts == len(ACCOUNTS)
     assert f"{len(ACCOUNTS)}/{len(ACCOUNTS)} accounts" in progress.getvalue()
     assert (await reconcile(redis, dsn, keyspace, settle_seconds=0)).differences == []
+    # Every record back as it was (all are within the refund window), every account hash too but
+    # for x0, which may start later: pruning had not yet passed seqs that have no record.
+    assert await _stored(redis, keyspace, ACCOUNTS) == stored
     assert {a: await ledger.balance(a) for a in ACCOUNTS} == balances
     assert await ledger.account_for_card("card-member-3-3") == "member-3"
 
@@ -87,7 +93,7 @@ async def test_rehydrate_refuses_while_events_wait_in_the_streams(
     await ledger.create_account("carol", "card-carol", "open-carol", fingerprint("open-carol"))
     with pytest.raises(RehydrateRefused, match="1 events in 1 streams"):
         await rehydrate(redis, dsn, keyspace, now_ms=clock.now_ms(), transaction_retention_ms=RETENTION_MS)
-    assert await redis.hget(keyspace.account("carol").account, "seq") == b"1"  # untouched
+    assert (await account_state(redis, keyspace, "carol")).seq == 1  # untouched
 
 
 async def test_reconcile_lists_every_difference_and_exits_non_zero(
@@ -107,18 +113,31 @@ async def test_reconcile_lists_every_difference_and_exits_non_zero(
     assert "4 accounts compared" in out.getvalue()
 
     # Damage Redis three ways: a changed lot, a lost account, an account PostgreSQL never saw.
-    fields: list[bytes] = await redis.hkeys(keyspace.account("member-0").account)  # type: ignore[assignment]
-    lot_field = next(k for k in fields if k.startswith(b"l:"))
-    await redis.hset(keyspace.account("member-0").account, lot_field, "1:1:R:acme")
+    lot_id = min((await account_state(redis, keyspace, "member-0")).lots)
+    changed = codec.LotEntry(lot_id, 1, 1, "R", "acme")
+    await redis.hset(keyspace.account("member-0").account, codec.lot_field(lot_id), codec.lot_value(changed))
     await redis.delete(keyspace.account("member-1").account)
-    await redis.hset(keyspace.account("ghost").account, mapping={"seq": "3", "x0": "1"})
+    ghost = codec.encode_account(codec.AccountHash(seq=3, x0=1))
+    await redis.hset(keyspace.account("ghost").account, mapping=ghost)  # type: ignore[arg-type]
     out = io.StringIO()
     assert await _reconcile_cli(settings, out) == 1
     listing = out.getvalue()
-    assert f"member-0: lot {lot_field.decode()[2:]}: Redis 1:1:R:acme" in listing
+    assert f"member-0: lot {lot_id}: Redis 1:1:R:acme" in listing
     assert "member-1: account: Redis missing, PostgreSQL at seq 2" in listing
     assert "ghost: account: Redis at seq 3, PostgreSQL missing" in listing
     assert "DIFFER for 3 accounts" in listing
+
+
+async def _stored(
+    redis: Redis, keyspace: Keyspace, accounts: list[str]
+) -> dict[str, tuple[codec.AccountHash, dict[int, codec.TransactionRecord]]]:
+    """Per account: its hash (x0 left out) and its transaction records, decoded."""
+    out = {}
+    for account in accounts:
+        state = msgspec.structs.replace(await account_state(redis, keyspace, account), x0=None)
+        raw: dict[bytes, bytes] = await redis.hgetall(keyspace.account(account).transactions)  # type: ignore[assignment]
+        out[account] = (state, {int(seq): codec.decode_record(packed) for seq, packed in raw.items()})
+    return out
 
 
 async def _reconcile_cli(settings: Settings, out: io.StringIO) -> int:

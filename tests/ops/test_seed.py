@@ -30,7 +30,9 @@ async def _pg_counts(dsn: str) -> tuple[int, int, int, int]:
         return row[0], row[1], row[2], row[3]
 
 
-async def test_seed_loads_both_stores_idempotently(stack: EmbeddedStack, redis: Redis, dsn: str) -> None:
+async def test_seed_loads_both_stores_idempotently(
+    stack: EmbeddedStack, redis: Redis, keyspace: Keyspace, dsn: str
+) -> None:
     settings = Settings(
         redis=RedisSettings(url=stack.redis.url), postgres=PostgresSettings(dsn=dsn), ledger=LedgerSettings(shards=16)
     )
@@ -45,7 +47,6 @@ async def test_seed_loads_both_stores_idempotently(stack: EmbeddedStack, redis: 
     assert {len(c) for _, c, _ in expected} == {1, 2, 3}
     assert {kind for _, _, lot in expected for *_, kind in lot} == {b"R", b"L"}
 
-    keyspace = Keyspace(16)
     ledger = Ledger(redis, keyspace, SystemClock(), settings.ledger)
     assert await ledger.account_for_card(primary_card(7)) == account_id(7)
     balance = await ledger.balance(account_id(7))
@@ -70,7 +71,9 @@ async def test_seed_loads_both_stores_idempotently(stack: EmbeddedStack, redis: 
     assert (await reconcile(redis, dsn, keyspace, settle_seconds=2)).ok
 
 
-async def test_a_larger_seed_adds_only_the_missing_accounts(stack: EmbeddedStack, redis: Redis, dsn: str) -> None:
+async def test_a_larger_seed_adds_only_the_missing_accounts(
+    stack: EmbeddedStack, redis: Redis, keyspace: Keyspace, dsn: str
+) -> None:
     settings = Settings(
         redis=RedisSettings(url=stack.redis.url), postgres=PostgresSettings(dsn=dsn), ledger=LedgerSettings(shards=16)
     )
@@ -84,5 +87,6 @@ async def test_a_larger_seed_adds_only_the_missing_accounts(stack: EmbeddedStack
         sum(len(c) for _, c, _ in expected),
         sum(len(lot) for _, _, lot in expected),
     )
-    assert await Ledger(redis, Keyspace(16), SystemClock(), settings.ledger).account_for_card(primary_card(249))
-    assert (await reconcile(redis, dsn, Keyspace(16), settle_seconds=0)).ok
+    ledger = Ledger(redis, keyspace, SystemClock(), settings.ledger)
+    assert await ledger.account_for_card(primary_card(249)) == account_id(249)
+    assert (await reconcile(redis, dsn, keyspace, settle_seconds=0)).ok

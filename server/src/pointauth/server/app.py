@@ -19,6 +19,7 @@ from pointauth.server.api.points import PointsServicer
 from pointauth.server.clock import Clock, SystemClock
 from pointauth.server.config import Settings
 from pointauth.server.ledger import Keyspace, Ledger, connect
+from pointauth.server.ledger.pipeline import TickPipeline
 from pointauth.server.rules.earn_policy import EarnPolicy
 from pointauth.server.services.accounts import AccountsService
 from pointauth.server.services.points import PointsService
@@ -51,7 +52,12 @@ class PointauthServer:
         self.settings = settings
         self.clock = clock or SystemClock()
         self.redis = connect(settings.redis)
-        self.ledger = Ledger(self.redis, Keyspace(settings.ledger.shards), self.clock, settings.ledger)
+        pipeline = TickPipeline(
+            self.redis, max_batches=settings.redis.pipeline_batches, queue_wait_s=settings.redis.pool_wait_seconds
+        )
+        self.ledger = Ledger(
+            self.redis, Keyspace(settings.ledger.shards), self.clock, settings.ledger, pipeline=pipeline
+        )
         self.points = PointsService(self.ledger, EarnPolicy(settings.earn), self.clock)
         self.accounts = AccountsService(self.ledger, self.points)
         self.health = health.aio.HealthServicer()
@@ -64,6 +70,10 @@ class PointauthServer:
 
     async def start(self) -> None:
         await self.redis.ping()
+        # Loaded before serving, so that a Redis without Functions stops the start and the
+        # first calls need no reload; several processes starting at once all succeed.
+        loaded = await self.ledger.load()
+        log.info("ledger library %s %s", self.ledger.library.name, "loaded" if loaded else "present")
         self.boundary = ErrorBoundary(
             max_in_flight=self.settings.server.max_in_flight,
             retry_delay_ms=self.settings.server.overload_retry_ms,

@@ -96,6 +96,12 @@ def _cmd_rehydrate(args: argparse.Namespace) -> int:
     return rehydrate_command(_settings(args), force=args.force)
 
 
+def _cmd_prune_functions(args: argparse.Namespace) -> int:
+    from pointauth.server.ops import prune_functions_command
+
+    return prune_functions_command(_settings(args))
+
+
 def _cmd_seed(args: argparse.Namespace) -> int:
     from pointauth.server.ops.seed import seed_command
 
@@ -135,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     rehydrate = sub.add_parser("rehydrate", help="rebuild Redis from PostgreSQL")
     rehydrate.add_argument("--force", action="store_true", help="even over a Redis that holds data")
     rehydrate.set_defaults(func=_cmd_rehydrate)
+
+    sub.add_parser(
+        "prune-functions", help="after a deploy: delete the Redis ledger libraries of other releases"
+    ).set_defaults(func=_cmd_prune_functions)
 
     seed = sub.add_parser("seed", help="bulk-load a load-test population into Redis and PostgreSQL")
     seed.add_argument("--accounts", type=int, required=True, help="accounts a00000000 .. (N-1)")

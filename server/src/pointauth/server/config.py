@@ -53,7 +53,11 @@ class RedisSettings(_Section):
     max_connections: Positive = 64
     """Connection pool size per server process. Calls beyond it wait for a free connection."""
     pool_wait_seconds: Seconds = 2.0
-    """How long a call waits for a free connection before it is refused as SERVER_OVERLOADED."""
+    """How long a call waits to be sent to Redis (for a free connection, or a free pipeline)
+    before it is refused as SERVER_OVERLOADED."""
+    pipeline_batches: Positive = 4
+    """Hot-path commands of one event-loop tick go to Redis as one pipeline; at most this many
+    such batches are in flight per process (calls beyond them join the next batch)."""
     command_timeout_seconds: Seconds = 5.0
     """A Redis command (or connect) taking longer is BACKEND_UNAVAILABLE."""
 
@@ -81,6 +85,10 @@ class LedgerSettings(_Section):
     sweep_shards_per_tick: Positive = 64
     """Shards looked at per sweep, in turn (1,024 shards at 64 a second: each every 16 s).
     Reads and writes see an expired hold as expired at once; the sweep only writes it down."""
+    sweep_accounts_per_tick: Positive = 100
+    """At most this many accounts' expired holds are written down per sweep, so that a burst of
+    expiries (a till network outage) is spread over several ticks instead of one long stall;
+    the rest wait for the next tick."""
     card_cache_size: Annotated[int, Meta(ge=0)] = 100_000
     """Card-to-account links cached per server process (0: none). Links never change yet."""
 

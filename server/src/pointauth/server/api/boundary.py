@@ -4,7 +4,7 @@ exactly one ErrorInfo, and where load is shed before it can queue past a till's 
 - a body that is not valid protobuf: INVALID_ARGUMENT (MALFORMED_REQUEST), for every method;
 - more than `max_in_flight` calls at once in this process: RESOURCE_EXHAUSTED (SERVER_OVERLOADED);
 - refusals (ApiError, LedgerRefusal): their own code and reason;
-- no free Redis connection within the pool wait: RESOURCE_EXHAUSTED (SERVER_OVERLOADED);
+- not sent to Redis within `redis.pool_wait_seconds`: RESOURCE_EXHAUSTED (SERVER_OVERLOADED);
 - Redis down, restarting or loading: UNAVAILABLE (BACKEND_UNAVAILABLE);
 - anything else: INTERNAL with a generic message; the exception is logged, never sent.
 """
@@ -98,7 +98,7 @@ class ErrorBoundary(grpc.aio.ServerInterceptor):
                     error = api_error
                 except PoolExhausted as exc:
                     log.warning("%s shed: %s", method, exc)
-                    error = overloaded("no Redis connection free", self.retry_delay_ms)
+                    error = overloaded("the call waited too long to be sent to Redis", self.retry_delay_ms)
                 except grpc.aio.AbortError:
                     raise
                 except BACKEND_ERRORS as exc:

@@ -1,4 +1,5 @@
-"""The events the ledger script appends to each shard's stream, as the worker reads them."""
+"""The shard streams as the worker reads them: entry ids, entries, and the events they carry
+(whose format ledger/codec.py defines)."""
 
 from __future__ import annotations
 
@@ -6,42 +7,9 @@ from typing import NamedTuple
 
 import msgspec
 
-# One effect on a lot: (lot id, signed delta of its unheld points, expiry ms, kind, issuer).
-LotEffect = tuple[int, int, int, str, str]
-# Point of sale: (company, store, terminal, channel).
-Pos = tuple[str, str, str, int]
+from pointauth.server.ledger.codec import Event, IdempotencyNote, decode_stream_entry
 
-
-class Event(msgspec.Struct, frozen=True):
-    """One state change of one account; unknown fields are ignored so the script may add some."""
-
-    type: str
-    seq: int
-    account: str
-    time: int
-    pts: int = 0
-    lots: list[LotEffect] = []
-    rid: str | None = None
-    pos: Pos | None = None
-    card: str | None = None
-    hold_exp: int | None = None
-    released: int | None = None
-    ref: int | None = None
-    amount: int | None = None
-    ptime: int | None = None
-
-    @property
-    def event_id(self) -> str:
-        return f"{self.account}.{self.seq}"
-
-
-class IdempotencyNote(msgspec.Struct, frozen=True):
-    """Field `i`: a request id was answered without an event (a refusal); its record, in Redis
-    under the idempotency key, is to be copied like those of events. Not written by the script
-    yet; read when it is."""
-
-    account: str
-    rid: str
+__all__ = ["EntryId", "Event", "IdempotencyNote", "StreamEntry", "UndecodableEntry", "decode"]
 
 
 class EntryId(NamedTuple):
@@ -70,20 +38,16 @@ class StreamEntry(NamedTuple):
     fields: dict[bytes, bytes]
 
 
-_decode_event = msgspec.msgpack.Decoder(Event).decode
-_decode_note = msgspec.msgpack.Decoder(IdempotencyNote).decode
-
-
 class UndecodableEntry(ValueError):
-    """An entry that is neither an event nor an idempotency note: it can never be applied."""
+    """An entry that is neither an event nor an idempotency note: it can never be applied.
+
+    So is an event from a ledger script older than the one whose events carry what it derived
+    (the balance after each, allocations): upgrade the worker after the servers, once `pointauth
+    status` shows no backlog of events the older servers wrote."""
 
 
 def decode(entry: StreamEntry) -> Event | IdempotencyNote:
     try:
-        if b"e" in entry.fields:
-            return _decode_event(entry.fields[b"e"])
-        if b"i" in entry.fields:
-            return _decode_note(entry.fields[b"i"])
+        return decode_stream_entry(entry.fields)
     except msgspec.DecodeError as exc:
         raise UndecodableEntry(f"entry {entry.entry_id} of {entry.stream}: {exc}") from exc
-    raise UndecodableEntry(f"entry {entry.entry_id} of {entry.stream} has no field e or i")

@@ -18,17 +18,11 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-from pointauth.server.journal.events import EntryId, Event, LotEffect, Pos, StreamEntry
+from pointauth.server.journal.events import EntryId, Event, StreamEntry
 from pointauth.server.journal.pg import Connection, Record
-from pointauth.server.journal.projection import (
-    AccountState,
-    Lot,
-    OpenHold,
-    ProjectionError,
-    Projector,
-    TxRecord,
-)
+from pointauth.server.journal.projection import AccountState, ProjectionError, Projector, RecordKey
 from pointauth.server.ledger import Keyspace
+from pointauth.server.ledger.codec import AllocEntry, LotEntry, PointOfSaleRef, TransactionRecord
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +142,7 @@ class JournalWriter:
         await self._write_accounts(conn, states, {d.event.account for d in applied})
         await self._write_journal(conn, applied)
         await self._write_lots(conn, states)
-        await self._write_records(conn, [projector.records[key] for key in sorted(projector.changed)])
+        await self._write_records(conn, [(key, projector.records[key]) for key in sorted(projector.changed)])
         await self._write_idempotency(conn, idempotency)
         await self._write_positions(conn, outcome.acknowledged)
         return outcome
@@ -193,16 +187,12 @@ class JournalWriter:
             " WHERE account_id = ANY($1::text[])",
             known,
         ):
-            states[r["account_id"]].lots[r["lot_id"]] = Lot(r["points"], r["expire_ms"], r["kind"], r["issuer_id"])
-        for r in await conn.fetch(
-            "SELECT account_id, seq, points, expire_ms FROM transactions"
-            " WHERE account_id = ANY($1::text[]) AND type = 'HOLD' AND state = 'HELD'",
-            known,
-        ):
-            states[r["account_id"]].holds[r["seq"]] = OpenHold(r["points"], r["expire_ms"])
+            states[r["account_id"]].lots[r["lot_id"]] = LotEntry(
+                r["lot_id"], r["points"], r["expire_ms"], r["kind"], r["issuer_id"]
+            )
         return states
 
-    async def _load_records(self, conn: Connection, refs: set[tuple[str, int]]) -> dict[tuple[str, int], TxRecord]:
+    async def _load_records(self, conn: Connection, refs: set[RecordKey]) -> dict[RecordKey, TransactionRecord]:
         if not refs:
             return {}
         accounts = [a for a, _ in refs]
@@ -283,10 +273,10 @@ class JournalWriter:
                 *map(list, zip(*upsert, strict=True)),
             )
 
-    async def _write_records(self, conn: Connection, records: list[TxRecord]) -> None:
+    async def _write_records(self, conn: Connection, records: list[tuple[RecordKey, TransactionRecord]]) -> None:
         if not records:
             return
-        rows = [record_row(r) for r in records]
+        rows = [record_row(key, rec) for key, rec in records]
         types = [
             "text", "bigint", "text", "bigint", "bigint", "bigint", "bigint", "bigint", "text", "text", "text",
             "bigint", "text", "bigint", "bigint", "bigint", "bigint", "bigint",
@@ -346,41 +336,47 @@ class JournalWriter:
 
 def journal_row(d: Delivered) -> tuple[Any, ...]:
     e = d.event
-    company, store, terminal, channel = e.pos if e.pos is not None else (None, None, None, None)
-    issuer = e.lots[0][4] if e.type in ("EARN", "GRANT") and e.lots else None
+    pos = e.pos
+    company, store, terminal, channel = (
+        (pos.company_id, pos.store_id, pos.terminal_id, pos.channel) if pos is not None else (None, None, None, None)
+    )
+    issuer = e.lots[0].issuer_id if e.type in ("EARN", "GRANT") and e.lots else None
     return (
-        e.event_id, e.account, e.seq, e.type, e.pts, _json([list(lot) for lot in e.lots]), issuer, company, store,
+        e.event_id, e.account, e.seq, e.type, e.pts, _json(e.lots), issuer, company, store,
         terminal, channel, e.rid or None, to_time(e.time), e.ref, e.released, e.amount,
         to_time(e.ptime) if e.ptime else None, e.hold_exp, e.card, d.entry.stream, str(d.entry.entry_id),
     )  # fmt: skip
 
 
-def record_row(r: TxRecord) -> tuple[Any, ...]:
+def record_row(key: RecordKey, r: TransactionRecord) -> tuple[Any, ...]:
+    """The transactions row of a record. A reference, state or expiry the record's type does not
+    have is NULL, so that operators' SQL (`WHERE ref_seq IS NOT NULL`) means what it says."""
+    account_id, seq = key
     return (
-        r.account_id, r.seq, r.type, r.time_ms, r.points, r.refunded, r.available, r.held,
-        _json(list(r.pos) if r.pos is not None else None), _json([list(lot) for lot in r.lots]), _json(r.alloc),
-        r.ref_seq, r.state, r.expire_ms, r.captured, r.released, r.capture_seq, r.amount,
+        account_id, seq, r.type, r.time, r.pts, r.refunded, r.available, r.held, _json(r.pos), _json(r.lots),
+        _json(r.alloc) if r.alloc else None, r.ref or None, r.state or None, r.exp or None, r.captured,
+        r.released, r.capture or None, r.amount,
     )  # fmt: skip
 
 
-def record_from_row(r: Record) -> TxRecord:
-    return TxRecord(
-        account_id=r["account_id"],
-        seq=r["seq"],
+def record_from_row(r: Record) -> TransactionRecord:
+    """A transactions row as the record Redis keeps. Rows written before records had one shape
+    have NULL where their type had no field: those read as the record's defaults."""
+    return TransactionRecord(
         type=r["type"],
-        time_ms=r["time_ms"],
-        points=r["points"],
+        time=r["time_ms"],
+        pos=msgspec.json.decode(r["pos"], type=PointOfSaleRef),
+        pts=r["points"],
         refunded=r["refunded"],
         available=r["available"],
         held=r["held"],
-        pos=msgspec.json.decode(r["pos"], type=Pos) if r["pos"] is not None else None,
-        lots=msgspec.json.decode(r["lots"], type=list[LotEffect]),
-        alloc=msgspec.json.decode(r["alloc"]) if r["alloc"] is not None else None,
-        ref_seq=r["ref_seq"],
-        state=r["state"],
-        expire_ms=r["expire_ms"],
-        captured=r["captured"],
-        released=r["released"],
-        capture_seq=r["capture_seq"],
-        amount=r["amount"],
+        lots=msgspec.json.decode(r["lots"], type=list[LotEntry]),
+        alloc=msgspec.json.decode(r["alloc"], type=list[AllocEntry]) if r["alloc"] is not None else [],
+        ref=r["ref_seq"] or 0,
+        state=r["state"] or "",
+        exp=r["expire_ms"] or 0,
+        captured=r["captured"] or 0,
+        released=r["released"] or 0,
+        capture=r["capture_seq"] or 0,
+        amount=r["amount"] or 0,
     )

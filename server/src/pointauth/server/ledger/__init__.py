@@ -1,21 +1,23 @@
-"""The hot ledger: one atomic Redis script call per state change of an account."""
+"""The hot ledger: one atomic Redis function call per state change of an account."""
 
 from pointauth.server.ledger._ledger import (
+    LIBRARY,
     Ledger,
+    LedgerLibrary,
     LedgerRefusal,
-    LotEntry,
-    LotKindCode,
-    OpResult,
-    PointOfSaleRef,
-    TransactionRecord,
+    drop_other_libraries,
+    load_library,
 )
+from pointauth.server.ledger.codec import LotEntry, LotKindCode, OpResult, PointOfSaleRef, TransactionRecord
 from pointauth.server.ledger.connection import BACKEND_ERRORS, PoolExhausted, connect
 from pointauth.server.ledger.keys import Keyspace
 
 __all__ = [
     "BACKEND_ERRORS",
+    "LIBRARY",
     "Keyspace",
     "Ledger",
+    "LedgerLibrary",
     "LedgerRefusal",
     "LotEntry",
     "LotKindCode",
@@ -24,4 +26,6 @@ __all__ = [
     "PoolExhausted",
     "TransactionRecord",
     "connect",
+    "drop_other_libraries",
+    "load_library",
 ]

@@ -1,74 +1,26 @@
-"""Typed calls of the ledger script, and the records it returns."""
+"""Typed calls of the ledger's Redis Functions, and the records they return."""
 
 from __future__ import annotations
 
+import hashlib
+import re
+from dataclasses import dataclass
 from importlib.resources import files
-from typing import Any, Literal
+from typing import Any
 
-import msgspec
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from pointauth.server.clock import Clock
 from pointauth.server.config import LedgerSettings
 from pointauth.server.domain import reasons
 from pointauth.server.domain.reasons import ErrorReason
+from pointauth.server.ledger import codec
+from pointauth.server.ledger.codec import LotKindCode, OpResult, PointOfSaleRef, TransactionRecord
 from pointauth.server.ledger.keys import Keyspace
+from pointauth.server.ledger.pipeline import TickPipeline
 
-LotKindCode = Literal["R", "L"]
 SCRIPT_SOURCE = files("pointauth.server.ledger").joinpath("ledger.lua").read_text()
-
-
-class LotEntry(msgspec.Struct, array_like=True, frozen=True):
-    """A lot, or one transaction's effect on a lot (`points` is then a signed delta)."""
-
-    lot_id: int
-    points: int
-    expire_ms: int
-    kind: LotKindCode
-    issuer_id: str
-
-
-class PointOfSaleRef(msgspec.Struct, array_like=True, frozen=True):
-    company_id: str
-    store_id: str
-    terminal_id: str
-    channel: int
-
-
-class OpResult(msgspec.Struct, frozen=True):
-    """What a ledger script call answered; `code` is OK or the gRPC status name of a refusal."""
-
-    code: str
-    available: int = 0
-    held: int = 0
-    reason: str = ""
-    message: str = ""
-    meta: dict[str, str] = {}
-    tx: int = 0
-    pts: int = 0
-    released: int = 0
-    exp: int = 0
-    lots: list[LotEntry] = []
-
-
-class TransactionRecord(msgspec.Struct, frozen=True):
-    """A transaction as the ledger keeps it for refunds and receipts."""
-
-    type: Literal["EARN", "GRANT", "HOLD", "CAPTURE", "REDEMPTION", "REFUND"]
-    time: int
-    pts: int
-    refunded: int
-    available: int
-    held: int
-    pos: PointOfSaleRef | None = None
-    lots: list[LotEntry] = []
-    ref: int = 0
-    state: str = ""
-    exp: int = 0
-    captured: int = 0
-    released: int = 0
-    capture: int = 0
-    amount: int = 0
 
 
 class LedgerRefusal(Exception):
@@ -79,27 +31,103 @@ class LedgerRefusal(Exception):
         self.result = result
 
 
-_RELEASE_CARD = """
-if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end
-return 0
-"""
+_VERSION_MARK = "$VERSION"
+_LIBRARY_NAME = re.compile(r"pointauth_[0-9a-f]{16}")
 
-_decode_result = msgspec.msgpack.Decoder(OpResult).decode
-_decode_record = msgspec.msgpack.Decoder(TransactionRecord).decode
-_encode = msgspec.msgpack.Encoder().encode
+
+@dataclass(frozen=True)
+class LedgerLibrary:
+    """ledger.lua as a Redis Functions library whose library and function names carry a hash of
+    the source: a changed script is a new library beside the old one, never a replacement of
+    what running servers call, and nobody has to remember to bump a version."""
+
+    version: str
+    source: str
+
+    @classmethod
+    def from_template(cls, template: str) -> LedgerLibrary:
+        if not template.startswith(f"#!lua name=pointauth_{_VERSION_MARK}\n"):
+            raise ValueError(f"a ledger library starts with #!lua name=pointauth_{_VERSION_MARK}")
+        version = hashlib.sha256(template.encode()).hexdigest()[:16]
+        return cls(version, template.replace(_VERSION_MARK, version))
+
+    @property
+    def name(self) -> str:
+        return f"pointauth_{self.version}"
+
+    @property
+    def ledger_function(self) -> str:
+        return f"pointauth_ledger_{self.version}"
+
+    @property
+    def release_card_function(self) -> str:
+        return f"pointauth_release_card_{self.version}"
+
+
+LIBRARY = LedgerLibrary.from_template(SCRIPT_SOURCE)
+
+
+async def load_library(redis: Redis, library: LedgerLibrary = LIBRARY) -> bool:
+    """FUNCTION LOAD unless Redis has the library already; True if this call loaded it.
+
+    Never REPLACE: a name stands for one source, so a library of that name is this one, and
+    another process loading it at the same moment is success, not a conflict."""
+    try:
+        await redis.function_load(library.source)
+    except ResponseError as exc:
+        if str(exc) == f"Library '{library.name}' already exists":
+            return False
+        if str(exc).startswith("unknown command"):
+            raise RuntimeError("pointauth needs Redis 7.0 or later (Redis Functions)") from exc
+        raise
+    return True
+
+
+async def drop_other_libraries(redis: Redis, keep: LedgerLibrary = LIBRARY) -> list[str]:
+    """Deletes every pointauth library but `keep` (an operator's step after a deploy); returns
+    their names. Safe at any time: a server still running an older release loads its own
+    library again on its next call, as after a FUNCTION FLUSH."""
+    dropped: list[str] = []
+    for entry in await redis.function_list(library="pointauth_*"):
+        name = _text(dict(zip(entry[::2], entry[1::2], strict=True))[b"library_name"])
+        if name and name != keep.name and _LIBRARY_NAME.fullmatch(name):
+            await redis.function_delete(name)
+            dropped.append(name)
+    return sorted(dropped)
+
+
+def _function_missing(exc: ResponseError) -> bool:
+    """FCALL's answer when Redis lacks the library: restarted without its data, a failover to
+    a node without it, FUNCTION FLUSH, or an operator pruned this version."""
+    return str(exc) == "Function not found"
+
+
+_decode_result = codec.decode_result
+_encode = codec.encode_args
 
 
 class Ledger:
-    """Every state change of an account is one call of the ledger script, on its shard's slot."""
+    """Every state change of an account is one call of the ledger function, on its shard's slot."""
 
-    def __init__(self, redis: Redis, keyspace: Keyspace, clock: Clock, settings: LedgerSettings) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        keyspace: Keyspace,
+        clock: Clock,
+        settings: LedgerSettings,
+        library: LedgerLibrary = LIBRARY,
+        pipeline: TickPipeline | None = None,
+    ) -> None:
         self.redis = redis
         self.keyspace = keyspace
         self.clock = clock
         self.settings = settings
-        # redis-py sends EVALSHA and reloads the script on NOSCRIPT (restart, failover, flush).
-        self._script = redis.register_script(SCRIPT_SOURCE)
-        self._release_script = redis.register_script(_RELEASE_CARD)
+        # The hot path's commands (card lookups, function calls) go out one pipeline per tick.
+        self.pipeline = pipeline or TickPipeline(redis)
+        # This release's functions; another release's servers call theirs in the same Redis.
+        self.library = library
+        self._ledger_function = library.ledger_function
+        self._release_card_function = library.release_card_function
         # card -> account, saving a round trip per till call. Safe because a link is permanent:
         # CreateAccount refuses a linked card, and nothing unlinks one yet. Whatever adds
         # unlinking or moving cards must invalidate this cache in every server process.
@@ -126,7 +154,7 @@ class Ledger:
             self.settings.transaction_retention_days * 86_400_000,
             _encode(args),
         ]
-        raw = await self._script(keys=keys, args=argv)
+        raw = await self._fcall(self._ledger_function, keys, argv)
         result = _decode_result(raw)
         if result.code != "OK":
             raise LedgerRefusal(result)
@@ -135,7 +163,8 @@ class Ledger:
     async def account_for_card(self, card_number: str) -> str | None:
         account = self._cards.get(card_number)
         if account is None:
-            account = _text(await self.redis.hget(self.keyspace.card_bucket(card_number), card_number))
+            owner = await self.pipeline.execute("HGET", self.keyspace.card_bucket(card_number), card_number)
+            account = codec.decode_card_owner(owner)
             if account is not None and self.settings.card_cache_size:
                 if len(self._cards) >= self.settings.card_cache_size:
                     del self._cards[next(iter(self._cards))]  # the oldest entry: FIFO is enough here
@@ -154,8 +183,8 @@ class Ledger:
                 "create_account", account_id, {"card": card_number, "rid": request_id}, request_id, fingerprint
             )
         bucket = self.keyspace.card_bucket(card_number)
-        claimed = bool(await self.redis.hsetnx(bucket, card_number, account_id))
-        if not claimed and _text(await self.redis.hget(bucket, card_number)) != account_id:
+        claimed = bool(await self.redis.hsetnx(bucket, card_number, codec.card_owner_value(account_id)))
+        if not claimed and codec.decode_card_owner(await self.redis.hget(bucket, card_number)) != account_id:
             raise _card_taken(card_number)
         try:
             return await self._call(
@@ -168,7 +197,22 @@ class Ledger:
 
     async def _release_card(self, bucket: str, card_number: str, account_id: str) -> None:
         """Removes the card's link only if it still names this account (compare and delete)."""
-        await self._release_script(keys=[bucket], args=[card_number, account_id])
+        await self._fcall(self._release_card_function, [bucket], [card_number, account_id])
+
+    async def load(self) -> bool:
+        """Loads this release's library unless Redis has it (server start); True if this loaded it."""
+        return await load_library(self.redis, self.library)
+
+    async def _fcall(self, function: str, keys: list[str], args: list[bytes | str | int]) -> Any:
+        """One FCALL, as one round trip (in the tick's pipeline). Only if Redis has lost the library (it answers
+        "Function not found" without running anything): load it and call once more."""
+        try:
+            return await self.pipeline.execute("FCALL", function, len(keys), *keys, *args)
+        except ResponseError as exc:
+            if not _function_missing(exc):
+                raise
+        await self.load()
+        return await self.pipeline.execute("FCALL", function, len(keys), *keys, *args)
 
     async def earn(
         self,
@@ -259,9 +303,9 @@ class Ledger:
         return await self._call("balance", account_id, {})
 
     async def transaction(self, account_id: str, seq: int) -> TransactionRecord | None:
-        raw = await self.redis.hget(self.keyspace.account(account_id).transactions, str(seq))
+        raw = await self.redis.hget(self.keyspace.account(account_id).transactions, codec.record_field(seq))
         # The client never decodes responses (decode_responses=False): records are msgpack.
-        return _decode_record(raw) if isinstance(raw, bytes) else None
+        return codec.decode_record(raw) if isinstance(raw, bytes) else None
 
     async def expired_hold_accounts(self, shards: range, limit_per_shard: int = 100) -> set[str]:
         """Accounts with a hold past its TTL, from the given shards' hold indexes."""
@@ -270,7 +314,7 @@ class Ledger:
             for shard in shards:
                 pipe.zrangebyscore(self.keyspace.holds(shard), "-inf", now, start=0, num=limit_per_shard)
             replies: list[list[bytes]] = await pipe.execute()
-        return {member.decode().rpartition(".")[0] for reply in replies for member in reply}
+        return {codec.parse_hold_member(member)[0] for reply in replies for member in reply}
 
     async def sweep_expired_holds(self, shard_count: int | None = None) -> int:
         """Releases holds past their TTL in the next `shard_count` shards (all by default), in
@@ -282,9 +326,12 @@ class Ledger:
         accounts: set[str] = set()
         for run in _runs(shards):
             accounts |= await self.expired_hold_accounts(run)
-        for account_id in accounts:
+        # Bounded work per tick; accounts left over are written down on a later visit (reads and
+        # writes see their holds as expired meanwhile).
+        swept = sorted(accounts)[: self.settings.sweep_accounts_per_tick]
+        for account_id in swept:
             await self.balance(account_id)
-        return len(accounts)
+        return len(swept)
 
 
 def _runs(shards: list[int]) -> list[range]:

@@ -40,6 +40,15 @@ class Keyspace:
             events=f"{tag}:events",
         )
 
+    def account_hash_pattern(self) -> str:
+        """SCAN's MATCH for every account hash (an operator's full pass, never the hot path)."""
+        return f"{self.prefix}:{{s*}}:a:*"
+
+    def account_of_hash(self, key: bytes | str) -> str:
+        """The account id in an account hash's key."""
+        text = key.decode() if isinstance(key, bytes) else key
+        return text.split(":a:", 1)[1]
+
     def idempotency(self, account_id: str, request_id: str) -> str:
         return f"{self.prefix}:{{s{self.shard_of(account_id)}}}:r:{account_id}:{request_id}"
 

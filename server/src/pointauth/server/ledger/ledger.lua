@@ -1,4 +1,8 @@
--- pointauth ledger: every state change of one account, atomically, in one script call.
+#!lua name=pointauth_$VERSION
+-- pointauth ledger: every state change of one account, atomically, in one function call.
+-- A Redis Functions library; _ledger.py puts a hash of this file where the names say VERSION,
+-- so each version has a library and functions of its own: servers of two releases share one
+-- Redis during a rolling deploy without either replacing what the other calls.
 --
 -- KEYS (all in the account's hash slot):
 --   1 account hash   fields: seq, x0, l:<lot id> = "pts:exp:kind:issuer", h:<hold seq> = "pts:exp"
@@ -13,6 +17,9 @@
 -- the same refusal even after the balance has changed. Points are Lua numbers (doubles):
 -- exact because the server caps every amount and balance below 2^53.
 
+-- The body is this callback's, unindented so that it reads (and diffs) as the script it was.
+-- Everything is local to one call: nothing survives from one call to the next.
+local function ledger(KEYS, ARGV)
 local OP, NOW, ACCOUNT = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local FINGERPRINT, IDEM_TTL, TX_RETENTION = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
 local ARGS = cmsgpack.unpack(ARGV[7])
@@ -28,6 +35,7 @@ local function split(s)
 end
 
 -- Replay: same request id and fingerprint returns the stored result byte for byte.
+-- Idempotency record: "<fingerprint><packed result>" (codec.py, idempotency_record).
 if K_IDEM then
   local rec = redis.call('GET', K_IDEM)
   if rec then
@@ -40,6 +48,7 @@ end
 local A = {seq = 0, x0 = 1, lots = {}, holds = {}, events = {}, dirty_lots = {}, dirty_holds = {},
   tx = {}, dirty_tx = {}, hold_add = {}, hold_rem = {}, exists = false}
 
+-- The account hash: codec.py, AccountHash (written in commit()).
 local function load()
   local raw = redis.call('HGETALL', K_ACCOUNT)
   for i = 1, #raw, 2 do
@@ -59,6 +68,7 @@ local function load()
   A.exists = #raw > 0
 end
 
+-- Transaction records: codec.py, TransactionRecord (built by new_tx()).
 local function tx_get(seq)
   local rec = A.tx[seq]
   if rec == nil then
@@ -81,15 +91,6 @@ local function sorted_keys(t)
   return keys
 end
 
-local function emit(ev)
-  A.seq = A.seq + 1
-  ev.seq = A.seq
-  ev.account = ACCOUNT
-  ev.time = NOW
-  A.events[#A.events + 1] = ev
-  return A.seq
-end
-
 local function available()
   local sum = 0
   for _, l in pairs(A.lots) do
@@ -102,6 +103,21 @@ local function held()
   local sum = 0
   for _, h in pairs(A.holds) do sum = sum + h.pts end
   return sum
+end
+
+-- Events: codec.py, Event (appended to the stream in commit()). Each carries what this script
+-- derived (allocations, what went back where, the balance after it), so that the journal copies
+-- instead of computing it again. The balance is taken here: every change an event stands for is
+-- made before its emit, and nothing changes the balance after the last one.
+local function emit(ev)
+  A.seq = A.seq + 1
+  ev.seq = A.seq
+  ev.account = ACCOUNT
+  ev.time = NOW
+  ev.available = available()
+  ev.held = held()
+  A.events[#A.events + 1] = ev
+  return A.seq
 end
 
 -- Spending order: soonest expiry first; at equal expiry limited-time points first; then oldest.
@@ -118,8 +134,8 @@ local function spendable_lots()
   return list
 end
 
--- Takes `amount` points from the spendable lots; returns the allocation
--- {{lot id, points, exp, kind, issuer, returned}, ...} in spending order.
+-- Takes `amount` points from the spendable lots; returns the allocation in spending order:
+-- {{lot id, points, exp, kind, issuer, returned}, ...} (codec.py, AllocEntry).
 local function take(amount, first_lot)
   local alloc, rest = {}, amount
   local order = spendable_lots()
@@ -153,16 +169,20 @@ local function give_back(entry, n)
   A.dirty_lots[id] = true
 end
 
+-- Lot effects {{lot id, signed points, exp, kind, issuer}, ...}: codec.py, LotEntry.
 local function effects(alloc, sign)
   local out = {}
   for i, e in ipairs(alloc) do out[i] = {e[1], sign * e[2], e[3], e[4], e[5]} end
   return out
 end
 
+-- Hold index members are the holds' ids "<account>.<seq>" (codec.py, hold_member).
+local function hold_member(seq) return ACCOUNT .. '.' .. fmt(seq) end
+
 local function drop_hold(seq)
   A.holds[seq] = nil
   A.dirty_holds[seq] = true
-  A.hold_rem[#A.hold_rem + 1] = ACCOUNT .. '.' .. fmt(seq)
+  A.hold_rem[#A.hold_rem + 1] = hold_member(seq)
 end
 
 -- Time-driven changes: holds past their TTL give their points back, then lots past their
@@ -208,6 +228,8 @@ local function prune_transactions(writes)
   end
 end
 
+-- Writes the account hash's changed fields (codec.py, AccountHash), the changed records, the
+-- hold index and the events.
 local function commit()
   local set, del = {'seq', fmt(A.seq)}, {}
   for _, id in ipairs(sorted_keys(A.dirty_lots)) do
@@ -244,15 +266,22 @@ local function commit()
   for _, ev in ipairs(A.events) do redis.call('XADD', K_EVENTS, '*', 'e', cmsgpack.pack(ev)) end
 end
 
+-- The answer: codec.py, OpResult.
 local function finish(result)
   result.code = result.code or 'OK'
   if result.code == 'OK' then commit() end
-  result.available = available()
-  result.held = held()
+  local last = A.events[#A.events]
+  if last then
+    -- The balance after the last event is the balance now (see emit), computed once.
+    result.available, result.held = last.available, last.held
+  else
+    result.available, result.held = available(), held()
+  end
   local packed = cmsgpack.pack(result)
   if K_IDEM then
     redis.call('SET', K_IDEM, FINGERPRINT .. packed, 'EX', IDEM_TTL)
-    -- A refusal has no event; this entry tells the write-behind to keep its record durable too.
+    -- A refusal has no event; this entry tells the write-behind to keep its record durable too
+    -- (codec.py, IdempotencyNote).
     if result.code ~= 'OK' and ARGS.rid then
       redis.call('XADD', K_EVENTS, '*', 'i', cmsgpack.pack({account = ACCOUNT, rid = ARGS.rid}))
     end
@@ -289,18 +318,14 @@ local function event_base(type_, extra)
   return extra
 end
 
-local function new_tx(type_, fields)
-  fields.type = type_
-  fields.time = NOW
-  fields.pos = ARGS.pos
-  fields.refunded = 0
-  return fields
-end
-
--- Balance of the record after the operation, for receipts.
-local function stamp(rec)
-  rec.available = available()
-  rec.held = held()
+-- The record of the transaction event `ev` made: codec.py, TransactionRecord. One shape: every
+-- field in every record, `fields` setting those of its type. The balance is the event's (the
+-- receipt's balance after it), and the journal builds the same record from the event alone.
+local function new_tx(type_, ev, fields)
+  local rec = {type = type_, time = NOW, pos = ARGS.pos, pts = ev.pts, refunded = 0,
+    available = ev.available, held = ev.held, lots = ev.lots, alloc = {}, ref = ev.ref or 0,
+    state = '', exp = 0, captured = 0, released = 0, capture = 0, amount = ev.amount or 0}
+  for k, v in pairs(fields) do rec[k] = v end
   return rec
 end
 
@@ -310,7 +335,7 @@ function OPS.create_account()
   if A.exists then
     return refuse('ALREADY_EXISTS', 'ACCOUNT_ALREADY_EXISTS', 'account ' .. ACCOUNT .. ' already exists')
   end
-  emit(event_base('ACCOUNT_OPENED', {card = ARGS.card}))
+  emit(event_base('ACCOUNT_OPENED', {card = ARGS.card, pts = 0, lots = {}}))
   return finish({})
 end
 
@@ -328,8 +353,9 @@ function OPS.earn()
     A.dirty_lots[seq] = true
     lots = {{seq, pts, exp, ARGS.kind, ARGS.pos[1]}}
   end
-  emit(event_base(ARGS.type, {pts = pts, lots = lots, amount = ARGS.amount, ptime = ARGS.ptime}))
-  tx_put(seq, stamp(new_tx(ARGS.type, {pts = pts, lots = lots, amount = ARGS.amount})))
+  local ev = event_base(ARGS.type, {pts = pts, lots = lots, amount = ARGS.amount, ptime = ARGS.ptime})
+  emit(ev)
+  tx_put(seq, new_tx(ARGS.type, ev, {}))
   return finish({tx = seq, pts = pts, lots = lots})
 end
 
@@ -338,12 +364,13 @@ function OPS.authorize()
   if available() < pts then return insufficient(pts) end
   local alloc = take(pts)
   local exp = NOW + ARGS.ttl
-  local seq = emit(event_base('HOLD_AUTHORIZED', {pts = pts, lots = effects(alloc, -1), hold_exp = exp}))
+  local seq = A.seq + 1 -- the hold is held before its event, whose balance counts it
   A.holds[seq] = {pts = pts, exp = exp}
   A.dirty_holds[seq] = true
-  A.hold_add[#A.hold_add + 1] = {ACCOUNT .. '.' .. fmt(seq), exp}
-  tx_put(seq, stamp(new_tx('HOLD', {pts = pts, alloc = alloc, lots = effects(alloc, -1),
-    state = 'HELD', exp = exp, captured = 0, released = 0})))
+  A.hold_add[#A.hold_add + 1] = {hold_member(seq), exp}
+  local ev = event_base('HOLD_AUTHORIZED', {pts = pts, lots = effects(alloc, -1), alloc = alloc, hold_exp = exp})
+  emit(ev)
+  tx_put(seq, new_tx('HOLD', ev, {alloc = alloc, state = 'HELD', exp = exp}))
   return finish({tx = seq, pts = pts, exp = exp})
 end
 
@@ -384,11 +411,14 @@ function OPS.capture()
   end
   local released_pts = rec.pts - want
   drop_hold(ARGS.hold)
-  local seq = emit(event_base('HOLD_CAPTURED', {pts = want, released = released_pts, ref = ARGS.hold,
-    lots = effects(released, 1)}))
+  -- `lots`: what went back to the lots; `spent`: the capture's own effects, what it used.
+  local spent = effects(used, -1)
+  local ev = event_base('HOLD_CAPTURED', {pts = want, released = released_pts, ref = ARGS.hold,
+    lots = effects(released, 1), alloc = used, spent = spent})
+  local seq = emit(ev)
   rec.state, rec.captured, rec.released, rec.capture = 'CAPTURED', want, released_pts, seq
   tx_put(ARGS.hold, rec)
-  tx_put(seq, stamp(new_tx('CAPTURE', {pts = want, alloc = used, lots = effects(used, -1), ref = ARGS.hold})))
+  tx_put(seq, new_tx('CAPTURE', ev, {alloc = used, lots = spent}))
   return finish({tx = seq, pts = want, released = released_pts})
 end
 
@@ -408,8 +438,9 @@ function OPS.redeem()
   if available() < pts then return insufficient(pts) end
   local alloc = take(pts)
   local lots = effects(alloc, -1)
-  local seq = emit(event_base('REDEEMED', {pts = pts, lots = lots}))
-  tx_put(seq, stamp(new_tx('REDEMPTION', {pts = pts, alloc = alloc, lots = lots})))
+  local ev = event_base('REDEEMED', {pts = pts, lots = lots, alloc = alloc})
+  local seq = emit(ev)
+  tx_put(seq, new_tx('REDEMPTION', ev, {alloc = alloc}))
   return finish({tx = seq, pts = pts, lots = lots})
 end
 
@@ -431,14 +462,15 @@ function OPS.refund()
       'refund of ' .. fmt(want) .. ' points exceeds the ' .. fmt(remaining) .. ' points left to refund',
       {refundable_points = fmt(remaining), requested_points = fmt(want)})
   end
-  local lots
+  local lots, returned
   if orig.type == 'EARN' or orig.type == 'GRANT' then
     if available() < want then return insufficient(want) end
     lots = effects(take(want, ARGS.orig), -1)
   else
     -- Points given back count against the cap like any other points added.
     if over_cap(want) then return balance_limit() end
-    lots = {}
+    -- Per lot given back: the allocation entry it counts against (from 0) and its total now.
+    lots, returned = {}, {}
     local rest = want
     for i = #orig.alloc, 1, -1 do
       local e = orig.alloc[i]
@@ -448,13 +480,16 @@ function OPS.refund()
         e[6] = e[6] + n
         rest = rest - n
         lots[#lots + 1] = {e[1], n, e[3], e[4], e[5]}
+        returned[#returned + 1] = {i - 1, e[6]}
       end
     end
   end
-  local seq = emit(event_base('REFUNDED', {pts = want, ref = ARGS.orig, lots = lots}))
   orig.refunded = orig.refunded + want
+  local ev = event_base('REFUNDED', {pts = want, ref = ARGS.orig, lots = lots, refunded = orig.refunded,
+    returned = returned})
+  local seq = emit(ev)
   tx_put(ARGS.orig, orig)
-  tx_put(seq, stamp(new_tx('REFUND', {pts = want, lots = lots, ref = ARGS.orig})))
+  tx_put(seq, new_tx('REFUND', ev, {}))
   return finish({tx = seq, pts = want, lots = lots})
 end
 
@@ -473,3 +508,15 @@ if not A.exists and OP ~= 'create_account' then
 end
 expire()
 return OPS[OP]()
+end
+
+-- Neither function is no-writes: balance writes too when time has expired something. Without
+-- allow-cross-slot-keys, Redis Cluster refuses a call whose keys span slots.
+redis.register_function{function_name = 'pointauth_ledger_$VERSION', callback = ledger}
+
+-- Gives a card claim back only if it still names this account (compare and delete).
+-- KEYS: card bucket. ARGV: card number, account id.
+redis.register_function{function_name = 'pointauth_release_card_$VERSION', callback = function(KEYS, ARGV)
+  if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end
+  return 0
+end}

@@ -1,8 +1,9 @@
-"""Operator commands: migrate, worker, status, reconcile, rehydrate and seed, each ready for the
-CLI (settings in, exit code out), and the checks and rebuilds they run."""
+"""Operator commands: migrate, worker, status, reconcile, rehydrate, seed and prune-functions, each
+ready for the CLI (settings in, exit code out), and the checks and rebuilds they run."""
 
 from pointauth.server.ops.commands import (
     migrate_command,
+    prune_functions_command,
     reconcile_command,
     rehydrate_command,
     status_command,
@@ -18,6 +19,7 @@ __all__ = [
     "RehydrateRefused",
     "RehydrateReport",
     "migrate_command",
+    "prune_functions_command",
     "reconcile",
     "reconcile_command",
     "rehydrate",

@@ -17,7 +17,7 @@ from pointauth.server.config import Settings
 from pointauth.server.journal.migrate import migrate
 from pointauth.server.journal.status import worker_status
 from pointauth.server.journal.worker import WorkerConfig, WriteBehindWorker
-from pointauth.server.ledger import Keyspace
+from pointauth.server.ledger import LIBRARY, Keyspace, drop_other_libraries
 from pointauth.server.ops.progress import ProgressBar
 from pointauth.server.ops.reconcile import reconcile
 from pointauth.server.ops.rehydrate import RehydrateRefused, rehydrate
@@ -126,6 +126,18 @@ def rehydrate_command(settings: Settings, force: bool = False, out: TextIO = sys
             f"{report.idempotency_records} request ids in {report.seconds:.1f} s",
             file=out,
         )
+        return 0
+
+    return _with_redis(settings, work)
+
+
+def prune_functions_command(settings: Settings, out: TextIO = sys.stdout) -> int:
+    """Deletes the ledger libraries of other releases, for after a deploy has finished. Safe even
+    while an older server still runs: its next call loads its own library again."""
+
+    async def work(redis: Redis) -> int:
+        dropped = await drop_other_libraries(redis)
+        print(f"kept {LIBRARY.name}; deleted {', '.join(dropped) if dropped else 'nothing'}", file=out)
         return 0
 
     return _with_redis(settings, work)

@@ -21,16 +21,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 from redis.asyncio import Redis
 
 from pointauth.server.journal.pg import Connection, Record, connection
-from pointauth.server.ledger import Keyspace
+from pointauth.server.ledger import Keyspace, codec
 
 PAGE = 2000
-
-# (points, expiry ms, kind, issuer) per lot id; (points, expiry ms) per open hold seq.
-Lots = dict[int, tuple[int, int, str, str]]
-Holds = dict[int, tuple[int, int]]
 
 
 @dataclass(frozen=True)
@@ -154,9 +151,13 @@ class _Journal:
 @dataclass
 class _Side:
     seq: int = 0
-    lots: Lots = field(default_factory=dict)
-    holds: Holds = field(default_factory=dict)
+    lots: dict[int, codec.LotEntry] = field(default_factory=dict)
+    holds: dict[int, codec.HoldEntry] = field(default_factory=dict)
     card: str | None = None
+    unindexed: set[int] = field(default_factory=set)
+    """Open holds missing from the hold index (so the sweeper would never expire them)."""
+    undecodable: str = ""
+    """Why the account hash could not be read, if it could not."""
 
 
 async def reconcile(
@@ -177,8 +178,8 @@ async def reconcile(
                 report.accounts += len(accounts)
         # Accounts Redis has and PostgreSQL does not (not yet, or never).
         only_redis: list[str] = []
-        async for key in redis.scan_iter(match=f"{keyspace.prefix}:{{s*}}:a:*", count=1000):
-            account = (key.decode() if isinstance(key, bytes) else str(key)).split(":a:", 1)[1]
+        async for key in redis.scan_iter(match=keyspace.account_hash_pattern(), count=1000):
+            account = keyspace.account_of_hash(key)
             if account not in seen:
                 only_redis.append(account)
         for i in range(0, len(only_redis), page):
@@ -277,8 +278,8 @@ def _journal_differences(
             text = f"journal is at seq {j.last_seq}, Redis at seq {rd.seq}"
             out.append(Difference(account, "journal seq", str(rd.seq), str(j.last_seq), text))
         return out
-    unheld = sum(lot[0] for lot in rd.lots.values())
-    held = sum(hold[0] for hold in rd.holds.values())
+    unheld = sum(lot.points for lot in rd.lots.values())
+    held = sum(hold.points for hold in rd.holds.values())
     if j.balance != unheld + held:
         text = f"journal sums to {j.balance} points, Redis holds {unheld + held}"
         out.append(Difference(account, "journal balance", str(unheld + held), str(j.balance), text))
@@ -305,13 +306,15 @@ async def _postgres_sides(conn: Connection, accounts: list[str]) -> dict[str, _S
         "SELECT account_id, lot_id, points, expire_ms, kind, issuer_id FROM lots WHERE account_id = ANY($1::text[])",
         accounts,
     ):
-        sides[r["account_id"]].lots[r["lot_id"]] = (r["points"], r["expire_ms"], r["kind"], r["issuer_id"])
+        sides[r["account_id"]].lots[r["lot_id"]] = codec.LotEntry(
+            r["lot_id"], r["points"], r["expire_ms"], r["kind"], r["issuer_id"]
+        )
     for r in await conn.fetch(
         "SELECT account_id, seq, points, expire_ms FROM transactions"
         " WHERE account_id = ANY($1::text[]) AND type = 'HOLD' AND state = 'HELD'",
         accounts,
     ):
-        sides[r["account_id"]].holds[r["seq"]] = (r["points"], r["expire_ms"])
+        sides[r["account_id"]].holds[r["seq"]] = codec.HoldEntry(r["points"], r["expire_ms"])
     return sides
 
 
@@ -324,7 +327,7 @@ async def _redis_sides(redis: Redis, keyspace: Keyspace, accounts: list[str], pg
             if side is not None and side.card is not None:
                 pipe.hget(keyspace.card_bucket(side.card), side.card)
             for seq in sorted(side.holds) if side is not None else ():
-                pipe.zscore(keyspace.account(account).holds, f"{account}.{seq}")
+                pipe.zscore(keyspace.account(account).holds, codec.hold_member(account, seq))
         replies: list[Any] = await pipe.execute()
     sides: dict[str, _Side] = {}
     for account, stored in zip(accounts, replies, strict=False):
@@ -338,29 +341,22 @@ async def _redis_sides(redis: Redis, keyspace: Keyspace, accounts: list[str], pg
         found = sides.get(account)
         if side.card is not None:
             owner = next(rest)
-            if found is not None and owner is not None and owner.decode() == account:
+            if found is not None and codec.decode_card_owner(owner) == account:
                 found.card = side.card
         for seq in sorted(side.holds):
             score = next(rest)
             # The hold index entry is what lets the sweeper expire the hold: it must be there.
             if found is not None and seq in found.holds and score is None:
-                found.holds[seq] = (found.holds[seq][0], -1)
+                found.unindexed.add(seq)
     return sides
 
 
 def _parse_account_hash(stored: dict[bytes, bytes]) -> _Side:
-    side = _Side()
-    for raw_field, raw_value in stored.items():
-        name, value = raw_field.decode(), raw_value.decode()
-        if name == "seq":
-            side.seq = int(value)
-        elif name.startswith("l:"):
-            pts, exp, kind, issuer = value.split(":", 3)
-            side.lots[int(name[2:])] = (int(pts), int(exp), kind, issuer)
-        elif name.startswith("h:"):
-            pts, exp = value.split(":")
-            side.holds[int(name[2:])] = (int(pts), int(exp))
-    return side
+    try:
+        account = codec.decode_account(stored)
+    except msgspec.DecodeError as exc:
+        return _Side(undecodable=str(exc))
+    return _Side(seq=account.seq, lots=account.lots, holds=account.holds)
 
 
 def _differences(account: str, rd: _Side | None, pg: _Side | None) -> Iterable[Difference]:
@@ -368,6 +364,9 @@ def _differences(account: str, rd: _Side | None, pg: _Side | None) -> Iterable[D
         return
     if rd is None:
         yield Difference(account, "account", "missing", f"at seq {pg.seq}" if pg else "")
+        return
+    if rd.undecodable:
+        yield Difference(account, "account hash", "undecodable", "", f"Redis's account hash: {rd.undecodable}")
         return
     if pg is None:
         yield Difference(account, "account", f"at seq {rd.seq}", "missing")
@@ -380,11 +379,15 @@ def _differences(account: str, rd: _Side | None, pg: _Side | None) -> Iterable[D
     for seq in sorted(rd.holds.keys() | pg.holds.keys()):
         r, p = rd.holds.get(seq), pg.holds.get(seq)
         if r != p:
-            what = f"hold {seq}" + (" (not in the hold index)" if r is not None and r[1] == -1 else "")
-            yield Difference(account, what, _fmt(r), _fmt(p))
+            yield Difference(account, f"hold {seq}", _fmt(r), _fmt(p))
+        elif seq in rd.unindexed:
+            yield Difference(account, f"hold {seq} (not in the hold index)", _fmt(r), _fmt(p))
     if pg.card is not None and rd.card != pg.card:
         yield Difference(account, "card", "not linked", pg.card)
 
 
-def _fmt(value: tuple[Any, ...] | None) -> str:
-    return "absent" if value is None else ":".join(str(v) for v in value)
+def _fmt(value: codec.LotEntry | codec.HoldEntry | None) -> str:
+    """As the account hash stores it."""
+    if value is None:
+        return "absent"
+    return (codec.lot_value(value) if isinstance(value, codec.LotEntry) else codec.hold_value(value)).decode()

@@ -9,22 +9,19 @@ traffic) cannot come back; the tills' retries with the same request ids redo tho
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-import msgspec
 from redis.asyncio import Redis
 
 from pointauth.server.journal.pg import connection
 from pointauth.server.journal.status import stream_backlogs
 from pointauth.server.journal.writer import record_from_row
-from pointauth.server.ledger import Keyspace
+from pointauth.server.ledger import Keyspace, codec
 
 PAGE = 1000
 Progress = Callable[[int, int], None]
-_encode = msgspec.msgpack.Encoder().encode
 
 
 class RehydrateRefused(RuntimeError):
@@ -96,36 +93,38 @@ async def rehydrate(
             cards = await conn.fetch(
                 "SELECT card_number, account_id FROM cards WHERE account_id = ANY($1::text[])", ids
             )
-            fields: dict[str, list[bytes | str]] = defaultdict(list)
+            hashes = {
+                # x0: where the script's pruning of old transaction records resumes; the first
+                # record restored below lowers it.
+                r["account_id"]: codec.AccountHash(seq=r["last_seq"], x0=r["last_seq"] + 1)
+                for r in accounts
+            }
             for r in lots:
-                fields[r["account_id"]] += [
-                    f"l:{r['lot_id']}",
-                    f"{r['points']}:{r['expire_ms']}:{r['kind']}:{r['issuer_id']}",
-                ]
-            first_record: dict[str, int] = {}
+                lot = codec.LotEntry(r["lot_id"], r["points"], r["expire_ms"], r["kind"], r["issuer_id"])
+                hashes[r["account_id"]].lots[lot.lot_id] = lot
             async with redis.pipeline(transaction=False) as pipe:
-                for r in accounts:
-                    keys = keyspace.account(r["account_id"])
+                for account in hashes:
+                    keys = keyspace.account(account)
                     pipe.delete(keys.account, keys.transactions)
                 for row in records:
-                    rec = record_from_row(row)
-                    keys = keyspace.account(rec.account_id)
-                    first_record.setdefault(rec.account_id, rec.seq)
-                    pipe.hset(keys.transactions, str(rec.seq), _encode(rec.as_script_record()))
+                    account, seq, rec = row["account_id"], row["seq"], record_from_row(row)
+                    stored = hashes[account]
+                    stored.x0 = min(stored.x0 or seq, seq)
+                    keys = keyspace.account(account)
+                    pipe.hset(keys.transactions, codec.record_field(seq), codec.encode_record(rec))
                     if rec.type == "HOLD" and rec.state == "HELD":
-                        fields[rec.account_id] += [f"h:{rec.seq}", f"{rec.points}:{rec.expire_ms}"]
-                        pipe.zadd(keys.holds, {f"{rec.account_id}.{rec.seq}": rec.expire_ms or 0})
-                for r in accounts:
-                    account = r["account_id"]
-                    # x0: where the script's pruning of old transaction records resumes.
-                    x0 = first_record.get(account, r["last_seq"] + 1)
-                    mapping = ["seq", str(r["last_seq"]), "x0", str(x0), *fields[account]]
-                    pipe.execute_command("HSET", keyspace.account(account).account, *mapping)
+                        stored.holds[seq] = codec.HoldEntry(rec.pts, rec.exp)
+                        pipe.zadd(keys.holds, {codec.hold_member(account, seq): rec.exp})
+                for account, stored in hashes.items():
+                    fields = codec.encode_account(stored)
+                    pipe.hset(keyspace.account(account).account, mapping=fields)  # type: ignore[arg-type]  # dict keys are invariant
                 for r in idempotency:
+                    # The record as the script wrote it (codec.idempotency_record), byte for byte.
                     key = keyspace.idempotency(r["account_id"], r["request_id"])
                     pipe.set(key, r["record"], px=r["ttl"])
                 for r in cards:
-                    pipe.hset(keyspace.card_bucket(r["card_number"]), r["card_number"], r["account_id"])
+                    card = r["card_number"]
+                    pipe.hset(keyspace.card_bucket(card), card, codec.card_owner_value(r["account_id"]))
                 await pipe.execute()
             counts["accounts"] += len(accounts)
             counts["transactions"] += len(records)

@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 
 from pointauth.server.config import Settings
 from pointauth.server.journal.pg import connection
+from pointauth.server.ledger import codec
 from pointauth.server.ledger.keys import CARD_BUCKETS, Keyspace
 from pointauth.server.ops.progress import ProgressBar
 
@@ -65,20 +66,23 @@ def redis_chunk(start: int, count: int, anchor_ms: int, keyspace: Keyspace) -> b
     """RESP commands writing accounts [start, start+count) as the ledger script would."""
     tags = [f"{keyspace.prefix}:{{s{s}}}:a:".encode() for s in range(keyspace.shards)]
     card_prefix = f"{keyspace.prefix}:card:".encode()
+    seq_field = _bulk(codec.SEQ_FIELD)
     crc = zlib.crc32
     out: list[bytes] = []
     for n in range(start, start + count):
         account, cards, lots = seed_account(n, anchor_ms)
         key = tags[crc(account) % keyspace.shards] + account
-        out.append(
-            b"*%d\r\n$4\r\nHSET\r\n%s$3\r\nseq\r\n%s" % (4 + 2 * len(lots), _bulk(key), _bulk(b"%d" % len(lots)))
-        )
+        # The fields codec.encode_account writes, without building an AccountHash per account
+        # (which would halve the seeding rate); no x0: a seeded account has no records to prune.
+        head = b"*%d\r\n$4\r\nHSET\r\n%s%s" % (4 + 2 * len(lots), _bulk(key), seq_field)
+        out.append(head + _bulk(b"%d" % len(lots)))
         for lot_id, points, expire_ms, kind in lots:
-            out.append(_bulk(b"l:%d" % lot_id))
-            out.append(_bulk(b"%d:%d:%s:%s" % (points, expire_ms, kind, SEED_ISSUER)))
+            out.append(_bulk(codec.lot_field(lot_id)))
+            out.append(_bulk(codec.lot_value_of(points, expire_ms, kind, SEED_ISSUER)))
+        owner = _bulk(codec.card_owner_value(account.decode()))
         for card in cards:
             bucket = card_prefix + b"%d" % (crc(card) % CARD_BUCKETS)
-            out.append(b"*4\r\n$6\r\nHSETNX\r\n%s%s%s" % (_bulk(bucket), _bulk(card), _bulk(account)))
+            out.append(b"*4\r\n$6\r\nHSETNX\r\n%s%s%s" % (_bulk(bucket), _bulk(card), owner))
     return b"".join(out)
 
 

@@ -1,0 +1,109 @@
+"""Commands issued in one event-loop tick go to Redis as one pipeline, on few connections.
+
+Under load many calls are in flight in one server process; sending each on its own connection
+costs a system call, a pool checkout and a reply-parse wake-up per call. Batching the commands
+of a tick costs those once per batch instead, and Redis runs them back to back.
+
+- Back-pressure: at most `max_batches` batches are in flight; while they are, new commands wait
+  and join the next batch, so batches grow with load instead of connections.
+- A command that waited longer than `queue_wait_s` to be sent is failed with `QueueTimeout`
+  (the API sends it as SERVER_OVERLOADED) and never sent: a call is never sent after its caller
+  gave up on it.
+- Each command gets its own reply: one command's error (a refusal, a missing function) does not
+  touch the others. A broken connection fails the whole batch with the connection's error, which
+  the API maps to UNAVAILABLE; redis-py retries the batch once on a fresh connection first, which
+  is safe because every mutation carries a request_id (a second run replays).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from redis.asyncio import Redis
+
+from pointauth.server.ledger.connection import PoolExhausted
+
+
+class QueueTimeout(PoolExhausted):
+    """The command waited for a batch longer than the limit: the process is overloaded."""
+
+
+class TickPipeline:
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        max_batches: int = 4,
+        max_batch: int = 512,
+        queue_wait_s: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.redis = redis
+        self.max_batches = max_batches
+        self.max_batch = max_batch
+        self.queue_wait_s = queue_wait_s
+        self._clock = clock
+        self._pending: list[tuple[tuple[Any, ...], asyncio.Future[Any], float]] = []
+        self._scheduled = False
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.batches_sent = 0
+        """Batches sent so far (for tests and metrics)."""
+
+    async def execute(self, *args: Any) -> Any:
+        """Sends one command with the others of this tick; its reply, or its error raised."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((args, future, self._clock()))
+        self._schedule()
+        return await future
+
+    def _schedule(self) -> None:
+        if not self._scheduled and self._pending and self._in_flight < self.max_batches:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        stale_before = self._clock() - self.queue_wait_s
+        taken, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+        batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        for args, future, queued in taken:
+            if future.done():  # the caller was cancelled while it waited
+                continue
+            if queued < stale_before:
+                future.set_exception(QueueTimeout(f"not sent within {self.queue_wait_s} s"))
+                continue
+            batch.append((args, future))
+        if not batch:
+            self._schedule()
+            return
+        self._in_flight += 1
+        task = asyncio.create_task(self._send(batch))
+        self._tasks.add(task)  # a reference, so the task is not collected while it runs
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for args, _ in batch:
+                    pipe.execute_command(*args)
+                replies: list[Any] = await pipe.execute(raise_on_error=False)
+            self.batches_sent += 1
+        except Exception as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        finally:
+            self._in_flight -= 1
+            self._schedule()
+        for (_, future), reply in zip(batch, replies, strict=True):
+            if future.done():
+                continue
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
