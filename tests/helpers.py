@@ -11,10 +11,14 @@ from redis.asyncio import Redis
 from pointauth.server.ledger import Keyspace, codec
 
 
-async def account_state(redis: Redis, keyspace: Keyspace, account_id: str) -> codec.AccountHash:
-    """The account hash as stored: sequence, lots and open holds."""
-    stored: dict[bytes, bytes] = await redis.hgetall(keyspace.account(account_id).account)  # type: ignore[assignment]
-    return codec.decode_account(stored)
+async def account_state(redis: Redis, keyspace: Keyspace, account_id: str) -> codec.StoredAccount:
+    """The account as stored: its hash (sequence, totals), lots and open holds."""
+    keys = keyspace.account(account_id)
+    # The client never decodes responses: every reply is bytes (redis-py types allow str too).
+    stored: Any = await redis.hgetall(keys.account)
+    lots: Any = await redis.zrange(keys.lots, 0, -1, withscores=True)
+    holds: Any = await redis.zrange(keys.open_holds, 0, -1, withscores=True)
+    return codec.decode_account(stored, lots, holds)
 
 
 async def stream_events(redis: Redis, keyspace: Keyspace, account_id: str) -> list[codec.Event]:

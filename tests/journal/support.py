@@ -187,9 +187,9 @@ async def every_kind(ledger: Ledger, clock: ManualClock, account: str) -> dict[s
 async def redis_seqs(redis: Redis, keyspace: Keyspace, accounts: list[str]) -> dict[str, int]:
     async with redis.pipeline(transaction=False) as pipe:
         for account in accounts:
-            pipe.hgetall(keyspace.account(account).account)
+            pipe.hget(keyspace.account(account).account, codec.SEQ_FIELD)
         replies: list[Any] = await pipe.execute()
-    return {a: codec.decode_account(r).seq for a, r in zip(accounts, replies, strict=True) if r}
+    return {a: int(r) for a, r in zip(accounts, replies, strict=True) if r is not None}
 
 
 async def wait_until_applied(

@@ -18,7 +18,6 @@ from redis.asyncio import Redis
 from pointauth.server.clock import ManualClock
 from pointauth.server.ledger import Keyspace, Ledger, codec
 from pointauth.server.ledger.codec import (
-    AccountHash,
     AllocEntry,
     AllocReturn,
     Event,
@@ -26,6 +25,7 @@ from pointauth.server.ledger.codec import (
     IdempotencyNote,
     LotEntry,
     OpResult,
+    StoredAccount,
     TransactionRecord,
 )
 from tests.conftest import START_MS
@@ -52,40 +52,56 @@ def packed_fields(packed: bytes) -> dict[str, bytes]:
 # -- pure functions ----------------------------------------------------------------------------
 
 
-def test_account_hash_fields_and_values() -> None:
-    lots = {7: LotEntry(7, 120, 1_800_000_000_000, "L", "acme")}
-    account = AccountHash(seq=9, x0=4, lots=lots, holds={8: HoldEntry(30, 1_795_000_600_000)})
+def test_an_account_is_a_hash_a_lot_set_and_an_open_hold_set() -> None:
+    lots = {7: LotEntry(7, 120, 1_800_000_000_000, "L", "acme"), 12: LotEntry(12, 5, 1_800_000_000_000, "R", "acme")}
+    account = codec.account_of(9, 4, lots, {8: HoldEntry(30, 1_795_000_600_000)})
+    assert (account.lot_points, account.held_points) == (125, 30)
     encoded = codec.encode_account(account)
-    assert encoded == {
-        b"seq": b"9",
-        b"x0": b"4",
-        b"l:7": b"120:1800000000000:L:acme",
-        b"h:8": b"30:1795000600000",
-    }
-    assert codec.decode_account(encoded) == account
+    assert encoded.fields == {b"seq": b"9", b"x0": b"4", b"lp": b"125", b"hp": b"30"}
+    # Expiry and kind are the score; the id key (digit count as a letter, then the digits).
+    assert encoded.lots == {b"a7:120:acme": 3_600_000_000_000, b"b12:5:acme": 3_600_000_000_001}
+    assert encoded.holds == {b"8:30": 1_795_000_600_000}
+    stored = codec.decode_account(
+        encoded.fields,
+        [(m, float(s)) for m, s in encoded.lots.items()],
+        [(m, float(s)) for m, s in encoded.holds.items()],
+    )
+    assert stored == account
 
 
-def test_a_seeded_account_hash_has_no_x0() -> None:
-    seeded = {b"seq": b"1", b"l:1": b"500:1800000000000:R:seed-retail"}
-    account = codec.decode_account(seeded)
-    assert account == AccountHash(seq=1, x0=None, lots={1: LotEntry(1, 500, 1_800_000_000_000, "R", "seed-retail")})
-    assert codec.encode_account(account) == seeded
-    assert codec.lot_value_of(500, 1_800_000_000_000, b"R", b"seed-retail") == seeded[b"l:1"]
+def test_the_lot_set_orders_lots_for_spending() -> None:
+    # Soonest expiry first, limited-time first at an equal expiry, then lot ids in numeric order.
+    lots = [(5, 2_000, "R"), (10, 1_000, "R"), (9, 1_000, "R"), (100, 1_000, "L"), (1_000_000, 1_000, "R")]
+    order = sorted((codec.lot_score(exp, kind), codec.lot_member_of(i, 1, b"x")) for i, exp, kind in lots)
+    assert [codec.decode_lot(m, s).lot_id for s, m in order] == [100, 9, 10, 1_000_000, 5]
+
+
+def test_a_seeded_account_has_no_x0() -> None:
+    seeded = {b"seq": b"1", b"lp": b"500", b"hp": b"0"}
+    lots = [(codec.lot_member_of(1, 500, b"seed-retail"), float(codec.lot_score(1_800_000_000_000, b"R")))]
+    account = codec.decode_account(seeded, lots)
+    lot = LotEntry(1, 500, 1_800_000_000_000, "R", "seed-retail")
+    assert account == StoredAccount(seq=1, x0=None, lot_points=500, lots={1: lot})
+    assert codec.encode_account(account).fields == seeded
+    assert codec.lot_member(lot) == b"a1:500:seed-retail"
 
 
 @pytest.mark.parametrize(
-    ("field", "value", "message"),
+    ("stored", "lots", "holds", "message"),
     [
-        (b"l:3", b"5:6:X:acme", "account hash field b'l:3' = b'5:6:X:acme': KeyError(b'X')"),
-        (b"l:3", b"5:6:R", "account hash field b'l:3' = b'5:6:R': ValueError("),
-        (b"h:x", b"5:6", "account hash field b'h:x' = b'5:6': ValueError("),
-        (b"seq", b"", "account hash field b'seq' = b'': ValueError("),
-        (b"owner", b"me", "account hash field b'owner' = b'me': ValueError('unknown field')"),
+        ({b"seq": b""}, [], [], "account hash field b'seq' = b'': ValueError("),
+        ({b"owner": b"me"}, [], [], "account hash field b'owner' = b'me': ValueError('unknown field')"),
+        ({}, [(b"a3:5", 7.0)], [], "lot b'a3:5' scored 7.0: ValueError("),
+        ({}, [(b"b3:5:acme", 7.0)], [], "lot b'b3:5:acme' scored 7.0: ValueError('no lot id key')"),
+        ({}, [(b"a3:5:acme", 7.5)], [], "lot b'a3:5:acme' scored 7.5: ValueError('score is not a whole number')"),
+        ({}, [], [(b"x:5", 7.0)], "open hold b'x:5' scored 7.0: ValueError("),
     ],
 )
-def test_an_account_hash_field_it_cannot_read_is_named(field: bytes, value: bytes, message: str) -> None:
+def test_an_account_it_cannot_read_is_named(
+    stored: dict[bytes, bytes], lots: list[tuple[bytes, float]], holds: list[tuple[bytes, float]], message: str
+) -> None:
     with pytest.raises(msgspec.DecodeError) as raised:
-        codec.decode_account({b"seq": b"1", field: value})
+        codec.decode_account(stored, lots, holds)
     assert str(raised.value).startswith(message)
 
 
@@ -162,6 +178,8 @@ class Stored:
 
     answers: dict[str, OpResult]
     account: dict[bytes, bytes]
+    lots: list[tuple[bytes, float]]
+    open_holds: list[tuple[bytes, float]]
     records: dict[bytes, bytes]
     entries: list[dict[bytes, bytes]]
     holds: list[tuple[bytes, float]]
@@ -176,20 +194,26 @@ async def stored(ledger: Ledger, clock: ManualClock, redis: Redis, keyspace: Key
     # The client never decodes responses: every reply below is bytes (redis-py types allow str too).
     replies: list[Any] = [
         await redis.hgetall(keys.account),
+        await redis.zrange(keys.lots, 0, -1, withscores=True),
+        await redis.zrange(keys.open_holds, 0, -1, withscores=True),
         await redis.hgetall(keys.transactions),
         await redis.xrange(keys.events),
         await redis.zrange(keys.holds, 0, -1, withscores=True),
         {rid: await redis.get(keyspace.idempotency(ACCOUNT, rid)) for rid in answers},
         await redis.hget(keyspace.card_bucket(f"card-{ACCOUNT}"), f"card-{ACCOUNT}"),
     ]
-    account, records, entries, holds, idempotency, card = replies
-    return Stored(answers, account, records, [fields for _, fields in entries], holds, idempotency, card)
+    account, lots, open_holds, records, entries, holds, idempotency, card = replies
+    entries = [fields for _, fields in entries]
+    return Stored(answers, account, lots, open_holds, records, entries, holds, idempotency, card)
 
 
-async def test_the_account_hash_round_trips_byte_for_byte(stored: Stored) -> None:
-    account = codec.decode_account(stored.account)
-    assert account == AccountHash(seq=15, x0=2, lots={2: lot(2, 255)}, holds={15: HoldEntry(5, T + DAY_MS + 600_000)})
-    assert codec.encode_account(account) == stored.account
+async def test_the_account_round_trips_byte_for_byte(stored: Stored) -> None:
+    account = codec.decode_account(stored.account, stored.lots, stored.open_holds)
+    assert account == codec.account_of(15, 2, {2: lot(2, 255)}, {15: HoldEntry(5, T + DAY_MS + 600_000)})
+    encoded = codec.encode_account(account)
+    assert encoded.fields == stored.account
+    assert [(member, float(score)) for member, score in encoded.lots.items()] == stored.lots
+    assert [(member, float(score)) for member, score in encoded.holds.items()] == stored.open_holds
 
 
 async def test_every_record_round_trips_and_holds_what_the_script_derived(stored: Stored) -> None:
@@ -228,7 +252,7 @@ async def test_every_event_round_trips_and_carries_what_the_script_derived(store
     entries = stored.entries
     decoded = [codec.decode_stream_entry(fields) for fields in entries]
     for fields, entry in zip(entries, decoded, strict=True):
-        (_, packed), = fields.items()  # fmt: skip
+        packed = fields[codec.EVENT_FIELD] if isinstance(entry, Event) else fields[codec.NOTE_FIELD]
         again = codec.encode_event(entry) if isinstance(entry, Event) else codec.encode_note(entry)
         assert packed_fields(again) == packed_fields(packed), entry
     assert [e for e in decoded if isinstance(e, IdempotencyNote)] == [IdempotencyNote(ACCOUNT, "refused")]
@@ -262,6 +286,27 @@ async def test_every_event_round_trips_and_carries_what_the_script_derived(store
         event(15, "HOLD_AUTHORIZED", 5, [lot(2, -5)], 255, 5, rid="hold-held", hold_exp=T + DAY_MS + 600_000,
               alloc=[alloc(2, 5)], time=T + DAY_MS),
     ]  # fmt: skip
+
+
+async def test_each_call_s_stream_entry_carries_its_idempotency_record_and_expiry(
+    stored: Stored, redis: Redis, keyspace: Keyspace
+) -> None:
+    """The last event of a call, or a refusal's note, carries the record its key holds and the
+    instant the key expires at: the write-behind copies both from the entry."""
+    carried: dict[str, tuple[bytes, int]] = {}
+    for fields in stored.entries:
+        found = codec.stream_entry_record(fields)
+        entry = codec.decode_stream_entry(fields)
+        if found is not None:
+            assert entry.rid is not None
+            assert entry.rid not in carried  # one entry per call
+            carried[entry.rid] = found
+    kept = {rid: raw for rid, raw in stored.idempotency.items() if raw is not None}
+    assert {rid: record for rid, (record, _) in carried.items()} == kept
+    for rid, (_, expires_ms) in carried.items():
+        assert await redis.pexpiretime(keyspace.idempotency(ACCOUNT, rid)) == expires_ms, rid
+    with pytest.raises(msgspec.DecodeError, match="no expiry ms"):
+        codec.stream_entry_record({codec.EVENT_FIELD: b"", codec.RECORD_FIELD: b"f" * 40})
 
 
 async def test_idempotency_records_hold_the_answers_given(stored: Stored) -> None:

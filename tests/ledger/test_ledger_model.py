@@ -36,6 +36,19 @@ class Model:
     holds: dict[int, tuple[int, int, list[tuple[int, int]]]] = field(default_factory=dict)  # pts, exp, alloc
     spent: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
 
+    def bucket_lot(self, expire_ms: int, kind: str) -> int | None:
+        """The lot with points of this expiry and kind (one issuer here), if there is one: lots
+        of one expiry, kind and issuer are one lot."""
+        return next(
+            (i for i, lot in self.lots.items() if lot.points and (lot.expire_ms, lot.kind) == (expire_ms, kind)), None
+        )
+
+    def give_back(self, lot_id: int, points: int) -> None:
+        """To the lot itself if it still has points, else to its bucket's lot, else to itself again."""
+        lot = self.lots[lot_id]
+        target = lot_id if lot.points else self.bucket_lot(lot.expire_ms, lot.kind)
+        self.lots[lot_id if target is None else target].points += points
+
     def available(self, now: int) -> int:
         return sum(lot.points for lot in self.lots.values() if lot.expire_ms > now)
 
@@ -57,7 +70,7 @@ class Model:
         for seq, (_, exp, alloc) in list(self.holds.items()):
             if exp <= now:
                 for lot_id, n in alloc:
-                    self.lots[lot_id].points += n
+                    self.give_back(lot_id, n)
                 del self.holds[seq]
 
     def view(self, now: int) -> list[tuple[int, int]]:
@@ -112,7 +125,12 @@ async def _run(redis_url: str, keyspace: Keyspace, ops: list[tuple[Any, ...]]) -
                                 kind=lot_kind, pos=POS, request_id=rid(), fingerprint="g" * 32, grant=True)
                 )  # fmt: skip
                 assert result is not None
-                model.lots[result.tx] = Lot(int(points), now + int(days) * 1000, str(lot_kind))
+                merged = model.bucket_lot(now + int(days) * 1000, str(lot_kind))
+                assert [lot.lot_id for lot in result.lots] == [result.tx if merged is None else merged]
+                if merged is None:
+                    model.lots[result.tx] = Lot(int(points), now + int(days) * 1000, str(lot_kind))
+                else:
+                    model.lots[merged].points += int(points)
             elif kind in ("hold", "redeem"):
                 points = int(op[1])
                 enough = model.available(now) >= points
@@ -147,7 +165,7 @@ async def _run(redis_url: str, keyspace: Keyspace, ops: list[tuple[Any, ...]]) -
                     for lot_id, n in open_hold[2]:
                         spend = min(n, take)
                         take -= spend
-                        model.lots[lot_id].points += n - spend
+                        model.give_back(lot_id, n - spend)
                         if spend:
                             used.append((lot_id, spend))
                     del model.holds[target]
@@ -171,7 +189,7 @@ async def _run(redis_url: str, keyspace: Keyspace, ops: list[tuple[Any, ...]]) -
                         give = min(n, rest)
                         rest -= give
                         alloc[i] = (lot_id, n - give)
-                        model.lots[lot_id].points += give
+                        model.give_back(lot_id, give)
             balance = await ledger.balance(ACCOUNT)
             now = clock.now_ms()
             model.expire_holds(now)

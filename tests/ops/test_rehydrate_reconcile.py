@@ -113,16 +113,21 @@ async def test_reconcile_lists_every_difference_and_exits_non_zero(
     assert "4 accounts compared" in out.getvalue()
 
     # Damage Redis three ways: a changed lot, a lost account, an account PostgreSQL never saw.
-    lot_id = min((await account_state(redis, keyspace, "member-0")).lots)
-    changed = codec.LotEntry(lot_id, 1, 1, "R", "acme")
-    await redis.hset(keyspace.account("member-0").account, codec.lot_field(lot_id), codec.lot_value(changed))
+    member_0 = await account_state(redis, keyspace, "member-0")
+    lot = member_0.lots[min(member_0.lots)]
+    changed = msgspec.structs.replace(lot, points=1, expire_ms=1, kind="R")
+    await redis.zrem(keyspace.account("member-0").lots, codec.lot_member(lot))
+    await redis.zadd(keyspace.account("member-0").lots, {codec.lot_member(changed): codec.lot_score(1, "R")})
+    await redis.hincrby(
+        keyspace.account("member-0").account, codec.LOT_POINTS_FIELD, 1 - lot.points
+    )  # totals still agree
     await redis.delete(keyspace.account("member-1").account)
-    ghost = codec.encode_account(codec.AccountHash(seq=3, x0=1))
-    await redis.hset(keyspace.account("ghost").account, mapping=ghost)  # type: ignore[arg-type]
+    ghost = codec.encode_account(codec.StoredAccount(seq=3, x0=1))
+    await redis.hset(keyspace.account("ghost").account, mapping=ghost.fields)  # type: ignore[arg-type]
     out = io.StringIO()
     assert await _reconcile_cli(settings, out) == 1
     listing = out.getvalue()
-    assert f"member-0: lot {lot_id}: Redis 1:1:R:acme" in listing
+    assert f"member-0: lot {lot.lot_id}: Redis 1:1:R:acme" in listing
     assert "member-1: account: Redis missing, PostgreSQL at seq 2" in listing
     assert "ghost: account: Redis at seq 3, PostgreSQL missing" in listing
     assert "DIFFER for 3 accounts" in listing
@@ -130,7 +135,7 @@ async def test_reconcile_lists_every_difference_and_exits_non_zero(
 
 async def _stored(
     redis: Redis, keyspace: Keyspace, accounts: list[str]
-) -> dict[str, tuple[codec.AccountHash, dict[int, codec.TransactionRecord]]]:
+) -> dict[str, tuple[codec.StoredAccount, dict[int, codec.TransactionRecord]]]:
     """Per account: its hash (x0 left out) and its transaction records, decoded."""
     out = {}
     for account in accounts:

@@ -102,6 +102,9 @@ class WriteBehindSettings(_Section):
     """Stream entries a worker reads per round."""
     poll_ms: Positive = 50
     """Pause when every stream is empty (bounds the lag that polling adds)."""
+    catchup_share: Annotated[float, Meta(gt=0, le=1)] = 0.5
+    """While catching up a backlog, the worker works at most this share of the time (it pauses
+    after each full batch), leaving the cores to the servers and Redis the rest of it."""
     claim_idle_ms: Positive = 30_000
     """Entries delivered but unacknowledged this long (a crashed worker) are claimed."""
     max_deliveries: Positive = 5

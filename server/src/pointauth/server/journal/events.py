@@ -7,9 +7,9 @@ from typing import NamedTuple
 
 import msgspec
 
-from pointauth.server.ledger.codec import Event, IdempotencyNote, decode_stream_entry
+from pointauth.server.ledger.codec import Event, IdempotencyNote, decode_stream_entry, stream_entry_record
 
-__all__ = ["EntryId", "Event", "IdempotencyNote", "StreamEntry", "UndecodableEntry", "decode"]
+__all__ = ["EntryId", "Event", "IdempotencyNote", "StreamEntry", "UndecodableEntry", "decode", "entry_record"]
 
 
 class EntryId(NamedTuple):
@@ -49,5 +49,13 @@ class UndecodableEntry(ValueError):
 def decode(entry: StreamEntry) -> Event | IdempotencyNote:
     try:
         return decode_stream_entry(entry.fields)
+    except msgspec.DecodeError as exc:
+        raise UndecodableEntry(f"entry {entry.entry_id} of {entry.stream}: {exc}") from exc
+
+
+def entry_record(entry: StreamEntry) -> tuple[bytes, int] | None:
+    """The idempotency record the entry carries, and the Unix ms it expires at (None: none)."""
+    try:
+        return stream_entry_record(entry.fields)
     except msgspec.DecodeError as exc:
         raise UndecodableEntry(f"entry {entry.entry_id} of {entry.stream}: {exc}") from exc

@@ -27,6 +27,8 @@ class StreamBacklog:
     oldest_unapplied: EntryId | None
     last_delivered: EntryId
     oldest_pending: EntryId | None
+    length: int = 0
+    """XLEN: every entry still in the stream, applied or not (the worker trims it)."""
 
     @property
     def backlog(self) -> int:
@@ -92,7 +94,7 @@ async def stream_backlogs(redis: Redis, streams: list[str], group: str = GROUP) 
             pipe.xinfo_groups(stream)
             pipe.xpending(stream, group)
         replies: list[Any] = await pipe.execute(raise_on_error=False)
-    found: list[tuple[str, EntryId, int, EntryId | None, int | None]] = []
+    found: list[tuple[str, EntryId, int, EntryId | None, int | None, int]] = []
     for i, stream in enumerate(streams):
         length, groups, pending = replies[3 * i : 3 * i + 3]
         if not length or isinstance(length, ResponseError) or isinstance(groups, ResponseError):
@@ -100,20 +102,21 @@ async def stream_backlogs(redis: Redis, streams: list[str], group: str = GROUP) 
         info = next((g for g in groups if _text(g["name"]) == group), None)
         if info is None or isinstance(pending, ResponseError):
             # No worker has read this stream yet: all of it waits.
-            found.append((stream, EntryId(0, 0), 0, None, int(length)))
+            found.append((stream, EntryId(0, 0), 0, None, int(length), int(length)))
             continue
         last = EntryId.parse(info["last-delivered-id"])
         oldest_pending = EntryId.parse(pending["min"]) if pending["pending"] else None
         # Redis 7 counts the undelivered entries itself, except after deletions (then nil).
         lag = info.get("lag")
-        found.append((stream, last, int(pending["pending"]), oldest_pending, None if lag is None else int(lag)))
+        lag_count = None if lag is None else int(lag)
+        found.append((stream, last, int(pending["pending"]), oldest_pending, lag_count, int(length)))
     # The first entry after what was delivered: its id is its time.
     async with redis.pipeline(transaction=False) as pipe:
-        for stream, last, _, _, lag in found:
+        for stream, last, _, _, lag, _ in found:
             pipe.xrange(stream, min=f"({last}", count=1 if lag is not None else 100_000)
         replies = await pipe.execute(raise_on_error=False)
     out: list[StreamBacklog] = []
-    for (stream, last, pending_count, oldest_pending, lag), after in zip(found, replies, strict=True):
+    for (stream, last, pending_count, oldest_pending, lag, length), after in zip(found, replies, strict=True):
         new = [] if isinstance(after, ResponseError) else after
         first_new = EntryId.parse(new[0][0]) if new else None
         candidates = [e for e in (oldest_pending, first_new) if e is not None]
@@ -125,6 +128,7 @@ async def stream_backlogs(redis: Redis, streams: list[str], group: str = GROUP) 
                 oldest_unapplied=min(candidates) if candidates else None,
                 last_delivered=last,
                 oldest_pending=oldest_pending,
+                length=length,
             )
         )
     return out

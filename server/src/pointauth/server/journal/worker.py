@@ -1,6 +1,11 @@
 """The write-behind worker: reads its shards' event streams with a consumer group and applies
 them to PostgreSQL in batches, acknowledging each entry only after its batch has committed.
 
+Reading names only streams known to have undelivered entries: a scan (a small Lua script, at
+most `scan_chunk` streams a call) compares each stream's length with the one it had when last
+looked at, and only streams that grew are read, one XREADGROUP each with a bounded COUNT, so no
+command the worker sends runs long enough to hold up a till's call (Redis runs one at a time).
+
 Crash safety comes from that order: an entry is acknowledged (and may be trimmed) only once
 PostgreSQL has it, and applying an entry twice is harmless (per-account sequence check, then
 ON CONFLICT on the journal). Entries a crashed worker left pending are read again by the same
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import socket
 import time
@@ -30,6 +36,7 @@ from pointauth.server.journal.events import (
     StreamEntry,
     UndecodableEntry,
     decode,
+    entry_record,
 )
 from pointauth.server.journal.migrate import PARTITIONS_AHEAD, create_partitions
 from pointauth.server.journal.outage import failed_store
@@ -50,7 +57,27 @@ class WorkerConfig:
     """Consumer name in the group: keep it across restarts so a restart resumes its own entries."""
     group: str = GROUP
     batch_size: int = 1000
-    """Entries read per round, spread over the worker's streams."""
+    """Entries read per round, spread over the streams that have some."""
+    catchup_factor: int = 4
+    """While behind (the last round was full), rounds read this many times batch_size:
+    PostgreSQL's cost per batch is then shared by more events."""
+    catchup_share: float = 0.5
+    """While catching up, the worker works at most this share of the time: after each full
+    batch it pauses (1/share - 1) times as long as the batch took. A backlog is then worked off
+    at a bounded pace, and the worker and its PostgreSQL backend, which would otherwise keep a
+    core busy for the whole catch-up, leave the cores to Redis and the servers the rest of it."""
+    streams_per_read: int = 64
+    """At most this many streams are read per round (their XREADGROUPs are pipelined)."""
+    max_read_count: int = 100
+    """COUNT of one XREADGROUP: its Redis time grows with the entries it returns, and must stay
+    far below 1 ms, since every till's call waits behind it."""
+    entries_per_round_trip: int = 500
+    """Entries read or acknowledged per pipelined round trip. Redis runs the commands of one
+    pipeline back to back, about a microsecond an entry, and a till's call that arrives meanwhile
+    waits for all of them: so a batch goes out in a few short pipelines, not in one long one."""
+    scan_chunk: int = 128
+    """Streams looked at per call of the scan script (standalone Redis; one per call on a
+    cluster, where each stream is its own slot). About 1 µs of Redis time per stream."""
     poll_ms: int = 50
     """Pause when every stream is empty (bounds the lag added by polling)."""
     claim_idle_ms: int = 30_000
@@ -65,6 +92,8 @@ class WorkerConfig:
     backoff_max_s: float = 10.0
 
     def __post_init__(self) -> None:
+        if not 0 < self.catchup_share <= 1:
+            raise ValueError(f"catchup_share {self.catchup_share} is not in (0, 1]")
         if not 0 <= self.index < self.count:
             raise ValueError(f"worker index {self.index} is not below worker count {self.count}")
 
@@ -100,6 +129,16 @@ class WriteBehindWorker:
         # start (a restart after a crash) and after losing Redis between commit and XACK.
         self._own_cursor: dict[str, str] = {}
         self._is_standalone: bool | None = None
+        # XLEN of each stream when last looked at: a stream whose length grew has new entries.
+        self._seen_len: dict[str, int] = {}
+        # Per stream, the entries added (as the scans saw them grow) minus the entries read: what
+        # is known to wait. Below zero when a read took entries added after the last scan, which
+        # the next scan then counts: so a stream is read only when it has something to give.
+        self._todo: dict[str, int] = {}
+        # The streams whose _todo is above zero, in the order they are read in (round robin).
+        self._dirty: dict[str, None] = {}
+        self._catching_up = False
+        self._scan_script = redis.register_script(_SCAN_LUA)
         self._claim_cursor: dict[str, str] = dict.fromkeys(self.streams, "0-0")
         self._months: set[tuple[int, int]] = set()
         self._next_housekeeping = 0.0
@@ -123,7 +162,7 @@ class WriteBehindWorker:
                 try:
                     if not ready:
                         await self._ensure_groups()
-                        self._reread_own()
+                        await self._find_work()
                         ready = True
                     await self._step(stop)
                     backoff.reset()
@@ -152,8 +191,20 @@ class WriteBehindWorker:
         finally:
             await self._close_connection()
 
-    def _reread_own(self) -> None:
-        self._own_cursor = dict.fromkeys(self.streams, "0-0")
+    async def _find_work(self) -> None:
+        """At start, and after losing Redis: each stream's exact state, once. Streams with
+        entries pending (a crash, or a batch committed without its XACK) are read again from
+        their start; those with undelivered entries are marked to be read."""
+        backlogs = await stream_backlogs(self.redis, list(self.streams), self.config.group)
+        self._seen_len = {b.stream: b.length for b in backlogs}
+        self._own_cursor = {b.stream: "0-0" for b in backlogs if b.pending}
+        self._todo = {b.stream: b.undelivered for b in backlogs}
+        self._dirty = {b.stream: None for b in backlogs if b.undelivered}
+
+    def _waiting(self, stream: str, added: int) -> None:
+        self._todo[stream] = todo = self._todo.get(stream, 0) + added
+        if todo > 0:
+            self._dirty[stream] = None
 
     async def _ensure_groups(self) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -199,17 +250,14 @@ class WriteBehindWorker:
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + self.config.housekeeping_s
             await self._housekeeping()
+        started = time.monotonic()
         if self._batch is None:
             self._batch = await self._read()
-            if self._batch and len(self._batch) < self.config.batch_size:
-                # A short batch: let the next one gather for a moment, so that under a steady
-                # trickle the worker reads (and packs a thousand stream names) ~1/poll_ms a second.
-                self._read_after = time.monotonic() + self.config.poll_ms / 1000
         if not self._batch:
             self._batch = None
             self.lag_ms = 0  # nothing was waiting
-            if not await self._standalone():  # a standalone read has blocked for poll_ms already
-                await _sleep(stop, self.config.poll_ms / 1000)
+            self._catching_up = False
+            await _sleep(stop, self.config.poll_ms / 1000)
             return
         # Kept until it has committed and been acknowledged: a PostgreSQL outage retries the same
         # batch instead of delivering its entries again.
@@ -217,12 +265,26 @@ class WriteBehindWorker:
         # The oldest entry of the batch just committed waited this long (entry ids carry Redis's
         # clock in ms; the worker runs beside it or close to it).
         self.lag_ms = max(0, int(time.time() * 1000) - min(e.entry_id.ms for e in self._batch))
+        done = time.monotonic()
+        if len(self._batch) < self._batch_size():
+            # A short batch: let the next one gather for a moment, so that under a steady
+            # trickle the worker scans and commits ~1/poll_ms a second, not once per event.
+            self._read_after = done + self.config.poll_ms / 1000
+            self._catching_up = False
+        else:
+            # A full one: more waits. Bigger batches from now on, each followed by a pause in
+            # proportion to what it took (catchup_share).
+            self._catching_up = True
+            self._read_after = done + (done - started) * (1 / self.config.catchup_share - 1)
         self._batch = None
 
     # -- reading --------------------------------------------------------------------------------
 
+    def _batch_size(self) -> int:
+        return self.config.batch_size * (self.config.catchup_factor if self._catching_up else 1)
+
     def _per_stream(self, streams: int) -> int:
-        return max(10, -(-self.config.batch_size // max(1, streams)))
+        return min(self.config.max_read_count, max(1, -(-self._batch_size() // max(1, streams))))
 
     async def _read(self) -> list[StreamEntry]:
         if (wait := self._read_after - time.monotonic()) > 0:
@@ -235,15 +297,60 @@ class WriteBehindWorker:
         if time.monotonic() >= self._next_claim:
             self._next_claim = time.monotonic() + max(self.config.housekeeping_s, self.config.claim_idle_ms / 2000)
             entries = await self._claim_idle()
-        return entries + await self._read_group(dict.fromkeys(self.streams, ">"), block_ms=self.config.poll_ms)
+        if not self._dirty:
+            await self._scan()
+        return entries + await self._read_dirty()
+
+    async def _scan(self) -> None:
+        """Marks the streams that grew since last looked at. One call of the scan script per
+        `scan_chunk` streams, all pipelined: a stream costs Redis about a microsecond, and the
+        worker two numbers, where a pipelined XLEN per stream would cost it ~13 µs of Python."""
+        chunk = self.config.scan_chunk if await self._standalone() else 1
+        streams = list(self.streams)
+        parts = [streams[i : i + chunk] for i in range(0, len(streams), chunk)]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for part in parts:
+                await self._scan_script(keys=part, args=[self._seen_len.get(s, 0) for s in part], client=pipe)
+            replies: list[Any] = await pipe.execute()
+        for part, reply in zip(parts, replies, strict=True):
+            for i in range(0, len(reply), 2):
+                stream = part[int(reply[i]) - 1]
+                length = int(reply[i + 1])
+                grown = length - self._seen_len.get(stream, 0)
+                # Shorter: trimmed by someone else (ours adjust the length they remember).
+                self._seen_len[stream] = length
+                if grown > 0:
+                    self._waiting(stream, grown)
+
+    async def _read_dirty(self) -> list[StreamEntry]:
+        """Up to `streams_per_read` of the streams with entries, round robin, each by its own
+        XREADGROUP asking for no more than the stream is known to hold (and max_read_count)."""
+        streams = list(itertools.islice(self._dirty, self.config.streams_per_read))
+        if not streams:
+            return []
+        per_stream = self._per_stream(len(streams))
+        counts = {s: min(per_stream, self._todo[s]) for s in streams}
+        entries = await self._read_group(dict.fromkeys(streams, ">"), counts)
+        got: dict[str, int] = defaultdict(int)
+        for e in entries:
+            got[e.stream] += 1
+        for stream in streams:
+            del self._dirty[stream]
+            # Nothing at all: another consumer took them (a change of the shard split), or the
+            # stream lost them; the scan and the trim's exact count find whatever comes next.
+            self._todo[stream] = self._todo[stream] - got[stream] if got[stream] else 0
+            if self._todo[stream] > 0:
+                self._dirty[stream] = None  # to the back: the other streams' turn first
+        return entries
 
     async def _read_own(self) -> list[StreamEntry]:
-        count = self._per_stream(len(self._own_cursor))
-        entries = await self._read_group(self._own_cursor, count)
+        streams = list(itertools.islice(self._own_cursor, self.config.streams_per_read))
+        count = self._per_stream(len(streams))
+        entries = await self._read_group({s: self._own_cursor[s] for s in streams}, dict.fromkeys(streams, count))
         by_stream: dict[str, list[StreamEntry]] = defaultdict(list)
         for e in entries:
             by_stream[e.stream].append(e)
-        for stream in list(self._own_cursor):
+        for stream in streams:
             got = by_stream.get(stream, [])
             if len(got) < count:
                 del self._own_cursor[stream]
@@ -251,36 +358,19 @@ class WriteBehindWorker:
                 self._own_cursor[stream] = str(got[-1].entry_id)
         return entries
 
-    async def _read_group(
-        self, positions: dict[str, str], count: int | None = None, block_ms: int | None = None
-    ) -> list[StreamEntry]:
-        count = count or self._per_stream(len(positions))
-        if await self._standalone():
-            # One Redis holds every stream: one call reads them all, and returns only those with
-            # entries; BLOCK waits for the first one instead of polling a thousand empty streams.
-            reply: Any = await self.redis.xreadgroup(
-                self.config.group,
-                self.config.consumer,
-                dict[Any, Any](positions),
-                count=count,
-                block=block_ms,
-            )
-            return [
-                entry
-                for name, items in reply or []
-                for entry in self._entries(name.decode() if isinstance(name, bytes) else name, items)
-            ]
-        # On a Redis Cluster the shards' streams live in different slots, so one multi-stream
-        # call is not an option: one XREADGROUP per stream, pipelined.
-        streams = list(positions)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for stream in streams:
-                pipe.xreadgroup(self.config.group, self.config.consumer, {stream: positions[stream]}, count=count)
-            replies: list[Any] = await pipe.execute()
+    async def _read_group(self, positions: dict[str, str], counts: dict[str, int]) -> list[StreamEntry]:
+        # One XREADGROUP per stream: its Redis time is bounded by its count, whatever the number
+        # of streams, and it is what a Redis Cluster (a slot per stream) needs anyway.
         entries: list[StreamEntry] = []
-        for stream, reply in zip(streams, replies, strict=True):
-            for _name, items in reply or []:
-                entries.extend(self._entries(stream, items))
+        for streams in _rounds(list(positions), counts, self.config.entries_per_round_trip):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for stream in streams:
+                    position: dict[Any, Any] = {stream: positions[stream]}
+                    pipe.xreadgroup(self.config.group, self.config.consumer, position, count=counts[stream])
+                replies: list[Any] = await pipe.execute()
+            for stream, reply in zip(streams, replies, strict=True):
+                for _name, items in reply or []:
+                    entries.extend(self._entries(stream, items))
         return entries
 
     async def _standalone(self) -> bool:
@@ -298,7 +388,7 @@ class WriteBehindWorker:
             for stream in self.streams:
                 pipe.xautoclaim(
                     stream, self.config.group, self.config.consumer, self.config.claim_idle_ms,
-                    start_id=self._claim_cursor[stream], count=self._per_stream(len(self.streams)),
+                    start_id=self._claim_cursor[stream], count=_CLAIM_COUNT,
                 )  # fmt: skip
             replies: list[Any] = await pipe.execute()
         claimed: list[StreamEntry] = []
@@ -342,14 +432,34 @@ class WriteBehindWorker:
     ) -> list[IdempotencyRow]:
         """The request-id records of this batch, copied so rehydrate can restore them.
 
-        The ledger script keeps them in Redis only; the worker copies each one when it applies
-        the event carrying its request id. A record lost with Redis before that copy (the
-        worker's lag, about a second) is not restored: a retry of that request then runs anew.
+        The ledger script keeps them in Redis, and puts each one (with its expiry) in the stream
+        entry of its call's last event, or its note; the worker copies it from there. A record
+        lost with Redis before that copy (the worker's lag, about a second) is not restored: a
+        retry of that request then runs anew.
         """
-        with_rid = [(d.event.account, d.event.rid) for d in deliveries if d.event.rid]
-        with_rid += [(n.account, n.rid) for _, n in notes]
-        if not with_rid:
-            return []
+        rows: list[IdempotencyRow] = []
+        carried: set[tuple[str, str]] = set()
+        keyed = [(d.entry, d.event.account, d.event.rid) for d in deliveries if d.event.rid]
+        keyed += [(entry, n.account, n.rid) for entry, n in notes]
+        for entry, account, rid in keyed:
+            try:
+                found = entry_record(entry)
+            except UndecodableEntry as exc:
+                log.warning("write-behind: %s; reading the record's key instead", exc)
+                found = None
+            if found is not None:
+                record, expires_ms = found
+                rows.append(IdempotencyRow(account, rid, record, datetime.fromtimestamp(expires_ms / 1000, UTC)))
+                carried.add((account, rid))
+        # Entries a script older than those fields wrote (during a rolling deploy), or a call's
+        # earlier event whose last one came in another batch: read the key itself.
+        with_rid = list({(a, r) for _, a, r in keyed} - carried)
+        if with_rid:
+            rows += await self._idempotency_keys(with_rid)
+        # One row per key (a request id may come twice: redelivery, or an event and a note).
+        return list({(r.account_id, r.request_id): r for r in rows}.values())
+
+    async def _idempotency_keys(self, with_rid: list[tuple[str, str]]) -> list[IdempotencyRow]:
         async with self.redis.pipeline(transaction=False) as pipe:
             for account, rid in with_rid:
                 key = self.keyspace.idempotency(account, rid)
@@ -363,8 +473,7 @@ class WriteBehindWorker:
             if isinstance(record, bytes) and isinstance(ttl, int) and ttl > 0:
                 expires = datetime.fromtimestamp((now_ms + ttl) / 1000, UTC)
                 rows.append(IdempotencyRow(account, rid, record, expires))
-        # One row per key (a request id may come twice: redelivery, or an event and a note).
-        return list({(r.account_id, r.request_id): r for r in rows}.values())
+        return rows
 
     async def _ensure_partitions(self, deliveries: list[Delivered]) -> None:
         months = {_month(d.event.time) for d in deliveries} - self._months
@@ -437,12 +546,12 @@ class WriteBehindWorker:
         by_stream: dict[str, list[str]] = defaultdict(list)
         for entry in entries:
             by_stream[entry.stream].append(str(entry.entry_id))
-        if not by_stream:
-            return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for stream, ids in by_stream.items():
-                pipe.xack(stream, self.config.group, *ids)
-            await pipe.execute()
+        sizes = {stream: len(ids) for stream, ids in by_stream.items()}
+        for streams in _rounds(list(by_stream), sizes, self.config.entries_per_round_trip):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for stream in streams:
+                    pipe.xack(stream, self.config.group, *by_stream[stream])
+                await pipe.execute()
 
     # -- housekeeping ---------------------------------------------------------------------------
 
@@ -454,6 +563,12 @@ class WriteBehindWorker:
             # exact lag comes with it every trim_s, and from the batches in between.
             self._next_trim = time.monotonic() + self.config.trim_s
             backlogs = await stream_backlogs(self.redis, list(self.streams), self.config.group)
+            # Exact, where the scan infers: a stream it missed (trimmed or rewound by hand) is
+            # read now.
+            for b in backlogs:
+                if b.undelivered > 0 >= self._todo.get(b.stream, 0):
+                    self._todo[b.stream] = 0
+                    self._waiting(b.stream, b.undelivered)
             oldest = [b.oldest_unapplied.ms for b in backlogs if b.oldest_unapplied is not None]
             self.lag_ms = max(0, now_ms - min(oldest)) if oldest else 0
             await self._trim(conn, backlogs)
@@ -479,6 +594,7 @@ class WriteBehindWorker:
             [b.stream for b in backlogs],
         )
         applied = {r["stream"]: EntryId(r["applied_ms"], r["applied_seq"]) for r in rows}
+        trimmed: list[str] = []
         async with self.redis.pipeline(transaction=False) as pipe:
             for b in backlogs:
                 if b.stream not in applied:
@@ -486,8 +602,15 @@ class WriteBehindWorker:
                 bounds = [b.last_delivered.next(), applied[b.stream].next()]
                 if b.oldest_pending is not None:
                     bounds.append(b.oldest_pending)
-                pipe.xtrim(b.stream, minid=str(min(bounds)), approximate=True)
-            await pipe.execute()
+                # Bounded like a read: trimming a long-neglected stream in one go would be slow.
+                pipe.xtrim(b.stream, minid=str(min(bounds)), approximate=True, limit=10 * self.config.max_read_count)
+                trimmed.append(b.stream)
+            removed: list[Any] = await pipe.execute()
+        # XTRIM is atomic and says how many it removed: the length the scan remembers drops by
+        # as much, so entries added meanwhile still show as growth.
+        for stream, count in zip(trimmed, removed, strict=True):
+            if stream in self._seen_len:
+                self._seen_len[stream] -= int(count)
 
     async def _heartbeat(self, conn: Connection) -> None:
         await conn.execute(
@@ -505,6 +628,23 @@ class WriteBehindWorker:
         )
 
 
+def _rounds(streams: list[str], sizes: dict[str, int], per_round: int) -> list[list[str]]:
+    """`streams` in consecutive groups whose sizes add up to at most `per_round` (a stream
+    larger than that on its own is a group of its own)."""
+    rounds: list[list[str]] = []
+    current: list[str] = []
+    total = 0
+    for stream in streams:
+        if current and total + sizes[stream] > per_round:
+            rounds.append(current)
+            current, total = [], 0
+        current.append(stream)
+        total += sizes[stream]
+    if current:
+        rounds.append(current)
+    return rounds
+
+
 def _month(ms: int) -> tuple[int, int]:
     moment = datetime.fromtimestamp(ms / 1000, UTC)
     return moment.year, moment.month
@@ -513,3 +653,23 @@ def _month(ms: int) -> tuple[int, int]:
 async def _sleep(stop: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), seconds)
+
+
+# Entries claimed per stream per XAUTOCLAIM: a stuck consumer's entries come back over a few
+# rounds, each command short.
+_CLAIM_COUNT = 10
+
+# The scan: KEYS streams, ARGV the length each had when last looked at; answers {index (from
+# 1), length} for each stream whose length is another now. Reads only (no-writes). On a standalone
+# Redis one call may name streams of many slots; on a cluster each call names one stream.
+_SCAN_LUA = """#!lua flags=no-writes
+local out = {}
+for i, key in ipairs(KEYS) do
+  local n = redis.call('XLEN', key)
+  if n ~= tonumber(ARGV[i]) then
+    out[#out + 1] = i
+    out[#out + 1] = n
+  end
+end
+return out
+"""

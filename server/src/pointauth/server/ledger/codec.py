@@ -1,8 +1,8 @@
-"""Everything pointauth stores in Redis, defined once: the account hash, transaction records,
-stream events, the hold index, the card index, idempotency records, and the ledger function's
-arguments and answers. Python reads and writes them only through this module; ledger.lua, which
-must write them itself, points here at each format, and tests/ledger/test_codec.py checks this
-module against what the script wrote.
+"""Everything pointauth stores in Redis, defined once: the account (its hash, lots and open
+holds), transaction records, stream events, the hold index, the card index, idempotency
+records, and the ledger function's arguments and answers. Python reads and writes them only
+through this module; ledger.lua, which must write them itself, points here at each format, and
+tests/ledger/test_codec.py checks this module against what the script wrote.
 
 Every decoder raises msgspec.DecodeError on a value it cannot read.
 
@@ -13,7 +13,7 @@ not in the same order; arrays and scalars are byte for byte the same.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import msgspec
@@ -64,92 +64,155 @@ class AllocReturn(msgspec.Struct, array_like=True, frozen=True):
     returned: int
 
 
-# -- the account hash ------------------------------------------------------------------------
-# One hash per account. Fields: `seq` (the account's last event), `x0` (the oldest transaction
-# record not yet pruned; absent means 1), `l:<lot id>` = "points:expiry ms:kind:issuer" per lot
-# with points (unheld), `h:<hold seq>` = "points:expiry ms" per open hold. Plain text rather
-# than msgpack: Redis keeps a small hash of short strings compactly (listpack), and this hash
-# exists for every account.
+# -- an account's state: the account hash, its lots and its open holds ------------------------
+# Three keys per account (keys.py, AccountKeys), laid out so that a script call reads only what
+# it touches, however many lots and holds the account has:
+# - the account hash: `seq` (the account's last event), `x0` (the oldest transaction record not
+#   yet pruned; absent means 1), `lp` (points in its lots) and `hp` (points on hold), which the
+#   script keeps equal to the sums of the two sets below so that no call has to add them up.
+#   Plain text: Redis keeps a small hash of short strings compactly (listpack), and this hash
+#   exists for every account.
+# - the lots: a sorted set, one member "<id key>:<points>:<issuer>" per lot with points (unheld),
+#   scored `expiry ms * 2 + (0 limited-time, 1 regular)`: ascending order is the spending order
+#   (soonest expiry, then limited-time, then, at an equal score, Redis's byte order of members,
+#   which the id key makes the lot ids' numeric order: a letter a..p for 1..16 digits, then the
+#   digits). Expiry and kind live only in the score. A score is below 2^53 for any expiry before
+#   year 10000, so exact as a double. An account has at most one lot per expiry, kind and issuer.
+# - the open holds: a sorted set, one member "<hold seq>:<points>" per open hold, scored by its
+#   expiry ms.
 
 SEQ_FIELD = b"seq"
 X0_FIELD = b"x0"
-LOT_PREFIX = b"l:"
-HOLD_PREFIX = b"h:"
+LOT_POINTS_FIELD = b"lp"
+HELD_POINTS_FIELD = b"hp"
 
 
 class HoldEntry(msgspec.Struct, frozen=True):
-    """An open hold as the account hash keeps it."""
+    """An open hold as the account's open-holds set keeps it."""
 
     points: int
     expire_ms: int
 
 
-class AccountHash(msgspec.Struct):
-    """An account hash, decoded. `x0` None: the field is absent (a seeded account, which has no
-    transaction records); the script reads that as 1."""
+class StoredAccount(msgspec.Struct):
+    """An account's three keys, decoded. `x0` None: the field is absent (a seeded account, which
+    has no transaction records); the script reads that as 1. `lot_points`/`held_points`: the
+    hash's totals, as stored (a consistent account has them equal to its lots' and holds' sums)."""
 
     seq: int = 0
     x0: int | None = None
+    lot_points: int = 0
+    held_points: int = 0
     lots: dict[int, LotEntry] = {}
     holds: dict[int, HoldEntry] = {}
 
 
-_KINDS: dict[bytes, LotKindCode] = {b"R": "R", b"L": "L"}
+class AccountLayout(msgspec.Struct, frozen=True):
+    """What to write for an account into its three (new or emptied) keys: one HSET, and one ZADD
+    per sorted set unless it is empty (member -> score)."""
+
+    fields: dict[bytes, bytes]
+    lots: dict[bytes, int]
+    holds: dict[bytes, int]
 
 
-def lot_field(lot_id: int) -> bytes:
-    return b"l:%d" % lot_id
+_KINDS: dict[int, LotKindCode] = {0: "L", 1: "R"}
 
 
-def lot_value(lot: LotEntry) -> bytes:
-    return lot_value_of(lot.points, lot.expire_ms, lot.kind.encode(), lot.issuer_id.encode())
+def lot_score(expire_ms: int, kind: bytes | str) -> int:
+    return expire_ms * 2 + (0 if kind in (b"L", "L") else 1)
 
 
-def lot_value_of(points: int, expire_ms: int, kind: bytes, issuer_id: bytes) -> bytes:
-    """lot_value without a LotEntry, for writers of millions of lots (seed)."""
-    return b"%d:%d:%s:%s" % (points, expire_ms, kind, issuer_id)
+def lot_member_of(lot_id: int, points: int, issuer_id: bytes) -> bytes:
+    """A lot's member without a LotEntry, for writers of millions of lots (seed)."""
+    digits = b"%d" % lot_id
+    return b"%c%s:%d:%s" % (96 + len(digits), digits, points, issuer_id)
 
 
-def hold_field(hold_seq: int) -> bytes:
-    return b"h:%d" % hold_seq
+def lot_member(lot: LotEntry) -> bytes:
+    return lot_member_of(lot.lot_id, lot.points, lot.issuer_id.encode())
 
 
-def hold_value(hold: HoldEntry) -> bytes:
-    return b"%d:%d" % (hold.points, hold.expire_ms)
+def decode_lot(member: bytes, score: float) -> LotEntry:
+    """A member of the lots set and its score (as redis-py gives them) as a lot."""
+    try:
+        digits = member[0] - 96
+        id_text, rest = member[1 : 1 + digits], member[1 + digits :]
+        if not 1 <= digits <= 16 or len(id_text) != digits or not id_text.isdigit() or rest[:1] != b":":
+            raise ValueError("no lot id key")
+        points, issuer = rest[1:].split(b":", 1)
+        whole = int(score)
+        if whole != score:
+            raise ValueError("score is not a whole number")
+        return LotEntry(int(id_text), int(points), whole // 2, _KINDS[whole % 2], issuer.decode())
+    except (ValueError, KeyError, IndexError) as exc:
+        raise msgspec.DecodeError(f"lot {member!r} scored {score!r}: {exc!r}") from None
 
 
-def encode_account(account: AccountHash) -> dict[bytes, bytes]:
-    """Every field of the hash, for one HSET of a new or emptied key."""
+def open_hold_member(hold_seq: int, points: int) -> bytes:
+    return b"%d:%d" % (hold_seq, points)
+
+
+def decode_open_hold(member: bytes, score: float) -> tuple[int, HoldEntry]:
+    """(hold seq, hold) from a member of the open-holds set and its score."""
+    try:
+        seq, points = member.split(b":")
+        return int(seq), HoldEntry(int(points), int(score))
+    except ValueError as exc:
+        raise msgspec.DecodeError(f"open hold {member!r} scored {score!r}: {exc!r}") from None
+
+
+def encode_account(account: StoredAccount) -> AccountLayout:
     fields = {SEQ_FIELD: b"%d" % account.seq}
     if account.x0 is not None:
         fields[X0_FIELD] = b"%d" % account.x0
-    for lot_id in sorted(account.lots):
-        fields[lot_field(lot_id)] = lot_value(account.lots[lot_id])
-    for seq in sorted(account.holds):
-        fields[hold_field(seq)] = hold_value(account.holds[seq])
-    return fields
+    fields[LOT_POINTS_FIELD] = b"%d" % account.lot_points
+    fields[HELD_POINTS_FIELD] = b"%d" % account.held_points
+    lots = {lot_member(lot): lot_score(lot.expire_ms, lot.kind) for lot in account.lots.values()}
+    holds = {open_hold_member(seq, hold.points): hold.expire_ms for seq, hold in account.holds.items()}
+    return AccountLayout(fields, lots, holds)
 
 
-def decode_account(stored: Mapping[bytes, bytes]) -> AccountHash:
-    """An HGETALL reply (bytes, as the clients here never decode responses)."""
-    account = AccountHash()
+def account_of(seq: int, x0: int | None, lots: Mapping[int, LotEntry], holds: Mapping[int, HoldEntry]) -> StoredAccount:
+    """A consistent account: its totals are its lots' and holds' sums."""
+    return StoredAccount(
+        seq=seq,
+        x0=x0,
+        lot_points=sum(lot.points for lot in lots.values()),
+        held_points=sum(hold.points for hold in holds.values()),
+        lots=dict(lots),
+        holds=dict(holds),
+    )
+
+
+def decode_account(
+    stored: Mapping[bytes, bytes],
+    lots: Iterable[tuple[bytes, float]] = (),
+    holds: Iterable[tuple[bytes, float]] = (),
+) -> StoredAccount:
+    """An HGETALL reply of the account hash (bytes, as the clients here never decode responses)
+    and ZRANGE ... WITHSCORES replies of its lots and open holds."""
+    account = StoredAccount()
     for field, value in stored.items():
         try:
-            if field.startswith(LOT_PREFIX):
-                lot_id = int(field[2:])
-                points, expire_ms, kind, issuer = value.split(b":", 3)
-                account.lots[lot_id] = LotEntry(lot_id, int(points), int(expire_ms), _KINDS[kind], issuer.decode())
-            elif field.startswith(HOLD_PREFIX):
-                points, expire_ms = value.split(b":")
-                account.holds[int(field[2:])] = HoldEntry(int(points), int(expire_ms))
-            elif field == SEQ_FIELD:
+            if field == SEQ_FIELD:
                 account.seq = int(value)
             elif field == X0_FIELD:
                 account.x0 = int(value)
+            elif field == LOT_POINTS_FIELD:
+                account.lot_points = int(value)
+            elif field == HELD_POINTS_FIELD:
+                account.held_points = int(value)
             else:
                 raise ValueError("unknown field")
-        except (ValueError, KeyError) as exc:
+        except ValueError as exc:
             raise msgspec.DecodeError(f"account hash field {field!r} = {value!r}: {exc!r}") from None
+    for member, score in lots:
+        lot = decode_lot(member, score)
+        account.lots[lot.lot_id] = lot
+    for member, score in holds:
+        seq, hold = decode_open_hold(member, score)
+        account.holds[seq] = hold
     return account
 
 
@@ -205,9 +268,14 @@ def decode_record(raw: bytes) -> TransactionRecord:
 # -- stream events ---------------------------------------------------------------------------
 # Each shard's stream. An entry has field `e` (an event, a msgpack map) or `i` (a note: a request
 # id answered without an event, a refusal, whose idempotency record is to be kept durable too).
+# The entry of a call's last event, and a note, also carry the call's idempotency record: `r`,
+# its bytes as the record's key holds them, and `x`, the Unix ms at which that key expires
+# (decimal). The write-behind copies them from there instead of reading the key back.
 
 EVENT_FIELD = b"e"
 NOTE_FIELD = b"i"
+RECORD_FIELD = b"r"
+RECORD_EXPIRY_FIELD = b"x"
 
 
 class Event(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -287,6 +355,18 @@ def decode_stream_entry(fields: Mapping[bytes, bytes]) -> Event | IdempotencyNot
     if NOTE_FIELD in fields:
         return _decode_note(fields[NOTE_FIELD])
     raise msgspec.DecodeError(f"a stream entry has field {EVENT_FIELD!r} or {NOTE_FIELD!r}, not {sorted(fields)}")
+
+
+def stream_entry_record(fields: Mapping[bytes, bytes]) -> tuple[bytes, int] | None:
+    """The idempotency record a stream entry carries and the Unix ms it expires at; None for an
+    entry without one (a call's earlier events, or an entry of a script older than the fields)."""
+    record = fields.get(RECORD_FIELD)
+    if record is None:
+        return None
+    try:
+        return record, int(fields[RECORD_EXPIRY_FIELD])
+    except (KeyError, ValueError):
+        raise msgspec.DecodeError(f"a stream entry's record has no expiry ms in {RECORD_EXPIRY_FIELD!r}") from None
 
 
 # -- the ledger function's arguments and answers, and idempotency records ----------------------

@@ -17,6 +17,9 @@ class AccountKeys(NamedTuple):
 
     account: str
     transactions: str
+    lots: str
+    open_holds: str
+    """The account's own open holds (`holds` is the shard's hold index)."""
     holds: str
     events: str
 
@@ -36,6 +39,8 @@ class Keyspace:
         return AccountKeys(
             account=f"{tag}:a:{account_id}",
             transactions=f"{tag}:x:{account_id}",
+            lots=f"{tag}:l:{account_id}",
+            open_holds=f"{tag}:o:{account_id}",
             holds=f"{tag}:holds",
             events=f"{tag}:events",
         )

@@ -4,18 +4,33 @@
 -- so each version has a library and functions of its own: servers of two releases share one
 -- Redis during a rolling deploy without either replacing what the other calls.
 --
--- KEYS (all in the account's hash slot):
---   1 account hash   fields: seq, x0, l:<lot id> = "pts:exp:kind:issuer", h:<hold seq> = "pts:exp"
+-- KEYS (all in the account's hash slot; codec.py defines each format):
+--   1 account hash   fields: seq, x0, lp (points in the lots), hp (points on hold)
 --   2 transactions   hash: <seq> = msgpack record (for holds, refunds and receipts)
---   3 hold index     sorted set of the shard's open holds "<account>.<seq>" by expiry (sweeper)
---   4 events         the shard's stream, read by the write-behind worker
---   5 idempotency    string "<fingerprint><msgpack result>" (mutations only)
+--   3 lots           sorted set, a member "<id key>:<points>:<issuer>" per lot, scored
+--                    expiry * 2 + (0 limited-time, 1 regular): ascending is the spending order
+--   4 open holds     sorted set, a member "<hold seq>:<points>" per open hold, by expiry
+--   5 hold index     sorted set of the shard's open holds "<account>.<seq>" by expiry (sweeper)
+--   6 events         the shard's stream, read by the write-behind worker
+--   7 idempotency    string "<fingerprint><msgpack result>" (mutations only)
 -- ARGV: op, now_ms, account_id, fingerprint, idempotency_ttl_s, tx_retention_ms, msgpack args
 --
 -- Shape of every call: replay check, load, expire what time has expired (in memory), validate,
 -- and only then write. A refusal writes nothing but its idempotency record, so a retry gets
 -- the same refusal even after the balance has changed. Points are Lua numbers (doubles):
 -- exact because the server caps every amount and balance below 2^53.
+--
+-- Cost does not grow with the account: a call reads the account hash's four fields, the lots
+-- it spends or gives back to (range reads of the lots' sorted set in spending order), the lots
+-- and holds time has expired (range reads up to now) and the records it names; the totals are
+-- kept in the account hash and adjusted by each change. Only GetBalance, whose answer lists
+-- every lot, reads them all (one range read, already in order).
+--
+-- Lots of one expiry, kind and issuer are one lot (a "bucket"): an earn into a bucket the
+-- account has adds to that lot, which keeps its id (the earliest earn's seq). Points given
+-- back (void, release, hold expiry, refund of a use) go to the lot they came from if it is
+-- still stored, else to the lot of its bucket, else recreate it with its own id; the event's
+-- lot effects name the lot actually changed, so the journal's projection stays a copy.
 
 -- The body is this callback's, unindented so that it reads (and diffs) as the script it was.
 -- Everything is local to one call: nothing survives from one call to the next.
@@ -23,16 +38,15 @@ local function ledger(KEYS, ARGV)
 local OP, NOW, ACCOUNT = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local FINGERPRINT, IDEM_TTL, TX_RETENTION = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
 local ARGS = cmsgpack.unpack(ARGV[7])
-local K_ACCOUNT, K_TX, K_HOLDS, K_EVENTS, K_IDEM = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local K_ACCOUNT, K_TX, K_LOTS, K_OPEN = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local K_HOLDS, K_EVENTS, K_IDEM = KEYS[5], KEYS[6], KEYS[7]
 local MAX_BALANCE = 1000000000000000
+-- Lots read per range read while spending: a spend rarely touches more than one or two.
+local SPEND_PAGE = 8
+-- Arguments per command when writing many members at once (Lua's unpack has a stack limit).
+local BATCH = 1000
 
 local function fmt(n) return string.format('%d', n) end
-
-local function split(s)
-  local out = {}
-  for part in string.gmatch(s, '[^:]+') do out[#out + 1] = part end
-  return out
-end
 
 -- Replay: same request id and fingerprint returns the stored result byte for byte.
 -- Idempotency record: "<fingerprint><packed result>" (codec.py, idempotency_record).
@@ -45,27 +59,24 @@ if K_IDEM then
   end
 end
 
-local A = {seq = 0, x0 = 1, lots = {}, holds = {}, events = {}, dirty_lots = {}, dirty_holds = {},
-  tx = {}, dirty_tx = {}, hold_add = {}, hold_rem = {}, exists = false}
+-- `lots`: the lots this call has read or made, by id; `buckets`: the same by expiry, kind and
+-- issuer; `scores`: the sorted set scores whose lots have all been read. `lp`/`hp`: the stored
+-- totals as this call changes them; `expired`: the part of `lp` in lots past their expiry.
+local A = {seq = 0, x0 = 1, lp = 0, hp = 0, expired = 0, lots = {}, buckets = {}, scores = {},
+  dirty_lots = {}, events = {}, tx = {}, dirty_tx = {}, open_add = {}, open_rem = {}, hold_add = {}, hold_rem = {},
+  exists = false}
 
--- The account hash: codec.py, AccountHash (written in commit()).
+-- The account hash: codec.py, AccountFields (written in commit()).
 local function load()
-  local raw = redis.call('HGETALL', K_ACCOUNT)
-  for i = 1, #raw, 2 do
-    local f, v = raw[i], raw[i + 1]
-    local tag = string.sub(f, 1, 2)
-    if tag == 'l:' then
-      local p = split(v)
-      local id = tonumber(string.sub(f, 3))
-      A.lots[id] = {id = id, pts = tonumber(p[1]), exp = tonumber(p[2]), kind = p[3], iss = p[4]}
-    elseif tag == 'h:' then
-      local p = split(v)
-      A.holds[tonumber(string.sub(f, 3))] = {pts = tonumber(p[1]), exp = tonumber(p[2])}
-    elseif f == 'seq' then A.seq = tonumber(v)
-    elseif f == 'x0' then A.x0 = tonumber(v)
-    end
-  end
-  A.exists = #raw > 0
+  local raw = redis.call('HMGET', K_ACCOUNT, 'seq', 'x0', 'lp', 'hp')
+  A.exists = raw[1] ~= false
+  -- Every writer of this layout writes lp; an account hash without it is of the layout before
+  -- lots had their own set (its points in l: fields this script does not read).
+  A.older_layout = A.exists and raw[3] == false
+  A.seq = tonumber(raw[1] or 0)
+  A.x0 = tonumber(raw[2] or 1)
+  A.lp = tonumber(raw[3] or 0)
+  A.hp = tonumber(raw[4] or 0)
 end
 
 -- Transaction records: codec.py, TransactionRecord (built by new_tx()).
@@ -91,19 +102,104 @@ local function sorted_keys(t)
   return keys
 end
 
-local function available()
-  local sum = 0
-  for _, l in pairs(A.lots) do
-    if l.exp > NOW then sum = sum + l.pts end
+-- Calls `cmd key ...` with `args` (a flat list; BATCH is even, so pairs stay whole), BATCH
+-- arguments at a time.
+local function call_batched(cmd, key, args)
+  for i = 1, #args, BATCH do
+    redis.call(cmd, key, unpack(args, i, math.min(i + BATCH - 1, #args)))
   end
-  return sum
 end
 
-local function held()
-  local sum = 0
-  for _, h in pairs(A.holds) do sum = sum + h.pts end
-  return sum
+-- The lots' sorted set: codec.py, lot_score and lot_member. The score orders by expiry, then
+-- limited-time first; at an equal score Redis orders members by their bytes, and the id key (a
+-- letter saying how many digits, then the digits) makes that the lots' ids in numeric order.
+local function lot_score(exp, kind) return exp * 2 + (kind == 'L' and 0 or 1) end
+local function id_key(id)
+  local digits = fmt(id)
+  return string.char(96 + #digits) .. digits
 end
+local function lot_member(l) return id_key(l.id) .. ':' .. fmt(l.pts) .. ':' .. l.iss end
+local function bucket_of(score, iss) return fmt(score) .. ':' .. iss end
+
+-- A member of the lots' set and its score (as text): {id, points, exp, kind, issuer}. Plain
+-- finds rather than a pattern: GetBalance parses every lot, and this halves what that costs.
+local function parse_lot(member, score_text)
+  local id_end = string.byte(member, 1) - 95
+  local colon = string.find(member, ':', id_end + 2, true)
+  local score = tonumber(score_text)
+  return {tonumber(string.sub(member, 2, id_end)), tonumber(string.sub(member, id_end + 2, colon - 1)),
+    math.floor(score / 2), score % 2 == 0 and 'L' or 'R', string.sub(member, colon + 1)}
+end
+
+-- A lot as a range read returned it: the lot already read this call if there is one (its points
+-- may have changed since), else the stored one, remembered.
+local function read_lot(member, score_text)
+  local p = parse_lot(member, score_text)
+  local l = A.lots[p[1]]
+  if l then return l end
+  l = {id = p[1], pts = p[2], exp = p[3], kind = p[4], iss = p[5], stored = member}
+  A.lots[l.id] = l
+  local bucket = bucket_of(lot_score(l.exp, l.kind), l.iss)
+  A.buckets[bucket] = A.buckets[bucket] or l
+  if l.exp <= NOW then A.expired = A.expired + l.pts end
+  return l
+end
+
+-- Every change of a lot's points goes through here, keeping the totals.
+local function add_pts(l, n)
+  l.pts = l.pts + n
+  A.lp = A.lp + n
+  if l.exp <= NOW then A.expired = A.expired + n end
+  A.dirty_lots[l.id] = l
+end
+
+-- The lot points go to (or come back from) for allocation entry or lot effect `e` = {id, _,
+-- exp, kind, issuer}: the lot `e` names if it is stored, else the lot of its bucket; nil if
+-- neither is. With no id: the bucket's lot. One range read per expiry and kind, per call.
+local function find_lot(id, exp, kind, iss)
+  if id and A.lots[id] then return A.lots[id] end
+  local score = lot_score(exp, kind)
+  if not A.scores[score] then
+    A.scores[score] = true
+    local raw = redis.call('ZRANGEBYSCORE', K_LOTS, fmt(score), fmt(score), 'WITHSCORES')
+    for i = 1, #raw, 2 do read_lot(raw[i], raw[i + 1]) end
+  end
+  return (id and A.lots[id]) or A.buckets[bucket_of(score, iss)]
+end
+
+-- A lot that is not stored (find_lot found none): empty until points are added.
+local function new_lot(id, exp, kind, iss)
+  local l = {id = id, pts = 0, exp = exp, kind = kind, iss = iss}
+  A.lots[id] = l
+  local bucket = bucket_of(lot_score(exp, kind), iss)
+  A.buckets[bucket] = A.buckets[bucket] or l
+  return l
+end
+
+-- Writes the lots changed so far: a lot's member names its points, so a change replaces it; an
+-- emptied lot is removed.
+local function flush_lots()
+  local rem, add = {}, {}
+  for _, id in ipairs(sorted_keys(A.dirty_lots)) do
+    local l = A.lots[id]
+    local member = l.pts > 0 and lot_member(l) or nil
+    if member ~= l.stored then
+      if l.stored then rem[#rem + 1] = l.stored end
+      if member then
+        add[#add + 1] = fmt(lot_score(l.exp, l.kind))
+        add[#add + 1] = member
+      end
+      l.stored = member
+    end
+  end
+  A.dirty_lots = {}
+  if #rem > 0 then call_batched('ZREM', K_LOTS, rem) end
+  if #add > 0 then call_batched('ZADD', K_LOTS, add) end
+end
+
+local function available() return A.lp - A.expired end
+
+local function held() return A.hp end
 
 -- Events: codec.py, Event (appended to the stream in commit()). Each carries what this script
 -- derived (allocations, what went back where, the balance after it), so that the journal copies
@@ -120,53 +216,48 @@ local function emit(ev)
   return A.seq
 end
 
--- Spending order: soonest expiry first; at equal expiry limited-time points first; then oldest.
-local function spendable_lots()
-  local list = {}
-  for _, l in pairs(A.lots) do
-    if l.pts > 0 and l.exp > NOW then list[#list + 1] = l end
-  end
-  table.sort(list, function(x, y)
-    if x.exp ~= y.exp then return x.exp < y.exp end
-    if x.kind ~= y.kind then return x.kind == 'L' end
-    return x.id < y.id
-  end)
-  return list
-end
-
--- Takes `amount` points from the spendable lots; returns the allocation in spending order:
+-- Takes `amount` points from the spendable lots (from lot effect `first`'s lot first, if
+-- given); returns the allocation in spending order:
 -- {{lot id, points, exp, kind, issuer, returned}, ...} (codec.py, AllocEntry).
-local function take(amount, first_lot)
+-- Spending order: soonest expiry first; at equal expiry limited-time points first; then oldest
+-- (the sorted set's order). Only called once the call is sure to succeed: it writes.
+local function take(amount, first)
   local alloc, rest = {}, amount
-  local order = spendable_lots()
-  if first_lot then
-    local l = A.lots[first_lot]
-    if l and l.pts > 0 and l.exp > NOW then table.insert(order, 1, l) end
-  end
-  for _, l in ipairs(order) do
-    if rest == 0 then break end
+  local function use(l)
     local n = math.min(l.pts, rest)
     if n > 0 then
-      l.pts = l.pts - n
+      add_pts(l, -n)
       rest = rest - n
-      A.dirty_lots[l.id] = true
       alloc[#alloc + 1] = {l.id, n, l.exp, l.kind, l.iss, 0}
     end
+  end
+  if first then
+    local l = find_lot(first[1], first[3], first[4], first[5])
+    if l and l.exp > NOW then use(l) end
+  end
+  -- Once written, the sorted set holds the lots as this call has them: read it in spending
+  -- order, a page at a time, only as far as the amount needs.
+  flush_lots()
+  local offset = 0
+  while rest > 0 do
+    local raw = redis.call('ZRANGEBYSCORE', K_LOTS, '(' .. fmt(lot_score(NOW, 'R')), '+inf', 'WITHSCORES',
+      'LIMIT', offset, SPEND_PAGE)
+    for i = 1, #raw, 2 do
+      if rest == 0 then break end
+      use(read_lot(raw[i], raw[i + 1]))
+    end
+    if #raw < 2 * SPEND_PAGE then break end
+    offset = offset + SPEND_PAGE
   end
   return alloc
 end
 
--- Puts n points back into the lot an allocation entry came from, recreating the lot (with its
--- original expiry, kind and issuer) if it was emptied and removed.
-local function give_back(entry, n)
-  local id = entry[1]
-  local l = A.lots[id]
-  if not l then
-    l = {id = id, pts = 0, exp = entry[3], kind = entry[4], iss = entry[5]}
-    A.lots[id] = l
-  end
-  l.pts = l.pts + n
-  A.dirty_lots[id] = true
+-- Puts n points back where allocation entry `e` took them from, recreating the lot (with its
+-- original id, expiry, kind and issuer) if it was emptied and removed; returns the lot effect.
+local function give_back(e, n)
+  local l = find_lot(e[1], e[3], e[4], e[5]) or new_lot(e[1], e[3], e[4], e[5])
+  add_pts(l, n)
+  return {l.id, n, l.exp, l.kind, l.iss}
 end
 
 -- Lot effects {{lot id, signed points, exp, kind, issuer}, ...}: codec.py, LotEntry.
@@ -176,38 +267,54 @@ local function effects(alloc, sign)
   return out
 end
 
--- Hold index members are the holds' ids "<account>.<seq>" (codec.py, hold_member).
+-- Hold index members are the holds' ids "<account>.<seq>" (codec.py, hold_member); the
+-- account's open holds' members "<seq>:<points>" (codec.py, open_hold_member).
 local function hold_member(seq) return ACCOUNT .. '.' .. fmt(seq) end
+local function open_member(seq, pts) return fmt(seq) .. ':' .. fmt(pts) end
 
-local function drop_hold(seq)
-  A.holds[seq] = nil
-  A.dirty_holds[seq] = true
+local function add_hold(seq, pts, exp)
+  A.hp = A.hp + pts
+  A.open_add[#A.open_add + 1] = fmt(exp)
+  A.open_add[#A.open_add + 1] = open_member(seq, pts)
+  A.hold_add[#A.hold_add + 1] = {hold_member(seq), exp}
+end
+
+local function drop_hold(seq, pts)
+  A.hp = A.hp - pts
+  A.open_rem[#A.open_rem + 1] = open_member(seq, pts)
   A.hold_rem[#A.hold_rem + 1] = hold_member(seq)
 end
 
 -- Time-driven changes: holds past their TTL give their points back, then lots past their
--- expiry lose what is left. Both are events, so the journal records breakage.
+-- expiry lose what is left. Both are events, so the journal records breakage. Only what has
+-- expired is read: the range up to now of each sorted set.
 local function expire()
-  for _, seq in ipairs(sorted_keys(A.holds)) do
-    local h = A.holds[seq]
-    if h.exp <= NOW then
-      local rec = tx_get(seq)
-      for _, e in ipairs(rec.alloc) do give_back(e, e[2]) end
-      rec.state = 'EXPIRED'
-      rec.released = h.pts
-      tx_put(seq, rec)
-      drop_hold(seq)
-      emit({type = 'HOLD_EXPIRED', pts = h.pts, ref = seq, lots = effects(rec.alloc, 1)})
-    end
+  -- The expired lots are read first, so that the balance in a HOLD_EXPIRED event leaves them
+  -- out (available() does), as it always has.
+  local raw = redis.call('ZRANGEBYSCORE', K_LOTS, '-inf', fmt(lot_score(NOW, 'R')), 'WITHSCORES')
+  for i = 1, #raw, 2 do read_lot(raw[i], raw[i + 1]) end
+  local due = redis.call('ZRANGEBYSCORE', K_OPEN, '-inf', fmt(NOW))
+  local seqs = {}
+  for i, member in ipairs(due) do seqs[i] = tonumber(string.match(member, '^(%d+):')) end
+  table.sort(seqs) -- one event per hold, in the order of the holds
+  for _, seq in ipairs(seqs) do
+    local rec = tx_get(seq)
+    local lots = {}
+    for i, e in ipairs(rec.alloc) do lots[i] = give_back(e, e[2]) end
+    rec.state = 'EXPIRED'
+    rec.released = rec.pts
+    tx_put(seq, rec)
+    drop_hold(seq, rec.pts)
+    emit({type = 'HOLD_EXPIRED', pts = rec.pts, ref = seq, lots = lots})
   end
+  -- The lots read so far: those past their expiry and those the holds gave back to.
   local gone, total = {}, 0
   for _, id in ipairs(sorted_keys(A.lots)) do
     local l = A.lots[id]
     if l.exp <= NOW and l.pts > 0 then
       gone[#gone + 1] = {id, -l.pts, l.exp, l.kind, l.iss}
       total = total + l.pts
-      l.pts = 0
-      A.dirty_lots[id] = true
+      add_pts(l, -l.pts)
     end
   end
   if #gone > 0 then emit({type = 'LOTS_EXPIRED', pts = total, lots = gone}) end
@@ -219,7 +326,7 @@ local function prune_transactions(writes)
   while budget > 0 and A.x0 <= A.seq do
     local rec = tx_get(A.x0)
     if rec then
-      if rec.time > NOW - TX_RETENTION or A.holds[A.x0] then break end
+      if rec.time > NOW - TX_RETENTION or (rec.type == 'HOLD' and rec.state == 'HELD') then break end
       writes[#writes + 1] = A.x0
       A.tx[A.x0] = false
     end
@@ -228,48 +335,35 @@ local function prune_transactions(writes)
   end
 end
 
--- Writes the account hash's changed fields (codec.py, AccountHash), the changed records, the
--- hold index and the events.
+-- Writes the account hash (codec.py, AccountFields), the changed lots, open holds and records,
+-- the hold index and the events.
 local function commit()
-  local set, del = {'seq', fmt(A.seq)}, {}
-  for _, id in ipairs(sorted_keys(A.dirty_lots)) do
-    local l = A.lots[id]
-    if l and l.pts > 0 then
-      set[#set + 1] = 'l:' .. fmt(id)
-      set[#set + 1] = fmt(l.pts) .. ':' .. fmt(l.exp) .. ':' .. l.kind .. ':' .. l.iss
-    else
-      del[#del + 1] = 'l:' .. fmt(id)
-      A.lots[id] = nil
-    end
-  end
-  for _, seq in ipairs(sorted_keys(A.dirty_holds)) do
-    local h = A.holds[seq]
-    if h then
-      set[#set + 1] = 'h:' .. fmt(seq)
-      set[#set + 1] = fmt(h.pts) .. ':' .. fmt(h.exp)
-    else
-      del[#del + 1] = 'h:' .. fmt(seq)
-    end
-  end
+  flush_lots()
   local forget = {}
   if next(A.dirty_tx) then prune_transactions(forget) end
-  set[#set + 1] = 'x0'
-  set[#set + 1] = fmt(A.x0)
-  redis.call('HSET', K_ACCOUNT, unpack(set))
-  if #del > 0 then redis.call('HDEL', K_ACCOUNT, unpack(del)) end
+  redis.call('HSET', K_ACCOUNT, 'seq', fmt(A.seq), 'x0', fmt(A.x0), 'lp', fmt(A.lp), 'hp', fmt(A.hp))
   for _, seq in ipairs(sorted_keys(A.dirty_tx)) do
     redis.call('HSET', K_TX, fmt(seq), cmsgpack.pack(A.tx[seq]))
   end
   for _, seq in ipairs(forget) do redis.call('HDEL', K_TX, fmt(seq)) end
-  for _, h in ipairs(A.hold_add) do redis.call('ZADD', K_HOLDS, h[2], h[1]) end
-  if #A.hold_rem > 0 then redis.call('ZREM', K_HOLDS, unpack(A.hold_rem)) end
-  for _, ev in ipairs(A.events) do redis.call('XADD', K_EVENTS, '*', 'e', cmsgpack.pack(ev)) end
+  if #A.open_rem > 0 then call_batched('ZREM', K_OPEN, A.open_rem) end
+  if #A.open_add > 0 then call_batched('ZADD', K_OPEN, A.open_add) end
+  for _, h in ipairs(A.hold_add) do redis.call('ZADD', K_HOLDS, fmt(h[2]), h[1]) end
+  if #A.hold_rem > 0 then call_batched('ZREM', K_HOLDS, A.hold_rem) end
+  -- The stream entries (codec.py, "stream events"): the call's last event carries its
+  -- idempotency record and expiry when finish() set them.
+  for i, ev in ipairs(A.events) do
+    if i == #A.events and A.record and ev.rid then
+      redis.call('XADD', K_EVENTS, '*', 'e', cmsgpack.pack(ev), 'r', A.record, 'x', A.record_exp)
+    else
+      redis.call('XADD', K_EVENTS, '*', 'e', cmsgpack.pack(ev))
+    end
+  end
 end
 
 -- The answer: codec.py, OpResult.
 local function finish(result)
   result.code = result.code or 'OK'
-  if result.code == 'OK' then commit() end
   local last = A.events[#A.events]
   if last then
     -- The balance after the last event is the balance now (see emit), computed once.
@@ -278,13 +372,22 @@ local function finish(result)
     result.available, result.held = available(), held()
   end
   local packed = cmsgpack.pack(result)
+  -- The answer is packed before commit() (nothing commit writes changes it) so that the stream
+  -- entry of the last event, or a refusal's note, carries the idempotency record and the Unix ms
+  -- it expires at: the write-behind copies it from there, not with a GET and PTTL per event.
   if K_IDEM then
-    redis.call('SET', K_IDEM, FINGERPRINT .. packed, 'EX', IDEM_TTL)
+    A.record = FINGERPRINT .. packed
+    local t = redis.call('TIME')
+    A.record_exp = fmt(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + IDEM_TTL * 1000)
+    redis.call('SET', K_IDEM, A.record, 'PXAT', A.record_exp)  -- expires exactly when the entry says
+  end
+  if result.code == 'OK' then
+    commit()
+  elseif A.record and ARGS.rid then
     -- A refusal has no event; this entry tells the write-behind to keep its record durable too
     -- (codec.py, IdempotencyNote).
-    if result.code ~= 'OK' and ARGS.rid then
-      redis.call('XADD', K_EVENTS, '*', 'i', cmsgpack.pack({account = ACCOUNT, rid = ARGS.rid}))
-    end
+    redis.call('XADD', K_EVENTS, '*', 'i', cmsgpack.pack({account = ACCOUNT, rid = ARGS.rid}),
+      'r', A.record, 'x', A.record_exp)
   end
   return packed
 end
@@ -339,7 +442,8 @@ function OPS.create_account()
   return finish({})
 end
 
--- EARN and GRANT: a new lot whose id is the transaction's sequence number.
+-- EARN and GRANT: points into the lot of their expiry, kind and issuer; a new lot, whose id is
+-- the transaction's sequence number, if the account has none.
 function OPS.earn()
   local pts, exp = ARGS.pts, ARGS.exp
   if pts > 0 and exp <= NOW then
@@ -349,9 +453,10 @@ function OPS.earn()
   local seq = A.seq + 1
   local lots = {}
   if pts > 0 then
-    A.lots[seq] = {id = seq, pts = pts, exp = exp, kind = ARGS.kind, iss = ARGS.pos[1]}
-    A.dirty_lots[seq] = true
-    lots = {{seq, pts, exp, ARGS.kind, ARGS.pos[1]}}
+    local kind, iss = ARGS.kind, ARGS.pos[1]
+    local l = find_lot(nil, exp, kind, iss) or new_lot(seq, exp, kind, iss)
+    add_pts(l, pts)
+    lots = {{l.id, pts, exp, kind, iss}}
   end
   local ev = event_base(ARGS.type, {pts = pts, lots = lots, amount = ARGS.amount, ptime = ARGS.ptime})
   emit(ev)
@@ -365,9 +470,7 @@ function OPS.authorize()
   local alloc = take(pts)
   local exp = NOW + ARGS.ttl
   local seq = A.seq + 1 -- the hold is held before its event, whose balance counts it
-  A.holds[seq] = {pts = pts, exp = exp}
-  A.dirty_holds[seq] = true
-  A.hold_add[#A.hold_add + 1] = {hold_member(seq), exp}
+  add_hold(seq, pts, exp)
   local ev = event_base('HOLD_AUTHORIZED', {pts = pts, lots = effects(alloc, -1), alloc = alloc, hold_exp = exp})
   emit(ev)
   tx_put(seq, new_tx('HOLD', ev, {alloc = alloc, state = 'HELD', exp = exp}))
@@ -404,17 +507,14 @@ function OPS.capture()
     local n = math.min(e[2], rest)
     rest = rest - n
     if n > 0 then used[#used + 1] = {e[1], n, e[3], e[4], e[5], 0} end
-    if e[2] > n then
-      give_back(e, e[2] - n)
-      released[#released + 1] = {e[1], e[2] - n, e[3], e[4], e[5]}
-    end
+    if e[2] > n then released[#released + 1] = give_back(e, e[2] - n) end
   end
   local released_pts = rec.pts - want
-  drop_hold(ARGS.hold)
+  drop_hold(ARGS.hold, rec.pts)
   -- `lots`: what went back to the lots; `spent`: the capture's own effects, what it used.
   local spent = effects(used, -1)
   local ev = event_base('HOLD_CAPTURED', {pts = want, released = released_pts, ref = ARGS.hold,
-    lots = effects(released, 1), alloc = used, spent = spent})
+    lots = released, alloc = used, spent = spent})
   local seq = emit(ev)
   rec.state, rec.captured, rec.released, rec.capture = 'CAPTURED', want, released_pts, seq
   tx_put(ARGS.hold, rec)
@@ -425,9 +525,10 @@ end
 function OPS.void()
   local rec, refusal = open_hold()
   if not rec then return refusal end
-  for _, e in ipairs(rec.alloc) do give_back(e, e[2]) end
-  drop_hold(ARGS.hold)
-  emit(event_base('HOLD_VOIDED', {pts = rec.pts, ref = ARGS.hold, lots = effects(rec.alloc, 1)}))
+  local lots = {}
+  for i, e in ipairs(rec.alloc) do lots[i] = give_back(e, e[2]) end
+  drop_hold(ARGS.hold, rec.pts)
+  emit(event_base('HOLD_VOIDED', {pts = rec.pts, ref = ARGS.hold, lots = lots}))
   rec.state, rec.released = 'VOIDED', rec.pts
   tx_put(ARGS.hold, rec)
   return finish({tx = ARGS.hold, released = rec.pts})
@@ -444,7 +545,8 @@ function OPS.redeem()
   return finish({tx = seq, pts = pts, lots = lots})
 end
 
--- An earn's refund takes points back (from its own lot first); a capture's or redemption's
+-- An earn's refund takes points back (from its own lot first: the lot of its expiry, kind and
+-- issuer, into which later earns of the same may have merged); a capture's or redemption's
 -- gives them back to the lots they came from, the last-spent first.
 function OPS.refund()
   local orig = tx_get(ARGS.orig)
@@ -465,7 +567,7 @@ function OPS.refund()
   local lots, returned
   if orig.type == 'EARN' or orig.type == 'GRANT' then
     if available() < want then return insufficient(want) end
-    lots = effects(take(want, ARGS.orig), -1)
+    lots = effects(take(want, orig.lots[1]), -1)
   else
     -- Points given back count against the cap like any other points added.
     if over_cap(want) then return balance_limit() end
@@ -476,10 +578,9 @@ function OPS.refund()
       local e = orig.alloc[i]
       local n = math.min(e[2] - e[6], rest)
       if n > 0 then
-        give_back(e, n)
+        lots[#lots + 1] = give_back(e, n)
         e[6] = e[6] + n
         rest = rest - n
-        lots[#lots + 1] = {e[1], n, e[3], e[4], e[5]}
         returned[#returned + 1] = {i - 1, e[6]}
       end
     end
@@ -494,15 +595,21 @@ function OPS.refund()
 end
 
 -- Balance inquiry; also what the sweeper calls to resolve expired holds. Writes only when
--- time has expired something.
+-- time has expired something. Its answer lists every spendable lot: written first, the sorted
+-- set is that list in spending order, read in one range read.
 function OPS.balance()
-  local lots = {}
-  for i, l in ipairs(spendable_lots()) do lots[i] = {l.id, l.pts, l.exp, l.kind, l.iss} end
   if #A.events > 0 then commit() end
+  local raw = redis.call('ZRANGEBYSCORE', K_LOTS, '(' .. fmt(lot_score(NOW, 'R')), '+inf', 'WITHSCORES')
+  local lots = {}
+  for i = 1, #raw, 2 do lots[#lots + 1] = parse_lot(raw[i], raw[i + 1]) end
   return cmsgpack.pack({code = 'OK', lots = lots, available = available(), held = held()})
 end
 
 load()
+if A.older_layout then
+  return redis.error_reply('ERR account ' .. ACCOUNT .. ' is stored in an older layout: rebuild Redis from '
+    .. 'PostgreSQL (pointauth rehydrate) before serving it')
+end
 if not A.exists and OP ~= 'create_account' then
   return cmsgpack.pack({code = 'NOT_FOUND', reason = 'ACCOUNT_NOT_FOUND', message = 'no account ' .. ACCOUNT})
 end

@@ -46,6 +46,7 @@ def worker_config(settings: Settings, index: int = 0, count: int = 1, consumer: 
         count=count,
         batch_size=wb.batch_size,
         poll_ms=wb.poll_ms,
+        catchup_share=wb.catchup_share,
         claim_idle_ms=wb.claim_idle_ms,
         max_deliveries=wb.max_deliveries,
     )

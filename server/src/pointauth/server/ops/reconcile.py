@@ -153,11 +153,14 @@ class _Side:
     seq: int = 0
     lots: dict[int, codec.LotEntry] = field(default_factory=dict)
     holds: dict[int, codec.HoldEntry] = field(default_factory=dict)
+    lot_points: int = 0
+    held_points: int = 0
+    """The account hash's totals (Redis's side): the script keeps them equal to the sums."""
     card: str | None = None
     unindexed: set[int] = field(default_factory=set)
     """Open holds missing from the hold index (so the sweeper would never expire them)."""
     undecodable: str = ""
-    """Why the account hash could not be read, if it could not."""
+    """Why the account's keys could not be read, if they could not."""
 
 
 async def reconcile(
@@ -321,7 +324,10 @@ async def _postgres_sides(conn: Connection, accounts: list[str]) -> dict[str, _S
 async def _redis_sides(redis: Redis, keyspace: Keyspace, accounts: list[str], pg: dict[str, _Side]) -> dict[str, _Side]:
     async with redis.pipeline(transaction=False) as pipe:
         for account in accounts:
-            pipe.hgetall(keyspace.account(account).account)
+            keys = keyspace.account(account)
+            pipe.hgetall(keys.account)
+            pipe.zrange(keys.lots, 0, -1, withscores=True)
+            pipe.zrange(keys.open_holds, 0, -1, withscores=True)
         for account in accounts:
             side = pg.get(account)
             if side is not None and side.card is not None:
@@ -330,10 +336,11 @@ async def _redis_sides(redis: Redis, keyspace: Keyspace, accounts: list[str], pg
                 pipe.zscore(keyspace.account(account).holds, codec.hold_member(account, seq))
         replies: list[Any] = await pipe.execute()
     sides: dict[str, _Side] = {}
-    for account, stored in zip(accounts, replies, strict=False):
+    for i, account in enumerate(accounts):
+        stored, lots, holds = replies[3 * i : 3 * i + 3]
         if stored:
-            sides[account] = _parse_account_hash(stored)
-    rest = iter(replies[len(accounts) :])
+            sides[account] = _parse_account(stored, lots, holds)
+    rest = iter(replies[3 * len(accounts) :])
     for account in accounts:
         side = pg.get(account)
         if side is None:
@@ -351,12 +358,20 @@ async def _redis_sides(redis: Redis, keyspace: Keyspace, accounts: list[str], pg
     return sides
 
 
-def _parse_account_hash(stored: dict[bytes, bytes]) -> _Side:
+def _parse_account(
+    stored: dict[bytes, bytes], lots: list[tuple[bytes, float]], holds: list[tuple[bytes, float]]
+) -> _Side:
     try:
-        account = codec.decode_account(stored)
+        account = codec.decode_account(stored, lots, holds)
     except msgspec.DecodeError as exc:
         return _Side(undecodable=str(exc))
-    return _Side(seq=account.seq, lots=account.lots, holds=account.holds)
+    return _Side(
+        seq=account.seq,
+        lots=account.lots,
+        holds=account.holds,
+        lot_points=account.lot_points,
+        held_points=account.held_points,
+    )
 
 
 def _differences(account: str, rd: _Side | None, pg: _Side | None) -> Iterable[Difference]:
@@ -366,8 +381,16 @@ def _differences(account: str, rd: _Side | None, pg: _Side | None) -> Iterable[D
         yield Difference(account, "account", "missing", f"at seq {pg.seq}" if pg else "")
         return
     if rd.undecodable:
-        yield Difference(account, "account hash", "undecodable", "", f"Redis's account hash: {rd.undecodable}")
+        yield Difference(account, "account", "undecodable", "", f"Redis's account: {rd.undecodable}")
         return
+    # Every call trusts the hash's totals instead of adding up the lots and holds.
+    lot_sum, held_sum = sum(lot.points for lot in rd.lots.values()), sum(h.points for h in rd.holds.values())
+    if (rd.lot_points, rd.held_points) != (lot_sum, held_sum):
+        text = (
+            f"Redis's account hash has {rd.lot_points} points in lots and {rd.held_points} on hold, "
+            f"its lots hold {lot_sum} and its open holds {held_sum}"
+        )
+        yield Difference(account, "account totals", f"{rd.lot_points}/{rd.held_points}", f"{lot_sum}/{held_sum}", text)
     if pg is None:
         yield Difference(account, "account", f"at seq {rd.seq}", "missing")
         return
@@ -387,7 +410,9 @@ def _differences(account: str, rd: _Side | None, pg: _Side | None) -> Iterable[D
 
 
 def _fmt(value: codec.LotEntry | codec.HoldEntry | None) -> str:
-    """As the account hash stores it."""
+    """points:expiry ms:kind:issuer for a lot, points:expiry ms for a hold."""
     if value is None:
         return "absent"
-    return (codec.lot_value(value) if isinstance(value, codec.LotEntry) else codec.hold_value(value)).decode()
+    if isinstance(value, codec.LotEntry):
+        return f"{value.points}:{value.expire_ms}:{value.kind}:{value.issuer_id}"
+    return f"{value.points}:{value.expire_ms}"

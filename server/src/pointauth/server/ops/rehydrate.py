@@ -1,5 +1,5 @@
-"""Rebuilds Redis from PostgreSQL after Redis was lost: account hashes (sequence, lots, open
-holds), transaction records (open holds and those within the refund window), the hold index,
+"""Rebuilds Redis from PostgreSQL after Redis was lost: accounts (hash, lots, open holds),
+transaction records (open holds and those within the refund window), the hold index,
 the card index and the request-id records still within their TTL.
 
 What PostgreSQL had not yet received when Redis was lost (the worker's lag, about a second of
@@ -96,7 +96,7 @@ async def rehydrate(
             hashes = {
                 # x0: where the script's pruning of old transaction records resumes; the first
                 # record restored below lowers it.
-                r["account_id"]: codec.AccountHash(seq=r["last_seq"], x0=r["last_seq"] + 1)
+                r["account_id"]: codec.StoredAccount(seq=r["last_seq"], x0=r["last_seq"] + 1)
                 for r in accounts
             }
             for r in lots:
@@ -105,7 +105,7 @@ async def rehydrate(
             async with redis.pipeline(transaction=False) as pipe:
                 for account in hashes:
                     keys = keyspace.account(account)
-                    pipe.delete(keys.account, keys.transactions)
+                    pipe.delete(keys.account, keys.transactions, keys.lots, keys.open_holds)
                 for row in records:
                     account, seq, rec = row["account_id"], row["seq"], record_from_row(row)
                     stored = hashes[account]
@@ -116,8 +116,13 @@ async def rehydrate(
                         stored.holds[seq] = codec.HoldEntry(rec.pts, rec.exp)
                         pipe.zadd(keys.holds, {codec.hold_member(account, seq): rec.exp})
                 for account, stored in hashes.items():
-                    fields = codec.encode_account(stored)
-                    pipe.hset(keyspace.account(account).account, mapping=fields)  # type: ignore[arg-type]  # dict keys are invariant
+                    keys = keyspace.account(account)
+                    layout = codec.encode_account(codec.account_of(stored.seq, stored.x0, stored.lots, stored.holds))
+                    pipe.hset(keys.account, mapping=layout.fields)  # type: ignore[arg-type]  # dict keys are invariant
+                    if layout.lots:
+                        pipe.zadd(keys.lots, layout.lots)
+                    if layout.holds:
+                        pipe.zadd(keys.open_holds, layout.holds)
                 for r in idempotency:
                     # The record as the script wrote it (codec.idempotency_record), byte for byte.
                     key = keyspace.idempotency(r["account_id"], r["request_id"])

@@ -46,13 +46,19 @@ def primary_card(n: int) -> str:
 
 def seed_account(n: int, anchor_ms: int) -> tuple[bytes, list[bytes], list[Lot]]:
     """Account n: 1 to 3 cards (60/30/10 %); a regular lot, half a second one, a third a
-    limited-time lot, with expiries spread over the next 13 months."""
+    limited-time lot, with expiries spread over the next 13 months. A second regular lot that
+    would expire with the first is part of it, as the ledger keeps one lot per expiry, kind and
+    issuer."""
     h = (n * 2_654_435_761) & 0xFFFFFFFF  # Knuth's multiplicative hash: cheap and well spread
     extra_cards = (h % 10 >= 6) + (h % 10 >= 9)
     cards = [b"9%015d" % n] + [b"8%014d%d" % (n, k) for k in range(1, extra_cards + 1)]
     lots: list[Lot] = [(1, 100 + h % 4900, anchor_ms + (30 + h % 365) * DAY_MS, b"R")]
     if (h >> 8) & 1:
-        lots.append((2, 10 + (h >> 4) % 990, anchor_ms + (200 + (h >> 12) % 300) * DAY_MS, b"R"))
+        points, expire_ms = 10 + (h >> 4) % 990, anchor_ms + (200 + (h >> 12) % 300) * DAY_MS
+        if expire_ms == lots[0][2]:
+            lots[0] = (1, lots[0][1] + points, expire_ms, b"R")
+        else:
+            lots.append((2, points, expire_ms, b"R"))
     if (h >> 16) % 3 == 0:
         lots.append((len(lots) + 1, 50 + (h >> 20) % 450, anchor_ms + (7 + (h >> 24) % 50) * DAY_MS, b"L"))
     return b"a%08d" % n, cards, lots
@@ -64,21 +70,25 @@ def _bulk(value: bytes) -> bytes:
 
 def redis_chunk(start: int, count: int, anchor_ms: int, keyspace: Keyspace) -> bytes:
     """RESP commands writing accounts [start, start+count) as the ledger script would."""
-    tags = [f"{keyspace.prefix}:{{s{s}}}:a:".encode() for s in range(keyspace.shards)]
+    tags = [f"{keyspace.prefix}:{{s{s}}}:".encode() for s in range(keyspace.shards)]
     card_prefix = f"{keyspace.prefix}:card:".encode()
-    seq_field = _bulk(codec.SEQ_FIELD)
+    seq_field, lot_points_field = _bulk(codec.SEQ_FIELD), _bulk(codec.LOT_POINTS_FIELD)
+    held_points = _bulk(codec.HELD_POINTS_FIELD) + _bulk(b"0")
     crc = zlib.crc32
     out: list[bytes] = []
     for n in range(start, start + count):
         account, cards, lots = seed_account(n, anchor_ms)
-        key = tags[crc(account) % keyspace.shards] + account
-        # The fields codec.encode_account writes, without building an AccountHash per account
-        # (which would halve the seeding rate); no x0: a seeded account has no records to prune.
-        head = b"*%d\r\n$4\r\nHSET\r\n%s%s" % (4 + 2 * len(lots), _bulk(key), seq_field)
-        out.append(head + _bulk(b"%d" % len(lots)))
+        tag = tags[crc(account) % keyspace.shards]  # + "a:" or "l:" and the id: keys.py's names
+        # What codec.encode_account gives, without building a StoredAccount per account (which
+        # would halve the seeding rate); no x0: a seeded account has no records to prune.
+        out.append(b"*8\r\n$4\r\nHSET\r\n%s%s" % (_bulk(tag + b"a:" + account), seq_field))
+        out.append(
+            _bulk(b"%d" % len(lots)) + lot_points_field + _bulk(b"%d" % sum(lot[1] for lot in lots)) + held_points
+        )
+        out.append(b"*%d\r\n$4\r\nZADD\r\n%s" % (2 + 2 * len(lots), _bulk(tag + b"l:" + account)))
         for lot_id, points, expire_ms, kind in lots:
-            out.append(_bulk(codec.lot_field(lot_id)))
-            out.append(_bulk(codec.lot_value_of(points, expire_ms, kind, SEED_ISSUER)))
+            out.append(_bulk(b"%d" % codec.lot_score(expire_ms, kind)))
+            out.append(_bulk(codec.lot_member_of(lot_id, points, SEED_ISSUER)))
         owner = _bulk(codec.card_owner_value(account.decode()))
         for card in cards:
             bucket = card_prefix + b"%d" % (crc(card) % CARD_BUCKETS)
