@@ -107,14 +107,14 @@ def test_dev_prints_working_commands_and_stops_in_order_on_ctrl_c(tmp_path: Path
         assert proc.wait(90) == 0, err.read_text()
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # the keeper sees its stdin close and stops the stores
+            os.killpg(proc.pid, signal.SIGKILL)  # the stores get SIGTERM as their parent dies (stack.py)
             proc.wait()
 
     log = err.read_text()
     assert "unavailable" not in log.lower(), log
     assert "Traceback" not in log, log
     assert "stopping: the server, then the write-behind worker" in log
-    # The keeper and PostgreSQL name the data folder; redis-server shows its address as its title.
+    # PostgreSQL names the data folder; redis-server shows its address as its title.
     redis_title = f"redis-server {urlparse(settings.redis.url).netloc}"
     assert _running(str(data_dir.resolve()), redis_title) == []
     with EmbeddedStack(data_dir.resolve()) as stack:

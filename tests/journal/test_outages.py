@@ -123,7 +123,7 @@ class _Outages:
         # Restarted only once the worker has met the dead store twice: on the connection it had,
         # then trying a new one.
         await _until(lambda: len(self._outages_logged(since)) >= 2, f"the worker meets {store} down", self.task)
-        await asyncio.to_thread(start)
+        start()  # from this thread: a store is tied to the thread that starts it (stack.py)
         await self._applying(f"after {store} is back")
         self.reported[store] += self._outages_logged(since)
 

@@ -2,24 +2,29 @@
 loopback, in a data folder of our own. Used by `pointauth dev` and by the test fixtures.
 
 Each store runs in a session of its own: Ctrl-C in a terminal signals the whole foreground
-process group, and the stores must outlive the server and worker that use them, stopping last."""
+process group, and the stores must outlive the server and worker that use them, stopping last.
+Each is also tied to the process that started it (Linux's parent-death signal): if that process
+dies without stopping them (kill -9, a crashed test run), they get SIGTERM instead of lingering."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import glob
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 LOOPBACK = "127.0.0.1"
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 DATABASE = "pointauth"
 DB_USER = "pointauth"
 
@@ -33,6 +38,16 @@ def free_port() -> int:
         sock.bind((LOOPBACK, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM when the starting thread's process dies."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _popen(args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(args, start_new_session=True, preexec_fn=_die_with_parent, **kwargs)
 
 
 def _wait_for(check: Callable[[], bool], what: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
@@ -81,7 +96,7 @@ class RedisServer:
             "--maxmemory-policy", "noeviction", "--save", "",
             "--daemonize", "no", "--logfile", "redis.log",
         ]  # fmt: skip
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.proc = _popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_for(self._pong, "redis-server", self.proc)
         return self
 
@@ -161,7 +176,7 @@ class PostgresServer:
             "-c", "fsync=on", "-c", "max_connections=200", "-c", "logging_collector=off",
         ]  # fmt: skip
         with (self.data_dir / "postgres.log").open("ab") as log:
-            self.proc = subprocess.Popen([*self._as_user, *args], stdout=log, stderr=log, start_new_session=True)
+            self.proc = _popen([*self._as_user, *args], stdout=log, stderr=log)
         isready = str(self.bindir / "pg_isready")
 
         def ready() -> bool:
