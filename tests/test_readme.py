@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import io
 import os
 import re
@@ -85,6 +86,9 @@ def test_shell_command_parses_and_names_existing_files(block: Block, argv: list[
                 assert (REPO / config).is_file(), f"{block}: {config} does not exist"
         case ["uv", "run", "python", "-m", "loadtest.bench", *args]:
             _parses(bench.parse_args, args)
+        case ["uv", "run", "python", "-m", module] if module.startswith("loadtest."):
+            # Run with no arguments: the module must be there and be a command.
+            assert callable(getattr(importlib.import_module(module), "main", None)), f"{block}: no {module}.main"
         case ["make", target]:
             assert target in _make_targets(), f"{block}: the Makefile has no target {target}"
         case [script] if script.startswith("./scripts/"):
