@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -107,19 +109,29 @@ def _child_kind(pid: int) -> str:
     return " ".join(argv)
 
 
+@contextlib.asynccontextmanager
+async def serving(env: dict[str, str], log: Path, *flags: str) -> AsyncIterator[tuple[int, subprocess.Popen[bytes]]]:
+    """`pointauth serve` as operators run it, on a free port, once it answers; killed at exit
+    if the test left it running."""
+    port = free_port()
+    with log.open("wb") as out:
+        proc = subprocess.Popen(  # noqa: ASYNC220 (started once, then awaited in threads)
+            [PYTHON, "-m", "pointauth.server.cli", "serve", "--port", str(port), *flags], env=env, stderr=out
+        )
+    try:
+        await asyncio.to_thread(_wait_serving, port, proc)
+        yield port, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_serve_runs_workers_and_stops_on_sigterm(
     serve_env: dict[str, str], workers: int, client: PointsClient, member: str, tmp_path: Path
 ) -> None:
-    port = free_port()
-    with (tmp_path / "serve.log").open("wb") as log:
-        proc = subprocess.Popen(  # noqa: ASYNC220 (started once, then awaited in threads)
-            [PYTHON, "-m", "pointauth.server.cli", "serve", "--workers", str(workers), "--port", str(port)],
-            env=serve_env,
-            stderr=log,
-        )
-    try:
-        await asyncio.to_thread(_wait_serving, port, proc)
+    async with serving(serve_env, tmp_path / "serve.log", "--workers", str(workers)) as (port, proc):
         async with PointsClient(f"127.0.0.1:{port}") as remote:
             balances = await asyncio.gather(*(remote.get_balance(member) for _ in range(20)))
         assert {b.balance.available_points for b in balances} == {1000}
@@ -131,27 +143,18 @@ async def test_serve_runs_workers_and_stops_on_sigterm(
         assert kinds == ([] if workers == 1 else ["resource_tracker"] + ["worker"] * workers)
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(proc.wait, 30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 async def test_sigterm_lets_a_burst_in_flight_finish_on_every_process(
     serve_env: dict[str, str], client: PointsClient, member: str, redis: Redis, tmp_path: Path
 ) -> None:
-    port = free_port()
-    with (tmp_path / "serve.log").open("wb") as log:
-        proc = subprocess.Popen(  # noqa: ASYNC220 (started once, then awaited in threads)
-            [PYTHON, "-m", "pointauth.server.cli", "serve", "--workers", "2", "--port", str(port)],
-            env=dict(serve_env, POINTAUTH__SERVER__GRACE_SECONDS="10"),
-            stderr=log,
-        )
-    tills = [PointsClient(f"127.0.0.1:{port}") for _ in range(8)]  # 8 connections over both processes
-    try:
-        await asyncio.to_thread(_wait_serving, port, proc)
-        for till in tills:
-            await till.__aenter__()
+    env = dict(serve_env, POINTAUTH__SERVER__GRACE_SECONDS="10")
+    async with (
+        serving(env, tmp_path / "serve.log", "--workers", "2") as (port, proc),
+        contextlib.AsyncExitStack() as tills_open,
+    ):
+        tills = [await tills_open.enter_async_context(PointsClient(f"127.0.0.1:{port}")) for _ in range(8)]
+        for till in tills:  # 8 connections over both processes
             await till.get_balance(member)
         # Writes wait 1.5 s: the 100 redeems are surely in flight when SIGTERM arrives.
         await redis.client_pause(1500, all=False)
@@ -164,28 +167,18 @@ async def test_sigterm_lets_a_burst_in_flight_finish_on_every_process(
         done = await asyncio.gather(*in_flight, return_exceptions=True)
         assert [r for r in done if isinstance(r, BaseException)] == []
         assert await asyncio.to_thread(proc.wait, 30) == 0
-    finally:
-        for till in tills:
-            await till.__aexit__(None, None, None)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert (await client.get_balance(member)).balance.available_points == 900
 
 
 async def test_a_second_sigterm_stops_at_once(
     serve_env: dict[str, str], member: str, redis: Redis, tmp_path: Path
 ) -> None:
-    port = free_port()
-    with (tmp_path / "serve.log").open("wb") as log:
-        proc = subprocess.Popen(  # noqa: ASYNC220 (started once, then awaited in threads)
-            [PYTHON, "-m", "pointauth.server.cli", "serve", "--port", str(port)],
-            env=dict(serve_env, POINTAUTH__SERVER__GRACE_SECONDS="60"),
-            stderr=log,
-        )
+    env = dict(serve_env, POINTAUTH__SERVER__GRACE_SECONDS="60")
     try:
-        await asyncio.to_thread(_wait_serving, port, proc)
-        async with PointsClient(f"127.0.0.1:{port}") as till:
+        async with (
+            serving(env, tmp_path / "serve.log") as (port, proc),
+            PointsClient(f"127.0.0.1:{port}") as till,
+        ):
             await redis.client_pause(20_000, all=False)  # the drain would wait for this call
             stuck = asyncio.create_task(till.redeem_points(member, STORE, 1))
             await asyncio.sleep(0.3)
@@ -202,9 +195,6 @@ async def test_a_second_sigterm_stops_at_once(
                 await stuck
     finally:
         await redis.client_unpause()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_bad_configuration_is_a_clear_error(serve_env: dict[str, str]) -> None:
