@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from pointauth.server.clock import Clock
-from pointauth.server.domain.reasons import ErrorReason, Reason
+from pointauth.server.domain.reasons import ErrorReason
 from pointauth.server.ledger import Ledger, LedgerRefusal, OpResult, PointOfSaleRef, TransactionRecord
 from pointauth.server.rules.earn_policy import EarnPolicy
 from pointauth.server.services.refusals import not_found, renamed_not_found
@@ -124,5 +124,4 @@ class PointsService:
 
 
 def _unknown_hold(refusal: LedgerRefusal, account_id: str, hold_seq: int) -> LedgerRefusal:
-    reason: Reason = ErrorReason.HOLD_NOT_FOUND
-    return renamed_not_found(refusal, reason, f"no hold {account_id}.{hold_seq}")
+    return renamed_not_found(refusal, ErrorReason.HOLD_NOT_FOUND, f"no hold {account_id}.{hold_seq}")
