@@ -209,7 +209,11 @@ async def stored(ledger: Ledger, clock: ManualClock, redis: Redis, keyspace: Key
 
 async def test_the_account_round_trips_byte_for_byte(stored: Stored) -> None:
     account = codec.decode_account(stored.account, stored.lots, stored.open_holds)
-    assert account == codec.account_of(15, 2, {2: lot(2, 255)}, {15: HoldEntry(5, T + DAY_MS + 600_000)})
+    # Opening the account wrote its first card into the hash: the field every card call checks.
+    assert account == codec.account_of(
+        15, 2, {2: lot(2, 255)}, {15: HoldEntry(5, T + DAY_MS + 600_000)}, [f"card-{ACCOUNT}"]
+    )
+    assert stored.account[codec.card_field(f"card-{ACCOUNT}")] == codec.CARD_FIELD_VALUE
     encoded = codec.encode_account(account)
     assert encoded.fields == stored.account
     assert [(member, float(score)) for member, score in encoded.lots.items()] == stored.lots

@@ -62,6 +62,9 @@ async def test_flushed_redis_is_rehydrated_and_holds_still_resolve(
     assert await _stored(redis, keyspace, ACCOUNTS) == stored
     assert {a: await ledger.balance(a) for a in ACCOUNTS} == balances
     assert await ledger.account_for_card("card-member-3-3") == "member-3"
+    # The accounts' own card fields came back too: a call on the card passes the script's check.
+    on_card = await ledger.on_card("card-member-3-3", lambda a: ledger.balance(a, card="card-member-3-3"))
+    assert on_card == ("member-3", balances["member-3"])
 
     # The tills carry on: a retry gets its first answer; open holds capture and void.
     again = await ledger.redeem("member-1", points=3, pos=TILL, request_id="retry-me", fingerprint="r" * 32)
@@ -112,7 +115,8 @@ async def test_reconcile_lists_every_difference_and_exits_non_zero(
     assert await _reconcile_cli(settings, out) == 0
     assert "4 accounts compared" in out.getvalue()
 
-    # Damage Redis three ways: a changed lot, a lost account, an account PostgreSQL never saw.
+    # Damage Redis four ways: a changed lot, a lost account, an account PostgreSQL never saw, and
+    # an account that lost its card (the field the ledger script checks for every card call).
     member_0 = await account_state(redis, keyspace, "member-0")
     lot = member_0.lots[min(member_0.lots)]
     changed = msgspec.structs.replace(lot, points=1, expire_ms=1, kind="R")
@@ -124,13 +128,16 @@ async def test_reconcile_lists_every_difference_and_exits_non_zero(
     await redis.delete(keyspace.account("member-1").account)
     ghost = codec.encode_account(codec.StoredAccount(seq=3, x0=1))
     await redis.hset(keyspace.account("ghost").account, mapping=ghost.fields)  # type: ignore[arg-type]
+    [card] = (await account_state(redis, keyspace, "member-2")).cards
+    await redis.hdel(keyspace.account("member-2").account, codec.card_field(card))
     out = io.StringIO()
     assert await _reconcile_cli(settings, out) == 1
     listing = out.getvalue()
+    assert f"member-2: cards on the account: Redis none, PostgreSQL {card}" in listing
     assert f"member-0: lot {lot.lot_id}: Redis 1:1:R:acme" in listing
     assert "member-1: account: Redis missing, PostgreSQL at seq 2" in listing
     assert "ghost: account: Redis at seq 3, PostgreSQL missing" in listing
-    assert "DIFFER for 3 accounts" in listing
+    assert "DIFFER for 4 accounts" in listing
 
 
 async def _stored(

@@ -12,7 +12,7 @@ from pointauth.server.clock import SystemClock
 from pointauth.server.config import LedgerSettings, PostgresSettings, RedisSettings, Settings
 from pointauth.server.devstack.stack import EmbeddedStack
 from pointauth.server.journal.pg import connection
-from pointauth.server.ledger import Keyspace, Ledger, PointOfSaleRef
+from pointauth.server.ledger import Keyspace, Ledger, OpResult, PointOfSaleRef
 from pointauth.server.ops import reconcile
 from pointauth.server.ops.seed import account_id, primary_card, seed_account, seed_command
 from tests.journal.support import running_worker
@@ -51,6 +51,16 @@ async def test_seed_loads_both_stores_idempotently(
     assert await ledger.account_for_card(primary_card(7)) == account_id(7)
     balance = await ledger.balance(account_id(7))
     _, _, seeded_lots = seed_account(7, 0)
+    # Each of the account's cards is in its hash too, so a call on any of them passes the check.
+    for n in range(ACCOUNTS):
+        account, its_cards, _ = seed_account(n, 0)
+        for raw_card in its_cards:
+            card = raw_card.decode()
+
+            async def balance_on(a: str, card: str = card) -> OpResult:
+                return await ledger.balance(a, card=card)
+
+            assert (await ledger.on_card(card, balance_on))[0] == account.decode()
     assert balance.available == sum(points for _, points, _, _ in seeded_lots)
     assert (await reconcile(redis, dsn, keyspace, settle_seconds=0)).ok
 

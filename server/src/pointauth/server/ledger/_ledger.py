@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any
@@ -128,9 +129,10 @@ class Ledger:
         self.library = library
         self._ledger_function = library.ledger_function
         self._release_card_function = library.release_card_function
-        # card -> account, saving a round trip per till call. Safe because a link is permanent:
-        # CreateAccount refuses a linked card, and nothing unlinks one yet. Whatever adds
-        # unlinking or moving cards must invalidate this cache in every server process.
+        # card -> account, so that a till call on a known card is one round trip (the FCALL).
+        # Safe however stale: every call made for a card names it, and the script refuses
+        # (CARD_NOT_FOUND, writing nothing) unless the account still has it; on_card then
+        # looks the card up again. Nothing has to invalidate it when a card moves.
         self._cards: dict[str, str] = {}
         self._sweep_cursor = 0
 
@@ -161,15 +163,41 @@ class Ledger:
         return result
 
     async def account_for_card(self, card_number: str) -> str | None:
+        """The account the cache or the card index names (a hint: see on_card)."""
         account = self._cards.get(card_number)
-        if account is None:
-            owner = await self.pipeline.execute("HGET", self.keyspace.card_bucket(card_number), card_number)
-            account = codec.decode_card_owner(owner)
-            if account is not None and self.settings.card_cache_size:
-                if len(self._cards) >= self.settings.card_cache_size:
-                    del self._cards[next(iter(self._cards))]  # the oldest entry: FIFO is enough here
-                self._cards[card_number] = account
+        return account if account is not None else await self._index_lookup(card_number)
+
+    async def _index_lookup(self, card_number: str) -> str | None:
+        owner = await self.pipeline.execute("HGET", self.keyspace.card_bucket(card_number), card_number)
+        account = codec.decode_card_owner(owner)
+        if account is not None and self.settings.card_cache_size:
+            if len(self._cards) >= self.settings.card_cache_size:
+                del self._cards[next(iter(self._cards))]  # the oldest entry: FIFO is enough here
+            self._cards[card_number] = account
         return account
+
+    async def on_card(self, card_number: str, call: Callable[[str], Awaitable[OpResult]]) -> tuple[str, OpResult]:
+        """(account, answer) of `call(account)` for the account that has the card; `call` makes
+        one ledger call naming the card (`card=`), which the script refuses with CARD_NOT_FOUND
+        (writing nothing) unless the account has it. A cached account so refused is forgotten,
+        the index read again, and the call made once more on the account it names. A cache hit
+        is one round trip; a stale entry costs two more, and never moves points elsewhere."""
+        account = self._cards.get(card_number)
+        from_cache = account is not None
+        while True:
+            if account is None:
+                account, from_cache = await self._index_lookup(card_number), False
+                if account is None:
+                    raise _card_not_found(card_number)
+            try:
+                return account, await call(account)
+            except LedgerRefusal as refusal:
+                if refusal.result.reason != _CARD_NOT_FOUND:
+                    raise
+                self._cards.pop(card_number, None)
+                if not from_cache:  # the index itself named an account without the card
+                    raise _card_not_found(card_number) from None
+                account = None
 
     async def create_account(self, account_id: str, card_number: str, request_id: str, fingerprint: str) -> OpResult:
         """Opens the account with its first card. The card index (another slot) decides which
@@ -227,8 +255,9 @@ class Ledger:
         grant: bool = False,
         purchase_amount: int = 0,
         purchase_ms: int = 0,
+        card: str | None = None,
     ) -> OpResult:
-        args = {
+        args: dict[str, Any] = {
             "type": "GRANT" if grant else "EARN",
             "pts": points,
             "exp": expire_ms,
@@ -238,7 +267,7 @@ class Ledger:
             "amount": purchase_amount,
             "ptime": purchase_ms,
         }
-        return await self._call("earn", account_id, args, request_id, fingerprint)
+        return await self._call("earn", account_id, _via(args, card), request_id, fingerprint)
 
     async def authorize(
         self,
@@ -249,9 +278,10 @@ class Ledger:
         pos: PointOfSaleRef,
         request_id: str,
         fingerprint: str,
+        card: str | None = None,
     ) -> OpResult:
         args = {"pts": points, "ttl": ttl_ms, "pos": pos, "rid": request_id}
-        return await self._call("authorize", account_id, args, request_id, fingerprint)
+        return await self._call("authorize", account_id, _via(args, card), request_id, fingerprint)
 
     async def capture(
         self,
@@ -276,9 +306,10 @@ class Ledger:
         pos: PointOfSaleRef,
         request_id: str,
         fingerprint: str,
+        card: str | None = None,
     ) -> OpResult:
         args = {"pts": points, "pos": pos, "rid": request_id}
-        return await self._call("redeem", account_id, args, request_id, fingerprint)
+        return await self._call("redeem", account_id, _via(args, card), request_id, fingerprint)
 
     async def refund(
         self,
@@ -298,9 +329,9 @@ class Ledger:
         }
         return await self._call("refund", account_id, args, request_id, fingerprint)
 
-    async def balance(self, account_id: str) -> OpResult:
+    async def balance(self, account_id: str, *, card: str | None = None) -> OpResult:
         """Available and held points and the spendable lots; resolves what time has expired."""
-        return await self._call("balance", account_id, {})
+        return await self._call("balance", account_id, _via({}, card))
 
     async def transaction(self, account_id: str, seq: int) -> TransactionRecord | None:
         raw = await self.redis.hget(self.keyspace.account(account_id).transactions, codec.record_field(seq))
@@ -343,6 +374,22 @@ def _runs(shards: list[int]) -> list[range]:
         else:
             runs.append(range(shard, shard + 1))
     return runs
+
+
+def _via(args: dict[str, Any], card: str | None) -> dict[str, Any]:
+    """A call made for a card names it: the script checks the account still has it."""
+    if card is not None:
+        args["via"] = card
+    return args
+
+
+_CARD_NOT_FOUND = reasons.name(ErrorReason.CARD_NOT_FOUND)
+
+
+def _card_not_found(card_number: str) -> LedgerRefusal:
+    return LedgerRefusal(
+        OpResult(code="NOT_FOUND", reason=_CARD_NOT_FOUND, message=f"no account has card {card_number}")
+    )
 
 
 def _text(value: bytes | str | None) -> str | None:

@@ -71,7 +71,10 @@ class AllocReturn(msgspec.Struct, array_like=True, frozen=True):
 #   yet pruned; absent means 1), `lp` (points in its lots) and `hp` (points on hold), which the
 #   script keeps equal to the sums of the two sets below so that no call has to add them up.
 #   Plain text: Redis keeps a small hash of short strings compactly (listpack), and this hash
-#   exists for every account.
+#   exists for every account. It also holds a field `c:<card number>` = "1" per card of the
+#   account: the script checks, with one HEXISTS, that the card a call was made for is still the
+#   account's, so a stale card -> account link (a server's cache, or the index mid-move) can
+#   never move points on the wrong account (see card_field).
 # - the lots: a sorted set, one member "<id key>:<points>:<issuer>" per lot with points (unheld),
 #   scored `expiry ms * 2 + (0 limited-time, 1 regular)`: ascending order is the spending order
 #   (soonest expiry, then limited-time, then, at an equal score, Redis's byte order of members,
@@ -85,6 +88,13 @@ SEQ_FIELD = b"seq"
 X0_FIELD = b"x0"
 LOT_POINTS_FIELD = b"lp"
 HELD_POINTS_FIELD = b"hp"
+CARD_FIELD_PREFIX = b"c:"
+CARD_FIELD_VALUE = b"1"
+
+
+def card_field(card_number: str | bytes) -> bytes:
+    """The account hash's field saying the account has this card."""
+    return CARD_FIELD_PREFIX + (card_number.encode() if isinstance(card_number, str) else card_number)
 
 
 class HoldEntry(msgspec.Struct, frozen=True):
@@ -105,6 +115,8 @@ class StoredAccount(msgspec.Struct):
     held_points: int = 0
     lots: dict[int, LotEntry] = {}
     holds: dict[int, HoldEntry] = {}
+    cards: list[str] = []
+    """The account's cards (its `c:` fields), sorted."""
 
 
 class AccountLayout(msgspec.Struct, frozen=True):
@@ -168,12 +180,20 @@ def encode_account(account: StoredAccount) -> AccountLayout:
         fields[X0_FIELD] = b"%d" % account.x0
     fields[LOT_POINTS_FIELD] = b"%d" % account.lot_points
     fields[HELD_POINTS_FIELD] = b"%d" % account.held_points
+    for card in account.cards:
+        fields[card_field(card)] = CARD_FIELD_VALUE
     lots = {lot_member(lot): lot_score(lot.expire_ms, lot.kind) for lot in account.lots.values()}
     holds = {open_hold_member(seq, hold.points): hold.expire_ms for seq, hold in account.holds.items()}
     return AccountLayout(fields, lots, holds)
 
 
-def account_of(seq: int, x0: int | None, lots: Mapping[int, LotEntry], holds: Mapping[int, HoldEntry]) -> StoredAccount:
+def account_of(
+    seq: int,
+    x0: int | None,
+    lots: Mapping[int, LotEntry],
+    holds: Mapping[int, HoldEntry],
+    cards: Iterable[str] = (),
+) -> StoredAccount:
     """A consistent account: its totals are its lots' and holds' sums."""
     return StoredAccount(
         seq=seq,
@@ -182,6 +202,7 @@ def account_of(seq: int, x0: int | None, lots: Mapping[int, LotEntry], holds: Ma
         held_points=sum(hold.points for hold in holds.values()),
         lots=dict(lots),
         holds=dict(holds),
+        cards=sorted(cards),
     )
 
 
@@ -203,10 +224,13 @@ def decode_account(
                 account.lot_points = int(value)
             elif field == HELD_POINTS_FIELD:
                 account.held_points = int(value)
+            elif field.startswith(CARD_FIELD_PREFIX) and value == CARD_FIELD_VALUE:
+                account.cards.append(field[len(CARD_FIELD_PREFIX) :].decode())
             else:
                 raise ValueError("unknown field")
         except ValueError as exc:
             raise msgspec.DecodeError(f"account hash field {field!r} = {value!r}: {exc!r}") from None
+    account.cards.sort()
     for member, score in lots:
         lot = decode_lot(member, score)
         account.lots[lot.lot_id] = lot
@@ -422,6 +446,9 @@ def split_idempotency_record(raw: bytes) -> tuple[str, bytes]:
 # -- the hold index and the card index -------------------------------------------------------
 # The shard's hold index is a sorted set of open holds scored by expiry, each member the hold's
 # transaction id `<account>.<seq>`. A card bucket is a hash: card number -> account id.
+# The index is where a server finds a card's account; the account's own `c:<card>` field (see
+# card_field) is what the script trusts: a link is moved by changing both, and a call the
+# index or a cache sent to the wrong account is refused, not applied.
 
 
 def hold_member(account_id: str, hold_seq: int) -> str:

@@ -5,7 +5,8 @@
 -- Redis during a rolling deploy without either replacing what the other calls.
 --
 -- KEYS (all in the account's hash slot; codec.py defines each format):
---   1 account hash   fields: seq, x0, lp (points in the lots), hp (points on hold)
+--   1 account hash   fields: seq, x0, lp (points in the lots), hp (points on hold), and
+--                    c:<card number> for each card of the account
 --   2 transactions   hash: <seq> = msgpack record (for holds, refunds and receipts)
 --   3 lots           sorted set, a member "<id key>:<points>:<issuer>" per lot, scored
 --                    expiry * 2 + (0 limited-time, 1 regular): ascending is the spending order
@@ -14,6 +15,9 @@
 --   6 events         the shard's stream, read by the write-behind worker
 --   7 idempotency    string "<fingerprint><msgpack result>" (mutations only)
 -- ARGV: op, now_ms, account_id, fingerprint, idempotency_ttl_s, tx_retention_ms, msgpack args
+--   A call made for a card (earn, authorize, redeem, balance) names it in args.via: the server
+--   found the account from a cache or the card index, either of which may be stale once cards
+--   move, so the call checks that the card is still this account's before anything else.
 --
 -- Shape of every call: replay check, load, expire what time has expired (in memory), validate,
 -- and only then write. A refusal writes nothing but its idempotency record, so a retry gets
@@ -57,6 +61,15 @@ if K_IDEM then
     return cmsgpack.pack({code = 'ALREADY_EXISTS', reason = 'IDEMPOTENCY_KEY_REUSED',
       message = 'request_id was already used for a different request'})
   end
+end
+
+-- A call made for a card that is not (or no longer) this account's: NOT_FOUND CARD_NOT_FOUND,
+-- writing nothing at all (no idempotency record, no event), so that the server can look the
+-- card up again and make the same call on the account that has it. After the replay check, so
+-- that a retry of an earlier success answers as before; one field read, before the load.
+if ARGS.via and redis.call('HEXISTS', K_ACCOUNT, 'c:' .. ARGS.via) == 0 then
+  return cmsgpack.pack({code = 'NOT_FOUND', reason = 'CARD_NOT_FOUND', message = 'account ' .. ACCOUNT
+    .. ' has no card ' .. ARGS.via})
 end
 
 -- `lots`: the lots this call has read or made, by id; `buckets`: the same by expiry, kind and
@@ -342,6 +355,9 @@ local function commit()
   local forget = {}
   if next(A.dirty_tx) then prune_transactions(forget) end
   redis.call('HSET', K_ACCOUNT, 'seq', fmt(A.seq), 'x0', fmt(A.x0), 'lp', fmt(A.lp), 'hp', fmt(A.hp))
+  -- The account's first card (codec.py, card_field); linking and unlinking later cards will
+  -- add and remove these fields.
+  if A.card then redis.call('HSET', K_ACCOUNT, 'c:' .. A.card, '1') end
   for _, seq in ipairs(sorted_keys(A.dirty_tx)) do
     redis.call('HSET', K_TX, fmt(seq), cmsgpack.pack(A.tx[seq]))
   end
@@ -439,6 +455,7 @@ function OPS.create_account()
     return refuse('ALREADY_EXISTS', 'ACCOUNT_ALREADY_EXISTS', 'account ' .. ACCOUNT .. ' already exists')
   end
   emit(event_base('ACCOUNT_OPENED', {card = ARGS.card, pts = 0, lots = {}}))
+  A.card = ARGS.card
   return finish({})
 end
 

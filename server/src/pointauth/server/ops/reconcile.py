@@ -157,6 +157,8 @@ class _Side:
     held_points: int = 0
     """The account hash's totals (Redis's side): the script keeps them equal to the sums."""
     card: str | None = None
+    cards: list[str] = field(default_factory=list)
+    """Redis: the account hash's card fields; PostgreSQL: the cards table's rows."""
     unindexed: set[int] = field(default_factory=set)
     """Open holds missing from the hold index (so the sweeper would never expire them)."""
     undecodable: str = ""
@@ -318,6 +320,11 @@ async def _postgres_sides(conn: Connection, accounts: list[str]) -> dict[str, _S
         accounts,
     ):
         sides[r["account_id"]].holds[r["seq"]] = codec.HoldEntry(r["points"], r["expire_ms"])
+    for r in await conn.fetch(
+        "SELECT account_id, card_number FROM cards WHERE account_id = ANY($1::text[]) ORDER BY card_number", accounts
+    ):
+        if r["account_id"] in sides:
+            sides[r["account_id"]].cards.append(r["card_number"])
     return sides
 
 
@@ -371,6 +378,7 @@ def _parse_account(
         holds=account.holds,
         lot_points=account.lot_points,
         held_points=account.held_points,
+        cards=account.cards,
     )
 
 
@@ -407,6 +415,9 @@ def _differences(account: str, rd: _Side | None, pg: _Side | None) -> Iterable[D
             yield Difference(account, f"hold {seq} (not in the hold index)", _fmt(r), _fmt(p))
     if pg.card is not None and rd.card != pg.card:
         yield Difference(account, "card", "not linked", pg.card)
+    # The script trusts the account's own card fields: each card of the account, no other.
+    if rd.cards != pg.cards:
+        yield Difference(account, "cards on the account", ",".join(rd.cards) or "none", ",".join(pg.cards) or "none")
 
 
 def _fmt(value: codec.LotEntry | codec.HoldEntry | None) -> str:

@@ -1,6 +1,7 @@
 """Rebuilds Redis from PostgreSQL after Redis was lost: accounts (hash, lots, open holds),
 transaction records (open holds and those within the refund window), the hold index,
-the card index and the request-id records still within their TTL.
+the card index (and each account's own card fields, which the ledger script checks) and the
+request-id records still within their TTL.
 
 What PostgreSQL had not yet received when Redis was lost (the worker's lag, about a second of
 traffic) cannot come back; the tills' retries with the same request ids redo those requests.
@@ -102,6 +103,9 @@ async def rehydrate(
             for r in lots:
                 lot = codec.LotEntry(r["lot_id"], r["points"], r["expire_ms"], r["kind"], r["issuer_id"])
                 hashes[r["account_id"]].lots[lot.lot_id] = lot
+            account_cards: dict[str, list[str]] = {}
+            for r in cards:
+                account_cards.setdefault(r["account_id"], []).append(r["card_number"])
             async with redis.pipeline(transaction=False) as pipe:
                 for account in hashes:
                     keys = keyspace.account(account)
@@ -117,7 +121,11 @@ async def rehydrate(
                         pipe.zadd(keys.holds, {codec.hold_member(account, seq): rec.exp})
                 for account, stored in hashes.items():
                     keys = keyspace.account(account)
-                    layout = codec.encode_account(codec.account_of(stored.seq, stored.x0, stored.lots, stored.holds))
+                    layout = codec.encode_account(
+                        codec.account_of(
+                            stored.seq, stored.x0, stored.lots, stored.holds, account_cards.get(account, ())
+                        )
+                    )
                     pipe.hset(keys.account, mapping=layout.fields)  # type: ignore[arg-type]  # dict keys are invariant
                     if layout.lots:
                         pipe.zadd(keys.lots, layout.lots)

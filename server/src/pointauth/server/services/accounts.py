@@ -25,15 +25,18 @@ class AccountsService:
         request_id: str,
         fingerprint: str,
     ) -> Outcome:
-        account = await self.points.account_for_card(card_number)
-        result = await self.ledger.earn(
-            account,
-            points=points,
-            expire_ms=expire_ms,
-            kind=kind,
-            pos=pos,
-            request_id=request_id,
-            fingerprint=fingerprint,
-            grant=True,
+        account, result = await self.ledger.on_card(
+            card_number,
+            lambda account: self.ledger.earn(
+                account,
+                points=points,
+                expire_ms=expire_ms,
+                kind=kind,
+                pos=pos,
+                request_id=request_id,
+                fingerprint=fingerprint,
+                grant=True,
+                card=card_number,
+            ),
         )
         return Outcome(account, result)

@@ -24,11 +24,8 @@ class PointsService:
         self.policy = policy
         self.clock = clock
 
-    async def account_for_card(self, card_number: str) -> str:
-        account = await self.ledger.account_for_card(card_number)
-        if account is None:
-            raise not_found(ErrorReason.CARD_NOT_FOUND, f"no account has card {card_number}")
-        return account
+    # A call made for a card goes through Ledger.on_card: one round trip when the process
+    # knows the card's account, and refused, never misapplied, if that link has gone stale.
 
     async def earn(
         self,
@@ -40,26 +37,38 @@ class PointsService:
         request_id: str,
         fingerprint: str,
     ) -> Outcome:
-        account = await self.account_for_card(card_number)
-        result = await self.ledger.earn(
-            account,
-            points=self.policy.points_for(purchase_amount),
-            expire_ms=self.policy.expire_ms(purchase_ms),
-            kind="R",
-            pos=pos,
-            request_id=request_id,
-            fingerprint=fingerprint,
-            purchase_amount=purchase_amount,
-            purchase_ms=purchase_ms,
+        points = self.policy.points_for(purchase_amount)
+        account, result = await self.ledger.on_card(
+            card_number,
+            lambda account: self.ledger.earn(
+                account,
+                points=points,
+                expire_ms=self.policy.expire_ms(purchase_ms),
+                kind="R",
+                pos=pos,
+                request_id=request_id,
+                fingerprint=fingerprint,
+                purchase_amount=purchase_amount,
+                purchase_ms=purchase_ms,
+                card=card_number,
+            ),
         )
         return Outcome(account, result)
 
     async def authorize(
         self, card_number: str, *, points: int, ttl_ms: int, pos: PointOfSaleRef, request_id: str, fingerprint: str
     ) -> Outcome:
-        account = await self.account_for_card(card_number)
-        result = await self.ledger.authorize(
-            account, points=points, ttl_ms=ttl_ms, pos=pos, request_id=request_id, fingerprint=fingerprint
+        account, result = await self.ledger.on_card(
+            card_number,
+            lambda account: self.ledger.authorize(
+                account,
+                points=points,
+                ttl_ms=ttl_ms,
+                pos=pos,
+                request_id=request_id,
+                fingerprint=fingerprint,
+                card=card_number,
+            ),
         )
         return Outcome(account, result)
 
@@ -82,9 +91,11 @@ class PointsService:
     async def redeem(
         self, card_number: str, *, points: int, pos: PointOfSaleRef, request_id: str, fingerprint: str
     ) -> Outcome:
-        account = await self.account_for_card(card_number)
-        result = await self.ledger.redeem(
-            account, points=points, pos=pos, request_id=request_id, fingerprint=fingerprint
+        account, result = await self.ledger.on_card(
+            card_number,
+            lambda account: self.ledger.redeem(
+                account, points=points, pos=pos, request_id=request_id, fingerprint=fingerprint, card=card_number
+            ),
         )
         return Outcome(account, result)
 
@@ -108,9 +119,11 @@ class PointsService:
 
     async def balance(self, card_number: str) -> tuple[Outcome, int]:
         """The balance and the instant it was read at."""
-        account = await self.account_for_card(card_number)
         read_ms = self.clock.now_ms()
-        return Outcome(account, await self.ledger.balance(account)), read_ms
+        account, result = await self.ledger.on_card(
+            card_number, lambda account: self.ledger.balance(account, card=card_number)
+        )
+        return Outcome(account, result), read_ms
 
     async def receipt(self, account_id: str, seq: int) -> TransactionRecord:
         record = await self.ledger.transaction(account_id, seq)
