@@ -39,7 +39,7 @@ import redis
 from hdrh.histogram import HdrHistogram
 
 from loadtest.driver import POS, Step, StepResult, new_histogram
-from loadtest.lag import LagSampler
+from loadtest.lag import LagSampler, wait_until_drained
 from loadtest.population import CARD_FORMAT, Population
 from loadtest.procs import ClientPool, CpuMeter, Service, named
 from pointauth.server.devstack.stack import EmbeddedStack, free_port
@@ -74,6 +74,8 @@ class Row:
     cpu_cores: dict[str, float]
     busy: float = 0.0
     """How busy the whole machine was during the step: the share of all its cores' time."""
+    lag_max_ms: int = 0
+    """The write-behind lag's largest 1/s sample during the step."""
     refusals: dict[str, int] = field(default_factory=dict)
     error_samples: list[str] = field(default_factory=list)
 
@@ -92,6 +94,7 @@ class Summary:
     latency_ms: dict[str, dict[str, float]]
     p99_range: tuple[float, float]
     busy: float
+    lag_max_ms: float
     cpu_cores: dict[str, float]
     refused: int
     errors: int
@@ -122,6 +125,7 @@ def summarize(rows: list[Row]) -> Summary:
         },
         p99_range=(min(p99s), max(p99s)),
         busy=_median([r.busy for r in rows]),
+        lag_max_ms=_median([float(r.lag_max_ms) for r in rows]),
         cpu_cores={name: _median([r.cpu_cores.get(name, 0.0) for r in rows]) for name in first.cpu_cores},
         refused=sum(r.refused for r in rows),
         errors=sum(r.errors for r in rows),
@@ -380,11 +384,13 @@ def run(args: argparse.Namespace, out: contextlib.ExitStack) -> dict[str, Any]:
         groups = {name: service.pids() for name, service in services.items()}
         groups.update(redis=named("redis-server"), postgres=named("postgres"), clients=pool.pids())
         meter = CpuMeter({name: pids for name, pids in groups.items() if pids})
+        sampled = len(lag.samples_ms)
         meter.start()
         results = pool.run(steps)
         cpu = meter.stop()
         row = merge(scenario, loops, f"{rate:.0f}/s" if rate else "closed", plan.duration_s, results)
         row.cpu_cores, row.busy = cpu, meter.busy
+        row.lag_max_ms = max(lag.samples_ms[sampled:], default=0)
         rows.append(row)
         print(progress_line(len(rows), steps_planned, row), file=sys.stderr, flush=True)
         return row
@@ -396,6 +402,7 @@ def run(args: argparse.Namespace, out: contextlib.ExitStack) -> dict[str, Any]:
         # Far more loops than a rate needs, so a slow answer delays only its own loop and the
         # arrival rate holds (open-loop like); each call's latency counts from when it was due.
         for rate in plan.rates:
+            wait_until_drained(redis_url, keyspace)
             step("authorize", max(64, plan.concurrency), rate=rate)
     lag.stop()
 
@@ -454,7 +461,7 @@ def _cpu_model() -> str:
 
 
 HEADER = f"{'loops':>5} {'mode':>7} {'ops/s':>8} {'(min-max)':>13} {'rpc/s':>8} {'p50 ms':>7} {'p99 ms':>7}"
-HEADER += f" {'(min-max)':>13} {'p99.9':>7} {'÷echo':>6} {'÷e+R':>5} {'busy':>5} {'errors':>6}  cpu cores"
+HEADER += f" {'(min-max)':>13} {'p99.9':>7} {'÷echo':>6} {'÷e+R':>5} {'busy':>5} {'lag ms':>7} {'errors':>6}  cpu cores"
 
 
 def format_row(row: Summary, sub: str = "op") -> str:
@@ -474,7 +481,8 @@ def format_row(row: Summary, sub: str = "op") -> str:
     cpu = " ".join(f"{name}={cores:.2f}" for name, cores in row.cpu_cores.items() if cores >= 0.01)
     return (
         f"{LABELS[row.scenario]:22}{row.concurrency:>5} {row.mode:>7} {row.ops_per_s:>8,.0f} {ops:>13} "
-        f"{row.rpcs_per_s:>8,.0f} {p50} {p99} {p99s:>13} {p999} {ratios} {row.busy:>5.2f} {row.errors:>6}  {cpu}"
+        f"{row.rpcs_per_s:>8,.0f} {p50} {p99} {p99s:>13} {p999} {ratios} {row.busy:>5.2f} {row.lag_max_ms:>7,.0f} "
+        f"{row.errors:>6}  {cpu}"
     )
 
 

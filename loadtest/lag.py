@@ -25,6 +25,17 @@ async def _oldest_unapplied_ms(redis_url: str, keyspace: Keyspace) -> int:
     return min(waiting) if waiting else 0
 
 
+def wait_until_drained(redis_url: str, keyspace: Keyspace, within_s: float = 120.0) -> bool:
+    """Until no event waits for PostgreSQL (or `within_s` passed): a fixed-rate step's lag then
+    is its own, not the backlog a saturating step before it left."""
+    deadline = time.monotonic() + within_s
+    while asyncio.run(_oldest_unapplied_ms(redis_url, keyspace)):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
 class LagSampler:
     """Samples the lag once a second in a thread while load runs; `samples_ms` keeps the figures."""
 

@@ -40,6 +40,7 @@ def test_quick_bench_reports_ordered_percentiles_and_no_errors(
         assert row["ok"] > 0
         assert (row["errors"], row["refused"]) == (0, 0), row
         assert 0 < row["busy"] <= 1
+        assert row["lag_max_ms"] >= 0  # the write-behind lag during the step (0: nothing waited)
         for name, latency in row["latency_ms"].items():
             assert 0 < latency["p50"] <= latency["p99"] <= latency["p99.9"] <= latency["max"], (name, latency)
             assert latency["count"] == row["ok"]
