@@ -210,10 +210,18 @@ async def stored(ledger: Ledger, clock: ManualClock, redis: Redis, keyspace: Key
 async def test_the_account_round_trips_byte_for_byte(stored: Stored) -> None:
     account = codec.decode_account(stored.account, stored.lots, stored.open_holds)
     # Opening the account wrote its first card into the hash: the field every card call checks.
+    # Opened at T: the card is active, physical, linked then; the member joined then.
+    card = codec.CardLink(state="A", kind="P", link_ms=T)
     assert account == codec.account_of(
-        15, 2, {2: lot(2, 255)}, {15: HoldEntry(5, T + DAY_MS + 600_000)}, [f"card-{ACCOUNT}"]
+        15,
+        2,
+        {2: lot(2, 255)},
+        {15: HoldEntry(5, T + DAY_MS + 600_000)},
+        {f"card-{ACCOUNT}": card},
+        opened_ms=T,
+        profile=codec.MemberProfile(jt=T),
     )
-    assert stored.account[codec.card_field(f"card-{ACCOUNT}")] == codec.CARD_FIELD_VALUE
+    assert stored.account[codec.card_field(f"card-{ACCOUNT}")] == b"AP%d" % T
     encoded = codec.encode_account(account)
     assert encoded.fields == stored.account
     assert [(member, float(score)) for member, score in encoded.lots.items()] == stored.lots
@@ -267,7 +275,8 @@ async def test_every_event_round_trips_and_carries_what_the_script_derived(store
         return Event(type_, seq, ACCOUNT, more.pop("time", T), pts, lots, available, held, **more)
 
     assert [e for e in decoded if isinstance(e, Event)] == [
-        event(1, "ACCOUNT_OPENED", 0, [], 0, 0, rid="open", pos=None, card=f"card-{ACCOUNT}"),
+        event(1, "ACCOUNT_OPENED", 0, [], 0, 0, rid="open", pos=None, card=f"card-{ACCOUNT}", kind="P",
+              profile=codec.MemberProfile(jt=T)),
         event(2, "EARN", 300, [lot(2, 300)], 300, 0, rid="earn", amount=30_000, ptime=T),
         event(3, "GRANT", 100, [lot(3, 100)], 400, 0, rid="grant", amount=0, ptime=0),
         event(4, "HOLD_AUTHORIZED", 150, [lot(3, -100), lot(2, -50)], 250, 150, rid="hold-captured",

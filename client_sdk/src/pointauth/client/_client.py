@@ -20,7 +20,11 @@ from pointauth.v1 import (
 from pointauth.v1 import (
     admin_service_pb2_grpc,
     common_pb2,
+    members_service_pb2_grpc,
     points_service_pb2_grpc,
+)
+from pointauth.v1 import (
+    members_service_pb2 as members_pb,
 )
 from pointauth.v1 import (
     points_service_pb2 as pb,
@@ -47,7 +51,8 @@ def _timestamp(value: datetime) -> Timestamp:
 
 
 class PointsClient:
-    """`async with PointsClient("host:50051") as client:` calls PointsService and AdminService.
+    """`async with PointsClient("host:50051") as client:` calls PointsService, AdminService and
+    MembersService.
 
     Every mutating method takes an optional `request_id`; pass the same one to retry a call
     whose outcome is unknown: the server applies it once and answers as the first time.
@@ -67,6 +72,7 @@ class PointsClient:
             self._channel = grpc.aio.insecure_channel(self._target)
         self._points = points_service_pb2_grpc.PointsServiceStub(self._channel)
         self._admin = admin_service_pb2_grpc.AdminServiceStub(self._channel)
+        self._members = members_service_pb2_grpc.MembersServiceStub(self._channel)
         self._state = _State.OPENED
         return self
 
@@ -168,12 +174,88 @@ class PointsClient:
         return response.receipt
 
     async def create_account(
-        self, account_id: str, card_number: str, *, request_id: str | None = None
+        self,
+        account_id: str,
+        card_number: str,
+        *,
+        profile: members_pb.MemberProfile | None = None,
+        card_kind: members_pb.CardKind.ValueType = members_pb.CARD_KIND_PHYSICAL,
+        request_id: str | None = None,
     ) -> admin_pb.CreateAccountResponse:
         request = admin_pb.CreateAccountRequest(
-            request_id=request_id or new_request_id(), account_id=account_id, card_number=card_number
+            request_id=request_id or new_request_id(),
+            account_id=account_id,
+            card_number=card_number,
+            profile=profile,
+            card_kind=card_kind,
         )
         return await self._call(self._admin.CreateAccount, request)
+
+    async def get_account(self, *, account_id: str = "", card_number: str = "") -> members_pb.Account:
+        """By account id or by any of its cards (give one)."""
+        request = (
+            members_pb.GetAccountRequest(card_number=card_number)
+            if card_number
+            else members_pb.GetAccountRequest(account_id=account_id)
+        )
+        return (await self._call(self._members.GetAccount, request)).account
+
+    async def update_profile(
+        self, account_id: str, profile: members_pb.MemberProfile, paths: list[str], *, request_id: str | None = None
+    ) -> members_pb.Account:
+        """Changes the profile fields `paths` names (e.g. ["birth_month", "birth_day"], ["attributes.segment"])."""
+        request = members_pb.UpdateProfileRequest(
+            request_id=request_id or new_request_id(), account_id=account_id, profile=profile
+        )
+        request.update_mask.paths.extend(paths)
+        return (await self._call(self._members.UpdateProfile, request)).account
+
+    async def close_account(self, account_id: str, *, request_id: str | None = None) -> members_pb.CloseAccountResponse:
+        request = members_pb.CloseAccountRequest(request_id=request_id or new_request_id(), account_id=account_id)
+        return await self._call(self._members.CloseAccount, request)
+
+    async def link_card(
+        self,
+        account_id: str,
+        card_number: str,
+        *,
+        kind: members_pb.CardKind.ValueType = members_pb.CARD_KIND_PHYSICAL,
+        request_id: str | None = None,
+    ) -> members_pb.Card:
+        request = members_pb.LinkCardRequest(
+            request_id=request_id or new_request_id(), account_id=account_id, card_number=card_number, kind=kind
+        )
+        return (await self._call(self._members.LinkCard, request)).card
+
+    async def unlink_card(self, account_id: str, card_number: str, *, request_id: str | None = None) -> None:
+        request = members_pb.UnlinkCardRequest(
+            request_id=request_id or new_request_id(), account_id=account_id, card_number=card_number
+        )
+        await self._call(self._members.UnlinkCard, request)
+
+    async def block_card(self, card_number: str, *, request_id: str | None = None) -> members_pb.BlockCardResponse:
+        request = members_pb.BlockCardRequest(request_id=request_id or new_request_id(), card_number=card_number)
+        return await self._call(self._members.BlockCard, request)
+
+    async def unblock_card(self, card_number: str, *, request_id: str | None = None) -> members_pb.UnblockCardResponse:
+        request = members_pb.UnblockCardRequest(request_id=request_id or new_request_id(), card_number=card_number)
+        return await self._call(self._members.UnblockCard, request)
+
+    async def reissue_card(
+        self,
+        card_number: str,
+        new_card_number: str,
+        *,
+        new_card_kind: members_pb.CardKind.ValueType = members_pb.CARD_KIND_PHYSICAL,
+        request_id: str | None = None,
+    ) -> members_pb.ReissueCardResponse:
+        request = members_pb.ReissueCardRequest(
+            request_id=request_id or new_request_id(),
+            card_number=card_number,
+            new_card_number=new_card_number,
+            new_card_kind=new_card_kind,
+        )
+        return await self._call(self._members.ReissueCard, request)
 
     async def grant_points(
         self,

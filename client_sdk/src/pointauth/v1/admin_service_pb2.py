@@ -24,23 +24,24 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from pointauth.v1 import common_pb2 as pointauth_dot_v1_dot_common__pb2
+from pointauth.v1 import members_service_pb2 as pointauth_dot_v1_dot_members__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n pointauth/v1/admin_service.proto\x12\x0cpointauth.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19pointauth/v1/common.proto\"S\n\x14\x43reateAccountRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x03 \x01(\t\"@\n\x15\x43reateAccountResponse\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x02 \x01(\t\"\xd5\x01\n\x12GrantPointsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x02 \x01(\t\x12\x0e\n\x06points\x18\x03 \x01(\x03\x12#\n\x04kind\x18\x04 \x01(\x0e\x32\x15.pointauth.v1.LotKind\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\rpoint_of_sale\x18\x06 \x01(\x0b\x32\x19.pointauth.v1.PointOfSale\"|\n\x13GrantPointsResponse\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x1e\n\x03lot\x18\x02 \x01(\x0b\x32\x11.pointauth.v1.Lot\x12-\n\x07\x62\x61lance\x18\x03 \x01(\x0b\x32\x1c.pointauth.v1.BalanceSummary2\xbc\x01\n\x0c\x41\x64minService\x12X\n\rCreateAccount\x12\".pointauth.v1.CreateAccountRequest\x1a#.pointauth.v1.CreateAccountResponse\x12R\n\x0bGrantPoints\x12 .pointauth.v1.GrantPointsRequest\x1a!.pointauth.v1.GrantPointsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n pointauth/v1/admin_service.proto\x12\x0cpointauth.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19pointauth/v1/common.proto\x1a\"pointauth/v1/members_service.proto\"\xac\x01\n\x14\x43reateAccountRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x03 \x01(\t\x12,\n\x07profile\x18\x04 \x01(\x0b\x32\x1b.pointauth.v1.MemberProfile\x12)\n\tcard_kind\x18\x05 \x01(\x0e\x32\x16.pointauth.v1.CardKind\"@\n\x15\x43reateAccountResponse\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x02 \x01(\t\"\xd5\x01\n\x12GrantPointsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x02 \x01(\t\x12\x0e\n\x06points\x18\x03 \x01(\x03\x12#\n\x04kind\x18\x04 \x01(\x0e\x32\x15.pointauth.v1.LotKind\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\rpoint_of_sale\x18\x06 \x01(\x0b\x32\x19.pointauth.v1.PointOfSale\"|\n\x13GrantPointsResponse\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x1e\n\x03lot\x18\x02 \x01(\x0b\x32\x11.pointauth.v1.Lot\x12-\n\x07\x62\x61lance\x18\x03 \x01(\x0b\x32\x1c.pointauth.v1.BalanceSummary2\xbc\x01\n\x0c\x41\x64minService\x12X\n\rCreateAccount\x12\".pointauth.v1.CreateAccountRequest\x1a#.pointauth.v1.CreateAccountResponse\x12R\n\x0bGrantPoints\x12 .pointauth.v1.GrantPointsRequest\x1a!.pointauth.v1.GrantPointsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pointauth.v1.admin_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CREATEACCOUNTREQUEST']._serialized_start=110
-  _globals['_CREATEACCOUNTREQUEST']._serialized_end=193
-  _globals['_CREATEACCOUNTRESPONSE']._serialized_start=195
-  _globals['_CREATEACCOUNTRESPONSE']._serialized_end=259
-  _globals['_GRANTPOINTSREQUEST']._serialized_start=262
-  _globals['_GRANTPOINTSREQUEST']._serialized_end=475
-  _globals['_GRANTPOINTSRESPONSE']._serialized_start=477
-  _globals['_GRANTPOINTSRESPONSE']._serialized_end=601
-  _globals['_ADMINSERVICE']._serialized_start=604
-  _globals['_ADMINSERVICE']._serialized_end=792
+  _globals['_CREATEACCOUNTREQUEST']._serialized_start=147
+  _globals['_CREATEACCOUNTREQUEST']._serialized_end=319
+  _globals['_CREATEACCOUNTRESPONSE']._serialized_start=321
+  _globals['_CREATEACCOUNTRESPONSE']._serialized_end=385
+  _globals['_GRANTPOINTSREQUEST']._serialized_start=388
+  _globals['_GRANTPOINTSREQUEST']._serialized_end=601
+  _globals['_GRANTPOINTSRESPONSE']._serialized_start=603
+  _globals['_GRANTPOINTSRESPONSE']._serialized_end=727
+  _globals['_ADMINSERVICE']._serialized_start=730
+  _globals['_ADMINSERVICE']._serialized_end=918
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from pointauth.v1 import common_pb2 as _common_pb2
+from pointauth.v1 import members_service_pb2 as _members_service_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -27,6 +28,8 @@ class CreateAccountRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     CARD_NUMBER_FIELD_NUMBER: _builtins.int
+    PROFILE_FIELD_NUMBER: _builtins.int
+    CARD_KIND_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Client-chosen UUID identifying this request for safe retries."""
     account_id: _builtins.str
@@ -38,16 +41,24 @@ class CreateAccountRequest(_message.Message):
     Card numbers (plastic cards and app member IDs): 4 to 64 of A-Z, a-z, 0-9 and '-', starting
     and ending with a letter or digit; never a placeholder such as "null" or "undefined".
     """
+    card_kind: _members_service_pb2.CardKind.ValueType
+    """What the first card is."""
+    @_builtins.property
+    def profile(self) -> _members_service_pb2.MemberProfile:
+        """The member's profile; unset: empty, joined now."""
+
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
         account_id: _builtins.str = ...,
         card_number: _builtins.str = ...,
+        profile: _members_service_pb2.MemberProfile | None = ...,
+        card_kind: _members_service_pb2.CardKind.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "card_number", b"card_number", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "card_kind", b"card_kind", "card_number", b"card_number", "profile", b"profile", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -27,7 +27,7 @@ if _version_not_supported:
 
 class AdminServiceStub:
     """AdminService is for operators and back-office systems: opening accounts and granting
-    points outside a purchase. Members and cards get their own service in a later version.
+    points outside a purchase. Members and cards have their own service, MembersService.
     """
 
     def __init__(self, channel):
@@ -50,7 +50,7 @@ class AdminServiceStub:
 
 class AdminServiceServicer:
     """AdminService is for operators and back-office systems: opening accounts and granting
-    points outside a purchase. Members and cards get their own service in a later version.
+    points outside a purchase. Members and cards have their own service, MembersService.
     """
 
     def CreateAccount(self, request, context):
@@ -90,7 +90,7 @@ def add_AdminServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class AdminService:
     """AdminService is for operators and back-office systems: opening accounts and granting
-    points outside a purchase. Members and cards get their own service in a later version.
+    points outside a purchase. Members and cards have their own service, MembersService.
     """
 
     @staticmethod

@@ -28,7 +28,7 @@ GRPC_VERSION: str
 
 class AdminServiceStub:
     """AdminService is for operators and back-office systems: opening accounts and granting
-    points outside a purchase. Members and cards get their own service in a later version.
+    points outside a purchase. Members and cards have their own service, MembersService.
     """
 
     @_typing.overload
@@ -43,7 +43,7 @@ class AdminServiceStub:
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
     """AdminService is for operators and back-office systems: opening accounts and granting
-    points outside a purchase. Members and cards get their own service in a later version.
+    points outside a purchase. Members and cards have their own service, MembersService.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -54,7 +54,7 @@ class AdminServiceAsyncStub(AdminServiceStub):
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """AdminService is for operators and back-office systems: opening accounts and granting
-    points outside a purchase. Members and cards get their own service in a later version.
+    points outside a purchase. Members and cards have their own service, MembersService.
     """
 
     @_abc_1.abstractmethod

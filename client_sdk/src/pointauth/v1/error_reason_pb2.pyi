@@ -38,6 +38,17 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """NOT_FOUND: no hold has this id."""
     TRANSACTION_NOT_FOUND: _ErrorReason.ValueType  # 13
     """NOT_FOUND: no (refundable) transaction has this id, or it is past its retention."""
+    COMPANY_NOT_FOUND: _ErrorReason.ValueType  # 14
+    """NOT_FOUND: the point of sale names a company the group directory does not have."""
+    STORE_NOT_FOUND: _ErrorReason.ValueType  # 15
+    """NOT_FOUND: the point of sale names a store the group directory does not have."""
+    TERMINAL_NOT_FOUND: _ErrorReason.ValueType  # 16
+    """NOT_FOUND: the point of sale names a terminal its store does not have."""
+    STORE_OF_OTHER_COMPANY: _ErrorReason.ValueType  # 17
+    """INVALID_ARGUMENT: the store belongs to another company than the one named with it
+    (metadata: store_company_id); on RegisterStore, FAILED_PRECONDITION: a store never
+    changes company.
+    """
     IDEMPOTENCY_KEY_REUSED: _ErrorReason.ValueType  # 20
     """ALREADY_EXISTS: the request_id was used before for a request with other content."""
     ACCOUNT_ALREADY_EXISTS: _ErrorReason.ValueType  # 21
@@ -60,6 +71,16 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """FAILED_PRECONDITION: the new lot's expiry has already passed."""
     BALANCE_LIMIT_EXCEEDED: _ErrorReason.ValueType  # 37
     """FAILED_PRECONDITION: the balance would exceed the cap of 10^15 points."""
+    CARD_BLOCKED: _ErrorReason.ValueType  # 38
+    """FAILED_PRECONDITION: the card is blocked or replaced (metadata: card_state, and
+    replaced_by_card_number for a replaced card).
+    """
+    ACCOUNT_CLOSED: _ErrorReason.ValueType  # 39
+    """FAILED_PRECONDITION: the account is closed."""
+    ACCOUNT_HAS_OPEN_HOLDS: _ErrorReason.ValueType  # 40
+    """FAILED_PRECONDITION: the account has open holds (metadata: held_points); capture or void
+    them first.
+    """
     SERVER_OVERLOADED: _ErrorReason.ValueType  # 50
     """RESOURCE_EXHAUSTED: the server shed the call under load; retry after RetryInfo's delay
     with the same request_id.
@@ -92,6 +113,17 @@ HOLD_NOT_FOUND: ErrorReason.ValueType  # 12
 """NOT_FOUND: no hold has this id."""
 TRANSACTION_NOT_FOUND: ErrorReason.ValueType  # 13
 """NOT_FOUND: no (refundable) transaction has this id, or it is past its retention."""
+COMPANY_NOT_FOUND: ErrorReason.ValueType  # 14
+"""NOT_FOUND: the point of sale names a company the group directory does not have."""
+STORE_NOT_FOUND: ErrorReason.ValueType  # 15
+"""NOT_FOUND: the point of sale names a store the group directory does not have."""
+TERMINAL_NOT_FOUND: ErrorReason.ValueType  # 16
+"""NOT_FOUND: the point of sale names a terminal its store does not have."""
+STORE_OF_OTHER_COMPANY: ErrorReason.ValueType  # 17
+"""INVALID_ARGUMENT: the store belongs to another company than the one named with it
+(metadata: store_company_id); on RegisterStore, FAILED_PRECONDITION: a store never
+changes company.
+"""
 IDEMPOTENCY_KEY_REUSED: ErrorReason.ValueType  # 20
 """ALREADY_EXISTS: the request_id was used before for a request with other content."""
 ACCOUNT_ALREADY_EXISTS: ErrorReason.ValueType  # 21
@@ -114,6 +146,16 @@ LOT_ALREADY_EXPIRED: ErrorReason.ValueType  # 36
 """FAILED_PRECONDITION: the new lot's expiry has already passed."""
 BALANCE_LIMIT_EXCEEDED: ErrorReason.ValueType  # 37
 """FAILED_PRECONDITION: the balance would exceed the cap of 10^15 points."""
+CARD_BLOCKED: ErrorReason.ValueType  # 38
+"""FAILED_PRECONDITION: the card is blocked or replaced (metadata: card_state, and
+replaced_by_card_number for a replaced card).
+"""
+ACCOUNT_CLOSED: ErrorReason.ValueType  # 39
+"""FAILED_PRECONDITION: the account is closed."""
+ACCOUNT_HAS_OPEN_HOLDS: ErrorReason.ValueType  # 40
+"""FAILED_PRECONDITION: the account has open holds (metadata: held_points); capture or void
+them first.
+"""
 SERVER_OVERLOADED: ErrorReason.ValueType  # 50
 """RESOURCE_EXHAUSTED: the server shed the call under load; retry after RetryInfo's delay
 with the same request_id.

@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from pointauth.server.api.admin import AdminServicer
 from pointauth.server.api.boundary import ErrorBoundary
+from pointauth.server.api.members import MembersServicer
 from pointauth.server.api.points import PointsServicer
 from pointauth.server.clock import Clock, SystemClock
 from pointauth.server.config import Settings
@@ -22,10 +23,13 @@ from pointauth.server.ledger import Keyspace, Ledger, connect
 from pointauth.server.ledger.pipeline import TickPipeline
 from pointauth.server.rules.earn_policy import EarnPolicy
 from pointauth.server.services.accounts import AccountsService
+from pointauth.server.services.members import MembersService
 from pointauth.server.services.points import PointsService
 from pointauth.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
+    members_service_pb2,
+    members_service_pb2_grpc,
     points_service_pb2,
     points_service_pb2_grpc,
 )
@@ -35,6 +39,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAMES = (
     points_service_pb2.DESCRIPTOR.services_by_name["PointsService"].full_name,
     admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+    members_service_pb2.DESCRIPTOR.services_by_name["MembersService"].full_name,
 )
 
 
@@ -60,6 +65,7 @@ class PointauthServer:
         )
         self.points = PointsService(self.ledger, EarnPolicy(settings.earn), self.clock)
         self.accounts = AccountsService(self.ledger, self.points)
+        self.members = MembersService(self.ledger)
         self.health = health.aio.HealthServicer()
         self._reuse_port = reuse_port
         self._run_sweeper = sweeper
@@ -90,6 +96,7 @@ class PointauthServer:
             PointsServicer(self.points, self.settings.ledger), server
         )
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.accounts), server)
+        members_service_pb2_grpc.add_MembersServiceServicer_to_server(MembersServicer(self.members), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         _serve_reflection(server)
         address = f"{self.settings.server.host}:{self.settings.server.port}"

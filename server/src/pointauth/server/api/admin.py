@@ -8,6 +8,7 @@ import grpc
 
 from pointauth.server.api import convert
 from pointauth.server.api.convert import fingerprint
+from pointauth.server.api.members import card_kind, new_profile
 from pointauth.server.api.validation import Violations
 from pointauth.server.domain.ids import transaction_id
 from pointauth.server.services.accounts import AccountsService
@@ -26,9 +27,16 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         request_id = v.request_id(request.request_id)
         account = v.identifier("account_id", request.account_id)
         card = v.card_number("card_number", request.card_number)
+        kind = card_kind(v, "card_kind", request.card_kind)
+        profile = new_profile(v, "profile", request.profile if request.HasField("profile") else None)
         v.raise_if_any()
         await self.accounts.open(
-            account, card, request_id=request_id, fingerprint=fingerprint("CreateAccount", request)
+            account,
+            card,
+            kind=kind,
+            profile=profile,
+            request_id=request_id,
+            fingerprint=fingerprint("CreateAccount", request),
         )
         return pb.CreateAccountResponse(account_id=account, card_number=card)
 

@@ -2,23 +2,35 @@
 
 from pointauth.server.ledger._ledger import (
     LIBRARY,
+    AccountView,
     Ledger,
     LedgerLibrary,
     LedgerRefusal,
+    ProfileChange,
     drop_other_libraries,
     load_library,
 )
-from pointauth.server.ledger.codec import LotEntry, LotKindCode, OpResult, PointOfSaleRef, TransactionRecord
+from pointauth.server.ledger.codec import (
+    CardKindCode,
+    LotEntry,
+    LotKindCode,
+    OpResult,
+    PointOfSaleRef,
+    TransactionRecord,
+)
 from pointauth.server.ledger.connection import BACKEND_ERRORS, PoolExhausted, connect
 from pointauth.server.ledger.keys import Keyspace
 
 __all__ = [
     "BACKEND_ERRORS",
+    "AccountView",
+    "CardKindCode",
     "LIBRARY",
     "Keyspace",
     "Ledger",
     "LedgerLibrary",
     "LedgerRefusal",
+    "ProfileChange",
     "LotEntry",
     "LotKindCode",
     "OpResult",

@@ -7,7 +7,7 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib.resources import files
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
@@ -17,7 +17,7 @@ from pointauth.server.config import LedgerSettings
 from pointauth.server.domain import reasons
 from pointauth.server.domain.reasons import ErrorReason
 from pointauth.server.ledger import codec
-from pointauth.server.ledger.codec import LotKindCode, OpResult, PointOfSaleRef, TransactionRecord
+from pointauth.server.ledger.codec import CardKindCode, LotKindCode, OpResult, PointOfSaleRef, TransactionRecord
 from pointauth.server.ledger.keys import Keyspace
 from pointauth.server.ledger.pipeline import TickPipeline
 
@@ -199,29 +199,103 @@ class Ledger:
                     raise _card_not_found(card_number) from None
                 account = None
 
-    async def create_account(self, account_id: str, card_number: str, request_id: str, fingerprint: str) -> OpResult:
-        """Opens the account with its first card. The card index (another slot) decides which
-        of two concurrent openings gets a card, so it is claimed first; an opening the account
-        script then refuses gives its claim back. A refused request changes nothing."""
-        keys = self.keyspace.account(account_id)
-        if await self.redis.exists(keys.account):
+    async def create_account(
+        self,
+        account_id: str,
+        card_number: str,
+        request_id: str,
+        fingerprint: str,
+        *,
+        kind: CardKindCode = "P",
+        profile: ProfileChange | None = None,
+    ) -> OpResult:
+        """Opens the account with its first card (claimed in the card index first, see _claiming)."""
+        args = {"card": card_number, "kind": kind, "rid": request_id, **(profile or ProfileChange()).args()}
+
+        async def call() -> OpResult:
+            return await self._call("create_account", account_id, args, request_id, fingerprint)
+
+        if await self.redis.exists(self.keyspace.account(account_id).account):
             # Opened already (or this is a retry): the script answers (replay, or refusal)
             # without this request touching the card index.
-            return await self._call(
-                "create_account", account_id, {"card": card_number, "rid": request_id}, request_id, fingerprint
-            )
+            return await call()
+        return await self._claiming(card_number, account_id, call)
+
+    async def _claiming(self, card_number: str, account_id: str, call: Callable[[], Awaitable[OpResult]]) -> OpResult:
+        """`call()`, a script call putting the card on the account, with the card claimed for the
+        account in the card index first: the index (another slot) decides which of two
+        concurrent links gets a card. A call the script refuses gives its claim back, so a
+        refused request changes nothing. A crash between the claim and the call leaves a claim
+        naming an account without the card (tills get CARD_NOT_FOUND): the retry of the request
+        heals it."""
         bucket = self.keyspace.card_bucket(card_number)
         claimed = bool(await self.redis.hsetnx(bucket, card_number, codec.card_owner_value(account_id)))
         if not claimed and codec.decode_card_owner(await self.redis.hget(bucket, card_number)) != account_id:
             raise _card_taken(card_number)
         try:
-            return await self._call(
-                "create_account", account_id, {"card": card_number, "rid": request_id}, request_id, fingerprint
-            )
+            return await call()
         except LedgerRefusal:
             if claimed:
                 await self._release_card(bucket, card_number, account_id)
             raise
+
+    async def link_card(
+        self, account_id: str, card_number: str, kind: CardKindCode, *, request_id: str, fingerprint: str
+    ) -> OpResult:
+        args = {"card": card_number, "kind": kind, "rid": request_id}
+        return await self._claiming(
+            card_number, account_id, lambda: self._call("link_card", account_id, args, request_id, fingerprint)
+        )
+
+    async def unlink_card(self, account_id: str, card_number: str, *, request_id: str, fingerprint: str) -> OpResult:
+        """Takes the card off the account (tills are refused at once), then gives its index
+        entry back, unless the card is on the account again (a retry after a relink)."""
+        args = {"card": card_number, "rid": request_id}
+        result = await self._call("unlink_card", account_id, args, request_id, fingerprint)
+        if not await self.redis.hexists(self.keyspace.account(account_id).account, codec.card_field(card_number)):
+            await self._release_card(self.keyspace.card_bucket(card_number), card_number, account_id)
+        return result
+
+    async def set_card_state(
+        self, card_number: str, state: Literal["A", "B"], *, request_id: str, fingerprint: str
+    ) -> tuple[str, OpResult]:
+        """Blocks ("B") or unblocks ("A") a card; (its account, answer)."""
+        args = {"card": card_number, "state": state, "rid": request_id, "via": card_number, "any_state": True}
+        return await self.on_card(
+            card_number, lambda account: self._call("card_state", account, args, request_id, fingerprint)
+        )
+
+    async def reissue_card(
+        self, card_number: str, new_card: str, kind: CardKindCode, *, request_id: str, fingerprint: str
+    ) -> tuple[str, OpResult]:
+        """Replaces a card by a new one on the same account; (the account, answer)."""
+        args: dict[str, Any] = {"card": card_number, "new": new_card, "kind": kind, "rid": request_id}
+        args |= {"via": card_number, "any_state": True}
+        return await self.on_card(
+            card_number,
+            lambda account: self._claiming(
+                new_card, account, lambda: self._call("reissue", account, args, request_id, fingerprint)
+            ),
+        )
+
+    async def update_profile(
+        self, account_id: str, change: ProfileChange, *, request_id: str, fingerprint: str
+    ) -> OpResult:
+        args = {"rid": request_id, **change.args()}
+        return await self._call("update_profile", account_id, args, request_id, fingerprint)
+
+    async def close(self, account_id: str, *, request_id: str, fingerprint: str) -> OpResult:
+        return await self._call("close", account_id, {"rid": request_id}, request_id, fingerprint)
+
+    async def account(self, account_id: str) -> AccountView:
+        """The account's profile, cards and status, and its balance now, in one read."""
+        return _account_view(account_id, await self._call("account", account_id, {}))
+
+    async def account_by_card(self, card_number: str) -> AccountView:
+        """As account(), for the account that has the card, whatever the card's state."""
+        args = {"via": card_number, "any_state": True}
+        account, result = await self.on_card(card_number, lambda a: self._call("account", a, args))
+        return _account_view(account, result)
 
     async def _release_card(self, bucket: str, card_number: str, account_id: str) -> None:
         """Removes the card's link only if it still names this account (compare and delete)."""
@@ -363,6 +437,47 @@ class Ledger:
         for account_id in swept:
             await self.balance(account_id)
         return len(swept)
+
+
+@dataclass(frozen=True)
+class ProfileChange:
+    """Profile fields to set (None: leave; "" for bd/hc: remove), attributes to set or remove,
+    and whether every other attribute goes first (codec.MemberProfile names the fields)."""
+
+    bd: str | None = None
+    jt: int | None = None
+    hc: str | None = None
+    set_attrs: dict[str, str] | None = None
+    drop_attrs: tuple[str, ...] = ()
+    clear_attrs: bool = False
+
+    def args(self) -> dict[str, Any]:
+        prof = {k: v for k, v in (("bd", self.bd), ("jt", self.jt), ("hc", self.hc)) if v is not None}
+        args: dict[str, Any] = {}
+        if prof:
+            args["prof"] = prof
+        if self.set_attrs:
+            args["aset"] = self.set_attrs
+        if self.drop_attrs:
+            args["adel"] = list(self.drop_attrs)
+        if self.clear_attrs:
+            args["aclear"] = True
+        return args
+
+
+class AccountView(NamedTuple):
+    """An account as GetAccount shows it: the account hash decoded (no lots or holds) and the
+    balance now."""
+
+    account_id: str
+    stored: codec.StoredAccount
+    available: int
+    held: int
+
+
+def _account_view(account_id: str, result: OpResult) -> AccountView:
+    stored = codec.decode_account({k.encode(): v.encode() for k, v in result.fields.items()})
+    return AccountView(account_id, stored, result.available, result.held)
 
 
 def _runs(shards: list[int]) -> list[range]:

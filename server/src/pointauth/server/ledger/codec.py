@@ -13,6 +13,7 @@ not in the same order; arrays and scalars are byte for byte the same.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
@@ -71,10 +72,12 @@ class AllocReturn(msgspec.Struct, array_like=True, frozen=True):
 #   yet pruned; absent means 1), `lp` (points in its lots) and `hp` (points on hold), which the
 #   script keeps equal to the sums of the two sets below so that no call has to add them up.
 #   Plain text: Redis keeps a small hash of short strings compactly (listpack), and this hash
-#   exists for every account. It also holds a field `c:<card number>` = "1" per card of the
-#   account: the script checks, with one HEXISTS, that the card a call was made for is still the
-#   account's, so a stale card -> account link (a server's cache, or the index mid-move) can
-#   never move points on the wrong account (see card_field).
+#   exists for every account. It also holds a field `c:<card number>` per card of the account
+#   (CardLink): the script reads it on every call made for a card, so a stale card -> account
+#   link (a server's cache, or the index mid-move) can never move points on the wrong account,
+#   and a blocked card stops working at once in every process (see card_field). And the
+#   account's status and member profile (MemberProfile): `st` ("C" closed; absent: active),
+#   `ot`/`ct` (opened, closed ms), `bd`, `jt`, `hc`, `a:<attribute>`.
 # - the lots: a sorted set, one member "<id key>:<points>:<issuer>" per lot with points (unheld),
 #   scored `expiry ms * 2 + (0 limited-time, 1 regular)`: ascending order is the spending order
 #   (soonest expiry, then limited-time, then, at an equal score, Redis's byte order of members,
@@ -88,13 +91,74 @@ SEQ_FIELD = b"seq"
 X0_FIELD = b"x0"
 LOT_POINTS_FIELD = b"lp"
 HELD_POINTS_FIELD = b"hp"
+STATUS_FIELD = b"st"
+OPENED_FIELD = b"ot"
+CLOSED_FIELD = b"ct"
 CARD_FIELD_PREFIX = b"c:"
-CARD_FIELD_VALUE = b"1"
+ATTRIBUTE_FIELD_PREFIX = b"a:"
+AccountStatusCode = Literal["A", "C"]
+"""Active, closed."""
+CardStateCode = Literal["A", "B", "R"]
+"""Active, blocked, replaced."""
+CardKindCode = Literal["P", "A"]
+"""Physical card, app member ID."""
 
 
 def card_field(card_number: str | bytes) -> bytes:
-    """The account hash's field saying the account has this card."""
+    """The account hash's field saying the account has this card (its value: CardLink)."""
     return CARD_FIELD_PREFIX + (card_number.encode() if isinstance(card_number, str) else card_number)
+
+
+class CardLink(msgspec.Struct, frozen=True):
+    """A card of an account, as its `c:` field keeps it: "<state><kind>[<link ms>[:<state
+    ms>[:<replaced by>]]]" (e.g. "AP1795000000000", "RP1795000000000:1795000100000:CARD-2").
+    Seeded cards have no link time ("AP"); "1" is an active physical card of the layout before
+    cards had states. Card numbers never contain ':'."""
+
+    state: CardStateCode = "A"
+    kind: CardKindCode = "P"
+    link_ms: int | None = None
+    state_ms: int | None = None
+    replaced_by: str | None = None
+
+
+_CARD_LINK = re.compile(rb"([ABR])([PA])(\d*)(?::(\d*)(?::([A-Za-z0-9-]+))?)?")
+
+
+def encode_card_link(link: CardLink) -> bytes:
+    text = f"{link.state}{link.kind}{'' if link.link_ms is None else link.link_ms}"
+    if link.state_ms is not None or link.replaced_by is not None:
+        text += f":{'' if link.state_ms is None else link.state_ms}"
+    if link.replaced_by is not None:
+        text += f":{link.replaced_by}"
+    return text.encode()
+
+
+def decode_card_link(raw: bytes) -> CardLink:
+    if raw == b"1":
+        return CardLink()
+    m = _CARD_LINK.fullmatch(raw)
+    if m is None:
+        raise msgspec.DecodeError(f"card field value {raw!r} is not <state><kind>[<ms>[:<ms>[:<card>]]]")
+    state, kind, link, state_ms, by = m.groups()
+    return CardLink(
+        state=state.decode(),  # type: ignore[arg-type]
+        kind=kind.decode(),  # type: ignore[arg-type]
+        link_ms=int(link) if link else None,
+        state_ms=int(state_ms) if state_ms else None,
+        replaced_by=by.decode() if by else None,
+    )
+
+
+class MemberProfile(msgspec.Struct, frozen=True, omit_defaults=True):
+    """What the rules may know of a member, as the account hash and the events keep it:
+    `bd` birthday "MMDD", `jt` joined (ms), `hc` home company, `attrs` free attributes (absent
+    when none: Lua packs an empty table as an array)."""
+
+    bd: str | None = None
+    jt: int | None = None
+    hc: str | None = None
+    attrs: dict[str, str] | None = None
 
 
 class HoldEntry(msgspec.Struct, frozen=True):
@@ -115,8 +179,12 @@ class StoredAccount(msgspec.Struct):
     held_points: int = 0
     lots: dict[int, LotEntry] = {}
     holds: dict[int, HoldEntry] = {}
-    cards: list[str] = []
-    """The account's cards (its `c:` fields), sorted."""
+    cards: dict[str, CardLink] = {}
+    """The account's cards (its `c:` fields)."""
+    status: AccountStatusCode = "A"
+    opened_ms: int | None = None
+    closed_ms: int | None = None
+    profile: MemberProfile = MemberProfile()
 
 
 class AccountLayout(msgspec.Struct, frozen=True):
@@ -180,8 +248,10 @@ def encode_account(account: StoredAccount) -> AccountLayout:
         fields[X0_FIELD] = b"%d" % account.x0
     fields[LOT_POINTS_FIELD] = b"%d" % account.lot_points
     fields[HELD_POINTS_FIELD] = b"%d" % account.held_points
-    for card in account.cards:
-        fields[card_field(card)] = CARD_FIELD_VALUE
+    for card, link in account.cards.items():
+        fields[card_field(card)] = encode_card_link(link)
+    fields.update(_status_fields(account))
+    fields.update(profile_fields(account.profile))
     lots = {lot_member(lot): lot_score(lot.expire_ms, lot.kind) for lot in account.lots.values()}
     holds = {open_hold_member(seq, hold.points): hold.expire_ms for seq, hold in account.holds.items()}
     return AccountLayout(fields, lots, holds)
@@ -192,7 +262,12 @@ def account_of(
     x0: int | None,
     lots: Mapping[int, LotEntry],
     holds: Mapping[int, HoldEntry],
-    cards: Iterable[str] = (),
+    cards: Mapping[str, CardLink] | None = None,
+    *,
+    status: AccountStatusCode = "A",
+    opened_ms: int | None = None,
+    closed_ms: int | None = None,
+    profile: MemberProfile | None = None,
 ) -> StoredAccount:
     """A consistent account: its totals are its lots' and holds' sums."""
     return StoredAccount(
@@ -202,8 +277,37 @@ def account_of(
         held_points=sum(hold.points for hold in holds.values()),
         lots=dict(lots),
         holds=dict(holds),
-        cards=sorted(cards),
+        cards=dict(sorted((cards or {}).items())),
+        status=status,
+        opened_ms=opened_ms,
+        closed_ms=closed_ms,
+        profile=profile or MemberProfile(),
     )
+
+
+def _status_fields(account: StoredAccount) -> dict[bytes, bytes]:
+    fields: dict[bytes, bytes] = {}
+    if account.status != "A":
+        fields[STATUS_FIELD] = account.status.encode()
+    if account.opened_ms is not None:
+        fields[OPENED_FIELD] = b"%d" % account.opened_ms
+    if account.closed_ms is not None:
+        fields[CLOSED_FIELD] = b"%d" % account.closed_ms
+    return fields
+
+
+def profile_fields(profile: MemberProfile) -> dict[bytes, bytes]:
+    """The account hash's fields of a profile."""
+    fields: dict[bytes, bytes] = {}
+    if profile.bd is not None:
+        fields[b"bd"] = profile.bd.encode()
+    if profile.jt is not None:
+        fields[b"jt"] = b"%d" % profile.jt
+    if profile.hc is not None:
+        fields[b"hc"] = profile.hc.encode()
+    for key, value in (profile.attrs or {}).items():
+        fields[ATTRIBUTE_FIELD_PREFIX + key.encode()] = value.encode()
+    return fields
 
 
 def decode_account(
@@ -214,9 +318,28 @@ def decode_account(
     """An HGETALL reply of the account hash (bytes, as the clients here never decode responses)
     and ZRANGE ... WITHSCORES replies of its lots and open holds."""
     account = StoredAccount()
+    profile: dict[str, Any] = {}
+    attrs: dict[str, str] = {}
+    cards: dict[str, CardLink] = {}
     for field, value in stored.items():
         try:
-            if field == SEQ_FIELD:
+            if field.startswith(CARD_FIELD_PREFIX):
+                cards[field[len(CARD_FIELD_PREFIX) :].decode()] = decode_card_link(value)
+            elif field.startswith(ATTRIBUTE_FIELD_PREFIX):
+                attrs[field[len(ATTRIBUTE_FIELD_PREFIX) :].decode()] = value.decode()
+            elif field == STATUS_FIELD:
+                if value != b"C":
+                    raise ValueError("unknown status")
+                account.status = "C"
+            elif field == OPENED_FIELD:
+                account.opened_ms = int(value)
+            elif field == CLOSED_FIELD:
+                account.closed_ms = int(value)
+            elif field in (b"bd", b"hc"):
+                profile[field.decode()] = value.decode()
+            elif field == b"jt":
+                profile["jt"] = int(value)
+            elif field == SEQ_FIELD:
                 account.seq = int(value)
             elif field == X0_FIELD:
                 account.x0 = int(value)
@@ -224,13 +347,12 @@ def decode_account(
                 account.lot_points = int(value)
             elif field == HELD_POINTS_FIELD:
                 account.held_points = int(value)
-            elif field.startswith(CARD_FIELD_PREFIX) and value == CARD_FIELD_VALUE:
-                account.cards.append(field[len(CARD_FIELD_PREFIX) :].decode())
             else:
                 raise ValueError("unknown field")
         except ValueError as exc:
             raise msgspec.DecodeError(f"account hash field {field!r} = {value!r}: {exc!r}") from None
-    account.cards.sort()
+    account.cards = dict(sorted(cards.items()))
+    account.profile = MemberProfile(**profile, attrs=dict(sorted(attrs.items())) or None)
     for member, score in lots:
         lot = decode_lot(member, score)
         account.lots[lot.lot_id] = lot
@@ -309,7 +431,11 @@ class Event(msgspec.Struct, frozen=True, omit_defaults=True):
 
     Every event: `pts`, `lots` (its effects on lots' unheld points) and `available`/`held` (the
     balance right after it). By type:
-    - ACCOUNT_OPENED: `card`, `rid`;
+    - ACCOUNT_OPENED: `card`, `kind` (the card's), `profile`, `rid`;
+    - CARD_LINKED: `card`, `kind`, `rid`; CARD_UNLINKED, CARD_BLOCKED, CARD_UNBLOCKED: `card`,
+      `rid`; CARD_REISSUED: `card` (now replaced), `new_card`, `kind` (the new card's), `rid`;
+    - PROFILE_UPDATED: `profile` (the whole profile after the update), `rid`;
+    - ACCOUNT_CLOSED: `lots` taking every lot's points (forfeited: breakage), `rid`;
     - EARN, GRANT: `amount`, `ptime` (purchase time), `pos`, `rid`;
     - HOLD_AUTHORIZED: `hold_exp`, `alloc`, `pos`, `rid`;
     - HOLD_CAPTURED: `ref` (the hold), `released` (points given back), `alloc` (the part of the
@@ -343,6 +469,9 @@ class Event(msgspec.Struct, frozen=True, omit_defaults=True):
     spent: list[LotEntry] | None = None
     refunded: int | None = None
     returned: list[AllocReturn] | None = None
+    kind: CardKindCode | None = None
+    new_card: str | None = None
+    profile: MemberProfile | None = None
 
     @property
     def event_id(self) -> str:
@@ -410,6 +539,12 @@ class OpResult(msgspec.Struct, frozen=True):
     released: int = 0
     exp: int = 0
     lots: list[LotEntry] = []
+    card: str = ""
+    """A card's field value after the call (CardLink): card_state, reissue (the old card)."""
+    new_card: str = ""
+    """reissue: the new card's field value."""
+    fields: dict[str, str] = {}
+    """account: the account hash."""
 
 
 _decode_result = msgspec.msgpack.Decoder(OpResult).decode

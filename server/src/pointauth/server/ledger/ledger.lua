@@ -5,8 +5,9 @@
 -- Redis during a rolling deploy without either replacing what the other calls.
 --
 -- KEYS (all in the account's hash slot; codec.py defines each format):
---   1 account hash   fields: seq, x0, lp (points in the lots), hp (points on hold), and
---                    c:<card number> for each card of the account
+--   1 account hash   fields: seq, x0, lp (points in the lots), hp (points on hold), st (status,
+--                    absent while active), ot/ct (opened, closed ms), c:<card number> for each
+--                    card of the account, and the member's profile (bd, jt, hc, a:<attribute>)
 --   2 transactions   hash: <seq> = msgpack record (for holds, refunds and receipts)
 --   3 lots           sorted set, a member "<id key>:<points>:<issuer>" per lot, scored
 --                    expiry * 2 + (0 limited-time, 1 regular): ascending is the spending order
@@ -15,9 +16,10 @@
 --   6 events         the shard's stream, read by the write-behind worker
 --   7 idempotency    string "<fingerprint><msgpack result>" (mutations only)
 -- ARGV: op, now_ms, account_id, fingerprint, idempotency_ttl_s, tx_retention_ms, msgpack args
---   A call made for a card (earn, authorize, redeem, balance) names it in args.via: the server
---   found the account from a cache or the card index, either of which may be stale once cards
---   move, so the call checks that the card is still this account's before anything else.
+--   A call made for a card (earn, authorize, redeem, balance, account) names it in args.via: the
+--   server found the account from a cache or the card index, either of which may be stale once
+--   cards move, so the call checks that the card is still this account's before anything else,
+--   and that it is not blocked (args.any_state: any state will do, for GetAccount).
 --
 -- Shape of every call: replay check, load, expire what time has expired (in memory), validate,
 -- and only then write. A refusal writes nothing but its idempotency record, so a retry gets
@@ -67,7 +69,8 @@ end
 -- writing nothing at all (no idempotency record, no event), so that the server can look the
 -- card up again and make the same call on the account that has it. After the replay check, so
 -- that a retry of an earlier success answers as before; one field read, before the load.
-if ARGS.via and redis.call('HEXISTS', K_ACCOUNT, 'c:' .. ARGS.via) == 0 then
+local VIA_CARD = ARGS.via and redis.call('HGET', K_ACCOUNT, 'c:' .. ARGS.via)
+if ARGS.via and not VIA_CARD then
   return cmsgpack.pack({code = 'NOT_FOUND', reason = 'CARD_NOT_FOUND', message = 'account ' .. ACCOUNT
     .. ' has no card ' .. ARGS.via})
 end
@@ -75,14 +78,16 @@ end
 -- `lots`: the lots this call has read or made, by id; `buckets`: the same by expiry, kind and
 -- issuer; `scores`: the sorted set scores whose lots have all been read. `lp`/`hp`: the stored
 -- totals as this call changes them; `expired`: the part of `lp` in lots past their expiry.
+-- `fields`: account hash fields to set at commit ('' removes one).
 local A = {seq = 0, x0 = 1, lp = 0, hp = 0, expired = 0, lots = {}, buckets = {}, scores = {},
   dirty_lots = {}, events = {}, tx = {}, dirty_tx = {}, open_add = {}, open_rem = {}, hold_add = {}, hold_rem = {},
-  exists = false}
+  fields = {}, exists = false}
 
--- The account hash: codec.py, AccountFields (written in commit()).
+-- The account hash: codec.py, StoredAccount (written in commit()).
 local function load()
-  local raw = redis.call('HMGET', K_ACCOUNT, 'seq', 'x0', 'lp', 'hp')
+  local raw = redis.call('HMGET', K_ACCOUNT, 'seq', 'x0', 'lp', 'hp', 'st')
   A.exists = raw[1] ~= false
+  A.status = raw[5] or 'A'
   -- Every writer of this layout writes lp; an account hash without it is of the layout before
   -- lots had their own set (its points in l: fields this script does not read).
   A.older_layout = A.exists and raw[3] == false
@@ -355,9 +360,14 @@ local function commit()
   local forget = {}
   if next(A.dirty_tx) then prune_transactions(forget) end
   redis.call('HSET', K_ACCOUNT, 'seq', fmt(A.seq), 'x0', fmt(A.x0), 'lp', fmt(A.lp), 'hp', fmt(A.hp))
-  -- The account's first card (codec.py, card_field); linking and unlinking later cards will
-  -- add and remove these fields.
-  if A.card then redis.call('HSET', K_ACCOUNT, 'c:' .. A.card, '1') end
+  -- Cards, status and profile (codec.py, StoredAccount): set, or removed when ''.
+  local set, del = {}, {}
+  for _, f in ipairs(sorted_keys(A.fields)) do
+    local v = A.fields[f]
+    if v == '' then del[#del + 1] = f else set[#set + 1] = f; set[#set + 1] = v end
+  end
+  if #set > 0 then call_batched('HSET', K_ACCOUNT, set) end
+  if #del > 0 then call_batched('HDEL', K_ACCOUNT, del) end
   for _, seq in ipairs(sorted_keys(A.dirty_tx)) do
     redis.call('HSET', K_TX, fmt(seq), cmsgpack.pack(A.tx[seq]))
   end
@@ -450,13 +460,175 @@ end
 
 local OPS = {}
 
+-- Cards: a field c:<card number> per card of the account, "<state><kind>[<link ms>[:<state
+-- ms>[:<replaced by>]]]" (codec.py, CardLink); "1", of accounts opened before cards had states,
+-- is an active physical card.
+local CARD_STATES = {A = 'ACTIVE', B = 'BLOCKED', R = 'REPLACED', ['1'] = 'ACTIVE'}
+
+local function parse_card(v)
+  if v == '1' then return {state = 'A', kind = 'P'} end
+  local link, state_ms, by = string.match(string.sub(v, 3), '^(%d*):?(%d*):?(.*)$')
+  return {state = string.sub(v, 1, 1), kind = string.sub(v, 2, 2), link = tonumber(link),
+    state_ms = tonumber(state_ms), by = by ~= '' and by or nil}
+end
+
+local function card_text(c)
+  local t = c.state .. c.kind .. (c.link and fmt(c.link) or '')
+  if c.state_ms or c.by then t = t .. ':' .. (c.state_ms and fmt(c.state_ms) or '') end
+  if c.by then t = t .. ':' .. c.by end
+  return t
+end
+
+local function card_blocked(card, c)
+  return refuse('FAILED_PRECONDITION', 'CARD_BLOCKED', 'card ' .. card .. ' is ' .. string.lower(CARD_STATES[c.state]),
+    {card_state = CARD_STATES[c.state], replaced_by_card_number = c.by})
+end
+
+-- The card named in ARGS.card, stored on this account, or a refusal.
+local function own_card()
+  local raw = redis.call('HGET', K_ACCOUNT, 'c:' .. ARGS.card)
+  if not raw then
+    return nil, refuse('NOT_FOUND', 'CARD_NOT_FOUND', 'account ' .. ACCOUNT .. ' has no card ' .. ARGS.card)
+  end
+  return parse_card(raw)
+end
+
+local function card_taken(card)
+  return refuse('ALREADY_EXISTS', 'CARD_ALREADY_LINKED', 'card ' .. card .. ' is linked to account ' .. ACCOUNT,
+    {account_id = ACCOUNT})
+end
+
+-- The member's profile: bd (birthday "MMDD"), jt (joined, ms), hc (home company), a:<key>
+-- (attributes). ARGS.prof = {bd, jt, hc} sets those given ('' removes one); ARGS.aset sets
+-- attributes, ARGS.adel removes them, ARGS.aclear removes all the others first.
+local function set_profile()
+  local prof = ARGS.prof or {}
+  for _, f in ipairs({'bd', 'jt', 'hc'}) do
+    if prof[f] ~= nil then A.fields[f] = type(prof[f]) == 'number' and fmt(prof[f]) or prof[f] end
+  end
+  if ARGS.aclear then
+    local raw = redis.call('HGETALL', K_ACCOUNT)
+    for i = 1, #raw, 2 do
+      if string.sub(raw[i], 1, 2) == 'a:' then A.fields[raw[i]] = '' end
+    end
+  end
+  for _, k in ipairs(ARGS.adel or {}) do A.fields['a:' .. k] = '' end
+  for k, v in pairs(ARGS.aset or {}) do A.fields['a:' .. k] = v end
+end
+
+-- The profile as it is after this call's changes, for the event (codec.py, Profile).
+local function profile_now()
+  local raw = redis.call('HGETALL', K_ACCOUNT)
+  local stored = {}
+  for i = 1, #raw, 2 do stored[raw[i]] = raw[i + 1] end
+  for f, v in pairs(A.fields) do stored[f] = v end
+  local p, attrs, any = {}, {}, false
+  for f, v in pairs(stored) do
+    if v ~= '' then
+      if f == 'bd' or f == 'hc' then p[f] = v
+      elseif f == 'jt' then p.jt = tonumber(v)
+      elseif string.sub(f, 1, 2) == 'a:' then attrs[string.sub(f, 3)] = v; any = true end
+    end
+  end
+  if any then p.attrs = attrs end
+  return p
+end
+
 function OPS.create_account()
   if A.exists then
     return refuse('ALREADY_EXISTS', 'ACCOUNT_ALREADY_EXISTS', 'account ' .. ACCOUNT .. ' already exists')
   end
-  emit(event_base('ACCOUNT_OPENED', {card = ARGS.card, pts = 0, lots = {}}))
-  A.card = ARGS.card
+  A.fields['c:' .. ARGS.card] = card_text({state = 'A', kind = ARGS.kind, link = NOW})
+  A.fields.ot = fmt(NOW)
+  set_profile()
+  if not A.fields.jt then A.fields.jt = fmt(NOW) end
+  emit(event_base('ACCOUNT_OPENED', {card = ARGS.card, kind = ARGS.kind, pts = 0, lots = {},
+    profile = profile_now()}))
   return finish({})
+end
+
+-- The card index (another slot) was claimed for this account before this call; the server
+-- gives the claim back if this refuses.
+function OPS.link_card()
+  if redis.call('HEXISTS', K_ACCOUNT, 'c:' .. ARGS.card) == 1 then return card_taken(ARGS.card) end
+  local text = card_text({state = 'A', kind = ARGS.kind, link = NOW})
+  A.fields['c:' .. ARGS.card] = text
+  emit(event_base('CARD_LINKED', {card = ARGS.card, kind = ARGS.kind, pts = 0, lots = {}}))
+  return finish({card = text})
+end
+
+-- The server releases the card index's entry after this succeeds.
+function OPS.unlink_card()
+  local _, refusal = own_card()
+  if refusal then return refusal end
+  A.fields['c:' .. ARGS.card] = ''
+  emit(event_base('CARD_UNLINKED', {card = ARGS.card, pts = 0, lots = {}}))
+  return finish({})
+end
+
+-- ARGS.state: 'B' blocks, 'A' unblocks. A card already in that state changes nothing.
+function OPS.card_state()
+  local c, refusal = own_card()
+  if not c then return refusal end
+  if c.state == 'R' and ARGS.state == 'A' then return card_blocked(ARGS.card, c) end
+  if c.state == ARGS.state or (c.state == 'R' and ARGS.state == 'B') then
+    return finish({card = card_text(c)})
+  end
+  c.state, c.state_ms = ARGS.state, NOW
+  A.fields['c:' .. ARGS.card] = card_text(c)
+  emit(event_base(ARGS.state == 'B' and 'CARD_BLOCKED' or 'CARD_UNBLOCKED', {card = ARGS.card, pts = 0, lots = {}}))
+  return finish({card = card_text(c)})
+end
+
+-- The old card becomes REPLACED, naming the new one, which is linked active (its index entry
+-- was claimed before this call, as for link_card).
+function OPS.reissue()
+  local c, refusal = own_card()
+  if not c then return refusal end
+  if c.state == 'R' then return card_blocked(ARGS.card, c) end
+  if redis.call('HEXISTS', K_ACCOUNT, 'c:' .. ARGS.new) == 1 then return card_taken(ARGS.new) end
+  c.state, c.state_ms, c.by = 'R', NOW, ARGS.new
+  local new = {state = 'A', kind = ARGS.kind, link = NOW}
+  A.fields['c:' .. ARGS.card] = card_text(c)
+  A.fields['c:' .. ARGS.new] = card_text(new)
+  emit(event_base('CARD_REISSUED', {card = ARGS.card, new_card = ARGS.new, kind = ARGS.kind, pts = 0, lots = {}}))
+  return finish({card = card_text(c), new_card = card_text(new)})
+end
+
+function OPS.update_profile()
+  set_profile()
+  emit(event_base('PROFILE_UPDATED', {pts = 0, lots = {}, profile = profile_now()}))
+  return finish({})
+end
+
+-- Closing forfeits every lot's points (breakage of their issuers); refused while holds are open.
+function OPS.close()
+  if held() > 0 then
+    return refuse('FAILED_PRECONDITION', 'ACCOUNT_HAS_OPEN_HOLDS', 'account ' .. ACCOUNT .. ' has '
+      .. fmt(held()) .. ' points on hold: capture or void them first', {held_points = fmt(held())})
+  end
+  local raw = redis.call('ZRANGEBYSCORE', K_LOTS, '(' .. fmt(lot_score(NOW, 'R')), '+inf', 'WITHSCORES')
+  local gone, total = {}, 0
+  for i = 1, #raw, 2 do
+    local l = read_lot(raw[i], raw[i + 1])
+    if l.pts > 0 then
+      gone[#gone + 1] = {l.id, -l.pts, l.exp, l.kind, l.iss}
+      total = total + l.pts
+      add_pts(l, -l.pts)
+    end
+  end
+  A.fields.st, A.fields.ct = 'C', fmt(NOW)
+  emit(event_base('ACCOUNT_CLOSED', {pts = total, lots = gone}))
+  return finish({pts = total, lots = gone})
+end
+
+-- GetAccount: the balance and the account hash (profile, cards, status) as one read.
+function OPS.account()
+  if #A.events > 0 then commit() end
+  local raw = redis.call('HGETALL', K_ACCOUNT)
+  local fields = {}
+  for i = 1, #raw, 2 do fields[raw[i]] = raw[i + 1] end
+  return cmsgpack.pack({code = 'OK', available = available(), held = held(), fields = fields})
 end
 
 -- EARN and GRANT: points into the lot of their expiry, kind and issuer; a new lot, whose id is
@@ -629,6 +801,16 @@ if A.older_layout then
 end
 if not A.exists and OP ~= 'create_account' then
   return cmsgpack.pack({code = 'NOT_FOUND', reason = 'ACCOUNT_NOT_FOUND', message = 'no account ' .. ACCOUNT})
+end
+-- A closed account does no new business: only reads, unlinking its cards and the sweeper's
+-- balance (no card) go on.
+local AFTER_CLOSE = {account = true, unlink_card = true, capture = true, void = true}
+if A.status == 'C' and not AFTER_CLOSE[OP] and not (OP == 'balance' and not ARGS.via) then
+  return refuse('FAILED_PRECONDITION', 'ACCOUNT_CLOSED', 'account ' .. ACCOUNT .. ' is closed')
+end
+if VIA_CARD and not ARGS.any_state then
+  local c = parse_card(VIA_CARD)
+  if c.state ~= 'A' then return card_blocked(ARGS.via, c) end
 end
 expire()
 return OPS[OP]()

@@ -74,7 +74,7 @@ def redis_chunk(start: int, count: int, anchor_ms: int, keyspace: Keyspace) -> b
     card_prefix = f"{keyspace.prefix}:card:".encode()
     seq_field, lot_points_field = _bulk(codec.SEQ_FIELD), _bulk(codec.LOT_POINTS_FIELD)
     held_points = _bulk(codec.HELD_POINTS_FIELD) + _bulk(b"0")
-    card_on_account = _bulk(codec.CARD_FIELD_VALUE)
+    card_on_account = _bulk(codec.encode_card_link(codec.CardLink()))
     crc = zlib.crc32
     out: list[bytes] = []
     for n in range(start, start + count):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pointauth.server.ledger import Ledger, LotKindCode, OpResult, PointOfSaleRef
+from pointauth.server.ledger import CardKindCode, Ledger, LotKindCode, OpResult, PointOfSaleRef, ProfileChange
 from pointauth.server.services.points import Outcome, PointsService
 
 
@@ -11,8 +11,19 @@ class AccountsService:
         self.ledger = ledger
         self.points = points
 
-    async def open(self, account_id: str, card_number: str, *, request_id: str, fingerprint: str) -> OpResult:
-        return await self.ledger.create_account(account_id, card_number, request_id, fingerprint)
+    async def open(
+        self,
+        account_id: str,
+        card_number: str,
+        *,
+        request_id: str,
+        fingerprint: str,
+        kind: CardKindCode = "P",
+        profile: ProfileChange | None = None,
+    ) -> OpResult:
+        return await self.ledger.create_account(
+            account_id, card_number, request_id, fingerprint, kind=kind, profile=profile
+        )
 
     async def grant(
         self,
