@@ -43,8 +43,9 @@ from loadtest.lag import LagSampler, wait_until_drained
 from loadtest.population import CARD_FORMAT, Population
 from loadtest.procs import ClientPool, CpuMeter, Service, named
 from pointauth.server.devstack.stack import EmbeddedStack, free_port
-from pointauth.server.ledger import Keyspace
+from pointauth.server.ledger import Keyspace, codec
 from pointauth.server.ops.progress import ProgressBar
+from pointauth.server.ops.seed_group import SeedGroup, load_group
 from pointauth.v1 import points_service_pb2 as pb
 
 LABELS = {
@@ -229,6 +230,8 @@ def seed(redis_url: str, postgres_dsn: str, keyspace: Keyspace, accounts: int) -
     from pointauth.server.ops import seed as seeding
 
     asyncio.run(migrate(postgres_dsn))
+    # The group directory first: the points of sale the load uses (driver.POS) are its.
+    asyncio.run(load_group(redis_url, postgres_dsn, keyspace, SeedGroup()))
     client = redis.Redis.from_url(redis_url)
     todo = list(seeding.chunks(accounts, seeding.redis_seeded(client)))
     new = sum(count for _, count in todo)
@@ -272,6 +275,8 @@ def check_population(client: redis.Redis, keyspace: Keyspace, population: Popula
     last = population.card(population.accounts - 1)
     if not client.hexists(keyspace.card_bucket(last), last):
         raise SystemExit(f"card {last} is not in Redis: seed {population.accounts} accounts first")
+    if not client.hexists(keyspace.directory().terminals, codec.terminal_field(POS.store_id, POS.terminal_id)):
+        raise SystemExit(f"the group directory lacks the load's point of sale {POS.store_id}/{POS.terminal_id}: seed")
 
 
 def worker_command(args: argparse.Namespace) -> list[str] | None:

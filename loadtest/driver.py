@@ -20,6 +20,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from hdrh.histogram import HdrHistogram
 
 from loadtest.population import Population
+from pointauth.server.ops.seed_group import SeedGroup
 from pointauth.v1 import common_pb2, points_service_pb2_grpc
 from pointauth.v1 import points_service_pb2 as pb
 
@@ -28,8 +29,11 @@ ECHO_METHOD = "/pointauth.bench.v1.EchoService/Echo"
 # Microseconds, 1 µs to 60 s at 3 significant figures: sub-millisecond resolution, as the
 # conventions ask, at about 40 KiB per histogram.
 LOWEST_US, HIGHEST_US, FIGURES = 1, 60_000_000, 3
+# A point of sale `pointauth seed` registered (its group's first, whatever its size): servers
+# refuse those the group directory lacks.
+_COMPANY, _STORE, _TERMINAL = SeedGroup().point_of_sale(0)
 POS = common_pb2.PointOfSale(
-    company_id="bench-retail", store_id="store-001", terminal_id="till-01", channel=common_pb2.CHANNEL_STORE
+    company_id=_COMPANY, store_id=_STORE, terminal_id=_TERMINAL, channel=common_pb2.CHANNEL_STORE
 )
 
 

@@ -29,6 +29,7 @@ from locust import User, between, events, task
 from locust.env import Environment
 
 from pointauth.client import error_from_rpc
+from pointauth.server.ops.seed_group import SeedGroup
 from pointauth.v1 import common_pb2, points_service_pb2_grpc
 from pointauth.v1 import points_service_pb2 as pb
 
@@ -53,6 +54,12 @@ def _arguments(parser: Any) -> None:
     parser.add_argument(
         "--hot-traffic", type=float, env_var="POINTAUTH_HOT_TRAFFIC", default=0.8, help="share of visits they make"
     )
+    # The seeded group directory's size (`pointauth seed --companies --stores --terminals`): the
+    # tills are its points of sale, which the server checks.
+    defaults = SeedGroup()
+    parser.add_argument("--companies", type=int, env_var="POINTAUTH_COMPANIES", default=defaults.companies)
+    parser.add_argument("--stores", type=int, env_var="POINTAUTH_STORES", default=defaults.stores)
+    parser.add_argument("--terminals", type=int, env_var="POINTAUTH_TERMINALS", default=defaults.terminals)
 
 
 _listen: Callable[[Callable[[Any], None]], object] = events.init_command_line_parser.add_listener
@@ -161,11 +168,15 @@ class Till(PointauthUser):
     wait_time = between(0.5, 2.0)
 
     def on_start(self) -> None:
+        options = self.environment.parsed_options
+        group = SeedGroup(
+            getattr(options, "companies", SeedGroup.companies),
+            getattr(options, "stores", SeedGroup.stores),
+            getattr(options, "terminals", SeedGroup.terminals),
+        )
+        company, store, terminal = group.point_of_sale(self.rng.randrange(group.points_of_sale))
         self.pos = common_pb2.PointOfSale(
-            company_id="load-retail",
-            store_id=f"store-{self.rng.randrange(500):03d}",
-            terminal_id=f"till-{self.rng.randrange(8)}",
-            channel=common_pb2.CHANNEL_STORE,
+            company_id=company, store_id=store, terminal_id=terminal, channel=common_pb2.CHANNEL_STORE
         )
         # Transactions of this till that a refund may reverse (captures and earns).
         self.recent: list[str] = []

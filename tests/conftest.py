@@ -20,9 +20,11 @@ from pointauth.server.app import PointauthServer
 from pointauth.server.clock import ManualClock
 from pointauth.server.config import LedgerSettings, PostgresSettings, RedisSettings, ServerSettings, Settings
 from pointauth.server.devstack.stack import EmbeddedStack
+from pointauth.server.domain.group import Company, Entry, Refusal, Store, Terminal
 from pointauth.server.journal import migrate
 from pointauth.server.journal.pg import connection
 from pointauth.server.ledger import Keyspace, Ledger
+from pointauth.server.ledger.directory import DirectoryStore
 
 # A fixed, recent instant: tests move the clock instead of sleeping.
 START_MS = 1_795_000_000_000
@@ -78,8 +80,37 @@ def settings(stack: EmbeddedStack, ledger_settings: LedgerSettings) -> Settings:
     )
 
 
+# The group directory of the tests' points of sale (STORE, and the partner's kiosk of
+# tests/api/test_points_api.py): servers refuse points of sale it lacks.
+GROUP: tuple[Entry, ...] = (
+    Company("acme", "Acme Retail"),
+    Company("partner", "Partner Foods"),
+    Store("store-1", "acme", "kanto", "Acme Shinjuku"),
+    Store("store-9", "partner", "kansai", "Partner Umeda"),
+    Terminal("store-1", "till-1", "Till 1"),
+    Terminal("store-9", "kiosk-1", "Kiosk 1"),
+)
+
+
+async def register(redis: Redis, keyspace: Keyspace, clock: ManualClock, entries: tuple[Entry, ...]) -> None:
+    """Registers entries as GroupService does (a server started later loads them)."""
+    store = DirectoryStore(redis, keyspace, clock)
+    for entry in entries:
+        registered = await store.register(entry)
+        assert not isinstance(registered, Refusal), registered
+
+
 @pytest.fixture
-async def server(settings: Settings, clock: ManualClock, redis: Redis) -> AsyncIterator[PointauthServer]:
+async def group(redis: Redis, keyspace: Keyspace, clock: ManualClock) -> tuple[Entry, ...]:
+    """GROUP, registered before any server starts."""
+    await register(redis, keyspace, clock, GROUP)
+    return GROUP
+
+
+@pytest.fixture
+async def server(
+    settings: Settings, clock: ManualClock, redis: Redis, group: tuple[Entry, ...]
+) -> AsyncIterator[PointauthServer]:
     # No background sweeper: tests resolve expiry explicitly, so nothing races the assertions.
     async with PointauthServer(settings, clock, sweeper=False) as running:
         yield running

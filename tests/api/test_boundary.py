@@ -68,7 +68,7 @@ async def test_300_one_point_redeems_in_flight_all_succeed(
 
 @pytest.fixture
 async def tuned(
-    request: pytest.FixtureRequest, settings: Settings, clock: ManualClock, redis: Redis
+    request: pytest.FixtureRequest, settings: Settings, clock: ManualClock, redis: Redis, group: object
 ) -> AsyncIterator[PointsClient]:
     """A server with the settings the test names (section -> field -> value), and a client."""
     changes: dict[str, dict[str, Any]] = request.param

@@ -25,7 +25,7 @@ TILLS = 4
 
 def earns_while_linked(events: list[codec.Event], card: str) -> tuple[set[int], set[int]]:
     """(seqs of the account's EARN events made while it had the card, those made while not)."""
-    linked, inside, outside = False, set(), set()
+    linked, inside, outside = False, set[int](), set[int]()
     for event in events:
         if event.type in ("ACCOUNT_OPENED", "CARD_LINKED") and event.card == card:
             linked = True

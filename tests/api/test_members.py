@@ -26,10 +26,10 @@ APP_ID = "APP-0000000001"
 SPARE = "4000000000000002"
 
 
-async def redis_snapshot(redis: Redis) -> dict[bytes, object]:
+async def redis_snapshot(redis: Redis) -> dict[bytes | str, object]:
     """Every key with its value, but the idempotency records and the shard streams (a refusal
     writes its record, and a note for the write-behind to keep it)."""
-    out: dict[bytes, object] = {}
+    out: dict[bytes | str, object] = {}
     for key in sorted(await redis.keys("*")):
         if b":r:" in key:
             continue
@@ -94,10 +94,11 @@ async def test_a_profile_without_join_time_joined_when_opened(client: PointsClie
 async def test_a_bad_profile_is_invalid_and_opens_nothing(
     client: PointsClient, redis: Redis, profile: mpb.MemberProfile, field: str
 ) -> None:
+    before = await redis_snapshot(redis)
     error = await refused(client.create_account("member-3", SPARE, profile=profile))
     assert isinstance(error, InvalidArgumentError)
     assert (error.reason, list(error.field_violations)) == ("INVALID_ARGUMENT", [field])
-    assert await redis.keys("*") == []
+    assert await redis_snapshot(redis) == before
 
 
 async def test_update_profile_changes_exactly_the_fields_the_mask_names(client: PointsClient, member: str) -> None:
@@ -315,3 +316,18 @@ async def test_every_card_change_is_an_event(
     ]
     [*_, profile] = await stream_events(redis, keyspace, "member-1")
     assert profile.profile == codec.MemberProfile(jt=START_MS, hc="acme")
+
+
+async def test_a_home_company_must_be_in_the_group_directory(client: PointsClient, member: str, redis: Redis) -> None:
+    before = await redis_snapshot(redis)
+    for call in (
+        client.update_profile("member-1", mpb.MemberProfile(home_company_id="nowhere"), ["home_company_id"]),
+        client.create_account("member-2", SPARE, profile=mpb.MemberProfile(home_company_id="nowhere")),
+    ):
+        error = await refused(call)
+        assert (error.code, error.reason, error.metadata) == (
+            grpc.StatusCode.NOT_FOUND,
+            "COMPANY_NOT_FOUND",
+            {"field": "profile.home_company_id"},
+        )
+    assert await redis_snapshot(redis) == before

@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, TypedDict
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -19,7 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from pointauth.server.clock import ManualClock
 from pointauth.server.journal import WorkerConfig, WriteBehindWorker
 from pointauth.server.journal.pg import connection
-from pointauth.server.ledger import Keyspace, Ledger, LedgerRefusal, OpResult, PointOfSaleRef, codec
+from pointauth.server.ledger import Keyspace, Ledger, LedgerRefusal, OpResult, PointOfSaleRef, ProfileChange, codec
 
 DAY_MS = 86_400_000
 TILL = PointOfSaleRef("acme", "store-7", "till-3", 1)
@@ -182,6 +182,124 @@ async def every_kind(ledger: Ledger, clock: ManualClock, account: str) -> dict[s
     answers["expire-lot"] = await ledger.balance(account)  # 14: LOTS_EXPIRED, lot 3's 10
     await call("hold-held", ledger.authorize, account, points=5, **hold)  # 15: lot 2 5, left open
     return answers
+
+
+MEMBERS = ["alice", "bob", "carol"]
+
+
+class RequestIds(TypedDict):
+    request_id: str
+    fingerprint: str
+
+
+def request_ids(name: str) -> RequestIds:
+    """A request's id, and a fingerprint of its own, as the ledger's mutations take them."""
+    return {"request_id": name, "fingerprint": fingerprint(name)}
+
+
+async def members_and_cards(ledger: Ledger, clock: ManualClock) -> None:
+    """Every member and card event, a second apart from the clock's time t0 (see the comments):
+    alice's cards linked, blocked, unblocked, reissued, one unlinked (and then linked to carol),
+    her profile changed; bob's account closed with points in two lots, its card unlinked after."""
+    t0 = clock.now_ms()
+
+    rid = request_ids
+
+    def at(seconds: int) -> None:
+        clock.set(t0 + seconds * 1000)
+
+    profile = ProfileChange(bd="0415", hc="acme", set_attrs={"tier": "gold", "lang": "en"})
+    await ledger.create_account("alice", "CARD-A1", "open-alice", fingerprint("open-alice"), profile=profile)  # 1
+    at(1)
+    await ledger.earn("alice", points=300, expire_ms=t0 + 30 * DAY_MS, kind="R", pos=TILL, **rid("earn-alice"))  # 2
+    at(2)
+    await ledger.link_card("alice", "APP-A2", "A", **rid("link-a2"))  # 3
+    at(3)
+    await ledger.set_card_state("CARD-A1", "B", **rid("block-a1"))  # 4
+    at(4)
+    await ledger.set_card_state("CARD-A1", "A", **rid("unblock-a1"))  # 5
+    at(5)
+    await ledger.reissue_card("CARD-A1", "CARD-A3", "P", **rid("reissue-a1"))  # 6
+    at(6)
+    await ledger.link_card("alice", "CARD-X", "P", **rid("link-x-alice"))  # 7
+    at(7)
+    await ledger.unlink_card("alice", "CARD-X", **rid("unlink-x-alice"))  # 8
+    at(8)
+    change = ProfileChange(bd="0416", hc="", set_attrs={"vip": "y"}, drop_attrs=("lang",))
+    await ledger.update_profile("alice", change, **rid("profile-alice"))  # 9
+    at(9)
+    await ledger.set_card_state("APP-A2", "B", **rid("block-a2"))  # 10
+
+    at(10)
+    joined = ProfileChange(jt=t0 - 365 * DAY_MS)
+    await ledger.create_account("bob", "CARD-B1", "open-bob", fingerprint("open-bob"), kind="A", profile=joined)  # 1
+    at(11)
+    await ledger.earn("bob", points=200, expire_ms=t0 + 30 * DAY_MS, kind="R", pos=TILL, **rid("earn-bob"))  # 2: lot 2
+    await ledger.earn(
+        "bob", points=50, expire_ms=t0 + 10 * DAY_MS, kind="L", pos=TILL, grant=True, **rid("grant-bob")
+    )  # 3: lot 3
+    at(12)
+    await ledger.redeem("bob", points=20, pos=TILL, **rid("redeem-bob"))  # 4: lot 3, expiring first
+    at(13)
+    await ledger.close("bob", **rid("close-bob"))  # 5: forfeits lot 3's 30 and lot 2's 200
+    at(14)
+    await ledger.unlink_card("bob", "CARD-B1", **rid("unlink-b1"))  # 6
+
+    at(15)
+    await ledger.create_account("carol", "CARD-C1", "open-carol", fingerprint("open-carol"))  # 1
+    at(16)
+    await ledger.link_card("carol", "CARD-X", "P", **rid("link-x-carol"))  # 2
+
+
+MERGED = ["S", "T"]
+KIOSK = PointOfSaleRef("partner", "store-9", "kiosk-1", 4)
+"""A point of sale of another company: its lots have issuer "partner"."""
+
+
+async def merged_pair(ledger: Ledger, clock: ManualClock) -> None:
+    """Account S merged into T (merge "merge-1"), a second apart from the clock's time t0 (see the
+    comments): S with three lots in three buckets, two cards (one blocked) and a redemption
+    partly refunded before the merge; after it, the rest of that redemption refunded on T (but
+    10 points), and S's card blocked on T."""
+    t0 = clock.now_ms()
+    rid = request_ids
+
+    def at(seconds: int) -> None:
+        clock.set(t0 + seconds * 1000)
+
+    await ledger.create_account("S", "S-CARD1", "open-s", fingerprint("open-s"))  # S 1
+    at(1)
+    await ledger.earn("S", points=300, expire_ms=t0 + 30 * DAY_MS, kind="R", pos=TILL, **rid("earn-s"))  # 2: lot 2
+    at(2)
+    limited = t0 + 10 * DAY_MS
+    await ledger.earn("S", points=100, expire_ms=limited, kind="L", pos=TILL, grant=True, **rid("grant-s"))  # 3: lot 3
+    at(3)
+    await ledger.link_card("S", "APP-S2", "A", **rid("link-s2"))  # 4
+    at(4)
+    await ledger.set_card_state("APP-S2", "B", **rid("block-s2"))  # 5
+    at(5)
+    await ledger.redeem("S", points=130, pos=TILL, **rid("redeem-s"))  # 6: lot 3's 100, then lot 2's 30
+    at(6)
+    await ledger.refund("S", 6, points=10, pos=None, **rid("refund-s"))  # 7: 10 back to lot 2 (280)
+    at(7)
+    await ledger.earn("S", points=40, expire_ms=limited, kind="L", pos=KIOSK, grant=True, **rid("grant-s8"))  # 8: lot 8
+    at(8)
+    later = t0 + 60 * DAY_MS
+    await ledger.earn("S", points=25, expire_ms=later, kind="R", pos=KIOSK, grant=True, **rid("grant-s9"))  # 9: lot 9
+    at(9)
+    await ledger.create_account("T", "T-CARD1", "open-t", fingerprint("open-t"))  # T 1
+    at(10)
+    await ledger.earn("T", points=50, expire_ms=t0 + 30 * DAY_MS, kind="R", pos=TILL, **rid("earn-t"))  # T 2: lot 2
+    at(11)
+    # S 10 MERGED_OUT; T 3 MERGED_IN: S's lot 8 becomes T's lot 3 (the event's seq), lot 2 joins
+    # T's lot 2 (330), lot 9 becomes T's lot 3 + 2^40.
+    await ledger.merge("S", "T", actor="desk-7", why="same member, two cards", **rid("merge-1"))
+    at(12)
+    # T 4: 110 of S's redemption (of 120 left): 20 back to T's lot 2 (350), 90 to a new lot 4 (the
+    # bucket of S's lot 3, which T does not have).
+    await ledger.refund_following("S", 6, points=110, pos=None, **rid("refund-after-merge"))
+    at(13)
+    await ledger.set_card_state("S-CARD1", "B", **rid("block-s1"))  # T 5
 
 
 async def redis_seqs(redis: Redis, keyspace: Keyspace, accounts: list[str]) -> dict[str, int]:

@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 from pointauth.server.clock import ManualClock
 from pointauth.server.devstack.stack import EmbeddedStack
 from pointauth.server.journal import migrate, worker_status
+from pointauth.server.journal.migrate import available_migrations
 from pointauth.server.journal.pg import connection
 from pointauth.server.ledger import Keyspace, Ledger
 from pointauth.server.ops import reconcile
@@ -38,7 +39,8 @@ async def test_migrate_is_versioned_and_creates_partitions_ahead(dsn: str) -> No
             "SELECT count(*) FROM pg_inherits WHERE inhparent = 'journal'::regclass"
             " AND inhrelid::regclass::text LIKE 'journal_%'"
         )
-    assert versions == ["0001_initial"]
+    assert versions == [version for version, _ in available_migrations()]
+    assert versions[:2] == ["0001_initial", "0002_members_cards"]
     assert partitions >= 4  # this month and three ahead
 
 

@@ -90,8 +90,10 @@ async def test_the_library_is_loaded_once_per_version(
     assert await ledger.load() is False
     async with Redis.from_url(stack.redis.url) as other:
         assert await Ledger(other, keyspace, clock, ledger.settings).load() is False
-    # No flags: both functions write, and Redis Cluster would refuse keys spanning slots.
-    assert await libraries(redis) == {LIBRARY.name: {LIBRARY.ledger_function: [], LIBRARY.release_card_function: []}}
+    # No flags: every function writes, and Redis Cluster would refuse keys spanning slots.
+    assert await libraries(redis) == {
+        LIBRARY.name: {LIBRARY.ledger_function: [], LIBRARY.release_card_function: [], LIBRARY.move_card_function: []}
+    }
     assert await calls(redis, "function|load") == 3
 
 

@@ -17,13 +17,16 @@ from redis.asyncio import Redis
 from pointauth.client import Channel, PointOfSale, PointsClient
 from pointauth.server.app import PointauthServer
 from pointauth.server.config import Settings
+from pointauth.server.domain.group import Company, Store
 from pointauth.server.journal.events import EntryId, Event, StreamEntry, decode
 from pointauth.server.ledger import Keyspace
+from pointauth.server.ops.seed_group import SeedGroup
 
 REPO = Path(__file__).resolve().parents[2]
 MEMBERS = 10
 POINTS = 1_000
 USERS = 6
+GROUP = SeedGroup(companies=2, stores=3, terminals=2)
 
 
 async def _all_events(redis: Redis, keyspace: Keyspace) -> list[Event]:
@@ -74,6 +77,17 @@ async def test_headless_run_moves_balances_without_failures(
         PointsClient(f"127.0.0.1:{server.port}") as client,
     ):
         desk = PointOfSale(company_id="acme", store_id="hq", terminal_id="admin", channel=Channel.CHANNEL_STORE)
+        # The desk's point of sale and the tills' (a small seeded group, as the run is told).
+        await client.register_company("acme")
+        await client.register_store("hq", company_id="acme", region_id="kanto")
+        await client.register_terminal("hq", "admin")
+        for entry in GROUP.entries():
+            if isinstance(entry, Company):
+                await client.register_company(entry.company_id)
+            elif isinstance(entry, Store):
+                await client.register_store(entry.store_id, company_id=entry.company_id, region_id=entry.region_id)
+            else:
+                await client.register_terminal(entry.store_id, entry.terminal_id)
         expiry = datetime.now(UTC) + timedelta(days=365)
         for n in range(MEMBERS):
             await client.create_account(f"a{n:08d}", f"9{n:015d}")
@@ -87,6 +101,7 @@ async def test_headless_run_moves_balances_without_failures(
             sys.executable, "-m", "locust", "-f", "loadtest/locustfile.py", "--headless",
             "-u", str(USERS), "-r", str(USERS), "-t", "5s", "--stop-timeout", "10",
             "--host", f"127.0.0.1:{server.port}", "--accounts", str(MEMBERS),
+            "--companies", str(GROUP.companies), "--stores", str(GROUP.stores), "--terminals", str(GROUP.terminals),
             "--csv", str(tmp_path / "run"), "--json-file", str(tmp_path / "final"), "--only-summary",
             cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip

@@ -20,8 +20,12 @@ from pointauth.v1 import (
 from pointauth.v1 import (
     admin_service_pb2_grpc,
     common_pb2,
+    group_service_pb2_grpc,
     members_service_pb2_grpc,
     points_service_pb2_grpc,
+)
+from pointauth.v1 import (
+    group_service_pb2 as group_pb,
 )
 from pointauth.v1 import (
     members_service_pb2 as members_pb,
@@ -51,8 +55,8 @@ def _timestamp(value: datetime) -> Timestamp:
 
 
 class PointsClient:
-    """`async with PointsClient("host:50051") as client:` calls PointsService, AdminService and
-    MembersService.
+    """`async with PointsClient("host:50051") as client:` calls PointsService, AdminService,
+    MembersService and GroupService.
 
     Every mutating method takes an optional `request_id`; pass the same one to retry a call
     whose outcome is unknown: the server applies it once and answers as the first time.
@@ -73,6 +77,7 @@ class PointsClient:
         self._points = points_service_pb2_grpc.PointsServiceStub(self._channel)
         self._admin = admin_service_pb2_grpc.AdminServiceStub(self._channel)
         self._members = members_service_pb2_grpc.MembersServiceStub(self._channel)
+        self._group = group_service_pb2_grpc.GroupServiceStub(self._channel)
         self._state = _State.OPENED
         return self
 
@@ -241,6 +246,25 @@ class PointsClient:
         request = members_pb.UnblockCardRequest(request_id=request_id or new_request_id(), card_number=card_number)
         return await self._call(self._members.UnblockCard, request)
 
+    async def merge_accounts(
+        self,
+        source_account_id: str,
+        target_account_id: str,
+        *,
+        operator_id: str,
+        reason: str,
+        request_id: str | None = None,
+    ) -> members_pb.MergeAccountsResponse:
+        """Merges the source account into the target (see MembersService.MergeAccounts)."""
+        request = members_pb.MergeAccountsRequest(
+            request_id=request_id or new_request_id(),
+            source_account_id=source_account_id,
+            target_account_id=target_account_id,
+            operator_id=operator_id,
+            reason=reason,
+        )
+        return await self._call(self._members.MergeAccounts, request)
+
     async def reissue_card(
         self,
         card_number: str,
@@ -276,3 +300,44 @@ class PointsClient:
             point_of_sale=point_of_sale,
         )
         return await self._call(self._admin.GrantPoints, request)
+
+    # -- the group directory (GroupService): registering is create-or-update, safe to retry -----
+
+    async def register_company(self, company_id: str, *, display_name: str = "") -> group_pb.Company:
+        request = group_pb.RegisterCompanyRequest(
+            company=group_pb.Company(company_id=company_id, display_name=display_name)
+        )
+        return (await self._call(self._group.RegisterCompany, request)).company
+
+    async def register_store(
+        self, store_id: str, *, company_id: str, region_id: str, display_name: str = ""
+    ) -> group_pb.Store:
+        """A store of a registered company; a store never changes company."""
+        request = group_pb.RegisterStoreRequest(
+            store=group_pb.Store(
+                store_id=store_id, company_id=company_id, region_id=region_id, display_name=display_name
+            )
+        )
+        return (await self._call(self._group.RegisterStore, request)).store
+
+    async def register_terminal(self, store_id: str, terminal_id: str, *, display_name: str = "") -> group_pb.Terminal:
+        request = group_pb.RegisterTerminalRequest(
+            terminal=group_pb.Terminal(store_id=store_id, terminal_id=terminal_id, display_name=display_name)
+        )
+        return (await self._call(self._group.RegisterTerminal, request)).terminal
+
+    async def list_companies(self) -> list[group_pb.Company]:
+        response = await self._call(self._group.ListCompanies, group_pb.ListCompaniesRequest())
+        return list(response.companies)
+
+    async def list_stores(
+        self, company_id: str = "", *, page_size: int = 0, page_token: str = ""
+    ) -> group_pb.ListStoresResponse:
+        """One page of stores by id, of one company ("": of all); pass its next_page_token for
+        the next (empty on the last page)."""
+        request = group_pb.ListStoresRequest(company_id=company_id, page_size=page_size, page_token=page_token)
+        return await self._call(self._group.ListStores, request)
+
+    async def list_terminals(self, store_id: str) -> list[group_pb.Terminal]:
+        response = await self._call(self._group.ListTerminals, group_pb.ListTerminalsRequest(store_id=store_id))
+        return list(response.terminals)

@@ -81,6 +81,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """FAILED_PRECONDITION: the account has open holds (metadata: held_points); capture or void
     them first.
     """
+    ACCOUNT_MERGED: _ErrorReason.ValueType  # 41
+    """FAILED_PRECONDITION: the account was merged into another (metadata:
+    merged_into_account_id); calls made with its cards follow it there.
+    """
     SERVER_OVERLOADED: _ErrorReason.ValueType  # 50
     """RESOURCE_EXHAUSTED: the server shed the call under load; retry after RetryInfo's delay
     with the same request_id.
@@ -155,6 +159,10 @@ ACCOUNT_CLOSED: ErrorReason.ValueType  # 39
 ACCOUNT_HAS_OPEN_HOLDS: ErrorReason.ValueType  # 40
 """FAILED_PRECONDITION: the account has open holds (metadata: held_points); capture or void
 them first.
+"""
+ACCOUNT_MERGED: ErrorReason.ValueType  # 41
+"""FAILED_PRECONDITION: the account was merged into another (metadata:
+merged_into_account_id); calls made with its cards follow it there.
 """
 SERVER_OVERLOADED: ErrorReason.ValueType  # 50
 """RESOURCE_EXHAUSTED: the server shed the call under load; retry after RetryInfo's delay

@@ -229,10 +229,15 @@ class Account(_message.Message):
     BALANCE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     CLOSE_TIME_FIELD_NUMBER: _builtins.int
+    MERGED_INTO_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    MERGE_TIME_FIELD_NUMBER: _builtins.int
+    MERGES_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     """The account's id."""
     status: Global___AccountStatus.ValueType
     """Its status."""
+    merged_into_account_id: _builtins.str
+    """For a MERGED account: the account it was merged into."""
     @_builtins.property
     def profile(self) -> Global___MemberProfile:
         """The member's profile."""
@@ -253,6 +258,14 @@ class Account(_message.Message):
     def close_time(self) -> _timestamp_pb2.Timestamp:
         """When it was closed (CLOSED only)."""
 
+    @_builtins.property
+    def merge_time(self) -> _timestamp_pb2.Timestamp:
+        """For a MERGED account: when."""
+
+    @_builtins.property
+    def merges(self) -> _containers.RepeatedCompositeFieldContainer[Global___AccountMerge]:
+        """The accounts merged into this one, oldest first."""
+
     def __init__(
         self,
         *,
@@ -263,14 +276,121 @@ class Account(_message.Message):
         balance: _common_pb2.BalanceSummary | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         close_time: _timestamp_pb2.Timestamp | None = ...,
+        merged_into_account_id: _builtins.str = ...,
+        merge_time: _timestamp_pb2.Timestamp | None = ...,
+        merges: _abc.Iterable[Global___AccountMerge] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "close_time", b"close_time", "create_time", b"create_time", "profile", b"profile"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "close_time", b"close_time", "create_time", b"create_time", "merge_time", b"merge_time", "profile", b"profile"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "balance", b"balance", "cards", b"cards", "close_time", b"close_time", "create_time", b"create_time", "profile", b"profile", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "balance", b"balance", "cards", b"cards", "close_time", b"close_time", "create_time", b"create_time", "merge_time", b"merge_time", "merged_into_account_id", b"merged_into_account_id", "merges", b"merges", "profile", b"profile", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Account: _TypeAlias = Account  # noqa: Y015
+
+@_typing.final
+class AccountMerge(_message.Message):
+    """AccountMerge is one account merged into another."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MERGE_ID_FIELD_NUMBER: _builtins.int
+    SOURCE_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    MERGE_TIME_FIELD_NUMBER: _builtins.int
+    merge_id: _builtins.str
+    """The merge (the MergeAccounts request_id)."""
+    source_account_id: _builtins.str
+    """The account merged in."""
+    @_builtins.property
+    def merge_time(self) -> _timestamp_pb2.Timestamp:
+        """When its points arrived."""
+
+    def __init__(
+        self,
+        *,
+        merge_id: _builtins.str = ...,
+        source_account_id: _builtins.str = ...,
+        merge_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["merge_time", b"merge_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["merge_id", b"merge_id", "merge_time", b"merge_time", "source_account_id", b"source_account_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AccountMerge: _TypeAlias = AccountMerge  # noqa: Y015
+
+@_typing.final
+class MergeAccountsRequest(_message.Message):
+    """MergeAccountsRequest merges one account into another."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    SOURCE_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    TARGET_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    OPERATOR_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen UUID identifying this request for safe retries; it is also the merge's id."""
+    source_account_id: _builtins.str
+    """The account merged (and closed as MERGED)."""
+    target_account_id: _builtins.str
+    """The account that receives its points and cards."""
+    operator_id: _builtins.str
+    """Who asks (an operator's id), for the audit trail."""
+    reason: _builtins.str
+    """Why, for the audit trail: 1 to 500 characters."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        source_account_id: _builtins.str = ...,
+        target_account_id: _builtins.str = ...,
+        operator_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operator_id", b"operator_id", "reason", b"reason", "request_id", b"request_id", "source_account_id", b"source_account_id", "target_account_id", b"target_account_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MergeAccountsRequest: _TypeAlias = MergeAccountsRequest  # noqa: Y015
+
+@_typing.final
+class MergeAccountsResponse(_message.Message):
+    """MergeAccountsResponse is the result of a merge."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MOVED_POINTS_FIELD_NUMBER: _builtins.int
+    MOVED_LOTS_FIELD_NUMBER: _builtins.int
+    MOVED_CARD_NUMBERS_FIELD_NUMBER: _builtins.int
+    moved_points: _builtins.int
+    """Points moved."""
+    @_builtins.property
+    def moved_lots(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Lot]:
+        """The source's lots as they were moved (their ids are the source's)."""
+
+    @_builtins.property
+    def moved_card_numbers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The cards moved."""
+
+    def __init__(
+        self,
+        *,
+        moved_points: _builtins.int = ...,
+        moved_lots: _abc.Iterable[_common_pb2.Lot] | None = ...,
+        moved_card_numbers: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["moved_card_numbers", b"moved_card_numbers", "moved_lots", b"moved_lots", "moved_points", b"moved_points"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MergeAccountsResponse: _TypeAlias = MergeAccountsResponse  # noqa: Y015
 
 @_typing.final
 class GetAccountRequest(_message.Message):

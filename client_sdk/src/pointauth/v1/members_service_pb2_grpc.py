@@ -82,6 +82,11 @@ class MembersServiceStub:
                 request_serializer=pointauth_dot_v1_dot_members__service__pb2.ReissueCardRequest.SerializeToString,
                 response_deserializer=pointauth_dot_v1_dot_members__service__pb2.ReissueCardResponse.FromString,
                 _registered_method=True)
+        self.MergeAccounts = channel.unary_unary(
+                '/pointauth.v1.MembersService/MergeAccounts',
+                request_serializer=pointauth_dot_v1_dot_members__service__pb2.MergeAccountsRequest.SerializeToString,
+                response_deserializer=pointauth_dot_v1_dot_members__service__pb2.MergeAccountsResponse.FromString,
+                _registered_method=True)
 
 
 class MembersServiceServicer:
@@ -155,6 +160,18 @@ class MembersServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MergeAccounts(self, request, context):
+        """MergeAccounts integrates a source account into a target (ポイント口座統合): every lot of the
+        source arrives on the target with its points, expiry, kind and issuer; the source's cards
+        move with their states; its transaction ids keep working for receipts and refunds (a
+        refund lands on the target); the source becomes MERGED and refuses new business with
+        ACCOUNT_MERGED naming the target. A source with open holds is refused
+        (ACCOUNT_HAS_OPEN_HOLDS): capture or void them first. Both must be ACTIVE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MembersServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -197,6 +214,11 @@ def add_MembersServiceServicer_to_server(servicer, server):
                     servicer.ReissueCard,
                     request_deserializer=pointauth_dot_v1_dot_members__service__pb2.ReissueCardRequest.FromString,
                     response_serializer=pointauth_dot_v1_dot_members__service__pb2.ReissueCardResponse.SerializeToString,
+            ),
+            'MergeAccounts': grpc.unary_unary_rpc_method_handler(
+                    servicer.MergeAccounts,
+                    request_deserializer=pointauth_dot_v1_dot_members__service__pb2.MergeAccountsRequest.FromString,
+                    response_serializer=pointauth_dot_v1_dot_members__service__pb2.MergeAccountsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -423,6 +445,33 @@ class MembersService:
             '/pointauth.v1.MembersService/ReissueCard',
             pointauth_dot_v1_dot_members__service__pb2.ReissueCardRequest.SerializeToString,
             pointauth_dot_v1_dot_members__service__pb2.ReissueCardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MergeAccounts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pointauth.v1.MembersService/MergeAccounts',
+            pointauth_dot_v1_dot_members__service__pb2.MergeAccountsRequest.SerializeToString,
+            pointauth_dot_v1_dot_members__service__pb2.MergeAccountsResponse.FromString,
             options,
             channel_credentials,
             insecure,

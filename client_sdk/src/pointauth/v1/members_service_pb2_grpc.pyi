@@ -64,6 +64,14 @@ class MembersServiceStub:
     """ReissueCard replaces a card: the old one becomes REPLACED, the new one is linked to the
     same account and keeps its points.
     """
+    MergeAccounts: _grpc.UnaryUnaryMultiCallable[_members_service_pb2.MergeAccountsRequest, _members_service_pb2.MergeAccountsResponse]
+    """MergeAccounts integrates a source account into a target (ポイント口座統合): every lot of the
+    source arrives on the target with its points, expiry, kind and issuer; the source's cards
+    move with their states; its transaction ids keep working for receipts and refunds (a
+    refund lands on the target); the source becomes MERGED and refuses new business with
+    ACCOUNT_MERGED naming the target. A source with open holds is refused
+    (ACCOUNT_HAS_OPEN_HOLDS): capture or void them first. Both must be ACTIVE.
+    """
 
 @_typing.type_check_only
 class MembersServiceAsyncStub(MembersServiceStub):
@@ -100,6 +108,14 @@ class MembersServiceAsyncStub(MembersServiceStub):
     ReissueCard: _aio.UnaryUnaryMultiCallable[_members_service_pb2.ReissueCardRequest, _members_service_pb2.ReissueCardResponse]  # type: ignore[assignment]
     """ReissueCard replaces a card: the old one becomes REPLACED, the new one is linked to the
     same account and keeps its points.
+    """
+    MergeAccounts: _aio.UnaryUnaryMultiCallable[_members_service_pb2.MergeAccountsRequest, _members_service_pb2.MergeAccountsResponse]  # type: ignore[assignment]
+    """MergeAccounts integrates a source account into a target (ポイント口座統合): every lot of the
+    source arrives on the target with its points, expiry, kind and issuer; the source's cards
+    move with their states; its transaction ids keep working for receipts and refunds (a
+    refund lands on the target); the source becomes MERGED and refuses new business with
+    ACCOUNT_MERGED naming the target. A source with open holds is refused
+    (ACCOUNT_HAS_OPEN_HOLDS): capture or void them first. Both must be ACTIVE.
     """
 
 class MembersServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -182,6 +198,20 @@ class MembersServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_members_service_pb2.ReissueCardResponse, _abc.Awaitable[_members_service_pb2.ReissueCardResponse]]:
         """ReissueCard replaces a card: the old one becomes REPLACED, the new one is linked to the
         same account and keeps its points.
+        """
+
+    @_abc_1.abstractmethod
+    def MergeAccounts(
+        self,
+        request: _members_service_pb2.MergeAccountsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_members_service_pb2.MergeAccountsResponse, _abc.Awaitable[_members_service_pb2.MergeAccountsResponse]]:
+        """MergeAccounts integrates a source account into a target (ポイント口座統合): every lot of the
+        source arrives on the target with its points, expiry, kind and issuer; the source's cards
+        move with their states; its transaction ids keep working for receipts and refunds (a
+        refund lands on the target); the source becomes MERGED and refuses new business with
+        ACCOUNT_MERGED naming the target. A source with open holds is refused
+        (ACCOUNT_HAS_OPEN_HOLDS): capture or void them first. Both must be ACTIVE.
         """
 
 def add_MembersServiceServicer_to_server(servicer: MembersServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

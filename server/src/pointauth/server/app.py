@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from types import TracebackType
 from typing import Self
 
@@ -15,19 +16,24 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from pointauth.server.api.admin import AdminServicer
 from pointauth.server.api.boundary import ErrorBoundary
+from pointauth.server.api.group import GroupServicer
 from pointauth.server.api.members import MembersServicer
 from pointauth.server.api.points import PointsServicer
 from pointauth.server.clock import Clock, SystemClock
 from pointauth.server.config import Settings
 from pointauth.server.ledger import Keyspace, Ledger, connect
+from pointauth.server.ledger.directory import DirectoryStore
 from pointauth.server.ledger.pipeline import TickPipeline
 from pointauth.server.rules.earn_policy import EarnPolicy
 from pointauth.server.services.accounts import AccountsService
+from pointauth.server.services.directory import DirectoryService
 from pointauth.server.services.members import MembersService
 from pointauth.server.services.points import PointsService
 from pointauth.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
+    group_service_pb2,
+    group_service_pb2_grpc,
     members_service_pb2,
     members_service_pb2_grpc,
     points_service_pb2,
@@ -36,10 +42,15 @@ from pointauth.v1 import (
 
 log = logging.getLogger(__name__)
 
+# How often (and after how long) the sweeper finishes merges left half-done by a process that
+# died; a merge in progress takes milliseconds.
+MERGE_RECOVERY_SECONDS = 10
+
 SERVICE_NAMES = (
     points_service_pb2.DESCRIPTOR.services_by_name["PointsService"].full_name,
     admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
     members_service_pb2.DESCRIPTOR.services_by_name["MembersService"].full_name,
+    group_service_pb2.DESCRIPTOR.services_by_name["GroupService"].full_name,
 )
 
 
@@ -63,9 +74,11 @@ class PointauthServer:
         self.ledger = Ledger(
             self.redis, Keyspace(settings.ledger.shards), self.clock, settings.ledger, pipeline=pipeline
         )
-        self.points = PointsService(self.ledger, EarnPolicy(settings.earn), self.clock)
+        # The group directory, cached in this process: points of sale are checked against it.
+        self.directory = DirectoryService(DirectoryStore(self.redis, self.ledger.keyspace, self.clock), settings.group)
+        self.points = PointsService(self.ledger, EarnPolicy(settings.earn), self.clock, self.directory)
         self.accounts = AccountsService(self.ledger, self.points)
-        self.members = MembersService(self.ledger)
+        self.members = MembersService(self.ledger, self.directory)
         self.health = health.aio.HealthServicer()
         self._reuse_port = reuse_port
         self._run_sweeper = sweeper
@@ -80,6 +93,11 @@ class PointauthServer:
         # first calls need no reload; several processes starting at once all succeed.
         loaded = await self.ledger.load()
         log.info("ledger library %s %s", self.ledger.library.name, "loaded" if loaded else "present")
+        # The recovery pass: merges a crash left half-done are finished before serving (and the
+        # sweeper looks again every tick, for those of a process that dies while serving).
+        if finished := await self.ledger.finish_merges():
+            log.warning("finished %d merges left half-done", finished)
+        await self.directory.start()  # before serving: the first calls are checked against it
         self.boundary = ErrorBoundary(
             max_in_flight=self.settings.server.max_in_flight,
             retry_delay_ms=self.settings.server.overload_retry_ms,
@@ -97,6 +115,7 @@ class PointauthServer:
         )
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.accounts), server)
         members_service_pb2_grpc.add_MembersServiceServicer_to_server(MembersServicer(self.members), server)
+        group_service_pb2_grpc.add_GroupServiceServicer_to_server(GroupServicer(self.directory), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         _serve_reflection(server)
         address = f"{self.settings.server.host}:{self.settings.server.port}"
@@ -110,12 +129,18 @@ class PointauthServer:
         log.info("pointauth listening on %s:%d", self.settings.server.host, self.port)
 
     async def _sweep_forever(self) -> None:
-        """Releases holds nobody touches after their TTL (reads already see them as expired)."""
+        """Releases holds nobody touches after their TTL (reads already see them as expired), and
+        finishes merges whose process died midway."""
+        next_merge_pass = time.monotonic() + MERGE_RECOVERY_SECONDS
         while True:
             try:
                 swept = await self.ledger.sweep_expired_holds(self.settings.ledger.sweep_shards_per_tick)
                 if swept:
                     log.debug("released expired holds of %d accounts", swept)
+                if time.monotonic() >= next_merge_pass:
+                    next_merge_pass = time.monotonic() + MERGE_RECOVERY_SECONDS
+                    if finished := await self.ledger.finish_merges(older_than_ms=MERGE_RECOVERY_SECONDS * 1000):
+                        log.warning("finished %d merges left half-done", finished)
             except Exception:
                 log.exception("hold sweep failed; retrying")
             await asyncio.sleep(self.settings.ledger.sweep_interval_seconds)
@@ -132,6 +157,7 @@ class PointauthServer:
                 await self._sweeper
         if self.server is not None:
             await self.server.stop(self.settings.server.grace_seconds if grace is None else grace)
+        await self.directory.stop()
         await self.redis.aclose()
 
     async def wait(self) -> None:

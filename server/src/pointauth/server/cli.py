@@ -104,8 +104,10 @@ def _cmd_prune_functions(args: argparse.Namespace) -> int:
 
 def _cmd_seed(args: argparse.Namespace) -> int:
     from pointauth.server.ops.seed import seed_command
+    from pointauth.server.ops.seed_group import SeedGroup
 
-    return seed_command(_settings(args), args.accounts)
+    group = SeedGroup(companies=args.companies, stores=args.stores, terminals=args.terminals)
+    return seed_command(_settings(args), args.accounts, group=group)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     seed = sub.add_parser("seed", help="bulk-load a load-test population into Redis and PostgreSQL")
     seed.add_argument("--accounts", type=int, required=True, help="accounts a00000000 .. (N-1)")
+    seed.add_argument("--companies", type=int, default=3, help="group companies (seed-retail, seed-retail-1, ...)")
+    seed.add_argument("--stores", type=int, default=100, help="stores in all, spread over the companies")
+    seed.add_argument("--terminals", type=int, default=4, help="terminals per store (till-0, ...)")
     seed.set_defaults(func=_cmd_seed)
     return parser
 

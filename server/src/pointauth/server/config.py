@@ -142,6 +142,16 @@ class EarnSettings(_Section):
             raise ValueError(f"unknown timezone {self.timezone!r}") from exc
 
 
+class GroupSettings(_Section):
+    check_points_of_sale: bool = True
+    """Refuse till, kiosk and grant calls whose point of sale the group directory lacks (an
+    unknown company, store or terminal, or a store of another company). Checked against each
+    process's copy of the directory: no Redis round trip."""
+    refresh_seconds: Seconds = 1.0
+    """How often each server process asks Redis whether the directory changed (one GET), and
+    so how long a change made through another process takes to be seen here."""
+
+
 class Settings(_Section):
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     redis: RedisSettings = msgspec.field(default_factory=RedisSettings)
@@ -149,6 +159,7 @@ class Settings(_Section):
     ledger: LedgerSettings = msgspec.field(default_factory=LedgerSettings)
     writebehind: WriteBehindSettings = msgspec.field(default_factory=WriteBehindSettings)
     earn: EarnSettings = msgspec.field(default_factory=EarnSettings)
+    group: GroupSettings = msgspec.field(default_factory=GroupSettings)
 
 
 def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:

@@ -26,7 +26,8 @@ _PROFILE_PATHS = ("birth_month", "birth_day", "join_time", "home_company_id", "a
 
 _KINDS: dict[CardKindCode, pb.CardKind.ValueType] = {"P": pb.CARD_KIND_PHYSICAL, "A": pb.CARD_KIND_APP}
 _STATES = {"A": pb.CARD_STATE_ACTIVE, "B": pb.CARD_STATE_BLOCKED, "R": pb.CARD_STATE_REPLACED}
-_STATUSES = {"A": pb.ACCOUNT_STATUS_ACTIVE, "C": pb.ACCOUNT_STATUS_CLOSED}
+_STATUSES = {"A": pb.ACCOUNT_STATUS_ACTIVE, "C": pb.ACCOUNT_STATUS_CLOSED, "M": pb.ACCOUNT_STATUS_MERGED}
+MAX_REASON = 500
 
 
 def card_kind(v: Violations, field: str, value: int) -> CardKindCode:
@@ -162,6 +163,11 @@ def account(view: AccountView) -> pb.Account:
         message.create_time.CopyFrom(convert.timestamp(stored.opened_ms))
     if stored.closed_ms is not None:
         message.close_time.CopyFrom(convert.timestamp(stored.closed_ms))
+    message.merged_into_account_id = stored.merged_into or ""
+    if stored.merged_ms is not None:
+        message.merge_time.CopyFrom(convert.timestamp(stored.merged_ms))
+    for merge_id, came in stored.merges_in.items():
+        message.merges.add(merge_id=merge_id, source_account_id=came.source, merge_time=convert.timestamp(came.time))
     return message
 
 
@@ -263,4 +269,29 @@ class MembersServicer(members_service_pb2_grpc.MembersServiceServicer):
             account_id=account_id,
             replaced_card=_card_of(number, result.card),
             new_card=_card_of(new, result.new_card),
+        )
+
+    async def MergeAccounts(self, request: pb.MergeAccountsRequest, context: Context) -> pb.MergeAccountsResponse:
+        v = Violations()
+        request_id = v.request_id(request.request_id)
+        source = v.identifier("source_account_id", request.source_account_id)
+        target = v.identifier("target_account_id", request.target_account_id)
+        if source and source == target:
+            v.add("target_account_id", "must differ from source_account_id")
+        operator = v.identifier("operator_id", request.operator_id)
+        if not 1 <= len(request.reason) <= MAX_REASON:
+            v.add("reason", f"is required: 1 to {MAX_REASON} characters")
+        v.raise_if_any()
+        result = await self.members.merge(
+            source,
+            target,
+            request_id=request_id,
+            fingerprint=fingerprint("MergeAccounts", request),
+            actor=operator,
+            why=request.reason,
+        )
+        return pb.MergeAccountsResponse(
+            moved_points=result.pts,
+            moved_lots=[convert.lot(lot) for lot in result.lots],
+            moved_card_numbers=result.cards,
         )

@@ -152,7 +152,7 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
         points = v.points("points", request.points) if request.HasField("points") else None
         pos = v.point_of_sale(request.point_of_sale if request.HasField("point_of_sale") else None, required=False)
         v.raise_if_any()
-        result = await self.points.refund(
+        landed, result = await self.points.refund(
             account,
             original,
             points=points,
@@ -161,7 +161,7 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
             fingerprint=fingerprint("RefundTransaction", request),
         )
         return pb.RefundTransactionResponse(
-            transaction_id=transaction_id(account, result.tx),
+            transaction_id=transaction_id(landed, result.tx),
             refunded_points=result.pts,
             lot_effects=convert.lot_effects(result.lots),
             balance=convert.balance(result),
@@ -204,7 +204,7 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
             receipt.used_points = record.pts
             receipt.refunded_points = record.refunded
         if record.ref:
-            receipt.related_transaction_id = transaction_id(account, record.ref)
+            receipt.related_transaction_id = transaction_id(record.racct or account, record.ref)
         if record.type == "HOLD":
             receipt.hold_state = _HOLD_STATES[self.points.hold_state(record)]
             receipt.hold_expire_time.CopyFrom(convert.timestamp(record.exp))

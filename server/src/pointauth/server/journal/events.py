@@ -7,9 +7,24 @@ from typing import NamedTuple
 
 import msgspec
 
-from pointauth.server.ledger.codec import Event, IdempotencyNote, decode_stream_entry, stream_entry_record
+from pointauth.server.ledger.codec import (
+    DirectoryChange,
+    Event,
+    IdempotencyNote,
+    decode_stream_entry,
+    stream_entry_record,
+)
 
-__all__ = ["EntryId", "Event", "IdempotencyNote", "StreamEntry", "UndecodableEntry", "decode", "entry_record"]
+__all__ = [
+    "DirectoryChange",
+    "EntryId",
+    "Event",
+    "IdempotencyNote",
+    "StreamEntry",
+    "UndecodableEntry",
+    "decode",
+    "entry_record",
+]
 
 
 class EntryId(NamedTuple):
@@ -39,14 +54,15 @@ class StreamEntry(NamedTuple):
 
 
 class UndecodableEntry(ValueError):
-    """An entry that is neither an event nor an idempotency note: it can never be applied.
+    """An entry that is neither an event, an idempotency note nor a group directory change: it
+    can never be applied.
 
     So is an event from a ledger script older than the one whose events carry what it derived
     (the balance after each, allocations): upgrade the worker after the servers, once `pointauth
     status` shows no backlog of events the older servers wrote."""
 
 
-def decode(entry: StreamEntry) -> Event | IdempotencyNote:
+def decode(entry: StreamEntry) -> Event | IdempotencyNote | DirectoryChange:
     try:
         return decode_stream_entry(entry.fields)
     except msgspec.DecodeError as exc:

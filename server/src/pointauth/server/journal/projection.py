@@ -1,5 +1,6 @@
 """What one account's events make of the PostgreSQL projections: its lots, its transaction records
-(holds among them) and its accounts row.
+(holds among them), its cards, its accounts row (status, profile, merge) and the merges it took
+part in.
 
 The events carry everything the ledger script derived (allocations, what a capture used and
 released, what a refund gave back and where, the balance after each event), so this module
@@ -12,9 +13,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import msgspec
 from msgspec.structs import replace
 
-from pointauth.server.ledger.codec import AllocEntry, Event, LotEntry, TransactionRecord, TransactionType
+from pointauth.server.ledger.codec import (
+    AccountStatusCode,
+    AllocEntry,
+    CardLink,
+    CardStateCode,
+    Event,
+    LotEntry,
+    MemberProfile,
+    TransactionRecord,
+    TransactionType,
+    decode_card_link,
+)
 
 RecordKey = tuple[str, int]
 """(account id, seq) of a transaction record."""
@@ -26,6 +39,12 @@ class ProjectionError(ValueError):
     """An event that does not fit the stored state: PostgreSQL and Redis have diverged."""
 
 
+class NotYetApplied(ProjectionError):
+    """An event that needs another account's event which PostgreSQL does not have yet (a refund
+    of a merged account's transaction whose record that account's stream has not brought yet):
+    held back, to be applied once it has."""
+
+
 @dataclass
 class AccountState:
     account_id: str
@@ -33,8 +52,52 @@ class AccountState:
     lots: dict[int, LotEntry] = field(default_factory=dict)
     """Unheld points per lot, as the account hash keeps them: a lot at zero is gone."""
     card_number: str | None = None
+    """The card the account was opened with (accounts.card_number), whatever became of it."""
     opened_ms: int | None = None
     touched_lots: set[int] = field(default_factory=set)
+    cards: dict[str, CardLink] = field(default_factory=dict)
+    """The account's cards as its `c:` fields keep them. The writer loads those the cards table
+    has under the account; a card whose row another account has taken since (the card moved on,
+    and that account's events were applied first) is not among them."""
+    touched_cards: set[str] = field(default_factory=set)
+    """Cards the applied events changed: written, or (no longer in `cards`) their row deleted."""
+    card_moves: dict[str, int] = field(default_factory=dict)
+    """The MERGED_IN time of each card of `cards` that a merge brought here (cards.moved_at)."""
+    status: AccountStatusCode = "A"
+    closed_ms: int | None = None
+    profile: MemberProfile = field(default_factory=MemberProfile)
+    merged_into: str | None = None
+    """A merged account's target, merge id and merge time (status "M": the hash's mt, mi, mg)."""
+    merge_id: str | None = None
+    merged_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class MergeOut:
+    """A merge as its MERGED_OUT (step 1, on the source) tells it: the move record step 2 applies."""
+
+    merge_id: str
+    source: str
+    target: str
+    time: int
+    actor: str | None
+    why: str | None
+    lots: list[LotEntry]
+    """The lots as they left the source (the source's lot ids)."""
+    cards: dict[str, str]
+    """Card number -> its field value (CardLink) as it left."""
+    foreign: dict[str, str]
+    """Transaction id -> refund state, the source's f: fields as they left."""
+
+
+@dataclass(frozen=True)
+class MergeLanded:
+    """A merge as its MERGED_IN (step 2) tells it: where the move landed and when."""
+
+    merge_id: str
+    source: str
+    account: str
+    time: int
 
 
 class Projector:
@@ -47,6 +110,8 @@ class Projector:
     def __init__(self, records: dict[RecordKey, TransactionRecord]) -> None:
         self.records = records
         self.changed: set[RecordKey] = set()
+        self.merges_out: list[MergeOut] = []
+        self.merges_landed: list[MergeLanded] = []
 
     def apply(self, state: AccountState, event: Event) -> None:
         if event.seq != state.last_seq + 1:
@@ -81,8 +146,11 @@ class Projector:
         return rec
 
     def _put(self, state: AccountState, seq: int, rec: TransactionRecord) -> None:
-        self.records[(state.account_id, seq)] = rec
-        self.changed.add((state.account_id, seq))
+        self._put_key((state.account_id, seq), rec)
+
+    def _put_key(self, key: RecordKey, rec: TransactionRecord) -> None:
+        self.records[key] = rec
+        self.changed.add(key)
 
     def _new(
         self,
@@ -113,6 +181,7 @@ class Projector:
                 state=hold_state,
                 exp=exp,
                 amount=event.amount or 0,
+                racct=event.racct or "",
             ),
         )
 
@@ -123,8 +192,96 @@ class Projector:
         self._put(state, event.ref or 0, replace(hold, state=new_state, released=released, **more))
 
     def _on_account_opened(self, state: AccountState, event: Event) -> None:
-        state.card_number = event.card
+        card = _carried(event, "card", event.card)
+        state.card_number = card
         state.opened_ms = event.time
+        # A script before cards had kinds wrote neither kind nor profile, and the card's field
+        # "1": an active physical card without a link time.
+        link = CardLink() if event.kind is None else CardLink("A", event.kind, event.time)
+        self._link(state, event, card, link)
+        state.profile = event.profile or MemberProfile()
+
+    def _on_card_linked(self, state: AccountState, event: Event) -> None:
+        link = CardLink("A", _carried(event, "kind", event.kind), event.time)
+        self._link(state, event, _carried(event, "card", event.card), link)
+
+    def _on_card_unlinked(self, state: AccountState, event: Event) -> None:
+        card = _carried(event, "card", event.card)
+        state.cards.pop(card, None)  # absent: its row is another account's now (see AccountState)
+        state.card_moves.pop(card, None)
+        state.touched_cards.add(card)
+
+    def _on_card_blocked(self, state: AccountState, event: Event) -> None:
+        self._card_state(state, event, "B")
+
+    def _on_card_unblocked(self, state: AccountState, event: Event) -> None:
+        self._card_state(state, event, "A")
+
+    def _on_card_reissued(self, state: AccountState, event: Event) -> None:
+        new_card = _carried(event, "new_card", event.new_card)
+        self._card_state(state, event, "R", replaced_by=new_card)
+        self._link(state, event, new_card, CardLink("A", _carried(event, "kind", event.kind), event.time))
+
+    def _on_profile_updated(self, state: AccountState, event: Event) -> None:
+        # The whole profile after the update. Absent: none left (Lua packs an empty map as an
+        # array, so the script cannot send an empty profile as a map).
+        state.profile = event.profile or MemberProfile()
+
+    def _on_account_closed(self, state: AccountState, event: Event) -> None:
+        # Its lot effects, forfeiting every lot's points, are applied already (_apply_lots).
+        state.status = "C"
+        state.closed_ms = event.time
+
+    def _on_merged_out(self, state: AccountState, event: Event) -> None:
+        # Its lot effects, taking every lot, are applied already; the cards leave with the move
+        # (their rows are deleted while still this account's: see AccountState.cards).
+        target, merge = _carried(event, "target", event.target), _carried(event, "merge", event.merge)
+        moved = _carried(event, "moved", event.moved)
+        links = _links(event)
+        state.status, state.merged_into, state.merge_id, state.merged_ms = "M", target, merge, event.time
+        for card in links:
+            state.cards.pop(card, None)
+            state.card_moves.pop(card, None)
+            state.touched_cards.add(card)
+        self.merges_out.append(
+            MergeOut(
+                merge, state.account_id, target, event.time, event.actor, event.why, moved, links, event.foreign or {}
+            )
+        )
+
+    def _on_merged_in(self, state: AccountState, event: Event) -> None:
+        # Its lot effects (each moved lot where it landed) are applied already; the cards come
+        # with their fields as they were (state, kind, link time), under this account now.
+        source, merge = _carried(event, "source", event.source), _carried(event, "merge", event.merge)
+        for card, text in _links(event).items():
+            try:
+                state.cards[card] = decode_card_link(text.encode())
+            except msgspec.DecodeError as exc:
+                raise ProjectionError(f"event {event.event_id} moves card {card} as {text!r}: {exc}") from None
+            state.card_moves[card] = event.time
+            state.touched_cards.add(card)
+        self.merges_landed.append(MergeLanded(merge, source, state.account_id, event.time))
+
+    def _link(self, state: AccountState, event: Event, card: str, link: CardLink) -> None:
+        if card in state.cards:
+            raise ProjectionError(f"event {event.event_id} links card {card}, which the account has already")
+        state.cards[card] = link
+        state.card_moves.pop(card, None)
+        state.touched_cards.add(card)
+
+    def _card_state(
+        self, state: AccountState, event: Event, new_state: CardStateCode, replaced_by: str | None = None
+    ) -> None:
+        """A block, unblock or reissue of one of the account's cards: its state, and the time of
+        this event; its kind and link time are as they were."""
+        card = _carried(event, "card", event.card)
+        link = state.cards.get(card)
+        if link is None:
+            # Another account has the card's row: this account gave the card up after this event,
+            # and the other account's later link was applied first. Nothing here to change.
+            return
+        state.cards[card] = replace(link, state=new_state, state_ms=event.time, replaced_by=replaced_by)
+        state.touched_cards.add(card)
 
     def _on_earn(self, state: AccountState, event: Event) -> None:
         self._new(state, event, "EARN")
@@ -152,18 +309,37 @@ class Projector:
         self._new(state, event, "REDEMPTION", alloc=_carried(event, "alloc", event.alloc))
 
     def _on_refunded(self, state: AccountState, event: Event) -> None:
-        orig = self._record(state, event.ref, event)
+        # The original's figures are the event's (everything refunded of it so far, and returned
+        # per allocation entry), kept only where they are ahead of the stored ones: a refund of a
+        # merged account's transaction (`racct`) comes in another account's stream, which may be
+        # applied before that account's own earlier refunds of it.
+        key = (event.racct or state.account_id, event.ref or 0)
+        orig = self.records.get(key)
+        if orig is None:
+            if event.racct:
+                raise NotYetApplied(f"event {event.event_id} refunds {event.racct}.{event.ref}, not in PostgreSQL yet")
+            raise ProjectionError(f"event {event.event_id} refers to unknown transaction {event.ref}")
         alloc = list(orig.alloc)
         for back in event.returned or []:
             if not 0 <= back.index < len(alloc):
                 raise ProjectionError(f"event {event.event_id} returns to allocation entry {back.index} of {event.ref}")
-            alloc[back.index] = replace(alloc[back.index], returned=back.returned)
-        refunded = _carried(event, "refunded", event.refunded)
-        self._put(state, event.ref or 0, replace(orig, refunded=refunded, alloc=alloc))
+            entry = alloc[back.index]
+            alloc[back.index] = replace(entry, returned=max(entry.returned, back.returned))
+        refunded = max(orig.refunded, _carried(event, "refunded", event.refunded))
+        self._put_key(key, replace(orig, refunded=refunded, alloc=alloc))
         self._new(state, event, "REFUND")
 
     def _on_lots_expired(self, state: AccountState, event: Event) -> None:
         pass  # its lot effects are all it changes
+
+
+def _links(event: Event) -> dict[str, str]:
+    """A merge event's cards with their field values (`cards` lists them; `links`, absent when
+    there are none, has their values)."""
+    links = event.links or {}
+    if sorted(links) != sorted(event.cards or []):
+        raise ProjectionError(f"event {event.event_id} ({event.type}) lacks the field values of cards {event.cards}")
+    return links
 
 
 def _carried(event: Event, name: str, value: _T | None) -> _T:

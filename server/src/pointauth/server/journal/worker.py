@@ -11,6 +11,9 @@ PostgreSQL has it, and applying an entry twice is harmless (per-account sequence
 ON CONFLICT on the journal). Entries a crashed worker left pending are read again by the same
 consumer on restart, or claimed by XAUTOCLAIM once idle too long. An entry that keeps failing
 is moved to `dead_letters` after `max_deliveries`, with an error in the log.
+
+Shard 0's stream also carries the group directory's changes (codec.DirectoryChange): they are
+copied into their tables in the batch's transaction (journal/directory.py), newest version wins.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from pointauth.server.journal.events import (
+    DirectoryChange,
     EntryId,
     Event,
     IdempotencyNote,
@@ -123,6 +127,8 @@ class WriteBehindWorker:
         self.writer = JournalWriter(keyspace)
         self.applied_total = 0
         self.dead_lettered = 0
+        self.directory_changes_applied = 0
+        """Group directory changes copied (delivered again after a crash: counted again)."""
         self._conn: Connection | None = None
         self._batch: list[StreamEntry] | None = None
         # Streams whose own pending entries are still to be read again, and from which id: set at
@@ -405,6 +411,7 @@ class WriteBehindWorker:
     async def _process(self, entries: list[StreamEntry]) -> None:
         deliveries: list[Delivered] = []
         notes: list[tuple[StreamEntry, IdempotencyNote]] = []
+        directory: list[tuple[StreamEntry, DirectoryChange]] = []
         undecodable: list[tuple[StreamEntry, str]] = []
         for entry in entries:
             try:
@@ -414,18 +421,24 @@ class WriteBehindWorker:
                 continue
             if isinstance(decoded, Event):
                 deliveries.append(Delivered(entry, decoded))
+            elif isinstance(decoded, DirectoryChange):
+                directory.append((entry, decoded))
             else:
                 notes.append((entry, decoded))
         idempotency = await self._idempotency_rows(deliveries, notes)
         await self._ensure_partitions(deliveries)
         conn = await self._connection()
-        outcome = await self.writer.apply(conn, deliveries, idempotency)
+        outcome = await self.writer.apply(conn, deliveries, idempotency, directory)
         dead = [(e, reason, 1) for e, reason in undecodable]
         dead += await self._exhausted(outcome)
         if dead:
             await self._dead_letter(conn, dead)
-        await self._ack([d.entry for d in outcome.acknowledged] + [e for e, _ in notes] + [e for e, _, _ in dead])
+        await self._ack(
+            [d.entry for d in outcome.acknowledged] + [e for e, _ in notes] + [e for e, _ in directory]
+            + [e for e, _, _ in dead]
+        )  # fmt: skip
         self.applied_total += len(outcome.applied)
+        self.directory_changes_applied += len(directory)
 
     async def _idempotency_rows(
         self, deliveries: list[Delivered], notes: list[tuple[StreamEntry, IdempotencyNote]]
@@ -517,7 +530,7 @@ class WriteBehindWorker:
     async def _dead_letter(self, conn: Connection, dead: list[tuple[StreamEntry, str, int]]) -> None:
         rows = []
         for entry, reason, times in dead:
-            payload = entry.fields.get(b"e") or entry.fields.get(b"i")
+            payload = entry.fields.get(b"e") or entry.fields.get(b"i") or entry.fields.get(b"g")
             event = None
             try:
                 decoded = decode(entry)

@@ -13,28 +13,48 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 import msgspec
 
-from pointauth.server.journal.events import EntryId, Event, StreamEntry
+from pointauth.server.domain.ids import transaction_id
+from pointauth.server.journal import directory as journal_directory
+from pointauth.server.journal.events import DirectoryChange, EntryId, Event, StreamEntry
 from pointauth.server.journal.pg import Connection, Record
-from pointauth.server.journal.projection import AccountState, ProjectionError, Projector, RecordKey
+from pointauth.server.journal.projection import (
+    AccountState,
+    MergeLanded,
+    MergeOut,
+    NotYetApplied,
+    ProjectionError,
+    Projector,
+    RecordKey,
+)
 from pointauth.server.ledger import Keyspace
-from pointauth.server.ledger.codec import AllocEntry, LotEntry, PointOfSaleRef, TransactionRecord
+from pointauth.server.ledger.codec import (
+    AllocEntry,
+    CardLink,
+    LotEntry,
+    MemberProfile,
+    MergeIn,
+    MergeMove,
+    PointOfSaleRef,
+    TransactionRecord,
+)
 
 log = logging.getLogger(__name__)
 
 JOURNAL_COLUMNS = (
     "event_id", "account_id", "seq", "type", "points", "lots", "issuer_id", "company_id", "store_id",
     "terminal_id", "channel", "request_id", "event_time", "ref_seq", "released", "amount", "purchase_time",
-    "hold_expire_ms", "card_number", "stream", "entry_id",
+    "hold_expire_ms", "card_number", "stream", "entry_id", "card_kind", "new_card", "profile", "merge_id",
+    "other_account", "ref_account",
 )  # fmt: skip
 _COLS = ", ".join(JOURNAL_COLUMNS)
 _TX_COLUMNS = (
     "account_id", "seq", "type", "time_ms", "points", "refunded", "available", "held", "pos", "lots", "alloc",
-    "ref_seq", "state", "expire_ms", "captured", "released", "capture_seq", "amount",
+    "ref_seq", "state", "expire_ms", "captured", "released", "capture_seq", "amount", "ref_account",
 )  # fmt: skip
 _JSON_TX_COLUMNS = {"pos", "lots", "alloc"}
 
@@ -69,6 +89,44 @@ def to_time(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=UTC)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def to_ms(time: datetime) -> int:
+    """The Unix ms of a time to_time made (exactly: no float on the way)."""
+    return (time - _EPOCH) // timedelta(milliseconds=1)
+
+
+def _ms(time: datetime | None) -> int | None:
+    return None if time is None else to_ms(time)
+
+
+def _time(ms: int | None) -> datetime | None:
+    return None if ms is None else to_time(ms)
+
+
+_decode_profile = msgspec.json.Decoder(MemberProfile).decode
+
+
+def profile_from_row(raw: str | None) -> MemberProfile:
+    """An accounts row's profile (jsonb, as asyncpg gives it: text)."""
+    return MemberProfile() if raw is None else _decode_profile(raw)
+
+
+def card_from_row(r: Record) -> CardLink:
+    """A cards row as the account hash's field keeps the card."""
+    return CardLink(
+        state=r["state"], kind=r["kind"], link_ms=_ms(r["linked_at"]), state_ms=_ms(r["state_at"]),
+        replaced_by=r["replaced_by"],
+    )  # fmt: skip
+
+
+CARD_ROW_COLUMNS = "card_number, account_id, kind, state, linked_at, state_at, replaced_by, moved_at"
+ACCOUNT_MEMBER_COLUMNS = "opened_at, status, closed_at, profile::text AS profile, merged_into, merge_id, merged_at"
+"""What card_from_row reads of a cards row (and moved_at), and the accounts columns of the member
+(profile as text) and its merge."""
+
+
 def _json(value: Any) -> str | None:
     return None if value is None else msgspec.json.encode(value).decode()
 
@@ -88,13 +146,22 @@ class JournalWriter:
         )
 
     async def apply(
-        self, conn: Connection, batch: Sequence[Delivered], idempotency: Sequence[IdempotencyRow] = ()
+        self,
+        conn: Connection,
+        batch: Sequence[Delivered],
+        idempotency: Sequence[IdempotencyRow] = (),
+        directory: Sequence[tuple[StreamEntry, DirectoryChange]] = (),
     ) -> BatchOutcome:
+        """`directory`: the batch's group directory changes, copied in the same transaction."""
         blocked: dict[str, tuple[int, str]] = {}
         while True:
             try:
                 async with conn.transaction():
-                    return await self._apply_once(conn, batch, idempotency, blocked)
+                    outcome = await self._apply_once(conn, batch, idempotency, blocked)
+                    if directory:
+                        await journal_directory.write_changes(conn, [change for _, change in directory])
+                        await self._write_positions(conn, (), [entry for entry, _ in directory])
+                    return outcome
             except _Retry:
                 continue
 
@@ -112,7 +179,8 @@ class JournalWriter:
             items.sort(key=lambda d: d.event.seq)
         accounts = sorted(by_account)
         states = await self._load_states(conn, accounts)
-        refs = {(d.event.account, d.event.ref) for d in batch if d.event.ref is not None}
+        # A refund of a merged account's transaction refers to that account's record.
+        refs = {(d.event.racct or d.event.account, d.event.ref) for d in batch if d.event.ref is not None}
         projector = Projector(await self._load_records(conn, refs))
 
         outcome = BatchOutcome()
@@ -130,6 +198,10 @@ class JournalWriter:
                 else:
                     try:
                         projector.apply(state, item.event)
+                    except NotYetApplied as exc:
+                        log.warning("write-behind: holding back %s: %s", item.event.event_id, exc)
+                        blocked[account] = (seq, f"waiting: {exc}")
+                        raise _Retry from exc
                     except ProjectionError as exc:
                         log.error("write-behind: cannot apply %s: %s", item.event.event_id, exc)
                         blocked[account] = (seq, f"diverged: {exc}")
@@ -141,8 +213,10 @@ class JournalWriter:
         applied = outcome.applied
         await self._write_accounts(conn, states, {d.event.account for d in applied})
         await self._write_journal(conn, applied)
+        await self._write_cards(conn, states)
         await self._write_lots(conn, states)
         await self._write_records(conn, [(key, projector.records[key]) for key in sorted(projector.changed)])
+        await self._write_merges(conn, projector.merges_out, projector.merges_landed)
         await self._write_idempotency(conn, idempotency)
         await self._write_positions(conn, outcome.acknowledged)
         return outcome
@@ -172,16 +246,33 @@ class JournalWriter:
         # FOR UPDATE: two workers never project the same account at once (e.g. while the shard
         # split changes), so last_seq cannot move under us.
         rows = await conn.fetch(
-            "SELECT account_id, last_seq, card_number FROM accounts WHERE account_id = ANY($1::text[])"
-            " ORDER BY account_id FOR UPDATE",
+            f"SELECT account_id, last_seq, card_number, {ACCOUNT_MEMBER_COLUMNS} FROM accounts"
+            " WHERE account_id = ANY($1::text[]) ORDER BY account_id FOR UPDATE",
             accounts,
         )
         states = {
-            r["account_id"]: AccountState(r["account_id"], r["last_seq"], card_number=r["card_number"]) for r in rows
+            r["account_id"]: AccountState(
+                r["account_id"],
+                r["last_seq"],
+                card_number=r["card_number"],
+                opened_ms=_ms(r["opened_at"]),
+                status=r["status"],
+                closed_ms=_ms(r["closed_at"]),
+                profile=profile_from_row(r["profile"]),
+                merged_into=r["merged_into"],
+                merge_id=r["merge_id"],
+                merged_ms=_ms(r["merged_at"]),
+            )
+            for r in rows
         }
         if not states:
             return states
         known = list(states)
+        for r in await conn.fetch(f"SELECT {CARD_ROW_COLUMNS} FROM cards WHERE account_id = ANY($1::text[])", known):
+            state = states[r["account_id"]]
+            state.cards[r["card_number"]] = card_from_row(r)
+            if r["moved_at"] is not None:
+                state.card_moves[r["card_number"]] = to_ms(r["moved_at"])
         for r in await conn.fetch(
             "SELECT account_id, lot_id, points, expire_ms, kind, issuer_id FROM lots"
             " WHERE account_id = ANY($1::text[])",
@@ -197,9 +288,13 @@ class JournalWriter:
             return {}
         accounts = [a for a, _ in refs]
         seqs = [s for _, s in refs]
+        # FOR UPDATE: a record may be changed by another account's batch too (a refund of a merged
+        # account's transaction, on the account it was merged into), which must not overwrite
+        # what this batch writes, nor this batch what it wrote.
         rows = await conn.fetch(
             f"SELECT {', '.join(_TX_COLUMNS)} FROM transactions"
-            " WHERE (account_id, seq) IN (SELECT * FROM unnest($1::text[], $2::bigint[]))",
+            " WHERE (account_id, seq) IN (SELECT * FROM unnest($1::text[], $2::bigint[]))"
+            " ORDER BY account_id, seq FOR UPDATE",
             accounts,
             seqs,
         )
@@ -214,29 +309,91 @@ class JournalWriter:
                 self.keyspace.shard_of(s.account_id),
                 s.card_number,
                 s.last_seq,
-                None if s.opened_ms is None else to_time(s.opened_ms),
+                _time(s.opened_ms),
+                s.status,
+                _time(s.closed_ms),
+                _json(s.profile),
+                s.merged_into,
+                s.merge_id,
+                _time(s.merged_ms),
             )
             for s in (states[a] for a in sorted(touched))
         ]
         await conn.execute(
             """
-            INSERT INTO accounts (account_id, shard, card_number, last_seq, opened_at)
-            SELECT * FROM unnest($1::text[], $2::int[], $3::text[], $4::bigint[], $5::timestamptz[])
+            INSERT INTO accounts (account_id, shard, card_number, last_seq, opened_at, status, closed_at, profile,
+                                  merged_into, merge_id, merged_at)
+            SELECT account_id, shard, card_number, last_seq, opened_at, status, closed_at, profile::jsonb,
+                   merged_into, merge_id, merged_at
+            FROM unnest($1::text[], $2::int[], $3::text[], $4::bigint[], $5::timestamptz[], $6::text[],
+                        $7::timestamptz[], $8::text[], $9::text[], $10::text[], $11::timestamptz[])
+                AS t(account_id, shard, card_number, last_seq, opened_at, status, closed_at, profile,
+                     merged_into, merge_id, merged_at)
             ON CONFLICT (account_id) DO UPDATE SET
                 last_seq = EXCLUDED.last_seq,
                 card_number = COALESCE(accounts.card_number, EXCLUDED.card_number),
                 opened_at = COALESCE(accounts.opened_at, EXCLUDED.opened_at),
+                status = EXCLUDED.status,
+                closed_at = EXCLUDED.closed_at,
+                profile = EXCLUDED.profile,
+                merged_into = EXCLUDED.merged_into,
+                merge_id = EXCLUDED.merge_id,
+                merged_at = EXCLUDED.merged_at,
                 updated_at = now()
             """,
             *map(list, zip(*rows, strict=True)),
         )
-        cards = [(r[2], r[0]) for r in rows if r[2] is not None]
-        if cards:
-            # The first account to claim a card keeps it, as the Redis card index does (HSETNX).
+
+    async def _write_cards(self, conn: Connection, states: dict[str, AccountState]) -> None:
+        """The cards the batch's events changed. The cards table holds each card under the account
+        that has it now; a card that moved (unlinked from one account, then linked to another; or
+        carried by a merge) has events on both accounts' streams, which may be applied in either
+        order. So a row is deleted only while it is the unlinking (or merged) account's, and taken
+        over only by a link at least as recent as the row's own: by its link time (linked_at, the
+        link event's time), then, as a merge moves a card with its link time unchanged, by the
+        time of the merge that brought it (moved_at; NULL, linked there, before any)."""
+        gone: list[tuple[str, str]] = []
+        present: dict[str, tuple[str, CardLink, int | None]] = {}
+        for state in states.values():
+            for card in sorted(state.touched_cards):
+                link = state.cards.get(card)
+                if link is None:
+                    gone.append((card, state.account_id))
+                    continue
+                # Two accounts of one batch with the same card (it moved within the batch): the
+                # later link is the card's current one (one row per card and statement).
+                moved = state.card_moves.get(card)
+                held = present.get(card)
+                if held is None or _link_order(link, moved) >= _link_order(held[1], held[2]):
+                    present[card] = (state.account_id, link, moved)
+        if gone:
             await conn.execute(
-                "INSERT INTO cards (card_number, account_id) SELECT * FROM unnest($1::text[], $2::text[])"
-                " ON CONFLICT DO NOTHING",
-                *map(list, zip(*cards, strict=True)),
+                "DELETE FROM cards WHERE (card_number, account_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+                *map(list, zip(*gone, strict=True)),
+            )
+        if present:
+            rows = [
+                (
+                    card, account, link.kind, link.state, _time(link.link_ms), _time(link.state_ms), link.replaced_by,
+                    _time(moved),
+                )
+                for card, (account, link, moved) in sorted(present.items())
+            ]  # fmt: skip
+            await conn.execute(
+                """
+                INSERT INTO cards (card_number, account_id, kind, state, linked_at, state_at, replaced_by, moved_at)
+                SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],
+                                     $6::timestamptz[], $7::text[], $8::timestamptz[])
+                ON CONFLICT (card_number) DO UPDATE SET
+                    account_id = EXCLUDED.account_id, kind = EXCLUDED.kind, state = EXCLUDED.state,
+                    linked_at = EXCLUDED.linked_at, state_at = EXCLUDED.state_at, replaced_by = EXCLUDED.replaced_by,
+                    moved_at = EXCLUDED.moved_at
+                WHERE cards.account_id = EXCLUDED.account_id OR cards.linked_at IS NULL
+                    OR EXCLUDED.linked_at > cards.linked_at
+                    OR (EXCLUDED.linked_at = cards.linked_at
+                        AND coalesce(EXCLUDED.moved_at, '-infinity') >= coalesce(cards.moved_at, '-infinity'))
+                """,
+                *map(list, zip(*rows, strict=True)),
             )
 
     async def _write_journal(self, conn: Connection, applied: list[Delivered]) -> None:
@@ -279,7 +436,7 @@ class JournalWriter:
         rows = [record_row(key, rec) for key, rec in records]
         types = [
             "text", "bigint", "text", "bigint", "bigint", "bigint", "bigint", "bigint", "text", "text", "text",
-            "bigint", "text", "bigint", "bigint", "bigint", "bigint", "bigint",
+            "bigint", "text", "bigint", "bigint", "bigint", "bigint", "bigint", "text",
         ]  # fmt: skip
         select = ", ".join(f"${i + 1}::{t}[]" for i, t in enumerate(types))
         casts = ", ".join(f"{c}::jsonb" if c in _JSON_TX_COLUMNS else c for c in _TX_COLUMNS)
@@ -290,6 +447,45 @@ class JournalWriter:
             f" ON CONFLICT (account_id, seq) DO UPDATE SET {updates}",
             *map(list, zip(*rows, strict=True)),
         )
+
+    async def _write_merges(self, conn: Connection, out: list[MergeOut], landed: list[MergeLanded]) -> None:
+        """The merges table's rows, each written by its two events, in whichever order they come."""
+        if out:
+            rows = [
+                (
+                    m.merge_id, m.source, m.target, to_time(m.time), m.actor, m.why, _json(m.lots),
+                    _json(m.cards), _json(m.foreign),
+                )
+                for m in out
+            ]  # fmt: skip
+            await conn.execute(
+                """
+                INSERT INTO merges
+                    (merge_id, source_id, target_id, merged_at, actor, reason, lots, cards, foreign_refunds)
+                SELECT merge_id, source_id, target_id, merged_at, actor, reason, lots::jsonb, cards::jsonb,
+                       foreign_refunds::jsonb
+                FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[],
+                            $7::text[], $8::text[], $9::text[])
+                    AS t(merge_id, source_id, target_id, merged_at, actor, reason, lots, cards, foreign_refunds)
+                ON CONFLICT (merge_id) DO UPDATE SET
+                    target_id = EXCLUDED.target_id, merged_at = EXCLUDED.merged_at, actor = EXCLUDED.actor,
+                    reason = EXCLUDED.reason, lots = EXCLUDED.lots, cards = EXCLUDED.cards,
+                    foreign_refunds = EXCLUDED.foreign_refunds
+                """,
+                *map(list, zip(*rows, strict=True)),
+            )
+        if landed:
+            await conn.execute(
+                """
+                INSERT INTO merges (merge_id, source_id, landed_on, landed_at)
+                SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[])
+                ON CONFLICT (merge_id) DO UPDATE SET landed_on = EXCLUDED.landed_on, landed_at = EXCLUDED.landed_at
+                """,
+                [m.merge_id for m in landed],
+                [m.source for m in landed],
+                [m.account for m in landed],
+                [to_time(m.time) for m in landed],
+            )
 
     async def _write_idempotency(self, conn: Connection, rows: Sequence[IdempotencyRow]) -> None:
         if not rows:
@@ -304,13 +500,19 @@ class JournalWriter:
             *map(list, zip(*rows, strict=True)),
         )
 
-    async def _write_positions(self, conn: Connection, acknowledged: Iterable[Delivered]) -> None:
+    async def _write_positions(
+        self, conn: Connection, acknowledged: Iterable[Delivered], others: Iterable[StreamEntry] = ()
+    ) -> None:
+        """`others`: entries applied that are no events (group directory changes): they move the
+        position, not the count of events."""
         highest: dict[str, EntryId] = {}
         counts: dict[str, int] = defaultdict(int)
         for d in acknowledged:
             stream = d.entry.stream
             highest[stream] = max(highest.get(stream, d.entry.entry_id), d.entry.entry_id)
             counts[stream] += 1
+        for entry in others:
+            highest[entry.stream] = max(highest.get(entry.stream, entry.entry_id), entry.entry_id)
         if not highest:
             return
         streams = sorted(highest)
@@ -341,11 +543,19 @@ def journal_row(d: Delivered) -> tuple[Any, ...]:
         (pos.company_id, pos.store_id, pos.terminal_id, pos.channel) if pos is not None else (None, None, None, None)
     )
     issuer = e.lots[0].issuer_id if e.type in ("EARN", "GRANT") and e.lots else None
+    other = e.target if e.type == "MERGED_OUT" else e.source if e.type == "MERGED_IN" else None
     return (
         e.event_id, e.account, e.seq, e.type, e.pts, _json(e.lots), issuer, company, store,
         terminal, channel, e.rid or None, to_time(e.time), e.ref, e.released, e.amount,
         to_time(e.ptime) if e.ptime else None, e.hold_exp, e.card, d.entry.stream, str(d.entry.entry_id),
+        e.kind, e.new_card, _json(e.profile), e.merge, other, e.racct,
     )  # fmt: skip
+
+
+def _link_order(link: CardLink, moved_ms: int | None) -> tuple[int, int]:
+    """Which of two links of one card is the later: a link time, or (none) before any; at the same
+    link time, the one a later merge moved (or, moved by none, before any)."""
+    return (-1 if link.link_ms is None else link.link_ms, -1 if moved_ms is None else moved_ms)
 
 
 def record_row(key: RecordKey, r: TransactionRecord) -> tuple[Any, ...]:
@@ -355,7 +565,7 @@ def record_row(key: RecordKey, r: TransactionRecord) -> tuple[Any, ...]:
     return (
         account_id, seq, r.type, r.time, r.pts, r.refunded, r.available, r.held, _json(r.pos), _json(r.lots),
         _json(r.alloc) if r.alloc else None, r.ref or None, r.state or None, r.exp or None, r.captured,
-        r.released, r.capture or None, r.amount,
+        r.released, r.capture or None, r.amount, r.racct or None,
     )  # fmt: skip
 
 
@@ -379,4 +589,79 @@ def record_from_row(r: Record) -> TransactionRecord:
         released=r["released"] or 0,
         capture=r["capture_seq"] or 0,
         amount=r["amount"] or 0,
+        racct=r["ref_account"] or "",
     )
+
+
+# -- merges, as rehydrate and reconcile read them ------------------------------------------------
+
+_MERGE_HISTORY = """
+SELECT landed_on, merge_id, source_id, landed_at FROM merges WHERE landed_on = ANY($1::text[])
+"""
+
+
+async def merge_histories(conn: Connection, accounts: list[str]) -> dict[str, dict[str, MergeIn]]:
+    """The merges into each of these accounts (its hash's mh:<merge id> fields), by merge id."""
+    out: dict[str, dict[str, MergeIn]] = defaultdict(dict)
+    for r in await conn.fetch(_MERGE_HISTORY, accounts):
+        out[r["landed_on"]][r["merge_id"]] = MergeIn(r["source_id"], to_ms(r["landed_at"]))
+    return dict(out)
+
+
+_MERGE_MOVES = """
+SELECT merge_id, source_id, target_id, merged_at, lots::text AS lots, cards::text AS cards,
+       foreign_refunds::text AS foreign_refunds, landed_on
+FROM merges WHERE source_id = ANY($1::text[]) AND lots IS NOT NULL
+"""
+
+
+async def merge_moves(conn: Connection, sources: list[str]) -> dict[str, tuple[MergeMove, bool]]:
+    """The move record (its transactions hash's field "m") of each of these accounts merged out,
+    and whether its merge is still to be finished (its MERGED_IN is not here)."""
+    out: dict[str, tuple[MergeMove, bool]] = {}
+    for r in await conn.fetch(_MERGE_MOVES, sources):
+        cards = msgspec.json.decode(r["cards"], type=dict[str, str])
+        foreign = msgspec.json.decode(r["foreign_refunds"], type=dict[str, str])
+        move = MergeMove(
+            merge=r["merge_id"],
+            source=r["source_id"],
+            target=r["target_id"],
+            time=to_ms(r["merged_at"]),
+            lots=msgspec.json.decode(r["lots"], type=list[LotEntry]),
+            # As the script packs them: an empty table is an array, a table without a key absent.
+            cards=cards or [],
+            foreign=foreign or None,
+        )
+        out[r["source_id"]] = (move, r["landed_on"] is None)
+    return out
+
+
+# Where each refunded transaction of a merged account keeps its refund state: the account that
+# refunded it (a REFUND naming it in ref_account), or the account that one has since been merged
+# into (by a merge that has landed), and so on; not an account merged out itself (its f: fields
+# went into its move record, see merge_moves). The state is the original's row: refunded and each
+# allocation entry's returned, which every refund of it, wherever, has brought up to date. Merges
+# are rare: the walk reads every refund of a merged account's transaction.
+_FOREIGN_REFUNDS = """
+WITH RECURSIVE held (ref_account, ref_seq, holder) AS (
+    SELECT DISTINCT ref_account, ref_seq, account_id FROM transactions
+    WHERE ref_account IS NOT NULL AND type = 'REFUND'
+    UNION
+    SELECT h.ref_account, h.ref_seq, m.landed_on
+    FROM held AS h JOIN merges AS m ON m.source_id = h.holder AND m.landed_on IS NOT NULL
+)
+SELECT h.holder, h.ref_account, h.ref_seq, t.refunded, t.alloc::text AS alloc
+FROM held AS h JOIN transactions AS t ON t.account_id = h.ref_account AND t.seq = h.ref_seq
+WHERE h.holder = ANY($1::text[]) AND NOT EXISTS (SELECT FROM merges AS m WHERE m.source_id = h.holder)
+"""
+
+
+async def foreign_refunds(conn: Connection, accounts: list[str]) -> dict[str, dict[str, str]]:
+    """The f:<transaction id> fields of these accounts: what has been refunded of a transaction of
+    an account merged into them, "<refunded>|<returned per allocation entry, comma-separated>"."""
+    out: dict[str, dict[str, str]] = defaultdict(dict)
+    for r in await conn.fetch(_FOREIGN_REFUNDS, accounts):
+        alloc = msgspec.json.decode(r["alloc"], type=list[AllocEntry]) if r["alloc"] is not None else []
+        state = f"{r['refunded']}|{','.join(str(e.returned) for e in alloc)}"
+        out[r["holder"]][transaction_id(r["ref_account"], r["ref_seq"])] = state
+    return dict(out)

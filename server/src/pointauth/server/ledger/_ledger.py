@@ -64,6 +64,10 @@ class LedgerLibrary:
     def release_card_function(self) -> str:
         return f"pointauth_release_card_{self.version}"
 
+    @property
+    def move_card_function(self) -> str:
+        return f"pointauth_move_card_{self.version}"
+
 
 LIBRARY = LedgerLibrary.from_template(SCRIPT_SOURCE)
 
@@ -129,6 +133,7 @@ class Ledger:
         self.library = library
         self._ledger_function = library.ledger_function
         self._release_card_function = library.release_card_function
+        self._move_card_function = library.move_card_function
         # card -> account, so that a till call on a known card is one round trip (the FCALL).
         # Safe however stale: every call made for a card names it, and the script refuses
         # (CARD_NOT_FOUND, writing nothing) unless the account still has it; on_card then
@@ -143,6 +148,7 @@ class Ledger:
         args: dict[str, Any],
         request_id: str = "",
         fingerprint: str = "",
+        blob: bytes | None = None,
     ) -> OpResult:
         keys = list(self.keyspace.account(account_id))
         if request_id:
@@ -156,6 +162,8 @@ class Ledger:
             self.settings.transaction_retention_days * 86_400_000,
             _encode(args),
         ]
+        if blob is not None:
+            argv.append(blob)
         raw = await self._fcall(self._ledger_function, keys, argv)
         result = _decode_result(raw)
         if result.code != "OK":
@@ -170,11 +178,16 @@ class Ledger:
     async def _index_lookup(self, card_number: str) -> str | None:
         owner = await self.pipeline.execute("HGET", self.keyspace.card_bucket(card_number), card_number)
         account = codec.decode_card_owner(owner)
-        if account is not None and self.settings.card_cache_size:
-            if len(self._cards) >= self.settings.card_cache_size:
-                del self._cards[next(iter(self._cards))]  # the oldest entry: FIFO is enough here
-            self._cards[card_number] = account
+        if account is not None:
+            self._cache(card_number, account)
         return account
+
+    def _cache(self, card_number: str, account: str) -> None:
+        if not self.settings.card_cache_size or self._cards.get(card_number) == account:
+            return
+        if len(self._cards) >= self.settings.card_cache_size:
+            del self._cards[next(iter(self._cards))]  # the oldest entry: FIFO is enough here
+        self._cards[card_number] = account
 
     async def on_card(self, card_number: str, call: Callable[[str], Awaitable[OpResult]]) -> tuple[str, OpResult]:
         """(account, answer) of `call(account)` for the account that has the card; `call` makes
@@ -184,20 +197,32 @@ class Ledger:
         is one round trip; a stale entry costs two more, and never moves points elsewhere."""
         account = self._cards.get(card_number)
         from_cache = account is not None
+        hops = 0
         while True:
             if account is None:
                 account, from_cache = await self._index_lookup(card_number), False
                 if account is None:
                     raise _card_not_found(card_number)
             try:
-                return account, await call(account)
+                result = await call(account)
             except LedgerRefusal as refusal:
+                target = _merged_into(refusal)
+                if target is not None and hops < MAX_MERGE_HOPS:
+                    # The card went with its account into another: finish that merge (if a
+                    # crash left it half-done), then follow.
+                    hops += 1
+                    await self.finish_merge(account)
+                    account, from_cache = target, True
+                    continue
                 if refusal.result.reason != _CARD_NOT_FOUND:
                     raise
                 self._cards.pop(card_number, None)
                 if not from_cache:  # the index itself named an account without the card
                     raise _card_not_found(card_number) from None
                 account = None
+                continue
+            self._cache(card_number, account)
+            return account, result
 
     async def create_account(
         self,
@@ -301,6 +326,69 @@ class Ledger:
         """Removes the card's link only if it still names this account (compare and delete)."""
         await self._fcall(self._release_card_function, [bucket], [card_number, account_id])
 
+    async def merge(
+        self, source: str, target: str, *, request_id: str, fingerprint: str, actor: str, why: str
+    ) -> OpResult:
+        """Merges `source` into `target` (a saga across their slots, each step one idempotent
+        call): step 1 closes the source as MERGED and records the move in its slot; step 2
+        applies the move on the target once (keyed by the merge id, the request id); step 3
+        points the source's cards' index entries at the target; then the merge leaves the
+        shard's list of unfinished merges. A crash anywhere is finished by finish_merge, which
+        the recovery pass, and any call that meets the merged source, run. The answer is step
+        1's: the points and lots moved."""
+        view = await self.account(target)  # refuses a missing target (ACCOUNT_NOT_FOUND)
+        if view.stored.status != "A":
+            raise _not_active(target, view.stored)
+        args = {"target": target, "merge": request_id, "rid": request_id, "actor": actor, "why": why}
+        result = await self._call("merge_out", source, args, request_id, fingerprint)
+        await self.finish_merge(source)
+        return result
+
+    async def finish_merge(self, source: str) -> bool:
+        """Steps 2 and 3 of the source's merge, if it is not finished; True if it was not."""
+        keys = self.keyspace.account(source)
+        raw = await self.redis.hget(keys.transactions, codec.MERGE_MOVE_FIELD)
+        if not isinstance(raw, bytes) or await self.redis.zscore(keys.merges, source) is None:
+            return False
+        move = codec.decode_merge_move(raw)
+        cards = move.cards if isinstance(move.cards, dict) else {}
+        args = {"merge": move.merge, "source": source, "lots": move.lots, "cards": cards}
+        if move.foreign:
+            args["foreign"] = move.foreign
+        on = move.target
+        for _ in range(MAX_MERGE_HOPS + 1):
+            try:
+                await self._call("merge_in", on, args)
+                break
+            except LedgerRefusal as refusal:
+                target = _merged_into(refusal)
+                if target is None:
+                    raise
+                await self.finish_merge(on)
+                on = target
+        else:
+            raise _too_many_merges(source)
+        for card in sorted(cards):
+            bucket = self.keyspace.card_bucket(card)
+            await self._fcall(self._move_card_function, [bucket], [card, source, on])
+            if self._cards.get(card) == source:
+                self._cards[card] = on
+        await self.redis.zrem(keys.merges, source)
+        return True
+
+    async def finish_merges(self, older_than_ms: int = 0) -> int:
+        """The recovery pass: finishes every merge left half-done that began at least
+        `older_than_ms` ago; how many. Safe beside merges in progress: every step is idempotent."""
+        latest = self.clock.now_ms() - older_than_ms
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for shard in range(self.keyspace.shards):
+                pipe.zrangebyscore(self.keyspace.merges(shard), "-inf", latest)
+            replies: list[list[bytes]] = await pipe.execute()
+        finished = 0
+        for member in (m for reply in replies for m in reply):
+            finished += await self.finish_merge(member.decode())
+        return finished
+
     async def load(self) -> bool:
         """Loads this release's library unless Redis has it (server start); True if this loaded it."""
         return await load_library(self.redis, self.library)
@@ -394,14 +482,61 @@ class Ledger:
         pos: PointOfSaleRef | None,
         request_id: str,
         fingerprint: str,
+        foreign: tuple[str, bytes] | None = None,
     ) -> OpResult:
-        args = {
+        """A refund on this account; `foreign`: (the account, the record) of a transaction of an
+        account merged into this one."""
+        args: dict[str, Any] = {
             "orig": original_seq,
             "pts": -1 if points is None else points,
             "pos": pos,
             "rid": request_id,
         }
-        return await self._call("refund", account_id, args, request_id, fingerprint)
+        if foreign is not None:
+            args["facct"] = foreign[0]
+        return await self._call(
+            "refund", account_id, args, request_id, fingerprint, blob=None if foreign is None else foreign[1]
+        )
+
+    async def refund_following(
+        self,
+        account_id: str,
+        original_seq: int,
+        *,
+        points: int | None,
+        pos: PointOfSaleRef | None,
+        request_id: str,
+        fingerprint: str,
+    ) -> tuple[str, OpResult]:
+        """(the account the refund landed on, answer): a transaction of an account since merged
+        is refunded on the account it was merged into (following merges), with its record."""
+        on, foreign = account_id, None
+        for _ in range(MAX_MERGE_HOPS + 1):
+            try:
+                result = await self.refund(
+                    on,
+                    original_seq,
+                    points=points,
+                    pos=pos,
+                    request_id=request_id,
+                    fingerprint=fingerprint,
+                    foreign=foreign,
+                )
+                return on, result
+            except LedgerRefusal as refusal:
+                target = _merged_into(refusal)
+                if target is None:
+                    raise
+                if foreign is None:
+                    raw = await self.redis.hget(
+                        self.keyspace.account(account_id).transactions, codec.record_field(original_seq)
+                    )
+                    if not isinstance(raw, bytes):
+                        raise
+                    foreign = (account_id, raw)
+                await self.finish_merge(on)
+                on = target
+        raise _too_many_merges(account_id)
 
     async def balance(self, account_id: str, *, card: str | None = None) -> OpResult:
         """Available and held points and the spendable lots; resolves what time has expired."""
@@ -480,6 +615,39 @@ def _account_view(account_id: str, result: OpResult) -> AccountView:
     return AccountView(account_id, stored, result.available, result.held)
 
 
+MAX_MERGE_HOPS = 8
+"""Merges followed from one account to the next (a chain longer than this is an error)."""
+
+
+def _merged_into(refusal: LedgerRefusal) -> str | None:
+    if refusal.result.reason != _ACCOUNT_MERGED:
+        return None
+    return refusal.result.meta.get("merged_into_account_id")
+
+
+def _too_many_merges(account_id: str) -> RuntimeError:
+    return RuntimeError(f"account {account_id} is merged into a chain of more than {MAX_MERGE_HOPS} accounts")
+
+
+def _not_active(account_id: str, stored: codec.StoredAccount) -> LedgerRefusal:
+    if stored.status == "C":
+        return LedgerRefusal(
+            OpResult(
+                code="FAILED_PRECONDITION",
+                reason=reasons.name(ErrorReason.ACCOUNT_CLOSED),
+                message=f"account {account_id} is closed",
+            )
+        )
+    return LedgerRefusal(
+        OpResult(
+            code="FAILED_PRECONDITION",
+            reason=_ACCOUNT_MERGED,
+            message=f"account {account_id} was merged into {stored.merged_into}",
+            meta={"merged_into_account_id": stored.merged_into or ""},
+        )
+    )
+
+
 def _runs(shards: list[int]) -> list[range]:
     """[1022, 1023, 0, 1] -> [range(1022, 1024), range(0, 2)]."""
     runs: list[range] = []
@@ -499,6 +667,7 @@ def _via(args: dict[str, Any], card: str | None) -> dict[str, Any]:
 
 
 _CARD_NOT_FOUND = reasons.name(ErrorReason.CARD_NOT_FOUND)
+_ACCOUNT_MERGED = reasons.name(ErrorReason.ACCOUNT_MERGED)
 
 
 def _card_not_found(card_number: str) -> LedgerRefusal:

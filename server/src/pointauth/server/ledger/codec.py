@@ -1,6 +1,6 @@
 """Everything pointauth stores in Redis, defined once: the account (its hash, lots and open
-holds), transaction records, stream events, the hold index, the card index, idempotency
-records, and the ledger function's arguments and answers. Python reads and writes them only
+holds), transaction records, stream events, the group directory, the hold index, the card index,
+idempotency records, and the ledger function's arguments and answers. Python reads and writes them only
 through this module; ledger.lua, which must write them itself, points here at each format, and
 tests/ledger/test_codec.py checks this module against what the script wrote.
 
@@ -96,8 +96,8 @@ OPENED_FIELD = b"ot"
 CLOSED_FIELD = b"ct"
 CARD_FIELD_PREFIX = b"c:"
 ATTRIBUTE_FIELD_PREFIX = b"a:"
-AccountStatusCode = Literal["A", "C"]
-"""Active, closed."""
+AccountStatusCode = Literal["A", "C", "M"]
+"""Active, closed, merged."""
 CardStateCode = Literal["A", "B", "R"]
 """Active, blocked, replaced."""
 CardKindCode = Literal["P", "A"]
@@ -161,6 +161,44 @@ class MemberProfile(msgspec.Struct, frozen=True, omit_defaults=True):
     attrs: dict[str, str] | None = None
 
 
+class MergeIn(msgspec.Struct, frozen=True):
+    source: str
+    time: int
+
+
+class MergeMove(msgspec.Struct, frozen=True):
+    """What step 1 of a merge took off the source, as its transactions hash's field "m" keeps it
+    for step 2: its lots (ids the source's), its cards (values as CardLink), and the refund
+    state of transactions merged into it before (by transaction id)."""
+
+    merge: str
+    source: str
+    target: str
+    time: int
+    lots: list[LotEntry]
+    cards: dict[str, str] | list[Any]
+    """Lua packs an empty table as an array."""
+    foreign: dict[str, str] | None = None
+
+
+MERGE_MOVE_FIELD = "m"
+_decode_move = msgspec.msgpack.Decoder(MergeMove).decode
+
+
+def decode_merge_move(raw: bytes) -> MergeMove:
+    return _decode_move(raw)
+
+
+def encode_merge_move(move: MergeMove) -> bytes:
+    """A move record as rehydrate writes it back (the script reads it as it wrote it)."""
+    return msgspec.msgpack.encode(move)
+
+
+EXTRA_LOT_ID_STEP = 1 << 40
+"""A lot's id is the seq of the event that made it; an event making several (a merge, a refund of
+a merged account's transaction) numbers the k-th after the first seq + k * 2^40."""
+
+
 class HoldEntry(msgspec.Struct, frozen=True):
     """An open hold as the account's open-holds set keeps it."""
 
@@ -185,6 +223,15 @@ class StoredAccount(msgspec.Struct):
     opened_ms: int | None = None
     closed_ms: int | None = None
     profile: MemberProfile = MemberProfile()
+    merged_into: str | None = None
+    """A merged account's target (status "M"), with the merge's id and time."""
+    merge_id: str | None = None
+    merged_ms: int | None = None
+    merges_in: dict[str, MergeIn] = {}
+    """Merges into this account by merge id (`mh:<merge id>` = "<source>|<ms>")."""
+    foreign_refunds: dict[str, str] = {}
+    """`f:<transaction id>`: what has been refunded here of a transaction of an account merged
+    into this one: "<points refunded>|<points returned per allocation entry, comma-separated>"."""
 
 
 class AccountLayout(msgspec.Struct, frozen=True):
@@ -268,6 +315,11 @@ def account_of(
     opened_ms: int | None = None,
     closed_ms: int | None = None,
     profile: MemberProfile | None = None,
+    merged_into: str | None = None,
+    merge_id: str | None = None,
+    merged_ms: int | None = None,
+    merges_in: Mapping[str, MergeIn] | None = None,
+    foreign_refunds: Mapping[str, str] | None = None,
 ) -> StoredAccount:
     """A consistent account: its totals are its lots' and holds' sums."""
     return StoredAccount(
@@ -282,6 +334,11 @@ def account_of(
         opened_ms=opened_ms,
         closed_ms=closed_ms,
         profile=profile or MemberProfile(),
+        merged_into=merged_into,
+        merge_id=merge_id,
+        merged_ms=merged_ms,
+        merges_in=dict(merges_in or {}),
+        foreign_refunds=dict(foreign_refunds or {}),
     )
 
 
@@ -289,6 +346,16 @@ def _status_fields(account: StoredAccount) -> dict[bytes, bytes]:
     fields: dict[bytes, bytes] = {}
     if account.status != "A":
         fields[STATUS_FIELD] = account.status.encode()
+    if account.merged_into is not None:
+        fields[b"mt"] = account.merged_into.encode()
+    if account.merge_id is not None:
+        fields[b"mi"] = account.merge_id.encode()
+    if account.merged_ms is not None:
+        fields[b"mg"] = b"%d" % account.merged_ms
+    for merge, came in account.merges_in.items():
+        fields[b"mh:" + merge.encode()] = f"{came.source}|{came.time}".encode()
+    for txid, state in account.foreign_refunds.items():
+        fields[b"f:" + txid.encode()] = state.encode()
     if account.opened_ms is not None:
         fields[OPENED_FIELD] = b"%d" % account.opened_ms
     if account.closed_ms is not None:
@@ -321,6 +388,8 @@ def decode_account(
     profile: dict[str, Any] = {}
     attrs: dict[str, str] = {}
     cards: dict[str, CardLink] = {}
+    merges_in: dict[str, MergeIn] = {}
+    foreign: dict[str, str] = {}
     for field, value in stored.items():
         try:
             if field.startswith(CARD_FIELD_PREFIX):
@@ -328,9 +397,20 @@ def decode_account(
             elif field.startswith(ATTRIBUTE_FIELD_PREFIX):
                 attrs[field[len(ATTRIBUTE_FIELD_PREFIX) :].decode()] = value.decode()
             elif field == STATUS_FIELD:
-                if value != b"C":
+                if value not in (b"C", b"M"):
                     raise ValueError("unknown status")
-                account.status = "C"
+                account.status = "C" if value == b"C" else "M"
+            elif field == b"mt":
+                account.merged_into = value.decode()
+            elif field == b"mi":
+                account.merge_id = value.decode()
+            elif field == b"mg":
+                account.merged_ms = int(value)
+            elif field.startswith(b"mh:"):
+                source, _, ms = value.decode().partition("|")
+                merges_in[field[3:].decode()] = MergeIn(source, int(ms))
+            elif field.startswith(b"f:"):
+                foreign[field[2:].decode()] = value.decode()
             elif field == OPENED_FIELD:
                 account.opened_ms = int(value)
             elif field == CLOSED_FIELD:
@@ -352,6 +432,8 @@ def decode_account(
         except ValueError as exc:
             raise msgspec.DecodeError(f"account hash field {field!r} = {value!r}: {exc!r}") from None
     account.cards = dict(sorted(cards.items()))
+    account.merges_in = dict(sorted(merges_in.items(), key=lambda item: (item[1].time, item[0])))
+    account.foreign_refunds = dict(sorted(foreign.items()))
     account.profile = MemberProfile(**profile, attrs=dict(sorted(attrs.items())) or None)
     for member, score in lots:
         lot = decode_lot(member, score)
@@ -375,7 +457,8 @@ class TransactionRecord(msgspec.Struct, frozen=True):
     the points it spent); `alloc`: where a hold's, capture's or redemption's points came from;
     `ref`: the hold a capture captured, the transaction a refund refunded; `state`, `exp`,
     `captured`, `released`, `capture`: a hold's resolution (`capture`: its capture's seq);
-    `amount`: an earn's purchase amount. Unused fields are 0, "" or []."""
+    `amount`: an earn's purchase amount; `racct`: a refund's of a transaction of an account
+    merged into this one, that account (`ref` is then its seq). Unused fields are 0, "" or []."""
 
     type: TransactionType
     time: int
@@ -393,6 +476,7 @@ class TransactionRecord(msgspec.Struct, frozen=True):
     released: int = 0
     capture: int = 0
     amount: int = 0
+    racct: str = ""
 
 
 def record_field(seq: int) -> str:
@@ -436,6 +520,13 @@ class Event(msgspec.Struct, frozen=True, omit_defaults=True):
       `rid`; CARD_REISSUED: `card` (now replaced), `new_card`, `kind` (the new card's), `rid`;
     - PROFILE_UPDATED: `profile` (the whole profile after the update), `rid`;
     - ACCOUNT_CLOSED: `lots` taking every lot's points (forfeited: breakage), `rid`;
+    - MERGED_OUT (on the source): `lots` taking every lot's points, `moved` (the lots as they
+      left), `target`, `merge` (its id), `cards` (moved), `links` (the same cards' field values,
+      CardLink; absent if none), `foreign` (the source's refund states of transactions merged
+      into it before, as its `f:` fields had them; absent if none), `actor`, `why`, `rid`;
+    - MERGED_IN (on the target): `lots` (where each moved lot landed), `source`, `merge`, `cards`,
+      `links` (the cards' field values as they arrived; absent if none);
+    - REFUNDED of a transaction of an account merged into this one: `racct` names that account.
     - EARN, GRANT: `amount`, `ptime` (purchase time), `pos`, `rid`;
     - HOLD_AUTHORIZED: `hold_exp`, `alloc`, `pos`, `rid`;
     - HOLD_CAPTURED: `ref` (the hold), `released` (points given back), `alloc` (the part of the
@@ -472,6 +563,16 @@ class Event(msgspec.Struct, frozen=True, omit_defaults=True):
     kind: CardKindCode | None = None
     new_card: str | None = None
     profile: MemberProfile | None = None
+    moved: list[LotEntry] | None = None
+    target: str | None = None
+    source: str | None = None
+    merge: str | None = None
+    cards: list[str] | None = None
+    actor: str | None = None
+    why: str | None = None
+    racct: str | None = None
+    links: dict[str, str] | None = None
+    foreign: dict[str, str] | None = None
 
     @property
     def event_id(self) -> str:
@@ -501,13 +602,17 @@ def encode_note(note: IdempotencyNote) -> bytes:
     return _encode(note)
 
 
-def decode_stream_entry(fields: Mapping[bytes, bytes]) -> Event | IdempotencyNote:
-    """A stream entry's fields: the event, or the note, it carries."""
+def decode_stream_entry(fields: Mapping[bytes, bytes]) -> Event | IdempotencyNote | DirectoryChange:
+    """A stream entry's fields: the event, the note, or the group directory's change it carries."""
     if EVENT_FIELD in fields:
         return _decode_event(fields[EVENT_FIELD])
     if NOTE_FIELD in fields:
         return _decode_note(fields[NOTE_FIELD])
-    raise msgspec.DecodeError(f"a stream entry has field {EVENT_FIELD!r} or {NOTE_FIELD!r}, not {sorted(fields)}")
+    if DIRECTORY_FIELD in fields:
+        return _decode_directory_change(fields[DIRECTORY_FIELD])
+    raise msgspec.DecodeError(
+        f"a stream entry has field {EVENT_FIELD!r}, {NOTE_FIELD!r} or {DIRECTORY_FIELD!r}, not {sorted(fields)}"
+    )
 
 
 def stream_entry_record(fields: Mapping[bytes, bytes]) -> tuple[bytes, int] | None:
@@ -520,6 +625,102 @@ def stream_entry_record(fields: Mapping[bytes, bytes]) -> tuple[bytes, int] | No
         return record, int(fields[RECORD_EXPIRY_FIELD])
     except (KeyError, ValueError):
         raise msgspec.DecodeError(f"a stream entry's record has no expiry ms in {RECORD_EXPIRY_FIELD!r}") from None
+
+
+# -- the group directory ---------------------------------------------------------------------
+# In shard 0's slot (keys.py, Keyspace.directory): three hashes, `companies` (company id ->
+# CompanyEntry), `stores` (store id -> StoreEntry) and `terminals` (terminal_field -> TerminalEntry),
+# each value a msgpack map; and `version`, a counter (decimal, absent: 0) that every change
+# raises by one. One MULTI/EXEC writes an entry, raises the version and appends the change
+# (DirectoryChange, in a shard 0 stream entry's field `g`) for the write-behind to copy, so the
+# version orders the changes in Redis, in the stream and in PostgreSQL alike. Unknown fields are
+# ignored, so a later release may add some.
+
+DIRECTORY_FIELD = b"g"
+
+
+class CompanyEntry(msgspec.Struct, frozen=True, tag="company"):
+    company_id: str
+    name: str = ""
+
+
+class StoreEntry(msgspec.Struct, frozen=True, tag="store"):
+    store_id: str
+    company_id: str
+    region_id: str
+    name: str = ""
+
+
+class TerminalEntry(msgspec.Struct, frozen=True, tag="terminal"):
+    store_id: str
+    terminal_id: str
+    name: str = ""
+
+
+DirectoryEntry = CompanyEntry | StoreEntry | TerminalEntry
+
+
+class DirectoryChange(msgspec.Struct, frozen=True):
+    """Change number `version` of the directory, made at `time` (Unix ms): `entry` as it is now
+    stored (registering is create-or-update)."""
+
+    version: int
+    time: int
+    entry: DirectoryEntry
+
+
+def terminal_field(store_id: str, terminal_id: str) -> bytes:
+    """The terminals hash's field of a terminal: "<store id>/<terminal id>" (ids have no '/')."""
+    return f"{store_id}/{terminal_id}".encode()
+
+
+def directory_field(entry: DirectoryEntry) -> bytes:
+    """The field of its hash that keeps `entry`."""
+    if isinstance(entry, CompanyEntry):
+        return entry.company_id.encode()
+    if isinstance(entry, StoreEntry):
+        return entry.store_id.encode()
+    return terminal_field(entry.store_id, entry.terminal_id)
+
+
+_decode_company = msgspec.msgpack.Decoder(CompanyEntry).decode
+_decode_store = msgspec.msgpack.Decoder(StoreEntry).decode
+_decode_terminal = msgspec.msgpack.Decoder(TerminalEntry).decode
+_decode_directory_change = msgspec.msgpack.Decoder(DirectoryChange).decode
+
+
+def encode_directory_entry(entry: DirectoryEntry) -> bytes:
+    return _encode(entry)
+
+
+def decode_company(raw: bytes) -> CompanyEntry:
+    return _decode_company(raw)
+
+
+def decode_store(raw: bytes) -> StoreEntry:
+    return _decode_store(raw)
+
+
+def decode_terminal(raw: bytes) -> TerminalEntry:
+    return _decode_terminal(raw)
+
+
+def encode_directory_change(change: DirectoryChange) -> bytes:
+    return _encode(change)
+
+
+def decode_directory_change(raw: bytes) -> DirectoryChange:
+    return _decode_directory_change(raw)
+
+
+def decode_directory_version(raw: bytes | str | None) -> int:
+    """The version key's value; 0 for a directory never changed."""
+    if raw is None:
+        return 0
+    try:
+        return int(raw)
+    except ValueError:
+        raise msgspec.DecodeError(f"directory version {raw!r} is not a decimal integer") from None
 
 
 # -- the ledger function's arguments and answers, and idempotency records ----------------------
@@ -545,6 +746,8 @@ class OpResult(msgspec.Struct, frozen=True):
     """reissue: the new card's field value."""
     fields: dict[str, str] = {}
     """account: the account hash."""
+    cards: list[str] = []
+    """merge_out: the cards moved."""
 
 
 _decode_result = msgspec.msgpack.Decoder(OpResult).decode

@@ -22,6 +22,19 @@ class AccountKeys(NamedTuple):
     """The account's own open holds (`holds` is the shard's hold index)."""
     holds: str
     events: str
+    merges: str
+    """The shard's accounts merged out whose merge is not finished yet (the recovery pass's list)."""
+
+
+class DirectoryKeys(NamedTuple):
+    """The group directory's keys, all in shard 0's slot with that shard's stream, so that one
+    MULTI/EXEC writes an entry, raises the version and appends the change to the stream."""
+
+    companies: str
+    stores: str
+    terminals: str
+    version: str
+    events: str
 
 
 class Keyspace:
@@ -43,6 +56,7 @@ class Keyspace:
             open_holds=f"{tag}:o:{account_id}",
             holds=f"{tag}:holds",
             events=f"{tag}:events",
+            merges=f"{tag}:merges",
         )
 
     def account_hash_pattern(self) -> str:
@@ -63,5 +77,18 @@ class Keyspace:
     def holds(self, shard: int) -> str:
         return f"{self.prefix}:{{s{shard}}}:holds"
 
+    def merges(self, shard: int) -> str:
+        return f"{self.prefix}:{{s{shard}}}:merges"
+
     def card_bucket(self, card_number: str) -> str:
         return f"{self.prefix}:card:{zlib.crc32(card_number.encode()) % CARD_BUCKETS}"
+
+    def directory(self) -> DirectoryKeys:
+        tag = f"{self.prefix}:{{s0}}"
+        return DirectoryKeys(
+            companies=f"{tag}:g:companies",
+            stores=f"{tag}:g:stores",
+            terminals=f"{tag}:g:terminals",
+            version=f"{tag}:g:version",
+            events=self.events(0),
+        )

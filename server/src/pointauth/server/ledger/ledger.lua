@@ -14,8 +14,11 @@
 --   4 open holds     sorted set, a member "<hold seq>:<points>" per open hold, by expiry
 --   5 hold index     sorted set of the shard's open holds "<account>.<seq>" by expiry (sweeper)
 --   6 events         the shard's stream, read by the write-behind worker
---   7 idempotency    string "<fingerprint><msgpack result>" (mutations only)
--- ARGV: op, now_ms, account_id, fingerprint, idempotency_ttl_s, tx_retention_ms, msgpack args
+--   7 merges         sorted set of the shard's accounts merged out whose merge is not yet
+--                    finished (the recovery pass's list), by merge time
+--   8 idempotency    string "<fingerprint><msgpack result>" (mutations only)
+-- ARGV: op, now_ms, account_id, fingerprint, idempotency_ttl_s, tx_retention_ms, msgpack args,
+--   and for a refund of a merged account's transaction, its record
 --   A call made for a card (earn, authorize, redeem, balance, account) names it in args.via: the
 --   server found the account from a cache or the card index, either of which may be stale once
 --   cards move, so the call checks that the card is still this account's before anything else,
@@ -44,8 +47,10 @@ local function ledger(KEYS, ARGV)
 local OP, NOW, ACCOUNT = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local FINGERPRINT, IDEM_TTL, TX_RETENTION = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
 local ARGS = cmsgpack.unpack(ARGV[7])
+-- Bytes to pass as they are (cmsgpack reads no msgpack bin): a refund's foreign record.
+local BLOB = ARGV[8]
 local K_ACCOUNT, K_TX, K_LOTS, K_OPEN = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local K_HOLDS, K_EVENTS, K_IDEM = KEYS[5], KEYS[6], KEYS[7]
+local K_HOLDS, K_EVENTS, K_MERGES, K_IDEM = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local MAX_BALANCE = 1000000000000000
 -- Lots read per range read while spending: a spend rarely touches more than one or two.
 local SPEND_PAGE = 8
@@ -69,8 +74,16 @@ end
 -- writing nothing at all (no idempotency record, no event), so that the server can look the
 -- card up again and make the same call on the account that has it. After the replay check, so
 -- that a retry of an earlier success answers as before; one field read, before the load.
+-- A merged account's cards went to the account it was merged into: ACCOUNT_MERGED naming it,
+-- writing nothing, and the server follows.
+local function merged_into(target)
+  return cmsgpack.pack({code = 'FAILED_PRECONDITION', reason = 'ACCOUNT_MERGED', message = 'account ' .. ACCOUNT
+    .. ' was merged into ' .. target, meta = {merged_into_account_id = target}})
+end
 local VIA_CARD = ARGS.via and redis.call('HGET', K_ACCOUNT, 'c:' .. ARGS.via)
 if ARGS.via and not VIA_CARD then
+  local st = redis.call('HMGET', K_ACCOUNT, 'st', 'mt')
+  if st[1] == 'M' then return merged_into(st[2]) end
   return cmsgpack.pack({code = 'NOT_FOUND', reason = 'CARD_NOT_FOUND', message = 'account ' .. ACCOUNT
     .. ' has no card ' .. ARGS.via})
 end
@@ -85,9 +98,10 @@ local A = {seq = 0, x0 = 1, lp = 0, hp = 0, expired = 0, lots = {}, buckets = {}
 
 -- The account hash: codec.py, StoredAccount (written in commit()).
 local function load()
-  local raw = redis.call('HMGET', K_ACCOUNT, 'seq', 'x0', 'lp', 'hp', 'st')
+  local raw = redis.call('HMGET', K_ACCOUNT, 'seq', 'x0', 'lp', 'hp', 'st', 'mt')
   A.exists = raw[1] ~= false
   A.status = raw[5] or 'A'
+  A.merged_into = raw[6]
   -- Every writer of this layout writes lp; an account hash without it is of the layout before
   -- lots had their own set (its points in l: fields this script does not read).
   A.older_layout = A.exists and raw[3] == false
@@ -185,6 +199,15 @@ local function find_lot(id, exp, kind, iss)
   return (id and A.lots[id]) or A.buckets[bucket_of(score, iss)]
 end
 
+-- A lot's id is the seq of the event that made it; an event making several lots (a merge, a
+-- refund of a merged account's transaction) numbers the k-th after the first seq + k * 2^40
+-- (codec.py, extra_lot_id): distinct from every seq an account will ever reach.
+local function fresh_lot_id()
+  local k = A.fresh or 0
+  A.fresh = k + 1
+  return A.seq + 1 + k * 1099511627776
+end
+
 -- A lot that is not stored (find_lot found none): empty until points are added.
 local function new_lot(id, exp, kind, iss)
   local l = {id = id, pts = 0, exp = exp, kind = kind, iss = iss}
@@ -273,7 +296,7 @@ end
 -- Puts n points back where allocation entry `e` took them from, recreating the lot (with its
 -- original id, expiry, kind and issuer) if it was emptied and removed; returns the lot effect.
 local function give_back(e, n)
-  local l = find_lot(e[1], e[3], e[4], e[5]) or new_lot(e[1], e[3], e[4], e[5])
+  local l = find_lot(e[1], e[3], e[4], e[5]) or new_lot(e[1] or fresh_lot_id(), e[3], e[4], e[5])
   add_pts(l, n)
   return {l.id, n, l.exp, l.kind, l.iss}
 end
@@ -407,11 +430,10 @@ local function finish(result)
     A.record_exp = fmt(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + IDEM_TTL * 1000)
     redis.call('SET', K_IDEM, A.record, 'PXAT', A.record_exp)  -- expires exactly when the entry says
   end
-  if result.code == 'OK' then
-    commit()
-  elseif A.record and ARGS.rid then
-    -- A refusal has no event; this entry tells the write-behind to keep its record durable too
-    -- (codec.py, IdempotencyNote).
+  if result.code == 'OK' then commit() end
+  if A.record and ARGS.rid and (result.code ~= 'OK' or #A.events == 0) then
+    -- A refusal (or a success that changed nothing: blocking a blocked card) has no event; this
+    -- entry tells the write-behind to keep its record durable too (codec.py, IdempotencyNote).
     redis.call('XADD', K_EVENTS, '*', 'i', cmsgpack.pack({account = ACCOUNT, rid = ARGS.rid}),
       'r', A.record, 'x', A.record_exp)
   end
@@ -453,7 +475,7 @@ end
 local function new_tx(type_, ev, fields)
   local rec = {type = type_, time = NOW, pos = ARGS.pos, pts = ev.pts, refunded = 0,
     available = ev.available, held = ev.held, lots = ev.lots, alloc = {}, ref = ev.ref or 0,
-    state = '', exp = 0, captured = 0, released = 0, capture = 0, amount = ev.amount or 0}
+    state = '', exp = 0, captured = 0, released = 0, capture = 0, amount = ev.amount or 0, racct = ev.racct or ''}
   for k, v in pairs(fields) do rec[k] = v end
   return rec
 end
@@ -531,6 +553,7 @@ local function profile_now()
     end
   end
   if any then p.attrs = attrs end
+  if next(p) == nil then return nil end -- cmsgpack would pack {} as an array
   return p
 end
 
@@ -620,6 +643,80 @@ function OPS.close()
   A.fields.st, A.fields.ct = 'C', fmt(NOW)
   emit(event_base('ACCOUNT_CLOSED', {pts = total, lots = gone}))
   return finish({pts = total, lots = gone})
+end
+
+-- Merge, step 1, on the source: closes it as MERGED into ARGS.target and records the move (its
+-- lots with their expiry, kind and issuer, its cards, the refund state of transactions merged
+-- into it) in its transactions hash's field "m" (codec.py, MergeMove) and the shard's merges
+-- set, both in this slot, so a crash before step 2 loses nothing: the recovery pass finishes it.
+-- Refused while holds are open: a till mid-sale keeps its hold (capture or void it first).
+function OPS.merge_out()
+  if held() > 0 then
+    return refuse('FAILED_PRECONDITION', 'ACCOUNT_HAS_OPEN_HOLDS', 'account ' .. ACCOUNT .. ' has '
+      .. fmt(held()) .. ' points on hold: capture or void them first', {held_points = fmt(held())})
+  end
+  local raw = redis.call('ZRANGEBYSCORE', K_LOTS, '(' .. fmt(lot_score(NOW, 'R')), '+inf', 'WITHSCORES')
+  local moved, gone, total = {}, {}, 0
+  for i = 1, #raw, 2 do
+    local l = read_lot(raw[i], raw[i + 1])
+    if l.pts > 0 then
+      moved[#moved + 1] = {l.id, l.pts, l.exp, l.kind, l.iss}
+      gone[#gone + 1] = {l.id, -l.pts, l.exp, l.kind, l.iss}
+      total = total + l.pts
+      add_pts(l, -l.pts)
+    end
+  end
+  local cards, card_list, foreign = {}, {}, {}
+  local fields = redis.call('HGETALL', K_ACCOUNT)
+  for i = 1, #fields, 2 do
+    local f, prefix = fields[i], string.sub(fields[i], 1, 2)
+    if prefix == 'c:' then
+      cards[string.sub(f, 3)] = fields[i + 1]
+      card_list[#card_list + 1] = string.sub(f, 3)
+      A.fields[f] = ''
+    elseif prefix == 'f:' then
+      foreign[string.sub(f, 3)] = fields[i + 1]
+      A.fields[f] = ''
+    end
+  end
+  table.sort(card_list)
+  A.fields.st, A.fields.mt, A.fields.mi, A.fields.mg = 'M', ARGS.target, ARGS.merge, fmt(NOW)
+  local move = {merge = ARGS.merge, source = ACCOUNT, target = ARGS.target, time = NOW, lots = moved, cards = cards}
+  if next(foreign) then move.foreign = foreign end
+  redis.call('HSET', K_TX, 'm', cmsgpack.pack(move))
+  redis.call('ZADD', K_MERGES, fmt(NOW), ACCOUNT)
+  -- `links`, `foreign`: the move's cards and refund states, for the journal (absent when empty:
+  -- cmsgpack packs an empty table as an array).
+  emit(event_base('MERGED_OUT', {pts = total, lots = gone, moved = moved, target = ARGS.target, merge = ARGS.merge,
+    cards = card_list, actor = ARGS.actor, why = ARGS.why, links = next(cards) and cards or nil,
+    foreign = next(foreign) and foreign or nil}))
+  return finish({pts = total, lots = moved, cards = card_list})
+end
+
+-- Merge, step 2, on the target: applies the move once (the field mh:<merge id>, which also
+-- lists the account's merge history, says it was). Each lot joins the lot of its expiry, kind
+-- and issuer here, or becomes a new one; the cards come with their states. Never refused but
+-- for a target itself merged since (the server follows): the points are already on their way.
+function OPS.merge_in()
+  if redis.call('HEXISTS', K_ACCOUNT, 'mh:' .. ARGS.merge) == 1 then return finish({}) end
+  local lots, total = {}, 0
+  for i, m in ipairs(ARGS.lots) do
+    local l = find_lot(nil, m[3], m[4], m[5]) or new_lot(fresh_lot_id(), m[3], m[4], m[5])
+    add_pts(l, m[2])
+    lots[i] = {l.id, m[2], m[3], m[4], m[5]}
+    total = total + m[2]
+  end
+  local links, card_list = ARGS.cards or {}, {}
+  for card, v in pairs(links) do
+    A.fields['c:' .. card] = v
+    card_list[#card_list + 1] = card
+  end
+  table.sort(card_list)
+  for txid, state in pairs(ARGS.foreign or {}) do A.fields['f:' .. txid] = state end
+  A.fields['mh:' .. ARGS.merge] = ARGS.source .. '|' .. fmt(NOW)
+  emit(event_base('MERGED_IN', {pts = total, lots = lots, source = ARGS.source, merge = ARGS.merge,
+    cards = card_list, links = next(links) and links or nil}))
+  return finish({pts = total, lots = lots})
 end
 
 -- GetAccount: the balance and the account hash (profile, cards, status) as one read.
@@ -737,12 +834,38 @@ end
 -- An earn's refund takes points back (from its own lot first: the lot of its expiry, kind and
 -- issuer, into which later earns of the same may have merged); a capture's or redemption's
 -- gives them back to the lots they came from, the last-spent first.
+-- A refund of a transaction of an account merged into this one (ARGS.facct): the server passes
+-- its record (BLOB, from the merged account, which never changes again); what has been
+-- refunded of it is kept here, in the account hash's field f:<transaction id> = "<points
+-- refunded>|<returned per allocation entry, comma-separated>" (codec.py, foreign_refund).
+-- Its lot ids are the merged account's: points go back by expiry, kind and issuer, to the lot
+-- this account keeps for them, or a new one.
+local function foreign_original()
+  local orig = cmsgpack.unpack(BLOB)
+  local key = 'f:' .. ARGS.facct .. '.' .. fmt(ARGS.orig)
+  local state = redis.call('HGET', K_ACCOUNT, key)
+  if state then
+    local refunded, returned = string.match(state, '^(%d+)|(.*)$')
+    orig.refunded = tonumber(refunded)
+    local i = 0
+    for r in string.gmatch(returned, '%d+') do
+      i = i + 1
+      orig.alloc[i][6] = tonumber(r)
+    end
+  end
+  for _, e in ipairs(orig.alloc) do e[1] = false end
+  for _, e in ipairs(orig.lots) do e[1] = false end
+  if orig.time <= NOW - TX_RETENTION then orig = nil end
+  return orig, key
+end
+
 function OPS.refund()
-  local orig = tx_get(ARGS.orig)
+  local orig, foreign
+  if ARGS.facct then orig, foreign = foreign_original() else orig = tx_get(ARGS.orig) end
   local refundable = {EARN = true, GRANT = true, CAPTURE = true, REDEMPTION = true}
   if not orig or not refundable[orig.type] then
     return refuse('NOT_FOUND', 'TRANSACTION_NOT_FOUND',
-      'no refundable transaction ' .. ACCOUNT .. '.' .. fmt(ARGS.orig))
+      'no refundable transaction ' .. (ARGS.facct or ACCOUNT) .. '.' .. fmt(ARGS.orig))
   end
   ARGS.pos = ARGS.pos or orig.pos
   local remaining = orig.pts - orig.refunded
@@ -775,10 +898,16 @@ function OPS.refund()
     end
   end
   orig.refunded = orig.refunded + want
-  local ev = event_base('REFUNDED', {pts = want, ref = ARGS.orig, lots = lots, refunded = orig.refunded,
-    returned = returned})
+  local ev = event_base('REFUNDED', {pts = want, ref = ARGS.orig, racct = ARGS.facct, lots = lots,
+    refunded = orig.refunded, returned = returned})
   local seq = emit(ev)
-  tx_put(ARGS.orig, orig)
+  if foreign then
+    local back = {}
+    for i, e in ipairs(orig.alloc) do back[i] = fmt(e[6]) end
+    A.fields[foreign] = fmt(orig.refunded) .. '|' .. table.concat(back, ',')
+  else
+    tx_put(ARGS.orig, orig)
+  end
   tx_put(seq, new_tx('REFUND', ev, {}))
   return finish({tx = seq, pts = want, lots = lots})
 end
@@ -804,9 +933,15 @@ if not A.exists and OP ~= 'create_account' then
 end
 -- A closed account does no new business: only reads, unlinking its cards and the sweeper's
 -- balance (no card) go on.
-local AFTER_CLOSE = {account = true, unlink_card = true, capture = true, void = true}
+-- A merged one sends everything else to its target (writing nothing); a merge may still land
+-- on a closed one (its step 1 ran before the closing), never lose its points.
+local AFTER_CLOSE = {account = true, unlink_card = true, capture = true, void = true, merge_in = true}
 if A.status == 'C' and not AFTER_CLOSE[OP] and not (OP == 'balance' and not ARGS.via) then
   return refuse('FAILED_PRECONDITION', 'ACCOUNT_CLOSED', 'account ' .. ACCOUNT .. ' is closed')
+end
+local AFTER_MERGE = {account = true, capture = true, void = true}
+if A.status == 'M' and not AFTER_MERGE[OP] and not (OP == 'balance' and not ARGS.via) then
+  return merged_into(A.merged_into)
 end
 if VIA_CARD and not ARGS.any_state then
   local c = parse_card(VIA_CARD)
@@ -819,6 +954,13 @@ end
 -- Neither function is no-writes: balance writes too when time has expired something. Without
 -- allow-cross-slot-keys, Redis Cluster refuses a call whose keys span slots.
 redis.register_function{function_name = 'pointauth_ledger_$VERSION', callback = ledger}
+
+-- Moves a card's index entry from one account to another only if it names the first (merges).
+-- KEYS: card bucket. ARGV: card number, from account, to account.
+redis.register_function{function_name = 'pointauth_move_card_$VERSION', callback = function(KEYS, ARGV)
+  if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HSET', KEYS[1], ARGV[1], ARGV[3]) end
+  return 0
+end}
 
 -- Gives a card claim back only if it still names this account (compare and delete).
 -- KEYS: card bucket. ARGV: card number, account id.

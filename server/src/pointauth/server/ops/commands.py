@@ -93,7 +93,12 @@ def reconcile_command(settings: Settings, settle_seconds: float = 5.0, out: Text
         report = await reconcile(redis, settings.postgres.dsn, keyspace, settle_seconds=settle_seconds)
         for difference in report.differences:
             print(difference, file=out)
-        verdict = "agree" if report.ok else f"DIFFER for {len({d.account_id for d in report.differences})} accounts"
+        for entry in report.directory:
+            print(entry, file=out)
+        differing = [f"{len({d.account_id for d in report.differences})} accounts"] if report.differences else []
+        if report.directory:
+            differing.append(f"{len(report.directory)} group directory entries")
+        verdict = "agree" if report.ok else f"DIFFER for {' and '.join(differing)}"
         print(
             f"reconcile: {report.accounts} accounts compared in {report.seconds:.1f} s "
             f"({report.accounts_per_second:,.0f}/s): Redis and PostgreSQL {verdict}",
@@ -124,7 +129,8 @@ def rehydrate_command(settings: Settings, force: bool = False, out: TextIO = sys
             return 1
         print(
             f"rehydrated {report.accounts} accounts, {report.transactions} transactions, {report.cards} cards, "
-            f"{report.idempotency_records} request ids in {report.seconds:.1f} s",
+            f"{report.idempotency_records} request ids, {report.directory_entries} group directory entries "
+            f"in {report.seconds:.1f} s",
             file=out,
         )
         return 0

@@ -1,7 +1,8 @@
 """Proves Redis and PostgreSQL agree, per account: the state Redis stores (sequence, lots, open
-holds, card link, hold index) equals the PostgreSQL projection of the journal; and the journal
-itself is complete, holding the account's events 1..last_seq once each, which add up to the points
-Redis holds.
+holds, cards and their states, status, profile, merge, merge history, refund states of merged
+accounts' transactions, hold index, card index) equals the PostgreSQL projection of the journal;
+and the journal itself is complete, holding the account's events 1..last_seq once each, which
+add up to the points Redis holds.
 
 Both sides are compared as stored, not as of a "now": Redis keeps an expired lot or hold until
 the next script call on the account, and so does the projection, which changes only by events.
@@ -25,7 +26,18 @@ import msgspec
 from redis.asyncio import Redis
 
 from pointauth.server.journal.pg import Connection, Record, connection
+from pointauth.server.journal.writer import (
+    ACCOUNT_MEMBER_COLUMNS,
+    CARD_ROW_COLUMNS,
+    card_from_row,
+    foreign_refunds,
+    merge_histories,
+    profile_from_row,
+    to_ms,
+)
 from pointauth.server.ledger import Keyspace, codec
+from pointauth.server.ops import directory as group_directory
+from pointauth.server.ops.directory import DirectoryDifference
 
 PAGE = 2000
 
@@ -50,10 +62,12 @@ class ReconcileReport:
     accounts: int = 0
     differences: list[Difference] = field(default_factory=list)
     seconds: float = 0.0
+    directory: list[DirectoryDifference] = field(default_factory=list)
+    """Where the group directory's companies, stores and terminals differ."""
 
     @property
     def ok(self) -> bool:
-        return not self.differences
+        return not self.differences and not self.directory
 
     @property
     def accounts_per_second(self) -> float:
@@ -65,19 +79,24 @@ class ReconcileReport:
 # compared with what Redis stores:
 # - the balance (available + held, as stored: expired lots count until an event expires them)
 #   from `points` by type: earning and granting add; redeeming, capturing and expiring lots take
-#   away; a refund gives back what a capture or redemption spent, or takes back what an earn gave
-#   (its lot effects' sign says which); holds move points between available and held, so add
-#   nothing, and neither does opening the account;
+#   away, and so does closing the account (forfeiting every lot's points); a merge takes every
+#   lot's points off the source (MERGED_OUT) and adds them to the target (MERGED_IN); a refund
+#   gives back what a capture or redemption spent, or takes back what an earn gave (its lot
+#   effects' sign says which, on whichever account it lands); holds move points between
+#   available and held, so add nothing, and neither do opening the account and the events of its
+#   cards and profile;
 # - the unheld points, Redis's lots: the sum of the lot effects;
 # - the held points, Redis's holds: each hold authorized, less each captured (with what its
 #   capture released), voided or expired.
 _EVENT_TYPES = (
     "ACCOUNT_OPENED", "EARN", "GRANT", "HOLD_AUTHORIZED", "HOLD_CAPTURED", "HOLD_VOIDED", "HOLD_EXPIRED",
-    "REDEEMED", "REFUNDED", "LOTS_EXPIRED",
+    "REDEEMED", "REFUNDED", "LOTS_EXPIRED", "CARD_LINKED", "CARD_UNLINKED", "CARD_BLOCKED", "CARD_UNBLOCKED",
+    "CARD_REISSUED", "PROFILE_UPDATED", "ACCOUNT_CLOSED", "MERGED_OUT", "MERGED_IN",
 )  # fmt: skip
 _BALANCE = """CASE type
     WHEN 'EARN' THEN points WHEN 'GRANT' THEN points
     WHEN 'REDEEMED' THEN -points WHEN 'HOLD_CAPTURED' THEN -points WHEN 'LOTS_EXPIRED' THEN -points
+    WHEN 'ACCOUNT_CLOSED' THEN -points WHEN 'MERGED_OUT' THEN -points WHEN 'MERGED_IN' THEN points
     WHEN 'REFUNDED' THEN coalesce(sign((lots -> 0 ->> 1)::bigint), 0)::bigint * points
     ELSE 0 END"""
 _UNHELD = "(SELECT coalesce(sum((effect ->> 1)::bigint), 0) FROM jsonb_array_elements(lots) AS effect)"
@@ -156,11 +175,23 @@ class _Side:
     lot_points: int = 0
     held_points: int = 0
     """The account hash's totals (Redis's side): the script keeps them equal to the sums."""
-    card: str | None = None
-    cards: list[str] = field(default_factory=list)
+    cards: dict[str, codec.CardLink] = field(default_factory=dict)
     """Redis: the account hash's card fields; PostgreSQL: the cards table's rows."""
+    status: codec.AccountStatusCode = "A"
+    opened_ms: int | None = None
+    closed_ms: int | None = None
+    profile: codec.MemberProfile = field(default_factory=codec.MemberProfile)
+    merged_into: str | None = None
+    merge_id: str | None = None
+    merged_ms: int | None = None
+    merges_in: dict[str, codec.MergeIn] = field(default_factory=dict)
+    """The merges into the account (its mh: fields), by merge id."""
+    foreign_refunds: dict[str, str] = field(default_factory=dict)
+    """The refund states of transactions of accounts merged into it (its f: fields)."""
     unindexed: set[int] = field(default_factory=set)
     """Open holds missing from the hold index (so the sweeper would never expire them)."""
+    card_owners: dict[str, str | None] = field(default_factory=dict)
+    """Redis: the account each card of the account (on either side) has in the card index."""
     undecodable: str = ""
     """Why the account's keys could not be read, if they could not."""
 
@@ -195,6 +226,11 @@ async def reconcile(
         while suspects and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
             suspects = await _compare(redis, conn, keyspace, sorted(suspects))
+        # The group directory, whose changes may be in flight too.
+        report.directory = await group_directory.differences(redis, conn, keyspace)
+        while report.directory and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            report.directory = await group_directory.differences(redis, conn, keyspace)
     report.differences = [d for diffs in suspects.values() for d in diffs]
     report.seconds = time.perf_counter() - started
     return report
@@ -299,11 +335,18 @@ def _journal_differences(
 
 async def _postgres_sides(conn: Connection, accounts: list[str]) -> dict[str, _Side]:
     sides = {
-        r["account_id"]: _Side(seq=r["last_seq"], card=r["card_number"])
+        r["account_id"]: _Side(
+            seq=r["last_seq"],
+            status=r["status"],
+            opened_ms=None if r["opened_at"] is None else to_ms(r["opened_at"]),
+            closed_ms=None if r["closed_at"] is None else to_ms(r["closed_at"]),
+            profile=profile_from_row(r["profile"]),
+            merged_into=r["merged_into"],
+            merge_id=r["merge_id"],
+            merged_ms=None if r["merged_at"] is None else to_ms(r["merged_at"]),
+        )
         for r in await conn.fetch(
-            "SELECT a.account_id, a.last_seq, c.card_number FROM accounts a"
-            " LEFT JOIN cards c ON c.account_id = a.account_id AND c.card_number = a.card_number"
-            " WHERE a.account_id = ANY($1::text[])",
+            f"SELECT account_id, last_seq, {ACCOUNT_MEMBER_COLUMNS} FROM accounts WHERE account_id = ANY($1::text[])",
             accounts,
         )
     }
@@ -321,10 +364,15 @@ async def _postgres_sides(conn: Connection, accounts: list[str]) -> dict[str, _S
     ):
         sides[r["account_id"]].holds[r["seq"]] = codec.HoldEntry(r["points"], r["expire_ms"])
     for r in await conn.fetch(
-        "SELECT account_id, card_number FROM cards WHERE account_id = ANY($1::text[]) ORDER BY card_number", accounts
+        f"SELECT {CARD_ROW_COLUMNS} FROM cards WHERE account_id = ANY($1::text[]) ORDER BY card_number", accounts
     ):
         if r["account_id"] in sides:
-            sides[r["account_id"]].cards.append(r["card_number"])
+            sides[r["account_id"]].cards[r["card_number"]] = card_from_row(r)
+    known = list(sides)
+    for account, history in (await merge_histories(conn, known)).items():
+        sides[account].merges_in = history
+    for account, states in (await foreign_refunds(conn, known)).items():
+        sides[account].foreign_refunds = states
     return sides
 
 
@@ -335,33 +383,33 @@ async def _redis_sides(redis: Redis, keyspace: Keyspace, accounts: list[str], pg
             pipe.hgetall(keys.account)
             pipe.zrange(keys.lots, 0, -1, withscores=True)
             pipe.zrange(keys.open_holds, 0, -1, withscores=True)
-        for account in accounts:
-            side = pg.get(account)
-            if side is not None and side.card is not None:
-                pipe.hget(keyspace.card_bucket(side.card), side.card)
-            for seq in sorted(side.holds) if side is not None else ():
-                pipe.zscore(keyspace.account(account).holds, codec.hold_member(account, seq))
         replies: list[Any] = await pipe.execute()
     sides: dict[str, _Side] = {}
     for i, account in enumerate(accounts):
         stored, lots, holds = replies[3 * i : 3 * i + 3]
         if stored:
             sides[account] = _parse_account(stored, lots, holds)
-    rest = iter(replies[3 * len(accounts) :])
-    for account in accounts:
-        side = pg.get(account)
-        if side is None:
-            continue
-        found = sides.get(account)
-        if side.card is not None:
-            owner = next(rest)
-            if found is not None and codec.decode_card_owner(owner) == account:
-                found.card = side.card
-        for seq in sorted(side.holds):
-            score = next(rest)
-            # The hold index entry is what lets the sweeper expire the hold: it must be there.
-            if found is not None and seq in found.holds and score is None:
-                found.unindexed.add(seq)
+    # The indexes, for what the accounts have: the card index entry of every card of the account
+    # (Redis's or PostgreSQL's), which servers look cards up by; the hold index entry of every
+    # open hold, which lets the sweeper expire the hold.
+    checks: list[tuple[_Side, str | None, int | None]] = []
+    async with redis.pipeline(transaction=False) as pipe:
+        for account in accounts:
+            found, side = sides.get(account), pg.get(account)
+            if found is None or found.undecodable:
+                continue
+            for card in sorted(found.cards.keys() | (side.cards.keys() if side is not None else set())):
+                pipe.hget(keyspace.card_bucket(card), card)
+                checks.append((found, card, None))
+            for seq in sorted(side.holds) if side is not None else ():
+                pipe.zscore(keyspace.account(account).holds, codec.hold_member(account, seq))
+                checks.append((found, None, seq))
+        replies = await pipe.execute() if checks else []
+    for (found, checked_card, checked_hold), reply in zip(checks, replies, strict=True):
+        if checked_card is not None:
+            found.card_owners[checked_card] = codec.decode_card_owner(reply)
+        elif checked_hold in found.holds and reply is None:
+            found.unindexed.add(checked_hold)
     return sides
 
 
@@ -379,6 +427,15 @@ def _parse_account(
         lot_points=account.lot_points,
         held_points=account.held_points,
         cards=account.cards,
+        status=account.status,
+        opened_ms=account.opened_ms,
+        closed_ms=account.closed_ms,
+        profile=account.profile,
+        merged_into=account.merged_into,
+        merge_id=account.merge_id,
+        merged_ms=account.merged_ms,
+        merges_in=account.merges_in,
+        foreign_refunds=account.foreign_refunds,
     )
 
 
@@ -413,11 +470,71 @@ def _differences(account: str, rd: _Side | None, pg: _Side | None) -> Iterable[D
             yield Difference(account, f"hold {seq}", _fmt(r), _fmt(p))
         elif seq in rd.unindexed:
             yield Difference(account, f"hold {seq} (not in the hold index)", _fmt(r), _fmt(p))
-    if pg.card is not None and rd.card != pg.card:
-        yield Difference(account, "card", "not linked", pg.card)
-    # The script trusts the account's own card fields: each card of the account, no other.
-    if rd.cards != pg.cards:
+    # The script trusts the account's own card fields: each card of the account, no other, in
+    # the state, kind and times the events gave it.
+    if rd.cards.keys() != pg.cards.keys():
         yield Difference(account, "cards on the account", ",".join(rd.cards) or "none", ",".join(pg.cards) or "none")
+    for card in sorted(rd.cards.keys() & pg.cards.keys()):
+        if rd.cards[card] != pg.cards[card]:
+            yield Difference(account, f"card {card}", _card(rd.cards[card]), _card(pg.cards[card]))
+    # Servers find a card's account through the card index: every card of the account must be
+    # found there, on this account.
+    for card, owner in sorted(rd.card_owners.items()):
+        if owner != account:
+            said = f"names {owner}" if owner is not None else "has no entry"
+            text = f"the card index {said} for card {card} of the account"
+            yield Difference(account, f"card {card} in the card index", owner or "absent", account, text)
+    if (rd.status, rd.closed_ms, rd.merged_into, rd.merge_id, rd.merged_ms) != (
+        pg.status, pg.closed_ms, pg.merged_into, pg.merge_id, pg.merged_ms
+    ):  # fmt: skip
+        yield Difference(account, "status", _status(rd), _status(pg))
+    # The merges into the account (mh:<merge id>, "<source>|<ms>"), and what has been refunded of
+    # the transactions of the accounts merged into it (f:<transaction id>), which its refunds read.
+    for merge in sorted(rd.merges_in.keys() | pg.merges_in.keys()):
+        r_in, p_in = rd.merges_in.get(merge), pg.merges_in.get(merge)
+        if r_in != p_in:
+            yield Difference(account, f"merge {merge} into the account", _merge_in(r_in), _merge_in(p_in))
+    for txid in sorted(rd.foreign_refunds.keys() | pg.foreign_refunds.keys()):
+        r_f, p_f = rd.foreign_refunds.get(txid), pg.foreign_refunds.get(txid)
+        if r_f != p_f:
+            yield Difference(account, f"refund state of {txid}", r_f or "absent", p_f or "absent")
+    # Accounts opened before the account hash kept the opening time have none in Redis.
+    if rd.opened_ms is not None and rd.opened_ms != pg.opened_ms:
+        yield Difference(
+            account, "opened", str(rd.opened_ms), str(pg.opened_ms) if pg.opened_ms is not None else "none"
+        )
+    if rd.profile != pg.profile:
+        yield Difference(account, "profile", _profile(rd.profile), _profile(pg.profile))
+
+
+def _card(link: codec.CardLink) -> str:
+    """The card as its field keeps it: <state><kind>[<link ms>[:<state ms>[:<replaced by>]]]."""
+    return codec.encode_card_link(link).decode()
+
+
+_STATUSES = {"A": "active", "C": "closed", "M": "merged"}
+
+
+def _merge_in(came: codec.MergeIn | None) -> str:
+    """A merge into the account as its mh: field keeps it: <source>|<ms>."""
+    return "absent" if came is None else f"{came.source}|{came.time}"
+
+
+def _status(side: _Side) -> str:
+    """The status as the account hash says it (`st`, `ct`, `mt`, `mi`, `mg`): active, closed at
+    <ms>, merged into <account> by <merge id> at <ms>."""
+    said = _STATUSES.get(side.status, side.status)
+    if side.merged_into is not None or side.merge_id is not None or side.merged_ms is not None:
+        said += f" into {side.merged_into} by {side.merge_id} at {side.merged_ms}"
+    if side.closed_ms is None:
+        return said
+    return f"closed at {side.closed_ms}" if side.status == "C" else f"{said}, closed at {side.closed_ms}"
+
+
+def _profile(profile: codec.MemberProfile) -> str:
+    """The profile as its events carry it (JSON, attributes in name order)."""
+    attrs = dict(sorted(profile.attrs.items())) if profile.attrs else None
+    return msgspec.json.encode(msgspec.structs.replace(profile, attrs=attrs)).decode()
 
 
 def _fmt(value: codec.LotEntry | codec.HoldEntry | None) -> str:

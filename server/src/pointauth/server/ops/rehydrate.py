@@ -1,7 +1,16 @@
 """Rebuilds Redis from PostgreSQL after Redis was lost: accounts (hash, lots, open holds),
 transaction records (open holds and those within the refund window), the hold index,
-the card index (and each account's own card fields, which the ledger script checks) and the
-request-id records still within their TTL.
+the card index (and each account's own card fields, with their states, which the ledger script
+checks), each account's status and member profile, and the request-id records still within
+their TTL. And merges: a merged account's status and target, each account's merge history and
+the refund states it keeps of transactions of the accounts merged into it (its mh: and f:
+fields), every merged account's move record, and, for a merge whose step 2 had not reached
+PostgreSQL, the source's place in its shard's list of unfinished merges, with its cards' index
+entries still naming it: the recovery pass (Ledger.finish_merges) then finishes the merge.
+
+A merged account's transaction refunded since on the account it was merged into comes back as
+PostgreSQL has it, everything refunded of it (Redis had kept it as it was at the merge): the
+script reads the refund state from the f: field first, so refunds go on the same.
 
 What PostgreSQL had not yet received when Redis was lost (the worker's lag, about a second of
 traffic) cannot come back; the tills' retries with the same request ids redo those requests.
@@ -18,8 +27,19 @@ from redis.asyncio import Redis
 
 from pointauth.server.journal.pg import connection
 from pointauth.server.journal.status import stream_backlogs
-from pointauth.server.journal.writer import record_from_row
+from pointauth.server.journal.writer import (
+    ACCOUNT_MEMBER_COLUMNS,
+    CARD_ROW_COLUMNS,
+    card_from_row,
+    foreign_refunds,
+    merge_histories,
+    merge_moves,
+    profile_from_row,
+    record_from_row,
+    to_ms,
+)
 from pointauth.server.ledger import Keyspace, codec
+from pointauth.server.ops import directory
 
 PAGE = 1000
 Progress = Callable[[int, int], None]
@@ -36,6 +56,10 @@ class RehydrateReport:
     idempotency_records: int
     cards: int
     seconds: float
+    directory_entries: int = 0
+    """Companies, stores and terminals of the group directory."""
+    unfinished_merges: int = 0
+    """Merges put back on their shard's list for the recovery pass to finish."""
 
 
 async def rehydrate(
@@ -61,13 +85,14 @@ async def rehydrate(
                 f"{total} events in {len(backlog)} streams are not in PostgreSQL yet: let the worker apply them "
                 "(pointauth status shows the backlog), or force the rebuild and lose them"
             )
-    counts = {"accounts": 0, "transactions": 0, "idempotency": 0, "cards": 0}
+    counts = {"accounts": 0, "transactions": 0, "idempotency": 0, "cards": 0, "merges": 0}
     async with connection(dsn) as conn:
         total = int(await conn.fetchval("SELECT count(*) FROM accounts"))
         after = ""
         while True:
             accounts = await conn.fetch(
-                "SELECT account_id, last_seq FROM accounts WHERE account_id > $1 ORDER BY account_id LIMIT $2",
+                f"SELECT account_id, last_seq, {ACCOUNT_MEMBER_COLUMNS} FROM accounts"
+                " WHERE account_id > $1 ORDER BY account_id LIMIT $2",
                 after,
                 page,
             )
@@ -91,21 +116,33 @@ async def rehydrate(
                 " FROM idempotency_records WHERE account_id = ANY($1::text[]) AND expires_at > now() + interval '1 s'",
                 ids,
             )
-            cards = await conn.fetch(
-                "SELECT card_number, account_id FROM cards WHERE account_id = ANY($1::text[])", ids
-            )
+            cards = await conn.fetch(f"SELECT {CARD_ROW_COLUMNS} FROM cards WHERE account_id = ANY($1::text[])", ids)
+            history = await merge_histories(conn, ids)
+            foreign = await foreign_refunds(conn, ids)
+            moves = await merge_moves(conn, [r["account_id"] for r in accounts if r["status"] == "M"])
             hashes = {
                 # x0: where the script's pruning of old transaction records resumes; the first
                 # record restored below lowers it.
-                r["account_id"]: codec.StoredAccount(seq=r["last_seq"], x0=r["last_seq"] + 1)
+                r["account_id"]: codec.StoredAccount(
+                    seq=r["last_seq"],
+                    x0=r["last_seq"] + 1,
+                    status=r["status"],
+                    opened_ms=None if r["opened_at"] is None else to_ms(r["opened_at"]),
+                    closed_ms=None if r["closed_at"] is None else to_ms(r["closed_at"]),
+                    profile=profile_from_row(r["profile"]),
+                    merged_into=r["merged_into"],
+                    merge_id=r["merge_id"],
+                    merged_ms=None if r["merged_at"] is None else to_ms(r["merged_at"]),
+                    merges_in=history.get(r["account_id"], {}),
+                    foreign_refunds=foreign.get(r["account_id"], {}),
+                )
                 for r in accounts
             }
             for r in lots:
                 lot = codec.LotEntry(r["lot_id"], r["points"], r["expire_ms"], r["kind"], r["issuer_id"])
                 hashes[r["account_id"]].lots[lot.lot_id] = lot
-            account_cards: dict[str, list[str]] = {}
             for r in cards:
-                account_cards.setdefault(r["account_id"], []).append(r["card_number"])
+                hashes[r["account_id"]].cards[r["card_number"]] = card_from_row(r)
             async with redis.pipeline(transaction=False) as pipe:
                 for account in hashes:
                     keys = keyspace.account(account)
@@ -123,7 +160,20 @@ async def rehydrate(
                     keys = keyspace.account(account)
                     layout = codec.encode_account(
                         codec.account_of(
-                            stored.seq, stored.x0, stored.lots, stored.holds, account_cards.get(account, ())
+                            stored.seq,
+                            stored.x0,
+                            stored.lots,
+                            stored.holds,
+                            stored.cards,
+                            status=stored.status,
+                            opened_ms=stored.opened_ms,
+                            closed_ms=stored.closed_ms,
+                            profile=stored.profile,
+                            merged_into=stored.merged_into,
+                            merge_id=stored.merge_id,
+                            merged_ms=stored.merged_ms,
+                            merges_in=stored.merges_in,
+                            foreign_refunds=stored.foreign_refunds,
                         )
                     )
                     pipe.hset(keys.account, mapping=layout.fields)  # type: ignore[arg-type]  # dict keys are invariant
@@ -138,6 +188,17 @@ async def rehydrate(
                 for r in cards:
                     card = r["card_number"]
                     pipe.hset(keyspace.card_bucket(card), card, codec.card_owner_value(r["account_id"]))
+                # A merged account keeps its move record. One whose merge is unfinished is on its
+                # shard's list for the recovery pass, and its cards' index entries name it still
+                # (steps 2 and 3 move them: a till's call meets the merged account, and follows).
+                for source, (move, unfinished) in sorted(moves.items()):
+                    keys = keyspace.account(source)
+                    pipe.hset(keys.transactions, codec.MERGE_MOVE_FIELD, codec.encode_merge_move(move))
+                    if unfinished:
+                        pipe.zadd(keys.merges, {source: move.time})
+                        for card in move.cards if isinstance(move.cards, dict) else {}:
+                            pipe.hset(keyspace.card_bucket(card), card, codec.card_owner_value(source))
+                        counts["merges"] += 1
                 await pipe.execute()
             counts["accounts"] += len(accounts)
             counts["transactions"] += len(records)
@@ -145,12 +206,16 @@ async def rehydrate(
             counts["cards"] += len(cards)
             if progress is not None:
                 progress(counts["accounts"], total)
+        # And the group directory (its keys, and its version, above which new changes go on).
+        directory_entries = await directory.restore(redis, conn, keyspace)
     return RehydrateReport(
+        directory_entries=directory_entries,
         accounts=counts["accounts"],
         transactions=counts["transactions"],
         idempotency_records=counts["idempotency"],
         cards=counts["cards"],
         seconds=time.perf_counter() - started,
+        unfinished_merges=counts["merges"],
     )
 
 

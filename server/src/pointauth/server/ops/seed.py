@@ -26,6 +26,7 @@ from pointauth.server.journal.pg import connection
 from pointauth.server.ledger import codec
 from pointauth.server.ledger.keys import CARD_BUCKETS, Keyspace
 from pointauth.server.ops.progress import ProgressBar
+from pointauth.server.ops.seed_group import SeedGroup, load_group
 
 DAY_MS = 86_400_000
 SEED_ISSUER = b"seed-retail"
@@ -176,7 +177,10 @@ def load_redis(
         raise RuntimeError(f"Redis refused {len(pipe.errors)} seeding commands, first: {pipe.errors[0]!r}")
 
 
-_ACCOUNT_COLUMNS = ("account_id", "shard", "card_number", "last_seq", "opened_at")
+# No opened_at, status or profile: a seeded account hash has no `ot` and no profile, and is
+# active; nor linked_at for its cards, whose fields have no link time (codec.CardLink "AP"), so
+# that rehydrate gives back exactly the hash seeded.
+_ACCOUNT_COLUMNS = ("account_id", "shard", "card_number", "last_seq")
 _JOURNAL_COLUMNS = (
     "event_id", "account_id", "seq", "type", "points", "lots", "issuer_id", "company_id",
     "event_time", "stream", "entry_id",
@@ -192,7 +196,7 @@ def postgres_chunk(start: int, count: int, anchor_ms: int, keyspace: Keyspace) -
     for n in range(start, start + count):
         account, cards, lots = seed_account(n, anchor_ms)
         shard = crc(account) % keyspace.shards
-        rows["accounts"].append(b"%s\t%d\t%s\t%d\t%s\n" % (account, shard, cards[0], len(lots), opened))
+        rows["accounts"].append(b"%s\t%d\t%s\t%d\n" % (account, shard, cards[0], len(lots)))
         rows["cards"].extend(b"%s\t%s\n" % (card, account) for card in cards)
         for lot_id, points, expire_ms, kind in lots:
             rows["lots"].append(b"%s\t%d\t%d\t%d\t%s\t%s\n" % (account, lot_id, points, expire_ms, kind, SEED_ISSUER))
@@ -249,12 +253,20 @@ def _load_redis_process(redis_url: str, shards: int, todo: list[tuple[int, int]]
     load_redis(redis_url, Keyspace(shards), todo, anchor_ms, count)
 
 
-def seed_command(settings: Settings, accounts: int, out: TextIO = sys.stdout) -> int:
-    """Seeds accounts 0..accounts-1 into both stores at once: Redis from a second process
-    (generating its commands costs a core), PostgreSQL from this one."""
+def seed_command(settings: Settings, accounts: int, out: TextIO = sys.stdout, group: SeedGroup | None = None) -> int:
+    """Seeds the group directory (`group`, by default SeedGroup()'s), then accounts
+    0..accounts-1 into both stores at once: Redis from a second process (generating its commands
+    costs a core), PostgreSQL from this one."""
     import redis as redis_sync
 
     keyspace = Keyspace(settings.ledger.shards)
+    group = group or SeedGroup()
+    added = asyncio.run(load_group(settings.redis.url, settings.postgres.dsn, keyspace, group))
+    print(
+        f"group directory: {group.companies} companies, {group.stores} stores, {group.points_of_sale} terminals "
+        f"({added} entries new in Redis)",
+        file=out,
+    )
     anchor_ms = int(time.time() // 86_400) * DAY_MS  # today, 00:00 UTC: expiries ahead of now
     client = redis_sync.Redis.from_url(settings.redis.url)
     seeded = redis_seeded(client)

@@ -21,6 +21,8 @@ class AccountsService:
         kind: CardKindCode = "P",
         profile: ProfileChange | None = None,
     ) -> OpResult:
+        if profile is not None and profile.hc and self.points.directory is not None:
+            self.points.directory.check_company(profile.hc, "profile.home_company_id")
         return await self.ledger.create_account(
             account_id, card_number, request_id, fingerprint, kind=kind, profile=profile
         )
@@ -36,6 +38,7 @@ class AccountsService:
         request_id: str,
         fingerprint: str,
     ) -> Outcome:
+        self.points.check_point_of_sale(pos)
         account, result = await self.ledger.on_card(
             card_number,
             lambda account: self.ledger.earn(

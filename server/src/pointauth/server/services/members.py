@@ -6,11 +6,18 @@ from __future__ import annotations
 from typing import Literal
 
 from pointauth.server.ledger import AccountView, CardKindCode, Ledger, OpResult, ProfileChange
+from pointauth.server.services.directory import DirectoryService
 
 
 class MembersService:
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: Ledger, directory: DirectoryService | None = None) -> None:
         self.ledger = ledger
+        self.directory = directory
+        """Home companies are checked against it; None: no check."""
+
+    def check_profile(self, change: ProfileChange, field: str = "profile.home_company_id") -> None:
+        if change.hc and self.directory is not None:
+            self.directory.check_company(change.hc, field)
 
     async def account(self, *, account_id: str | None = None, card_number: str | None = None) -> AccountView:
         if card_number is not None:
@@ -21,6 +28,7 @@ class MembersService:
     async def update_profile(
         self, account_id: str, change: ProfileChange, *, request_id: str, fingerprint: str
     ) -> AccountView:
+        self.check_profile(change)
         await self.ledger.update_profile(account_id, change, request_id=request_id, fingerprint=fingerprint)
         return await self.ledger.account(account_id)
 
@@ -47,4 +55,11 @@ class MembersService:
     ) -> tuple[str, OpResult]:
         return await self.ledger.reissue_card(
             card_number, new_card, kind, request_id=request_id, fingerprint=fingerprint
+        )
+
+    async def merge(
+        self, source: str, target: str, *, request_id: str, fingerprint: str, actor: str, why: str
+    ) -> OpResult:
+        return await self.ledger.merge(
+            source, target, request_id=request_id, fingerprint=fingerprint, actor=actor, why=why
         )

@@ -8,6 +8,7 @@ from pointauth.server.clock import Clock
 from pointauth.server.domain.reasons import ErrorReason
 from pointauth.server.ledger import Ledger, LedgerRefusal, OpResult, PointOfSaleRef, TransactionRecord
 from pointauth.server.rules.earn_policy import EarnPolicy
+from pointauth.server.services.directory import DirectoryService
 from pointauth.server.services.refusals import not_found, renamed_not_found
 
 
@@ -19,10 +20,21 @@ class Outcome(NamedTuple):
 
 
 class PointsService:
-    def __init__(self, ledger: Ledger, policy: EarnPolicy, clock: Clock) -> None:
+    def __init__(
+        self, ledger: Ledger, policy: EarnPolicy, clock: Clock, directory: DirectoryService | None = None
+    ) -> None:
         self.ledger = ledger
         self.policy = policy
         self.clock = clock
+        self.directory = directory
+        """The group directory every point of sale is checked against; None: no check."""
+
+    def check_point_of_sale(self, pos: PointOfSaleRef) -> None:
+        """Refuses a point of sale the group directory lacks, before anything reaches the ledger
+        (so nothing is written, not even an idempotency record: a retry after the store is
+        registered goes through). From this process's copy: no round trip."""
+        if self.directory is not None:
+            self.directory.check(pos)
 
     # A call made for a card goes through Ledger.on_card: one round trip when the process
     # knows the card's account, and refused, never misapplied, if that link has gone stale.
@@ -37,6 +49,7 @@ class PointsService:
         request_id: str,
         fingerprint: str,
     ) -> Outcome:
+        self.check_point_of_sale(pos)
         points = self.policy.points_for(purchase_amount)
         account, result = await self.ledger.on_card(
             card_number,
@@ -58,6 +71,7 @@ class PointsService:
     async def authorize(
         self, card_number: str, *, points: int, ttl_ms: int, pos: PointOfSaleRef, request_id: str, fingerprint: str
     ) -> Outcome:
+        self.check_point_of_sale(pos)
         account, result = await self.ledger.on_card(
             card_number,
             lambda account: self.ledger.authorize(
@@ -71,6 +85,8 @@ class PointsService:
             ),
         )
         return Outcome(account, result)
+
+    # Capture and void act at the hold's own point of sale, checked when it was authorized.
 
     async def capture(
         self, account_id: str, hold_seq: int, *, points: int | None, request_id: str, fingerprint: str
@@ -91,6 +107,7 @@ class PointsService:
     async def redeem(
         self, card_number: str, *, points: int, pos: PointOfSaleRef, request_id: str, fingerprint: str
     ) -> Outcome:
+        self.check_point_of_sale(pos)
         account, result = await self.ledger.on_card(
             card_number,
             lambda account: self.ledger.redeem(
@@ -108,11 +125,15 @@ class PointsService:
         pos: PointOfSaleRef | None,
         request_id: str,
         fingerprint: str,
-    ) -> OpResult:
+    ) -> Outcome:
+        """Lands on the account the transaction's account was merged into, if it was."""
+        if pos is not None:
+            self.check_point_of_sale(pos)
         try:
-            return await self.ledger.refund(
+            account, result = await self.ledger.refund_following(
                 account_id, original_seq, points=points, pos=pos, request_id=request_id, fingerprint=fingerprint
             )
+            return Outcome(account, result)
         except LedgerRefusal as refusal:
             message = f"no refundable transaction {account_id}.{original_seq}"
             raise renamed_not_found(refusal, ErrorReason.TRANSACTION_NOT_FOUND, message) from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pointauth.server.domain import reasons
+from pointauth.server.domain.group import Refusal
 from pointauth.server.domain.reasons import ErrorReason, Reason
 from pointauth.server.ledger import LedgerRefusal, OpResult
 
@@ -16,3 +17,10 @@ def renamed_not_found(refusal: LedgerRefusal, reason: Reason, message: str) -> L
     if refusal.result.reason != reasons.name(ErrorReason.ACCOUNT_NOT_FOUND):
         return refusal
     return not_found(reason, message)
+
+
+def group_refusal(refusal: Refusal) -> LedgerRefusal:
+    """A refusal of the group directory (domain/group.py), raised as the ledger's are."""
+    return LedgerRefusal(
+        OpResult(code=refusal.code, reason=refusal.reason_name, message=refusal.message, meta=dict(refusal.metadata))
+    )
