@@ -206,6 +206,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--postgres-dsn", help="use this PostgreSQL instead of starting one (with --redis-url)")
     p.add_argument("--worker-cmd", help="write-behind worker command to run (default: `pointauth worker` if present)")
     p.add_argument("--data-dir", type=Path, help="embedded stack folder (default: a temporary one, removed)")
+    p.add_argument(
+        "--settle",
+        action="store_true",
+        help="before measuring: VACUUM ANALYZE and CHECKPOINT PostgreSQL, and let a Redis AOF rewrite finish",
+    )
     p.add_argument("--json", type=Path, help="also write the results here")
     return p.parse_args(argv)
 
@@ -218,6 +223,24 @@ def _seed_redis(redis_url: str, shards: int, todo: list[tuple[int, int]], anchor
             done.value += n
 
     seeding.load_redis(redis_url, Keyspace(shards), todo, anchor_ms, count)
+
+
+def settle(client: redis.Redis, postgres_dsn: str) -> None:
+    """What a fresh load leaves to do, done before measuring rather than during it: PostgreSQL's
+    vacuum and statistics of the new rows and a checkpoint, and Redis's AOF rewrite if one runs."""
+    from pointauth.server.journal.pg import connection
+
+    async def vacuum() -> None:
+        async with connection(postgres_dsn) as conn:
+            await conn.execute("VACUUM ANALYZE")
+            await conn.execute("CHECKPOINT")
+
+    started = time.monotonic()
+    if postgres_dsn:
+        asyncio.run(vacuum())
+    while client.info("persistence").get("aof_rewrite_in_progress"):
+        time.sleep(0.5)
+    print(f"settled in {time.monotonic() - started:.0f} s (VACUUM ANALYZE, CHECKPOINT, AOF rewrite)", file=sys.stderr)
 
 
 def seed(redis_url: str, postgres_dsn: str, keyspace: Keyspace, accounts: int) -> tuple[int, float]:
@@ -320,6 +343,8 @@ def run(args: argparse.Namespace, out: contextlib.ExitStack) -> dict[str, Any]:
         if written == args.accounts:
             memory["bytes_per_account"] = round((used_memory(client) - before) / written, 1)
     check_population(client, keyspace, population)
+    if args.settle:
+        settle(client, postgres_dsn)
     memory["used_memory"] = used_memory(client)
     memory.setdefault("bytes_per_account_upper_bound", round(memory["used_memory"] / args.accounts, 1))
 

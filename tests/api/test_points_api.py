@@ -9,7 +9,7 @@ import grpc
 import pytest
 from redis.asyncio import Redis
 
-from pointauth.client import ConflictError, NotFoundError, PointsClient, RefusedError, new_request_id
+from pointauth.client import ConflictError, NotFoundError, PointauthError, PointsClient, RefusedError, new_request_id
 from pointauth.server.clock import ManualClock
 from pointauth.server.ledger import Keyspace
 from pointauth.v1 import common_pb2
@@ -408,3 +408,64 @@ async def test_a_card_unknown_at_first_is_found_once_linked(client: PointsClient
         await client.get_balance("4000000000000777")
     await client.create_account("late-1", "4000000000000777")
     assert (await client.get_balance("4000000000000777")).account_id == "late-1"
+
+
+async def test_balance_pages_through_the_lots_in_spending_order(
+    client: PointsClient, member: str, clock: ManualClock
+) -> None:
+    now = clock.now_ms()
+    # 1,000 points expiring in 30 days (the member's), and 45 more lots, three at each of 15
+    # expiries (two issuers, two kinds): 46 lots.
+    for day in range(1, 16):
+        await client.grant_points(member, day, at(now + day * DAY_MS), STORE)
+        await client.grant_points(member, 100 + day, at(now + day * DAY_MS), OTHER_STORE)
+        await client.grant_points(
+            member, 200 + day, at(now + day * DAY_MS), STORE, kind=common_pb2.LOT_KIND_LIMITED_TIME
+        )
+    everything = [
+        (lot.expire_time.ToMilliseconds(), lot.kind, lot.lot_id)
+        for lot in (await client.get_balance(member, page_size=500)).lots
+    ]
+    assert len(everything) == 46
+    seen, token, pages = [], "", 0
+    while True:
+        page = await client.get_balance(member, page_size=7, page_token=token)
+        assert page.balance.available_points == 1000 + sum(300 + 3 * day for day in range(1, 16))
+        seen += [(lot.expire_time.ToMilliseconds(), lot.kind, lot.lot_id) for lot in page.lots]
+        pages += 1
+        token = page.next_page_token
+        if not token:
+            break
+    assert (seen, pages) == (everything, 7)  # 6 full pages and one of 4
+    default = await client.get_balance(member)
+    assert [lot.lot_id for lot in default.lots] == [lot_id for _, _, lot_id in everything[:20]]
+    assert default.next_page_token
+
+
+async def test_a_lot_spent_between_pages_is_not_shown_and_none_twice(
+    client: PointsClient, member: str, clock: ManualClock
+) -> None:
+    now = clock.now_ms()
+    for day in range(1, 5):
+        await client.grant_points(member, 10, at(now + day * DAY_MS), STORE)
+    first = await client.get_balance(member, page_size=2)
+    await client.redeem_points(member, STORE, 25)  # empties day 1 and 2, 5 points off day 3
+    rest = await client.get_balance(member, page_size=10, page_token=first.next_page_token)
+    assert [(lot.points, lot.expire_time.ToMilliseconds()) for lot in rest.lots] == [
+        (5, now + 3 * DAY_MS),
+        (10, now + 4 * DAY_MS),
+        (1000, now + 30 * DAY_MS),
+    ]
+    assert rest.next_page_token == ""
+
+
+@pytest.mark.parametrize(
+    ("page_size", "page_token", "field"),
+    [(-1, "", "page_size"), (501, "", "page_size"), (0, "bm90IGEgdG9rZW4", "page_token")],
+)
+async def test_a_bad_page_is_invalid(
+    client: PointsClient, member: str, page_size: int, page_token: str, field: str
+) -> None:
+    with pytest.raises(PointauthError) as caught:
+        await client.get_balance(member, page_size=page_size, page_token=page_token)
+    assert list(caught.value.field_violations) == [field]

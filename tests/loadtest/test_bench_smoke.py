@@ -24,7 +24,7 @@ def test_quick_bench_reports_ordered_percentiles_and_no_errors(
     out = tmp_path / "bench.json"
     command = [
         sys.executable, "-m", "loadtest.bench", "--quick",
-        "--accounts", "1000", "--workers", "1", "--clients", "1",
+        "--accounts", "1000", "--workers", "1", "--clients", "1", "--settle",
         "--redis-url", stack.redis.url, "--postgres-dsn", stack.postgres.dsn, "--json", str(out),
     ]  # fmt: skip
     run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
@@ -56,6 +56,7 @@ def test_quick_bench_reports_ordered_percentiles_and_no_errors(
     assert result["redis_memory"]["accounts"] == 1000
     assert result["redis_memory"]["used_memory"] > 0
 
+    assert "settled in" in run.stderr  # --settle vacuumed PostgreSQL before measuring
     # One table, printed once the ratios to the references are known (progress goes to stderr).
     output = run.stdout + run.stderr
     assert output.count(HEADER) == 1, output

@@ -171,8 +171,11 @@ class PointsClient:
             request.points = points
         return await self._call(self._points.RefundTransaction, request)
 
-    async def get_balance(self, card_number: str) -> pb.GetBalanceResponse:
-        return await self._call(self._points.GetBalance, pb.GetBalanceRequest(card_number=card_number))
+    async def get_balance(self, card_number: str, *, page_size: int = 0, page_token: str = "") -> pb.GetBalanceResponse:
+        """The balance and a page of lots (page_size 0: the server's default, 20); pass the
+        answer's next_page_token for the next lots."""
+        request = pb.GetBalanceRequest(card_number=card_number, page_size=page_size, page_token=page_token)
+        return await self._call(self._points.GetBalance, request)
 
     async def get_receipt(self, transaction_id: str) -> pb.Receipt:
         response = await self._call(self._points.GetReceipt, pb.GetReceiptRequest(transaction_id=transaction_id))

@@ -545,16 +545,26 @@ class GetBalanceRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CARD_NUMBER_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     card_number: _builtins.str
     """The member's card (grammar as in EarnPointsRequest.card_number)."""
+    page_size: _builtins.int
+    """At most this many lots (1 to 500; 0: 20). The balance counts every lot whatever the page."""
+    page_token: _builtins.str
+    """The next_page_token of the previous page; empty: the soonest-expiring lots. A lot spent or
+    expired between pages is not shown again; lots are never shown twice.
+    """
     def __init__(
         self,
         *,
         card_number: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_number", b"card_number"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_number", b"card_number", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -570,15 +580,18 @@ class GetBalanceResponse(_message.Message):
     BALANCE_FIELD_NUMBER: _builtins.int
     LOTS_FIELD_NUMBER: _builtins.int
     READ_TIME_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     """The account the card belongs to."""
+    next_page_token: _builtins.str
+    """Pass as page_token for the next lots; empty when there are no more."""
     @_builtins.property
     def balance(self) -> _common_pb2.BalanceSummary:
         """Available and held points."""
 
     @_builtins.property
     def lots(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Lot]:
-        """Unexpired lots with points, soonest-expiring first."""
+        """Unexpired lots with points, soonest-expiring first (a page of them)."""
 
     @_builtins.property
     def read_time(self) -> _timestamp_pb2.Timestamp:
@@ -591,10 +604,11 @@ class GetBalanceResponse(_message.Message):
         balance: _common_pb2.BalanceSummary | None = ...,
         lots: _abc.Iterable[_common_pb2.Lot] | None = ...,
         read_time: _timestamp_pb2.Timestamp | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "read_time", b"read_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "balance", b"balance", "lots", b"lots", "read_time", b"read_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "balance", b"balance", "lots", b"lots", "next_page_token", b"next_page_token", "read_time", b"read_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

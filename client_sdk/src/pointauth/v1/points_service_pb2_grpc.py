@@ -138,7 +138,8 @@ class PointsServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetBalance(self, request, context):
-        """GetBalance returns the available and held points and the lots, soonest-expiring first.
+        """GetBalance returns the available and held points and the lots, soonest-expiring first, a
+        page at a time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

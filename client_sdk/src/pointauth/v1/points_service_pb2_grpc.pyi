@@ -54,7 +54,9 @@ class PointsServiceStub:
     RefundTransaction: _grpc.UnaryUnaryMultiCallable[_points_service_pb2.RefundTransactionRequest, _points_service_pb2.RefundTransactionResponse]
     """RefundTransaction reverses all or part of an earn, a capture or a redemption."""
     GetBalance: _grpc.UnaryUnaryMultiCallable[_points_service_pb2.GetBalanceRequest, _points_service_pb2.GetBalanceResponse]
-    """GetBalance returns the available and held points and the lots, soonest-expiring first."""
+    """GetBalance returns the available and held points and the lots, soonest-expiring first, a
+    page at a time.
+    """
     GetReceipt: _grpc.UnaryUnaryMultiCallable[_points_service_pb2.GetReceiptRequest, _points_service_pb2.GetReceiptResponse]
     """GetReceipt returns what a transaction earned or used and the balance after it."""
 
@@ -84,7 +86,9 @@ class PointsServiceAsyncStub(PointsServiceStub):
     RefundTransaction: _aio.UnaryUnaryMultiCallable[_points_service_pb2.RefundTransactionRequest, _points_service_pb2.RefundTransactionResponse]  # type: ignore[assignment]
     """RefundTransaction reverses all or part of an earn, a capture or a redemption."""
     GetBalance: _aio.UnaryUnaryMultiCallable[_points_service_pb2.GetBalanceRequest, _points_service_pb2.GetBalanceResponse]  # type: ignore[assignment]
-    """GetBalance returns the available and held points and the lots, soonest-expiring first."""
+    """GetBalance returns the available and held points and the lots, soonest-expiring first, a
+    page at a time.
+    """
     GetReceipt: _aio.UnaryUnaryMultiCallable[_points_service_pb2.GetReceiptRequest, _points_service_pb2.GetReceiptResponse]  # type: ignore[assignment]
     """GetReceipt returns what a transaction earned or used and the balance after it."""
 
@@ -153,7 +157,9 @@ class PointsServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _points_service_pb2.GetBalanceRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_points_service_pb2.GetBalanceResponse, _abc.Awaitable[_points_service_pb2.GetBalanceResponse]]:
-        """GetBalance returns the available and held points and the lots, soonest-expiring first."""
+        """GetBalance returns the available and held points and the lots, soonest-expiring first, a
+        page at a time.
+        """
 
     @_abc_1.abstractmethod
     def GetReceipt(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 
 from google.protobuf.message import Message
@@ -63,3 +65,24 @@ def fingerprint(method: str, request: Message) -> str:
     digest = hashlib.blake2b(method.encode(), digest_size=16)
     digest.update(request.SerializeToString(deterministic=True))
     return digest.hexdigest()
+
+
+# A GetBalance page token names the page's last lot (its expiry, kind and id): the next page
+# starts after it in spending order. Opaque to clients; urlsafe base64 of "<ms>:<kind>:<id>".
+
+
+def lot_page_token(entry: LotEntry) -> str:
+    return base64.urlsafe_b64encode(f"{entry.expire_ms}:{entry.kind}:{entry.lot_id}".encode()).decode()
+
+
+def parse_lot_page_token(token: str) -> LotEntry | None:
+    """The lot a page token names (points and issuer unknown: 0 and ""), None if not a token."""
+    try:
+        expire_ms, kind, lot_id = base64.urlsafe_b64decode(token.encode()).decode().split(":")
+        if kind == "R":
+            return LotEntry(int(lot_id), 0, int(expire_ms), "R", "")
+        if kind == "L":
+            return LotEntry(int(lot_id), 0, int(expire_ms), "L", "")
+        return None
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        return None

@@ -18,6 +18,11 @@ from pointauth.v1 import points_service_pb2 as pb
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
+# Lots per GetBalance page: a till shows the soonest-expiring few; the cost of a page does not
+# grow with the account.
+DEFAULT_LOT_PAGE = 20
+MAX_LOT_PAGE = 500
+
 _TRANSACTION_TYPES = {
     "EARN": pb.TRANSACTION_TYPE_EARN,
     "GRANT": pb.TRANSACTION_TYPE_GRANT,
@@ -170,13 +175,23 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
     async def GetBalance(self, request: pb.GetBalanceRequest, context: Context) -> pb.GetBalanceResponse:
         v = Violations()
         card = v.card_number("card_number", request.card_number)
+        if not 0 <= request.page_size <= MAX_LOT_PAGE:
+            v.add("page_size", f"must be 0 (the default, {DEFAULT_LOT_PAGE}) to {MAX_LOT_PAGE}")
+        after = None
+        if request.page_token:
+            after = convert.parse_lot_page_token(request.page_token)
+            if after is None:
+                v.add("page_token", "is not a next_page_token of GetBalance")
         v.raise_if_any()
-        (account, result), read_ms = await self.points.balance(card)
+        (account, result), read_ms = await self.points.balance(
+            card, limit=request.page_size or DEFAULT_LOT_PAGE, after=after
+        )
         return pb.GetBalanceResponse(
             account_id=account,
             balance=convert.balance(result),
             lots=[convert.lot(entry) for entry in result.lots],
             read_time=convert.timestamp(read_ms),
+            next_page_token=convert.lot_page_token(result.lots[-1]) if result.more else "",
         )
 
     async def GetReceipt(self, request: pb.GetReceiptRequest, context: Context) -> pb.GetReceiptResponse:

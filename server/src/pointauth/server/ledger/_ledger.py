@@ -17,7 +17,14 @@ from pointauth.server.config import LedgerSettings
 from pointauth.server.domain import reasons
 from pointauth.server.domain.reasons import ErrorReason
 from pointauth.server.ledger import codec
-from pointauth.server.ledger.codec import CardKindCode, LotKindCode, OpResult, PointOfSaleRef, TransactionRecord
+from pointauth.server.ledger.codec import (
+    CardKindCode,
+    LotEntry,
+    LotKindCode,
+    OpResult,
+    PointOfSaleRef,
+    TransactionRecord,
+)
 from pointauth.server.ledger.keys import Keyspace
 from pointauth.server.ledger.pipeline import TickPipeline
 
@@ -538,9 +545,15 @@ class Ledger:
                 on = target
         raise _too_many_merges(account_id)
 
-    async def balance(self, account_id: str, *, card: str | None = None) -> OpResult:
-        """Available and held points and the spendable lots; resolves what time has expired."""
-        return await self._call("balance", account_id, _via({}, card))
+    async def balance(
+        self, account_id: str, *, card: str | None = None, limit: int = 20, after: LotEntry | None = None
+    ) -> OpResult:
+        """Available and held points and a page of the spendable lots (at most `limit`, those
+        after `after` in spending order); resolves what time has expired."""
+        args: dict[str, Any] = {"limit": limit}
+        if after is not None:
+            args["after"] = [codec.lot_score(after.expire_ms, after.kind), after.lot_id]
+        return await self._call("balance", account_id, _via(args, card))
 
     async def transaction(self, account_id: str, seq: int) -> TransactionRecord | None:
         raw = await self.redis.hget(self.keyspace.account(account_id).transactions, codec.record_field(seq))
@@ -570,7 +583,7 @@ class Ledger:
         # writes see their holds as expired meanwhile).
         swept = sorted(accounts)[: self.settings.sweep_accounts_per_tick]
         for account_id in swept:
-            await self.balance(account_id)
+            await self.balance(account_id, limit=0)
         return len(swept)
 
 

@@ -748,6 +748,8 @@ class OpResult(msgspec.Struct, frozen=True):
     """account: the account hash."""
     cards: list[str] = []
     """merge_out: the cards moved."""
+    more: bool = False
+    """balance: more lots follow the page."""
 
 
 _decode_result = msgspec.msgpack.Decoder(OpResult).decode

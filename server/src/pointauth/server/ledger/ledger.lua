@@ -913,14 +913,33 @@ function OPS.refund()
 end
 
 -- Balance inquiry; also what the sweeper calls to resolve expired holds. Writes only when
--- time has expired something. Its answer lists every spendable lot: written first, the sorted
--- set is that list in spending order, read in one range read.
+-- time has expired something. Its answer lists a page of the spendable lots (ARGS.limit, after
+-- the lot ARGS.after = {score, id} if given): written first, the sorted set is the lots in
+-- spending order, read with one range read from where the page starts, so a page costs the
+-- same however many lots the account has.
 function OPS.balance()
   if #A.events > 0 then commit() end
-  local raw = redis.call('ZRANGEBYSCORE', K_LOTS, '(' .. fmt(lot_score(NOW, 'R')), '+inf', 'WITHSCORES')
-  local lots = {}
-  for i = 1, #raw, 2 do lots[#lots + 1] = parse_lot(raw[i], raw[i + 1]) end
-  return cmsgpack.pack({code = 'OK', lots = lots, available = available(), held = held()})
+  local limit = ARGS.limit or 20
+  local low, skip_score, skip_id = lot_score(NOW, 'R') + 1, nil, nil
+  if ARGS.after and ARGS.after[1] >= low then
+    low, skip_score, skip_id = ARGS.after[1], ARGS.after[1], ARGS.after[2]
+  end
+  -- Lots at the page's first score up to the previous page's last one are skipped: at most one
+  -- per issuer (lots of one expiry, kind and issuer are one lot).
+  local skip = skip_score and redis.call('ZCOUNT', K_LOTS, fmt(skip_score), fmt(skip_score)) or 0
+  local raw = redis.call('ZRANGEBYSCORE', K_LOTS, fmt(low), '+inf', 'WITHSCORES', 'LIMIT', 0, limit + 1 + skip)
+  local lots, more = {}, false
+  for i = 1, #raw, 2 do
+    local lot = parse_lot(raw[i], raw[i + 1])
+    if not (skip_score and tonumber(raw[i + 1]) == skip_score and lot[1] <= skip_id) then
+      if #lots == limit then
+        more = true
+        break
+      end
+      lots[#lots + 1] = lot
+    end
+  end
+  return cmsgpack.pack({code = 'OK', lots = lots, more = more, available = available(), held = held()})
 end
 
 load()

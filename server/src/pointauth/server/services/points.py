@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 from pointauth.server.clock import Clock
 from pointauth.server.domain.reasons import ErrorReason
-from pointauth.server.ledger import Ledger, LedgerRefusal, OpResult, PointOfSaleRef, TransactionRecord
+from pointauth.server.ledger import Ledger, LedgerRefusal, LotEntry, OpResult, PointOfSaleRef, TransactionRecord
 from pointauth.server.rules.earn_policy import EarnPolicy
 from pointauth.server.services.directory import DirectoryService
 from pointauth.server.services.refusals import not_found, renamed_not_found
@@ -138,11 +138,11 @@ class PointsService:
             message = f"no refundable transaction {account_id}.{original_seq}"
             raise renamed_not_found(refusal, ErrorReason.TRANSACTION_NOT_FOUND, message) from None
 
-    async def balance(self, card_number: str) -> tuple[Outcome, int]:
-        """The balance and the instant it was read at."""
+    async def balance(self, card_number: str, *, limit: int = 20, after: LotEntry | None = None) -> tuple[Outcome, int]:
+        """The balance, a page of lots (at most `limit`, after `after`), and the instant it was read at."""
         read_ms = self.clock.now_ms()
         account, result = await self.ledger.on_card(
-            card_number, lambda account: self.ledger.balance(account, card=card_number)
+            card_number, lambda account: self.ledger.balance(account, card=card_number, limit=limit, after=after)
         )
         return Outcome(account, result), read_ms
 
