@@ -129,7 +129,8 @@ def rehydrate_command(settings: Settings, force: bool = False, out: TextIO = sys
             return 1
         print(
             f"rehydrated {report.accounts} accounts, {report.transactions} transactions, {report.cards} cards, "
-            f"{report.idempotency_records} request ids, {report.directory_entries} group directory entries "
+            f"{report.idempotency_records} request ids, {report.directory_entries} group directory entries, "
+            f"{report.unfinished_merges} unfinished merges (finished by the next server start) "
             f"in {report.seconds:.1f} s",
             file=out,
         )
