@@ -116,7 +116,7 @@ def test_a_record_has_one_shape_and_older_records_read_with_defaults() -> None:
     )  # fmt: skip
     assert list(msgspec.msgpack.decode(codec.encode_record(record))) == [
         "type", "time", "pos", "pts", "refunded", "available", "held", "lots", "alloc", "ref", "state", "exp",
-        "captured", "released", "capture", "amount", "racct",
+        "captured", "released", "capture", "amount", "racct", "lines",
     ]  # fmt: skip
     assert codec.record_field(12) == "12"
 
@@ -220,6 +220,7 @@ async def test_the_account_round_trips_byte_for_byte(stored: Stored) -> None:
         {f"card-{ACCOUNT}": card},
         opened_ms=T,
         profile=codec.MemberProfile(jt=T),
+        first_earn_ms=T,  # its earn at T was the member's first
     )
     assert stored.account[codec.card_field(f"card-{ACCOUNT}")] == b"AP%d" % T
     encoded = codec.encode_account(account)
@@ -278,7 +279,7 @@ async def test_every_event_round_trips_and_carries_what_the_script_derived(store
     assert [e for e in decoded if isinstance(e, Event)] == [
         event(1, "ACCOUNT_OPENED", 0, [], 0, 0, rid="open", pos=None, card=f"card-{ACCOUNT}", kind="P",
               profile=codec.MemberProfile(jt=T)),
-        event(2, "EARN", 300, [lot(2, 300)], 300, 0, rid="earn", amount=30_000, ptime=T),
+        event(2, "EARN", 300, [lot(2, 300)], 300, 0, rid="earn", amount=30_000, ptime=T, first=True),
         event(3, "GRANT", 100, [lot(3, 100)], 400, 0, rid="grant", amount=0, ptime=0),
         event(4, "HOLD_AUTHORIZED", 150, [lot(3, -100), lot(2, -50)], 250, 150, rid="hold-captured",
               hold_exp=T + 600_000, alloc=[alloc(3, 100), alloc(2, 50)]),

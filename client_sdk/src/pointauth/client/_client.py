@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Self, TypeVar
@@ -23,6 +23,7 @@ from pointauth.v1 import (
     group_service_pb2_grpc,
     members_service_pb2_grpc,
     points_service_pb2_grpc,
+    rules_service_pb2_grpc,
 )
 from pointauth.v1 import (
     group_service_pb2 as group_pb,
@@ -32,6 +33,9 @@ from pointauth.v1 import (
 )
 from pointauth.v1 import (
     points_service_pb2 as pb,
+)
+from pointauth.v1 import (
+    rules_service_pb2 as rules_pb,
 )
 
 T = TypeVar("T")
@@ -78,6 +82,7 @@ class PointsClient:
         self._admin = admin_service_pb2_grpc.AdminServiceStub(self._channel)
         self._members = members_service_pb2_grpc.MembersServiceStub(self._channel)
         self._group = group_service_pb2_grpc.GroupServiceStub(self._channel)
+        self._rules = rules_service_pb2_grpc.RulesServiceStub(self._channel)
         self._state = _State.OPENED
         return self
 
@@ -103,16 +108,47 @@ class PointsClient:
         purchase_amount: int,
         purchase_time: datetime,
         *,
+        basket: Sequence[pb.BasketLine] = (),
         request_id: str | None = None,
     ) -> pb.EarnPointsResponse:
+        """Points for a purchase; with a basket, purchase_amount is the sum of its lines."""
         request = pb.EarnPointsRequest(
             request_id=request_id or new_request_id(),
             card_number=card_number,
             point_of_sale=point_of_sale,
             purchase_amount=purchase_amount,
             purchase_time=_timestamp(purchase_time),
+            basket=basket,
         )
         return await self._call(self._points.EarnPoints, request)
+
+    async def simulate_earn(
+        self,
+        point_of_sale: common_pb2.PointOfSale,
+        purchase_amount: int,
+        purchase_time: datetime,
+        *,
+        card_number: str = "",
+        basket: Sequence[pb.BasketLine] = (),
+    ) -> pb.SimulateEarnResponse:
+        """What EarnPoints would give, changing nothing (with a card: the member's limits as now)."""
+        request = pb.SimulateEarnRequest(
+            card_number=card_number,
+            point_of_sale=point_of_sale,
+            purchase_amount=purchase_amount,
+            purchase_time=_timestamp(purchase_time),
+            basket=basket,
+        )
+        return await self._call(self._points.SimulateEarn, request)
+
+    async def publish_rule_set(self, rule_set: rules_pb.RuleSet) -> rules_pb.RuleSet:
+        """Checks a rule set and makes it the current version; returns it with its version."""
+        response = await self._call(self._rules.PublishRuleSet, rules_pb.PublishRuleSetRequest(rule_set=rule_set))
+        return response.rule_set
+
+    async def get_rule_set(self, version: int = 0) -> rules_pb.RuleSet:
+        """A published version (0: the current one)."""
+        return (await self._call(self._rules.GetRuleSet, rules_pb.GetRuleSetRequest(version=version))).rule_set
 
     async def authorize_hold(
         self,

@@ -49,6 +49,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     (metadata: store_company_id); on RegisterStore, FAILED_PRECONDITION: a store never
     changes company.
     """
+    RULE_SET_NOT_FOUND: _ErrorReason.ValueType  # 18
+    """NOT_FOUND: no rule set has been published as the version asked for."""
     IDEMPOTENCY_KEY_REUSED: _ErrorReason.ValueType  # 20
     """ALREADY_EXISTS: the request_id was used before for a request with other content."""
     ACCOUNT_ALREADY_EXISTS: _ErrorReason.ValueType  # 21
@@ -128,6 +130,8 @@ STORE_OF_OTHER_COMPANY: ErrorReason.ValueType  # 17
 (metadata: store_company_id); on RegisterStore, FAILED_PRECONDITION: a store never
 changes company.
 """
+RULE_SET_NOT_FOUND: ErrorReason.ValueType  # 18
+"""NOT_FOUND: no rule set has been published as the version asked for."""
 IDEMPOTENCY_KEY_REUSED: ErrorReason.ValueType  # 20
 """ALREADY_EXISTS: the request_id was used before for a request with other content."""
 ACCOUNT_ALREADY_EXISTS: ErrorReason.ValueType  # 21

@@ -95,6 +95,91 @@ HOLD_STATE_EXPIRED: HoldState.ValueType  # 4
 Global___HoldState: _TypeAlias = HoldState  # noqa: Y015
 
 @_typing.final
+class BasketLine(_message.Message):
+    """BasketLine is one line of the purchase's basket."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SKU_FIELD_NUMBER: _builtins.int
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    QUANTITY_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    NON_EARNING_FIELD_NUMBER: _builtins.int
+    sku: _builtins.str
+    """The product's SKU (up to 64 characters)."""
+    category: _builtins.str
+    """Its category (up to 64 characters)."""
+    quantity: _builtins.int
+    """How many (at least 1)."""
+    amount: _builtins.int
+    """What the line cost in all, in minor currency units (0 to 10^15)."""
+    non_earning: _builtins.bool
+    """True for what never earns (gift cards, tobacco, postage stamps)."""
+    def __init__(
+        self,
+        *,
+        sku: _builtins.str = ...,
+        category: _builtins.str = ...,
+        quantity: _builtins.int = ...,
+        amount: _builtins.int = ...,
+        non_earning: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "category", b"category", "non_earning", b"non_earning", "quantity", b"quantity", "sku", b"sku"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BasketLine: _TypeAlias = BasketLine  # noqa: Y015
+
+@_typing.final
+class RulePoints(_message.Message):
+    """RulePoints is what one rule gave an earn."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RULE_ID_FIELD_NUMBER: _builtins.int
+    POINTS_FIELD_NUMBER: _builtins.int
+    LOT_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    rule_id: _builtins.str
+    """"base", or the campaign's id."""
+    points: _builtins.int
+    """Points it gave."""
+    lot_id: _builtins.str
+    """The lot they went into (empty when 0)."""
+    kind: _common_pb2.LotKind.ValueType
+    """That lot's kind."""
+    note: _builtins.str
+    """Why it gave fewer points than its rule says, if it did: "member_cap" (the member's cap for
+    the campaign is reached), "budget" (the campaign's budget ran out), "not_birthday_month",
+    "not_first_purchase".
+    """
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """That lot's expiry."""
+
+    def __init__(
+        self,
+        *,
+        rule_id: _builtins.str = ...,
+        points: _builtins.int = ...,
+        lot_id: _builtins.str = ...,
+        kind: _common_pb2.LotKind.ValueType = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "kind", b"kind", "lot_id", b"lot_id", "note", b"note", "points", b"points", "rule_id", b"rule_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RulePoints: _TypeAlias = RulePoints  # noqa: Y015
+
+@_typing.final
 class EarnPointsRequest(_message.Message):
     """EarnPointsRequest asks for points on a purchase."""
 
@@ -105,6 +190,7 @@ class EarnPointsRequest(_message.Message):
     POINT_OF_SALE_FIELD_NUMBER: _builtins.int
     PURCHASE_AMOUNT_FIELD_NUMBER: _builtins.int
     PURCHASE_TIME_FIELD_NUMBER: _builtins.int
+    BASKET_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Client-chosen UUID identifying this request for safe retries."""
     card_number: _builtins.str
@@ -127,6 +213,12 @@ class EarnPointsRequest(_message.Message):
         happened yet earns nothing.
         """
 
+    @_builtins.property
+    def basket(self) -> _containers.RepeatedCompositeFieldContainer[Global___BasketLine]:
+        """The basket (at most 500 lines), for rules on products and categories; when given,
+        purchase_amount is the sum of the lines' amounts and only earning lines earn.
+        """
+
     def __init__(
         self,
         *,
@@ -135,10 +227,11 @@ class EarnPointsRequest(_message.Message):
         point_of_sale: _common_pb2.PointOfSale | None = ...,
         purchase_amount: _builtins.int = ...,
         purchase_time: _timestamp_pb2.Timestamp | None = ...,
+        basket: _abc.Iterable[Global___BasketLine] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["point_of_sale", b"point_of_sale", "purchase_time", b"purchase_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_number", b"card_number", "point_of_sale", b"point_of_sale", "purchase_amount", b"purchase_amount", "purchase_time", b"purchase_time", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["basket", b"basket", "card_number", b"card_number", "point_of_sale", b"point_of_sale", "purchase_amount", b"purchase_amount", "purchase_time", b"purchase_time", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -154,17 +247,27 @@ class EarnPointsResponse(_message.Message):
     EARNED_POINTS_FIELD_NUMBER: _builtins.int
     LOT_FIELD_NUMBER: _builtins.int
     BALANCE_FIELD_NUMBER: _builtins.int
+    BREAKDOWN_FIELD_NUMBER: _builtins.int
+    RULE_SET_VERSION_FIELD_NUMBER: _builtins.int
     transaction_id: _builtins.str
     """The earn's transaction, for receipts and refunds."""
     earned_points: _builtins.int
     """Points earned (may be 0 for a small purchase)."""
+    rule_set_version: _builtins.int
+    """The rule set version the earn used (0: none published; the configured base rate)."""
     @_builtins.property
     def lot(self) -> _common_pb2.Lot:
-        """The new lot, absent when no points were earned."""
+        """The new lot, absent when no points were earned (under rules: the base points' lot, or the
+        first campaign's).
+        """
 
     @_builtins.property
     def balance(self) -> _common_pb2.BalanceSummary:
         """The balance after the earn."""
+
+    @_builtins.property
+    def breakdown(self) -> _containers.RepeatedCompositeFieldContainer[Global___RulePoints]:
+        """Under a published rule set: what each rule gave (the base line first)."""
 
     def __init__(
         self,
@@ -173,14 +276,92 @@ class EarnPointsResponse(_message.Message):
         earned_points: _builtins.int = ...,
         lot: _common_pb2.Lot | None = ...,
         balance: _common_pb2.BalanceSummary | None = ...,
+        breakdown: _abc.Iterable[Global___RulePoints] | None = ...,
+        rule_set_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "lot", b"lot"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "earned_points", b"earned_points", "lot", b"lot", "transaction_id", b"transaction_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "breakdown", b"breakdown", "earned_points", b"earned_points", "lot", b"lot", "rule_set_version", b"rule_set_version", "transaction_id", b"transaction_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EarnPointsResponse: _TypeAlias = EarnPointsResponse  # noqa: Y015
+
+@_typing.final
+class SimulateEarnRequest(_message.Message):
+    """SimulateEarnRequest is an earn to simulate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CARD_NUMBER_FIELD_NUMBER: _builtins.int
+    POINT_OF_SALE_FIELD_NUMBER: _builtins.int
+    PURCHASE_AMOUNT_FIELD_NUMBER: _builtins.int
+    PURCHASE_TIME_FIELD_NUMBER: _builtins.int
+    BASKET_FIELD_NUMBER: _builtins.int
+    card_number: _builtins.str
+    """The member's card, for the member's conditions and caps; empty: as if they all held."""
+    purchase_amount: _builtins.int
+    """As in EarnPointsRequest."""
+    @_builtins.property
+    def point_of_sale(self) -> _common_pb2.PointOfSale:
+        """As in EarnPointsRequest."""
+
+    @_builtins.property
+    def purchase_time(self) -> _timestamp_pb2.Timestamp:
+        """As in EarnPointsRequest."""
+
+    @_builtins.property
+    def basket(self) -> _containers.RepeatedCompositeFieldContainer[Global___BasketLine]:
+        """As in EarnPointsRequest."""
+
+    def __init__(
+        self,
+        *,
+        card_number: _builtins.str = ...,
+        point_of_sale: _common_pb2.PointOfSale | None = ...,
+        purchase_amount: _builtins.int = ...,
+        purchase_time: _timestamp_pb2.Timestamp | None = ...,
+        basket: _abc.Iterable[Global___BasketLine] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["point_of_sale", b"point_of_sale", "purchase_time", b"purchase_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["basket", b"basket", "card_number", b"card_number", "point_of_sale", b"point_of_sale", "purchase_amount", b"purchase_amount", "purchase_time", b"purchase_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SimulateEarnRequest: _TypeAlias = SimulateEarnRequest  # noqa: Y015
+
+@_typing.final
+class SimulateEarnResponse(_message.Message):
+    """SimulateEarnResponse is what the earn would give now."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EARNED_POINTS_FIELD_NUMBER: _builtins.int
+    BREAKDOWN_FIELD_NUMBER: _builtins.int
+    RULE_SET_VERSION_FIELD_NUMBER: _builtins.int
+    earned_points: _builtins.int
+    """Points in all."""
+    rule_set_version: _builtins.int
+    """The rule set version used."""
+    @_builtins.property
+    def breakdown(self) -> _containers.RepeatedCompositeFieldContainer[Global___RulePoints]:
+        """What each rule would give (lot ids are empty: nothing is written)."""
+
+    def __init__(
+        self,
+        *,
+        earned_points: _builtins.int = ...,
+        breakdown: _abc.Iterable[Global___RulePoints] | None = ...,
+        rule_set_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breakdown", b"breakdown", "earned_points", b"earned_points", "rule_set_version", b"rule_set_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SimulateEarnResponse: _TypeAlias = SimulateEarnResponse  # noqa: Y015
 
 @_typing.final
 class AuthorizeHoldRequest(_message.Message):
@@ -678,6 +859,7 @@ class Receipt(_message.Message):
     RELATED_TRANSACTION_ID_FIELD_NUMBER: _builtins.int
     HOLD_STATE_FIELD_NUMBER: _builtins.int
     HOLD_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    BREAKDOWN_FIELD_NUMBER: _builtins.int
     transaction_id: _builtins.str
     """The transaction."""
     type: Global___TransactionType.ValueType
@@ -712,6 +894,10 @@ class Receipt(_message.Message):
     def hold_expire_time(self) -> _timestamp_pb2.Timestamp:
         """For a hold: when it expires or expired."""
 
+    @_builtins.property
+    def breakdown(self) -> _containers.RepeatedCompositeFieldContainer[Global___RulePoints]:
+        """For an earn under rules: what each rule gave."""
+
     def __init__(
         self,
         *,
@@ -727,10 +913,11 @@ class Receipt(_message.Message):
         related_transaction_id: _builtins.str = ...,
         hold_state: Global___HoldState.ValueType = ...,
         hold_expire_time: _timestamp_pb2.Timestamp | None = ...,
+        breakdown: _abc.Iterable[Global___RulePoints] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["balance_after", b"balance_after", "create_time", b"create_time", "hold_expire_time", b"hold_expire_time", "point_of_sale", b"point_of_sale"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance_after", b"balance_after", "create_time", b"create_time", "earned_points", b"earned_points", "hold_expire_time", b"hold_expire_time", "hold_state", b"hold_state", "lot_effects", b"lot_effects", "point_of_sale", b"point_of_sale", "refunded_points", b"refunded_points", "related_transaction_id", b"related_transaction_id", "transaction_id", b"transaction_id", "type", b"type", "used_points", b"used_points"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance_after", b"balance_after", "breakdown", b"breakdown", "create_time", b"create_time", "earned_points", b"earned_points", "hold_expire_time", b"hold_expire_time", "hold_state", b"hold_state", "lot_effects", b"lot_effects", "point_of_sale", b"point_of_sale", "refunded_points", b"refunded_points", "related_transaction_id", b"related_transaction_id", "transaction_id", b"transaction_id", "type", b"type", "used_points", b"used_points"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -82,6 +82,11 @@ class PointsServiceStub:
                 request_serializer=pointauth_dot_v1_dot_points__service__pb2.GetReceiptRequest.SerializeToString,
                 response_deserializer=pointauth_dot_v1_dot_points__service__pb2.GetReceiptResponse.FromString,
                 _registered_method=True)
+        self.SimulateEarn = channel.unary_unary(
+                '/pointauth.v1.PointsService/SimulateEarn',
+                request_serializer=pointauth_dot_v1_dot_points__service__pb2.SimulateEarnRequest.SerializeToString,
+                response_deserializer=pointauth_dot_v1_dot_points__service__pb2.SimulateEarnResponse.FromString,
+                _registered_method=True)
 
 
 class PointsServiceServicer:
@@ -152,6 +157,14 @@ class PointsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SimulateEarn(self, request, context):
+        """SimulateEarn answers what EarnPoints would earn, changing nothing: for POS displays and
+        partner testing. With a card, the member's conditions and caps count as they stand now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PointsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -194,6 +207,11 @@ def add_PointsServiceServicer_to_server(servicer, server):
                     servicer.GetReceipt,
                     request_deserializer=pointauth_dot_v1_dot_points__service__pb2.GetReceiptRequest.FromString,
                     response_serializer=pointauth_dot_v1_dot_points__service__pb2.GetReceiptResponse.SerializeToString,
+            ),
+            'SimulateEarn': grpc.unary_unary_rpc_method_handler(
+                    servicer.SimulateEarn,
+                    request_deserializer=pointauth_dot_v1_dot_points__service__pb2.SimulateEarnRequest.FromString,
+                    response_serializer=pointauth_dot_v1_dot_points__service__pb2.SimulateEarnResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -420,6 +438,33 @@ class PointsService:
             '/pointauth.v1.PointsService/GetReceipt',
             pointauth_dot_v1_dot_points__service__pb2.GetReceiptRequest.SerializeToString,
             pointauth_dot_v1_dot_points__service__pb2.GetReceiptResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SimulateEarn(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pointauth.v1.PointsService/SimulateEarn',
+            pointauth_dot_v1_dot_points__service__pb2.SimulateEarnRequest.SerializeToString,
+            pointauth_dot_v1_dot_points__service__pb2.SimulateEarnResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -59,6 +59,10 @@ class PointsServiceStub:
     """
     GetReceipt: _grpc.UnaryUnaryMultiCallable[_points_service_pb2.GetReceiptRequest, _points_service_pb2.GetReceiptResponse]
     """GetReceipt returns what a transaction earned or used and the balance after it."""
+    SimulateEarn: _grpc.UnaryUnaryMultiCallable[_points_service_pb2.SimulateEarnRequest, _points_service_pb2.SimulateEarnResponse]
+    """SimulateEarn answers what EarnPoints would earn, changing nothing: for POS displays and
+    partner testing. With a card, the member's conditions and caps count as they stand now.
+    """
 
 @_typing.type_check_only
 class PointsServiceAsyncStub(PointsServiceStub):
@@ -91,6 +95,10 @@ class PointsServiceAsyncStub(PointsServiceStub):
     """
     GetReceipt: _aio.UnaryUnaryMultiCallable[_points_service_pb2.GetReceiptRequest, _points_service_pb2.GetReceiptResponse]  # type: ignore[assignment]
     """GetReceipt returns what a transaction earned or used and the balance after it."""
+    SimulateEarn: _aio.UnaryUnaryMultiCallable[_points_service_pb2.SimulateEarnRequest, _points_service_pb2.SimulateEarnResponse]  # type: ignore[assignment]
+    """SimulateEarn answers what EarnPoints would earn, changing nothing: for POS displays and
+    partner testing. With a card, the member's conditions and caps count as they stand now.
+    """
 
 class PointsServiceServicer(metaclass=_abc_1.ABCMeta):
     """PointsService is what tills, kiosks, EC sites and partner systems call to earn, hold, spend,
@@ -168,5 +176,15 @@ class PointsServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_points_service_pb2.GetReceiptResponse, _abc.Awaitable[_points_service_pb2.GetReceiptResponse]]:
         """GetReceipt returns what a transaction earned or used and the balance after it."""
+
+    @_abc_1.abstractmethod
+    def SimulateEarn(
+        self,
+        request: _points_service_pb2.SimulateEarnRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_points_service_pb2.SimulateEarnResponse, _abc.Awaitable[_points_service_pb2.SimulateEarnResponse]]:
+        """SimulateEarn answers what EarnPoints would earn, changing nothing: for POS displays and
+        partner testing. With a card, the member's conditions and caps count as they stand now.
+        """
 
 def add_PointsServiceServicer_to_server(servicer: PointsServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -19,16 +19,19 @@ from pointauth.server.api.boundary import ErrorBoundary
 from pointauth.server.api.group import GroupServicer
 from pointauth.server.api.members import MembersServicer
 from pointauth.server.api.points import PointsServicer
+from pointauth.server.api.rules import RulesServicer
 from pointauth.server.clock import Clock, SystemClock
 from pointauth.server.config import Settings
 from pointauth.server.ledger import Keyspace, Ledger, connect
 from pointauth.server.ledger.directory import DirectoryStore
 from pointauth.server.ledger.pipeline import TickPipeline
+from pointauth.server.ledger.rulebook import RuleBook
 from pointauth.server.rules.earn_policy import EarnPolicy
 from pointauth.server.services.accounts import AccountsService
 from pointauth.server.services.directory import DirectoryService
 from pointauth.server.services.members import MembersService
 from pointauth.server.services.points import PointsService
+from pointauth.server.services.rules import RulesService
 from pointauth.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
@@ -38,6 +41,8 @@ from pointauth.v1 import (
     members_service_pb2_grpc,
     points_service_pb2,
     points_service_pb2_grpc,
+    rules_service_pb2,
+    rules_service_pb2_grpc,
 )
 
 log = logging.getLogger(__name__)
@@ -51,6 +56,7 @@ SERVICE_NAMES = (
     admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
     members_service_pb2.DESCRIPTOR.services_by_name["MembersService"].full_name,
     group_service_pb2.DESCRIPTOR.services_by_name["GroupService"].full_name,
+    rules_service_pb2.DESCRIPTOR.services_by_name["RulesService"].full_name,
 )
 
 
@@ -76,7 +82,12 @@ class PointauthServer:
         )
         # The group directory, cached in this process: points of sale are checked against it.
         self.directory = DirectoryService(DirectoryStore(self.redis, self.ledger.keyspace, self.clock), settings.group)
-        self.points = PointsService(self.ledger, EarnPolicy(settings.earn), self.clock, self.directory)
+        policy = EarnPolicy(settings.earn)
+        # The published rule set, cached in this process: earns are evaluated against it.
+        self.rules = RulesService(
+            RuleBook(self.redis, self.ledger.keyspace, self.clock), settings.rules, policy, self.directory
+        )
+        self.points = PointsService(self.ledger, policy, self.clock, self.directory, self.rules)
         self.accounts = AccountsService(self.ledger, self.points)
         self.members = MembersService(self.ledger, self.directory)
         self.health = health.aio.HealthServicer()
@@ -98,6 +109,7 @@ class PointauthServer:
         if finished := await self.ledger.finish_merges():
             log.warning("finished %d merges left half-done", finished)
         await self.directory.start()  # before serving: the first calls are checked against it
+        await self.rules.start()
         self.boundary = ErrorBoundary(
             max_in_flight=self.settings.server.max_in_flight,
             retry_delay_ms=self.settings.server.overload_retry_ms,
@@ -116,6 +128,7 @@ class PointauthServer:
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.accounts), server)
         members_service_pb2_grpc.add_MembersServiceServicer_to_server(MembersServicer(self.members), server)
         group_service_pb2_grpc.add_GroupServiceServicer_to_server(GroupServicer(self.directory), server)
+        rules_service_pb2_grpc.add_RulesServiceServicer_to_server(RulesServicer(self.rules), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         _serve_reflection(server)
         address = f"{self.settings.server.host}:{self.settings.server.port}"
@@ -158,6 +171,7 @@ class PointauthServer:
         if self.server is not None:
             await self.server.stop(self.settings.server.grace_seconds if grace is None else grace)
         await self.directory.stop()
+        await self.rules.stop()
         await self.redis.aclose()
 
     async def wait(self) -> None:

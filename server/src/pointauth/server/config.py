@@ -152,6 +152,12 @@ class GroupSettings(_Section):
     so how long a change made through another process takes to be seen here."""
 
 
+class RulesSettings(_Section):
+    refresh_seconds: Seconds = 1.0
+    """How often each server process asks Redis whether a new rule set was published (one GET),
+    and so how long a publication made through another process takes to apply here."""
+
+
 class Settings(_Section):
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     redis: RedisSettings = msgspec.field(default_factory=RedisSettings)
@@ -160,6 +166,7 @@ class Settings(_Section):
     writebehind: WriteBehindSettings = msgspec.field(default_factory=WriteBehindSettings)
     earn: EarnSettings = msgspec.field(default_factory=EarnSettings)
     group: GroupSettings = msgspec.field(default_factory=GroupSettings)
+    rules: RulesSettings = msgspec.field(default_factory=RulesSettings)
 
 
 def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+from collections.abc import Mapping
 
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from pointauth.server.ledger import LotEntry, OpResult, PointOfSaleRef
-from pointauth.v1 import common_pb2
+from pointauth.server.ledger.codec import EarnLineEntry
+from pointauth.v1 import common_pb2, points_service_pb2
 
 _KINDS = {"R": common_pb2.LOT_KIND_REGULAR, "L": common_pb2.LOT_KIND_LIMITED_TIME}
 
@@ -86,3 +88,23 @@ def parse_lot_page_token(token: str) -> LotEntry | None:
         return None
     except (ValueError, binascii.Error, UnicodeDecodeError):
         return None
+
+
+def breakdown(
+    lines: list[EarnLineEntry], lots: list[LotEntry], short: Mapping[str, int] | None = None
+) -> list[points_service_pb2.RulePoints]:
+    """What each rule gave, with the lot its points went to (the earn's lot effects name it).
+    A campaign whose budget ran short says "budget" unless the member's own limit says more."""
+    by_id = {lot.lot_id: lot for lot in lots}
+    out = []
+    for line in lines:
+        message = points_service_pb2.RulePoints(
+            rule_id=line.rule, points=line.points, note=line.note or ("budget" if (short or {}).get(line.rule) else "")
+        )
+        lot = by_id.get(line.lot_id)
+        if lot is not None:
+            message.lot_id = str(lot.lot_id)
+            message.kind = _KINDS[lot.kind]
+            message.expire_time.CopyFrom(timestamp(lot.expire_ms))
+        out.append(message)
+    return out

@@ -59,21 +59,47 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
         else:
             latest_ms = self.points.clock.now_ms() + self.points.policy.purchase_time_skew_ms
             purchase_ms = v.timestamp("purchase_time", request.purchase_time, not_after_ms=latest_ms)
+        basket = v.basket(request.basket, request.purchase_amount)
         v.raise_if_any()
         assert pos is not None
-        account, result = await self.points.earn(
+        earned = await self.points.earn(
             card,
             purchase_amount=request.purchase_amount,
             purchase_ms=purchase_ms,
             pos=pos,
             request_id=request_id,
             fingerprint=fingerprint("EarnPoints", request),
+            basket=basket,
         )
+        result = earned.result
         return pb.EarnPointsResponse(
-            transaction_id=transaction_id(account, result.tx),
+            transaction_id=transaction_id(earned.account_id, result.tx),
             earned_points=result.pts,
             lot=convert.lot(result.lots[0]) if result.lots else None,
             balance=convert.balance(result),
+            breakdown=convert.breakdown(result.lines, result.lots, earned.short),
+            rule_set_version=earned.rules_version,
+        )
+
+    async def SimulateEarn(self, request: pb.SimulateEarnRequest, context: Context) -> pb.SimulateEarnResponse:
+        v = Violations()
+        card = v.card_number("card_number", request.card_number) if request.card_number else None
+        pos = v.point_of_sale(request.point_of_sale if request.HasField("point_of_sale") else None)
+        if request.purchase_amount < 0 or request.purchase_amount > MAX_AMOUNT:
+            v.add("purchase_amount", f"must be between 0 and {MAX_AMOUNT}")
+        purchase_ms = self.points.clock.now_ms()
+        if request.HasField("purchase_time"):
+            purchase_ms = v.timestamp("purchase_time", request.purchase_time)
+        basket = v.basket(request.basket, request.purchase_amount)
+        v.raise_if_any()
+        assert pos is not None
+        version, lines = await self.points.simulate(
+            card, purchase_amount=request.purchase_amount, purchase_ms=purchase_ms, pos=pos, basket=basket
+        )
+        return pb.SimulateEarnResponse(
+            earned_points=sum(line.points for line in lines),
+            breakdown=convert.breakdown(lines, []),
+            rule_set_version=version,
         )
 
     async def AuthorizeHold(self, request: pb.AuthorizeHoldRequest, context: Context) -> pb.AuthorizeHoldResponse:
@@ -209,6 +235,7 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
             point_of_sale=convert.point_of_sale(record.pos),
             lot_effects=convert.lot_effects(record.lots),
             balance_after=common_pb2.BalanceSummary(available_points=record.available, held_points=record.held),
+            breakdown=convert.breakdown(record.lines, record.lots),
         )
         if record.type in ("EARN", "GRANT"):
             receipt.earned_points = record.pts

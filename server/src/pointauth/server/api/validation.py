@@ -4,6 +4,7 @@ a POS developer fixes them all at once. Nothing reaches the ledger before this p
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -11,9 +12,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from pointauth.server.api.errors import ApiError
 from pointauth.server.domain import ids
+from pointauth.server.domain.earning import BasketLine
 from pointauth.server.domain.reasons import ErrorReason
 from pointauth.server.ledger import LotKindCode, PointOfSaleRef
-from pointauth.v1 import common_pb2
+from pointauth.v1 import common_pb2, points_service_pb2
 
 # Lua numbers are doubles: amounts and balances stay far below 2^53 so every point is exact.
 MAX_POINTS = 10**15
@@ -21,6 +23,8 @@ MAX_AMOUNT = 10**15
 # Timestamps a till can mean: from 1970 to the end of the year 9999 (google.protobuf.Timestamp's
 # own upper bound); each field may narrow this (a purchase can't lie in the future).
 MAX_TIMESTAMP_SECONDS = 253_402_300_799
+MAX_BASKET_LINES = 500
+MAX_LABEL = 64
 
 
 class Violations:
@@ -128,3 +132,21 @@ class Violations:
             terminal_id=self.identifier("point_of_sale.terminal_id", pos.terminal_id),
             channel=pos.channel,
         )
+
+    def basket(self, lines: Sequence[points_service_pb2.BasketLine], purchase_amount: int) -> tuple[BasketLine, ...]:
+        """The basket's lines; their amounts must add up to the purchase amount."""
+        if len(lines) > MAX_BASKET_LINES:
+            self.add("basket", f"at most {MAX_BASKET_LINES} lines")
+            return ()
+        out = []
+        for i, line in enumerate(lines):
+            if len(line.sku) > MAX_LABEL or len(line.category) > MAX_LABEL:
+                self.add(f"basket[{i}]", f"sku and category are at most {MAX_LABEL} characters")
+            if line.quantity < 1:
+                self.add(f"basket[{i}].quantity", "must be at least 1")
+            if not 0 <= line.amount <= MAX_AMOUNT:
+                self.add(f"basket[{i}].amount", f"must be between 0 and {MAX_AMOUNT}")
+            out.append(BasketLine(line.sku, line.category, line.quantity, line.amount, earns=not line.non_earning))
+        if out and sum(line.amount for line in out) != purchase_amount:
+            self.add("purchase_amount", "must be the sum of the basket's line amounts")
+        return tuple(out)

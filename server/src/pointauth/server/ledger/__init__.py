@@ -1,5 +1,6 @@
 """The hot ledger: one atomic Redis function call per state change of an account."""
 
+from pointauth.server.domain.earning import LotKindCode
 from pointauth.server.ledger._ledger import (
     LIBRARY,
     AccountView,
@@ -13,7 +14,6 @@ from pointauth.server.ledger._ledger import (
 from pointauth.server.ledger.codec import (
     CardKindCode,
     LotEntry,
-    LotKindCode,
     OpResult,
     PointOfSaleRef,
     TransactionRecord,

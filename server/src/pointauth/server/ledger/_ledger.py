@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any, Literal, NamedTuple
@@ -15,12 +15,12 @@ from redis.exceptions import ResponseError
 from pointauth.server.clock import Clock
 from pointauth.server.config import LedgerSettings
 from pointauth.server.domain import reasons
+from pointauth.server.domain.earning import EarnLine, LotKindCode
 from pointauth.server.domain.reasons import ErrorReason
 from pointauth.server.ledger import codec
 from pointauth.server.ledger.codec import (
     CardKindCode,
     LotEntry,
-    LotKindCode,
     OpResult,
     PointOfSaleRef,
     TransactionRecord,
@@ -74,6 +74,18 @@ class LedgerLibrary:
     @property
     def move_card_function(self) -> str:
         return f"pointauth_move_card_{self.version}"
+
+    @property
+    def take_budget_function(self) -> str:
+        return f"pointauth_take_budget_{self.version}"
+
+    @property
+    def give_budget_function(self) -> str:
+        return f"pointauth_give_budget_{self.version}"
+
+    @property
+    def settle_budget_function(self) -> str:
+        return f"pointauth_settle_budget_{self.version}"
 
 
 LIBRARY = LedgerLibrary.from_template(SCRIPT_SOURCE)
@@ -359,9 +371,13 @@ class Ledger:
             return False
         move = codec.decode_merge_move(raw)
         cards = move.cards if isinstance(move.cards, dict) else {}
-        args = {"merge": move.merge, "source": source, "lots": move.lots, "cards": cards}
+        args: dict[str, Any] = {"merge": move.merge, "source": source, "lots": move.lots, "cards": cards}
         if move.foreign:
             args["foreign"] = move.foreign
+        if move.counts:
+            args["counts"] = move.counts
+        if move.earned:
+            args["earned"] = True
         on = move.target
         for _ in range(MAX_MERGE_HOPS + 1):
             try:
@@ -396,6 +412,36 @@ class Ledger:
             finished += await self.finish_merge(member.decode())
         return finished
 
+    async def take_budget(self, campaign_id: str, points: int, budget: int) -> int:
+        """Reserves up to `points` of a campaign's budget of `budget` points before an earn;
+        returns how many (0 once it has run out). The campaign's spent count is one key in a
+        slot of its own (Keyspace.budget): the reservation never lets it pass the budget,
+        whatever runs at once on every shard. What the earn does not use goes back
+        (settle_budget, give_budget); a crash in between leaves it reserved: a bounded
+        under-spend, never an overspend."""
+        key = self.keyspace.budget(campaign_id)
+        return int(await self.pipeline.execute("FCALL", self.library.take_budget_function, 1, key, points, budget))
+
+    async def settle_budget(self, campaign_id: str, earn_id: str, reserved: int, granted: int) -> None:
+        """After an earn: gives back what it reserved and did not grant, once per earn (a retry,
+        whose answer is replayed, gives back all it reserved again)."""
+        keys = [self.keyspace.budget(campaign_id), self.keyspace.budget_mark(campaign_id, earn_id)]
+        ttl = self.settings.idempotency_ttl_seconds + 86_400
+        await self.pipeline.execute("FCALL", self.library.settle_budget_function, 2, *keys, reserved, granted, ttl)
+
+    async def give_budget(self, campaign_id: str, points: int, refund_id: str | None = None) -> None:
+        """Gives back a refused earn's reservation, or (once per refund) a refund's share."""
+        if points <= 0:
+            return
+        keys = [self.keyspace.budget(campaign_id)]
+        if refund_id is not None:
+            keys.append(self.keyspace.budget_mark(campaign_id, refund_id))
+        ttl = self.settings.idempotency_ttl_seconds + 86_400
+        await self.pipeline.execute("FCALL", self.library.give_budget_function, len(keys), *keys, points, ttl)
+
+    async def budget_spent(self, campaign_id: str) -> int:
+        return int(await self.redis.get(self.keyspace.budget(campaign_id)) or 0)
+
     async def load(self) -> bool:
         """Loads this release's library unless Redis has it (server start); True if this loaded it."""
         return await load_library(self.redis, self.library)
@@ -425,7 +471,11 @@ class Ledger:
         purchase_amount: int = 0,
         purchase_ms: int = 0,
         card: str | None = None,
+        lines: Sequence[EarnLine] = (),
+        rules_version: int = 0,
     ) -> OpResult:
+        """An earn (or a grant) of `points` into one lot; or, under the rules, of each of `lines`
+        into its own lot, with the member's guards and caps decided by the script."""
         args: dict[str, Any] = {
             "type": "GRANT" if grant else "EARN",
             "pts": points,
@@ -436,6 +486,9 @@ class Ledger:
             "amount": purchase_amount,
             "ptime": purchase_ms,
         }
+        if lines:
+            args["lines"] = [_line_arg(line) for line in lines]
+            args["rules"] = rules_version
         return await self._call("earn", account_id, _via(args, card), request_id, fingerprint)
 
     async def authorize(
@@ -611,6 +664,18 @@ class ProfileChange:
         if self.clear_attrs:
             args["aclear"] = True
         return args
+
+
+def _line_arg(line: EarnLine) -> dict[str, Any]:
+    """An EarnLine as the script's earn reads it (ledger.lua, OPS.earn)."""
+    arg: dict[str, Any] = {"r": line.rule, "p": line.points, "e": line.expire_ms, "k": line.kind}
+    if line.birthday_month:
+        arg["bm"] = line.birthday_month
+    if line.first_purchase:
+        arg["fp"] = True
+    if line.member_cap:
+        arg["cap"] = line.member_cap
+    return arg
 
 
 class AccountView(NamedTuple):

@@ -19,9 +19,9 @@ from typing import Any, Literal
 
 import msgspec
 
+from pointauth.server.domain.earning import LotKindCode, RuleSet
 from pointauth.server.domain.ids import parse_transaction_id, transaction_id
 
-LotKindCode = Literal["R", "L"]
 TransactionType = Literal["EARN", "GRANT", "HOLD", "CAPTURE", "REDEMPTION", "REFUND"]
 
 
@@ -55,6 +55,19 @@ class AllocEntry(msgspec.Struct, array_like=True, frozen=True):
     kind: LotKindCode
     issuer_id: str
     returned: int = 0
+
+
+class EarnLineEntry(msgspec.Struct, array_like=True, frozen=True):
+    """One rule's part of an earn (rules/engine.py): [rule ("base", a campaign id; "" for a plain
+    earn), points given, the lot they went to (0: none), why fewer than the rules said
+    ("member_cap", "budget", "not_birthday_month", "not_first_purchase"; "" if not), points of
+    it refunded so far]. A refund's lines are the shares it took back, per rule."""
+
+    rule: str
+    points: int
+    lot_id: int
+    note: str = ""
+    refunded: int = 0
 
 
 class AllocReturn(msgspec.Struct, array_like=True, frozen=True):
@@ -179,6 +192,10 @@ class MergeMove(msgspec.Struct, frozen=True):
     cards: dict[str, str] | list[Any]
     """Lua packs an empty table as an array."""
     foreign: dict[str, str] | None = None
+    counts: dict[str, str] | None = None
+    """The source's rule counts (k:<rule>), added to the target's."""
+    earned: bool = False
+    """The source had earned (its first-earn mark carries over)."""
 
 
 MERGE_MOVE_FIELD = "m"
@@ -229,6 +246,10 @@ class StoredAccount(msgspec.Struct):
     merged_ms: int | None = None
     merges_in: dict[str, MergeIn] = {}
     """Merges into this account by merge id (`mh:<merge id>` = "<source>|<ms>")."""
+    rule_counts: dict[str, int] = {}
+    """`k:<rule>`: points the rule has given the member (for its per-member cap)."""
+    first_earn_ms: int | None = None
+    """`fe`: when the member first earned (absent: never; first-purchase campaigns)."""
     foreign_refunds: dict[str, str] = {}
     """`f:<transaction id>`: what has been refunded here of a transaction of an account merged
     into this one: "<points refunded>|<points returned per allocation entry, comma-separated>"."""
@@ -320,6 +341,8 @@ def account_of(
     merged_ms: int | None = None,
     merges_in: Mapping[str, MergeIn] | None = None,
     foreign_refunds: Mapping[str, str] | None = None,
+    rule_counts: Mapping[str, int] | None = None,
+    first_earn_ms: int | None = None,
 ) -> StoredAccount:
     """A consistent account: its totals are its lots' and holds' sums."""
     return StoredAccount(
@@ -339,6 +362,8 @@ def account_of(
         merged_ms=merged_ms,
         merges_in=dict(merges_in or {}),
         foreign_refunds=dict(foreign_refunds or {}),
+        rule_counts=dict(rule_counts or {}),
+        first_earn_ms=first_earn_ms,
     )
 
 
@@ -356,6 +381,10 @@ def _status_fields(account: StoredAccount) -> dict[bytes, bytes]:
         fields[b"mh:" + merge.encode()] = f"{came.source}|{came.time}".encode()
     for txid, state in account.foreign_refunds.items():
         fields[b"f:" + txid.encode()] = state.encode()
+    for rule, count in account.rule_counts.items():
+        fields[b"k:" + rule.encode()] = b"%d" % count
+    if account.first_earn_ms is not None:
+        fields[b"fe"] = b"%d" % account.first_earn_ms
     if account.opened_ms is not None:
         fields[OPENED_FIELD] = b"%d" % account.opened_ms
     if account.closed_ms is not None:
@@ -390,6 +419,7 @@ def decode_account(
     cards: dict[str, CardLink] = {}
     merges_in: dict[str, MergeIn] = {}
     foreign: dict[str, str] = {}
+    counts: dict[str, int] = {}
     for field, value in stored.items():
         try:
             if field.startswith(CARD_FIELD_PREFIX):
@@ -409,6 +439,10 @@ def decode_account(
             elif field.startswith(b"mh:"):
                 source, _, ms = value.decode().partition("|")
                 merges_in[field[3:].decode()] = MergeIn(source, int(ms))
+            elif field.startswith(b"k:"):
+                counts[field[2:].decode()] = int(value)
+            elif field == b"fe":
+                account.first_earn_ms = int(value)
             elif field.startswith(b"f:"):
                 foreign[field[2:].decode()] = value.decode()
             elif field == OPENED_FIELD:
@@ -434,6 +468,7 @@ def decode_account(
     account.cards = dict(sorted(cards.items()))
     account.merges_in = dict(sorted(merges_in.items(), key=lambda item: (item[1].time, item[0])))
     account.foreign_refunds = dict(sorted(foreign.items()))
+    account.rule_counts = dict(sorted(counts.items()))
     account.profile = MemberProfile(**profile, attrs=dict(sorted(attrs.items())) or None)
     for member, score in lots:
         lot = decode_lot(member, score)
@@ -477,6 +512,8 @@ class TransactionRecord(msgspec.Struct, frozen=True):
     capture: int = 0
     amount: int = 0
     racct: str = ""
+    lines: list[EarnLineEntry] = []
+    """An earn under the rules: each rule's part, and how much of it refunds took back."""
 
 
 def record_field(seq: int) -> str:
@@ -527,6 +564,8 @@ class Event(msgspec.Struct, frozen=True, omit_defaults=True):
     - MERGED_IN (on the target): `lots` (where each moved lot landed), `source`, `merge`, `cards`,
       `links` (the cards' field values as they arrived; absent if none);
     - REFUNDED of a transaction of an account merged into this one: `racct` names that account.
+    - EARN under the rules: `lines` (each rule's part) and `rules` (the rule set's version);
+      REFUNDED of one: `lines`, the shares taken back per rule.
     - EARN, GRANT: `amount`, `ptime` (purchase time), `pos`, `rid`;
     - HOLD_AUTHORIZED: `hold_exp`, `alloc`, `pos`, `rid`;
     - HOLD_CAPTURED: `ref` (the hold), `released` (points given back), `alloc` (the part of the
@@ -573,6 +612,13 @@ class Event(msgspec.Struct, frozen=True, omit_defaults=True):
     racct: str | None = None
     links: dict[str, str] | None = None
     foreign: dict[str, str] | None = None
+    lines: list[EarnLineEntry] | None = None
+    rules: int | None = None
+    """EARN under the rules: the rule set version it used."""
+    counts: dict[str, int] | None = None
+    """EARN, REFUNDED, MERGED_IN: the capped rules' counts for the member after it (k:<rule>)."""
+    first: bool | None = None
+    """EARN, MERGED_IN: it made the member's first-earn mark (fe = its time)."""
 
     @property
     def event_id(self) -> str:
@@ -750,6 +796,8 @@ class OpResult(msgspec.Struct, frozen=True):
     """merge_out: the cards moved."""
     more: bool = False
     """balance: more lots follow the page."""
+    lines: list[EarnLineEntry] = []
+    """earn under the rules: each rule's part; refund of one: the shares taken back."""
 
 
 _decode_result = msgspec.msgpack.Decoder(OpResult).decode
@@ -811,3 +859,37 @@ def card_owner_value(account_id: str) -> bytes:
 def decode_card_owner(raw: bytes | str | None) -> str | None:
     """The account a card bucket's field names; None for a card not linked."""
     return raw.decode() if isinstance(raw, bytes) else raw
+
+
+# -- rule sets ---------------------------------------------------------------------------------
+# Published rule sets live in shard 0's slot (Keyspace.rules): a hash version -> the rule set
+# (domain/earning.py's RuleSet as msgpack), and the current version. Publishing appends an entry
+# `u` (RuleSetPublished) to shard 0's stream in the same transaction, for the journal.
+
+RULE_SET_FIELD = b"u"
+
+
+class RuleSetPublished(msgspec.Struct, frozen=True):
+    version: int
+    time: int
+    rule_set: RuleSet
+
+
+_decode_rule_set = msgspec.msgpack.Decoder(RuleSet).decode
+_decode_published = msgspec.msgpack.Decoder(RuleSetPublished).decode
+
+
+def encode_rule_set(rule_set: RuleSet) -> bytes:
+    return _encode(rule_set)
+
+
+def decode_rule_set(raw: bytes) -> RuleSet:
+    return _decode_rule_set(raw)
+
+
+def encode_rule_set_published(published: RuleSetPublished) -> bytes:
+    return _encode(published)
+
+
+def decode_rule_set_published(raw: bytes) -> RuleSetPublished:
+    return _decode_published(raw)

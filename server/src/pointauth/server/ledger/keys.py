@@ -37,6 +37,12 @@ class DirectoryKeys(NamedTuple):
     events: str
 
 
+class RulesKeys(NamedTuple):
+    sets: str
+    version: str
+    events: str
+
+
 class Keyspace:
     """Names keys for a fixed number of shards (changing `shards` requires a migration)."""
 
@@ -76,6 +82,20 @@ class Keyspace:
 
     def holds(self, shard: int) -> str:
         return f"{self.prefix}:{{s{shard}}}:holds"
+
+    def rules(self) -> RulesKeys:
+        """The published rule sets, in shard 0's slot with its stream (codec.py, rule sets)."""
+        tag = f"{self.prefix}:{{s0}}"
+        return RulesKeys(sets=f"{tag}:rs:sets", version=f"{tag}:rs:version", events=f"{tag}:events")
+
+    def budget(self, campaign_id: str) -> str:
+        """A campaign's budget: the points it has given so far (a slot of its own, so that every
+        shard's earns reserve from the one count)."""
+        return f"{self.prefix}:{{b:{campaign_id}}}:budget"
+
+    def budget_mark(self, campaign_id: str, transaction_id: str) -> str:
+        """That an earn's reservation, or a refund's share, was settled with the budget once."""
+        return f"{self.prefix}:{{b:{campaign_id}}}:done:{transaction_id}"
 
     def merges(self, shard: int) -> str:
         return f"{self.prefix}:{{s{shard}}}:merges"

@@ -475,7 +475,8 @@ end
 local function new_tx(type_, ev, fields)
   local rec = {type = type_, time = NOW, pos = ARGS.pos, pts = ev.pts, refunded = 0,
     available = ev.available, held = ev.held, lots = ev.lots, alloc = {}, ref = ev.ref or 0,
-    state = '', exp = 0, captured = 0, released = 0, capture = 0, amount = ev.amount or 0, racct = ev.racct or ''}
+    state = '', exp = 0, captured = 0, released = 0, capture = 0, amount = ev.amount or 0, racct = ev.racct or '',
+    lines = ev.lines or {}}
   for k, v in pairs(fields) do rec[k] = v end
   return rec
 end
@@ -666,7 +667,7 @@ function OPS.merge_out()
       add_pts(l, -l.pts)
     end
   end
-  local cards, card_list, foreign = {}, {}, {}
+  local cards, card_list, foreign, counts = {}, {}, {}, {}
   local fields = redis.call('HGETALL', K_ACCOUNT)
   for i = 1, #fields, 2 do
     local f, prefix = fields[i], string.sub(fields[i], 1, 2)
@@ -677,12 +678,17 @@ function OPS.merge_out()
     elseif prefix == 'f:' then
       foreign[string.sub(f, 3)] = fields[i + 1]
       A.fields[f] = ''
+    elseif prefix == 'k:' then
+      counts[string.sub(f, 3)] = fields[i + 1]
     end
   end
   table.sort(card_list)
   A.fields.st, A.fields.mt, A.fields.mi, A.fields.mg = 'M', ARGS.target, ARGS.merge, fmt(NOW)
   local move = {merge = ARGS.merge, source = ACCOUNT, target = ARGS.target, time = NOW, lots = moved, cards = cards}
   if next(foreign) then move.foreign = foreign end
+  -- The member is one: what the rules counted for the source counts for the target.
+  if next(counts) then move.counts = counts end
+  move.earned = redis.call('HEXISTS', K_ACCOUNT, 'fe') == 1
   redis.call('HSET', K_TX, 'm', cmsgpack.pack(move))
   redis.call('ZADD', K_MERGES, fmt(NOW), ACCOUNT)
   -- `links`, `foreign`: the move's cards and refund states, for the journal (absent when empty:
@@ -713,9 +719,18 @@ function OPS.merge_in()
   end
   table.sort(card_list)
   for txid, state in pairs(ARGS.foreign or {}) do A.fields['f:' .. txid] = state end
+  local counts, first
+  for rule, n in pairs(ARGS.counts or {}) do
+    counts = counts or {}
+    counts[rule] = tonumber(redis.call('HGET', K_ACCOUNT, 'k:' .. rule) or '0') + tonumber(n)
+    A.fields['k:' .. rule] = fmt(counts[rule])
+  end
+  if ARGS.earned and redis.call('HEXISTS', K_ACCOUNT, 'fe') == 0 then
+    A.fields.fe, first = fmt(NOW), true
+  end
   A.fields['mh:' .. ARGS.merge] = ARGS.source .. '|' .. fmt(NOW)
   emit(event_base('MERGED_IN', {pts = total, lots = lots, source = ARGS.source, merge = ARGS.merge,
-    cards = card_list, links = next(links) and links or nil}))
+    counts = counts, first = first, cards = card_list, links = next(links) and links or nil}))
   return finish({pts = total, lots = lots})
 end
 
@@ -730,24 +745,59 @@ end
 
 -- EARN and GRANT: points into the lot of their expiry, kind and issuer; a new lot, whose id is
 -- the transaction's sequence number, if the account has none.
+-- An earn under the rules (ARGS.lines, rules/engine.py's EarnLine: {r = rule, p = points, e =
+-- expiry, k = kind, bm = birth month guard, fp = first-purchase guard, cap = per-member cap})
+-- gives each line's points into its own lot, after what only the account can decide, atomically
+-- with the balance: the member's guards (birthday month, first purchase) and the per-member cap
+-- (field k:<rule>, the points the rule has given the member so far). The event and the record
+-- keep each line (codec.py, EarnLineEntry) so that a refund can take back each rule's share.
 function OPS.earn()
-  local pts, exp = ARGS.pts, ARGS.exp
-  if pts > 0 and exp <= NOW then
-    return refuse('FAILED_PRECONDITION', 'LOT_ALREADY_EXPIRED', 'the new lot would already be expired')
+  local lines = ARGS.lines or {{r = '', p = ARGS.pts, e = ARGS.exp, k = ARGS.kind}}
+  local first = ARGS.type == 'EARN' and redis.call('HEXISTS', K_ACCOUNT, 'fe') == 0
+  local birthday
+  local granted, notes, used, total = {}, {}, {}, 0
+  for i, l in ipairs(lines) do
+    local p = l.p
+    if l.bm and l.bm > 0 then
+      birthday = birthday or redis.call('HGET', K_ACCOUNT, 'bd') or ''
+      if tonumber(string.sub(birthday, 1, 2)) ~= l.bm then p, notes[i] = 0, 'not_birthday_month' end
+    end
+    if l.fp and not first then p, notes[i] = 0, 'not_first_purchase' end
+    if p > 0 and l.cap and l.cap > 0 then
+      used[i] = tonumber(redis.call('HGET', K_ACCOUNT, 'k:' .. l.r) or '0')
+      if p > l.cap - used[i] then p, notes[i] = math.max(l.cap - used[i], 0), 'member_cap' end
+    end
+    if p > 0 and l.e <= NOW then
+      return refuse('FAILED_PRECONDITION', 'LOT_ALREADY_EXPIRED', 'the new lot would already be expired')
+    end
+    granted[i] = p
+    total = total + p
   end
-  if over_cap(pts) then return balance_limit() end
-  local seq = A.seq + 1
-  local lots = {}
-  if pts > 0 then
-    local kind, iss = ARGS.kind, ARGS.pos[1]
-    local l = find_lot(nil, exp, kind, iss) or new_lot(seq, exp, kind, iss)
-    add_pts(l, pts)
-    lots = {{l.id, pts, exp, kind, iss}}
+  if over_cap(total) then return balance_limit() end
+  local seq, iss = A.seq + 1, ARGS.pos[1]
+  local lots, out, counts = {}, {}, nil
+  for i, l in ipairs(lines) do
+    local lot_id = 0
+    if granted[i] > 0 then
+      local lot = find_lot(nil, l.e, l.k, iss) or new_lot(fresh_lot_id(), l.e, l.k, iss)
+      add_pts(lot, granted[i])
+      lots[#lots + 1] = {lot.id, granted[i], l.e, l.k, iss}
+      lot_id = lot.id
+      if used[i] then
+        counts = counts or {}
+        counts[l.r] = used[i] + granted[i]
+        A.fields['k:' .. l.r] = fmt(counts[l.r])
+      end
+    end
+    out[i] = {l.r, granted[i], lot_id, notes[i] or '', 0}
   end
-  local ev = event_base(ARGS.type, {pts = pts, lots = lots, amount = ARGS.amount, ptime = ARGS.ptime})
+  if first then A.fields.fe = fmt(NOW) end
+  -- `counts`: the capped rules' counts after the earn; `first`: the member's first earn.
+  local ev = event_base(ARGS.type, {pts = total, lots = lots, amount = ARGS.amount, ptime = ARGS.ptime,
+    lines = ARGS.lines and out or nil, rules = ARGS.rules, counts = counts, first = first or nil})
   emit(ev)
   tx_put(seq, new_tx(ARGS.type, ev, {}))
-  return finish({tx = seq, pts = pts, lots = lots})
+  return finish({tx = seq, pts = total, lots = lots, lines = ARGS.lines and out or nil})
 end
 
 function OPS.authorize()
@@ -834,6 +884,47 @@ end
 -- An earn's refund takes points back (from its own lot first: the lot of its expiry, kind and
 -- issuer, into which later earns of the same may have merged); a capture's or redemption's
 -- gives them back to the lots they came from, the last-spent first.
+-- A refund of an earn under the rules takes back each line's share of `want`: its points x
+-- want / the earn's points, rounded down, then what is left of `want` to the lines in order
+-- (the base line first), never more than a line has left. (Exact while a line's points times
+-- `want` stay below 2^53; beyond, a share may be a point off, the total never.) Each share comes from the line's own lot first, then in spending order; a capped
+-- rule's count (k:<rule>) goes down by its share, so the member can earn it again. Returns the
+-- lot effects and the shares (codec.py, EarnLineEntry: rule, points, lot, "", 0), and updates
+-- the lines' refunded points in `orig`.
+local function refund_lines(orig, want)
+  local shares, left, rest = {}, {}, want
+  for i, l in ipairs(orig.lines) do
+    left[i] = l[2] - l[5]
+    shares[i] = math.min(left[i], math.floor(l[2] * want / orig.pts), rest)
+    rest = rest - shares[i]
+  end
+  for i = 1, #orig.lines do
+    if rest == 0 then break end
+    local n = math.min(rest, left[i] - shares[i])
+    shares[i] = shares[i] + n
+    rest = rest - n
+  end
+  local lots, out = {}, {}
+  for i, l in ipairs(orig.lines) do
+    if shares[i] > 0 then
+      local own
+      for _, e in ipairs(orig.lots) do
+        if e[1] == l[3] then own = e end
+      end
+      for _, e in ipairs(effects(take(shares[i], own), -1)) do lots[#lots + 1] = e end
+      l[5] = l[5] + shares[i]
+      local count = l[1] ~= '' and redis.call('HGET', K_ACCOUNT, 'k:' .. l[1])
+      if count then
+        A.counts = A.counts or {}
+        A.counts[l[1]] = math.max(tonumber(count) - shares[i], 0)
+        A.fields['k:' .. l[1]] = fmt(A.counts[l[1]])
+      end
+      out[#out + 1] = {l[1], shares[i], l[3], '', 0}
+    end
+  end
+  return lots, out
+end
+
 -- A refund of a transaction of an account merged into this one (ARGS.facct): the server passes
 -- its record (BLOB, from the merged account, which never changes again); what has been
 -- refunded of it is kept here, in the account hash's field f:<transaction id> = "<points
@@ -876,8 +967,11 @@ function OPS.refund()
       'refund of ' .. fmt(want) .. ' points exceeds the ' .. fmt(remaining) .. ' points left to refund',
       {refundable_points = fmt(remaining), requested_points = fmt(want)})
   end
-  local lots, returned
-  if orig.type == 'EARN' or orig.type == 'GRANT' then
+  local lots, returned, shares
+  if (orig.type == 'EARN' or orig.type == 'GRANT') and orig.lines and #orig.lines > 0 then
+    if available() < want then return insufficient(want) end
+    lots, shares = refund_lines(orig, want)
+  elseif orig.type == 'EARN' or orig.type == 'GRANT' then
     if available() < want then return insufficient(want) end
     lots = effects(take(want, orig.lots[1]), -1)
   else
@@ -899,7 +993,7 @@ function OPS.refund()
   end
   orig.refunded = orig.refunded + want
   local ev = event_base('REFUNDED', {pts = want, ref = ARGS.orig, racct = ARGS.facct, lots = lots,
-    refunded = orig.refunded, returned = returned})
+    refunded = orig.refunded, returned = returned, lines = shares, counts = A.counts})
   local seq = emit(ev)
   if foreign then
     local back = {}
@@ -909,7 +1003,7 @@ function OPS.refund()
     tx_put(ARGS.orig, orig)
   end
   tx_put(seq, new_tx('REFUND', ev, {}))
-  return finish({tx = seq, pts = want, lots = lots})
+  return finish({tx = seq, pts = want, lots = lots, lines = shares})
 end
 
 -- Balance inquiry; also what the sweeper calls to resolve expired holds. Writes only when
@@ -979,6 +1073,35 @@ redis.register_function{function_name = 'pointauth_ledger_$VERSION', callback = 
 redis.register_function{function_name = 'pointauth_move_card_$VERSION', callback = function(KEYS, ARGV)
   if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HSET', KEYS[1], ARGV[1], ARGV[3]) end
   return 0
+end}
+
+-- A campaign's budget (KEYS[1]: the points it has given): reserves up to ARGV[1] points so that
+-- the count never passes the budget ARGV[2]; returns the points reserved.
+redis.register_function{function_name = 'pointauth_take_budget_$VERSION', callback = function(KEYS, ARGV)
+  local spent, want, budget = tonumber(redis.call('GET', KEYS[1]) or '0'), tonumber(ARGV[1]), tonumber(ARGV[2])
+  local take = math.max(math.min(want, budget - spent), 0)
+  if take > 0 then redis.call('INCRBY', KEYS[1], take) end
+  return take
+end}
+
+-- Gives back what an earn reserved and did not use, once per earn: KEYS[1] the budget, KEYS[2]
+-- the earn's mark; ARGV: reserved, granted, the mark's TTL (s). A retried earn (its answer
+-- replayed, granting nothing new) finds the mark and gives back all it reserved again.
+redis.register_function{function_name = 'pointauth_settle_budget_$VERSION', callback = function(KEYS, ARGV)
+  local back = tonumber(ARGV[1])
+  if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[3]) then back = back - tonumber(ARGV[2]) end
+  back = math.min(back, tonumber(redis.call('GET', KEYS[1]) or '0'))
+  if back > 0 then redis.call('DECRBY', KEYS[1], back) end
+  return back
+end}
+
+-- Gives back ARGV[1] points with no earn to settle (a refused earn's reservation), or, with
+-- KEYS[2] a refund's mark, a refunded earn's campaign points, once per refund.
+redis.register_function{function_name = 'pointauth_give_budget_$VERSION', callback = function(KEYS, ARGV)
+  if KEYS[2] and not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[2]) then return 0 end
+  local back = math.min(tonumber(ARGV[1]), tonumber(redis.call('GET', KEYS[1]) or '0'))
+  if back > 0 then redis.call('DECRBY', KEYS[1], back) end
+  return back
 end}
 
 -- Gives a card claim back only if it still names this account (compare and delete).

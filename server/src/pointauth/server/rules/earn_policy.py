@@ -1,4 +1,5 @@
-"""Base earn rate and lot expiry, until the rules engine takes over: integer arithmetic only."""
+"""The program's base earn rate and lot expiry: integer arithmetic only. Rule sets (rules/engine.py)
+build on them."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 from pointauth.server.config import EarnSettings
+from pointauth.server.domain.earning import Rate
 
 
 class EarnPolicy:
@@ -13,6 +15,15 @@ class EarnPolicy:
         self._settings = settings
         self._zone = ZoneInfo(settings.timezone)
         self.purchase_time_skew_ms = settings.purchase_time_skew_seconds * 1000
+
+    @property
+    def rate(self) -> Rate:
+        """The program's base rate (rule sets may set others per company or store)."""
+        return Rate(self._settings.rate_points, self._settings.rate_amount)
+
+    def local_time(self, ms: int) -> datetime:
+        """An instant in the program's time zone (weekdays, days and time windows of rules)."""
+        return datetime.fromtimestamp(ms / 1000, tz=UTC).astimezone(self._zone)
 
     def points_for(self, purchase_amount: int) -> int:
         """rate_points per rate_amount, rounded down: 1 point per 100 yen gives 0 for 99 yen."""

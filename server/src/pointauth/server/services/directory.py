@@ -27,6 +27,7 @@ from pointauth.server.domain.group import (
 )
 from pointauth.server.ledger import PointOfSaleRef
 from pointauth.server.ledger.directory import DirectoryStore
+from pointauth.server.services.following import follow
 from pointauth.server.services.refusals import group_refusal
 
 log = logging.getLogger(__name__)
@@ -66,20 +67,11 @@ class DirectoryService:
         return self.current
 
     async def _follow(self) -> None:
-        failing = False
-        while True:
-            await asyncio.sleep(self.settings.refresh_seconds)
-            try:
-                await self.refresh()
-            except Exception as exc:
-                # Keeps checking against the directory it has until Redis answers again.
-                if not failing:
-                    log.warning("group directory refresh failed (%s: %s); retrying", type(exc).__name__, exc)
-                failing = True
-            else:
-                if failing:
-                    log.info("group directory refresh works again (version %d)", self.current.version)
-                failing = False
+        # Keeps checking against the directory it has until Redis answers again.
+        await follow("group directory", self.settings.refresh_seconds, self._refreshed_version)
+
+    async def _refreshed_version(self) -> int:
+        return (await self.refresh()).version
 
     # -- the tills' check ---------------------------------------------------------------------
 

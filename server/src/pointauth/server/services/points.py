@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import NamedTuple
 
 from pointauth.server.clock import Clock
+from pointauth.server.domain.earning import BASE_RULE, BasketLine, EarnLine, RuleSet
+from pointauth.server.domain.ids import transaction_id
 from pointauth.server.domain.reasons import ErrorReason
 from pointauth.server.ledger import Ledger, LedgerRefusal, LotEntry, OpResult, PointOfSaleRef, TransactionRecord
+from pointauth.server.ledger.codec import EarnLineEntry
 from pointauth.server.rules.earn_policy import EarnPolicy
 from pointauth.server.services.directory import DirectoryService
 from pointauth.server.services.refusals import not_found, renamed_not_found
+from pointauth.server.services.rules import RulesService, with_points
 
 
 class Outcome(NamedTuple):
@@ -19,15 +25,32 @@ class Outcome(NamedTuple):
     result: OpResult
 
 
+class Earned(NamedTuple):
+    """An earn's answer: the ledger's, for which account, under which rule set version (0:
+    none), and the campaigns whose budget gave fewer points than their rule (points short)."""
+
+    account_id: str
+    result: OpResult
+    rules_version: int = 0
+    short: Mapping[str, int] = MappingProxyType({})
+
+
 class PointsService:
     def __init__(
-        self, ledger: Ledger, policy: EarnPolicy, clock: Clock, directory: DirectoryService | None = None
+        self,
+        ledger: Ledger,
+        policy: EarnPolicy,
+        clock: Clock,
+        directory: DirectoryService | None = None,
+        rules: RulesService | None = None,
     ) -> None:
         self.ledger = ledger
         self.policy = policy
         self.clock = clock
         self.directory = directory
         """The group directory every point of sale is checked against; None: no check."""
+        self.rules = rules
+        """The published rule set; None, or none published: the configured base rate."""
 
     def check_point_of_sale(self, pos: PointOfSaleRef) -> None:
         """Refuses a point of sale the group directory lacks, before anything reaches the ledger
@@ -48,8 +71,16 @@ class PointsService:
         pos: PointOfSaleRef,
         request_id: str,
         fingerprint: str,
-    ) -> Outcome:
+        basket: tuple[BasketLine, ...] = (),
+    ) -> Earned:
         self.check_point_of_sale(pos)
+        rule_set = self.rules.current if self.rules is not None else None
+        if rule_set is not None and rule_set.version:
+            assert self.rules is not None
+            lines = self.rules.lines(rule_set, self.rules.purchase(pos, purchase_amount, basket, purchase_ms))
+            return await self._earn_lines(
+                card_number, lines, rule_set.version, purchase_amount, purchase_ms, pos, request_id, fingerprint
+            )
         points = self.policy.points_for(purchase_amount)
         account, result = await self.ledger.on_card(
             card_number,
@@ -66,7 +97,95 @@ class PointsService:
                 card=card_number,
             ),
         )
-        return Outcome(account, result)
+        return Earned(account, result)
+
+    async def _earn_lines(
+        self,
+        card_number: str,
+        lines: list[EarnLine],
+        rules_version: int,
+        purchase_amount: int,
+        purchase_ms: int,
+        pos: PointOfSaleRef,
+        request_id: str,
+        fingerprint: str,
+    ) -> Earned:
+        """An earn under the rules. A campaign with a budget reserves its points first (the
+        budget is another slot's: Ledger.take_budget) and gives back what the account's script
+        did not grant (its member cap or guards), or everything if the earn is refused."""
+        reserved: dict[str, int] = {}
+        short: dict[str, int] = {}
+        for i, line in enumerate(lines):
+            if line.budget and line.points:
+                taken = await self.ledger.take_budget(line.rule, line.points, line.budget)
+                reserved[line.rule] = taken
+                if taken < line.points:
+                    short[line.rule] = line.points - taken
+                    lines[i] = with_points(line, taken)
+        try:
+            account, result = await self.ledger.on_card(
+                card_number,
+                lambda account: self.ledger.earn(
+                    account,
+                    points=0,
+                    expire_ms=0,
+                    kind="R",
+                    pos=pos,
+                    request_id=request_id,
+                    fingerprint=fingerprint,
+                    purchase_amount=purchase_amount,
+                    purchase_ms=purchase_ms,
+                    card=card_number,
+                    lines=lines,
+                    rules_version=rules_version,
+                ),
+            )
+        except BaseException:
+            for rule, taken in reserved.items():
+                await self.ledger.give_budget(rule, taken)
+            raise
+        granted = {line.rule: line.points for line in result.lines}
+        earn_id = transaction_id(account, result.tx)
+        for rule, taken in reserved.items():
+            await self.ledger.settle_budget(rule, earn_id, taken, granted.get(rule, 0))
+        return Earned(account, result, rules_version, short)
+
+    async def simulate(
+        self,
+        card_number: str | None,
+        *,
+        purchase_amount: int,
+        purchase_ms: int,
+        pos: PointOfSaleRef,
+        basket: tuple[BasketLine, ...] = (),
+    ) -> tuple[int, list[EarnLineEntry]]:
+        """(rule set version, what each rule would give now), writing nothing: the member's
+        guards and caps as they stand (when a card is given), budgets as they stand."""
+        self.check_point_of_sale(pos)
+        rule_set = self.rules.current if self.rules is not None else RuleSet(version=0)
+        if self.rules is None or not rule_set.version:
+            points = self.policy.points_for(purchase_amount)
+            return 0, [EarnLineEntry(BASE_RULE, points, 0)]
+        lines = self.rules.lines(rule_set, self.rules.purchase(pos, purchase_amount, basket, purchase_ms))
+        member = (await self.ledger.account_by_card(card_number)).stored if card_number else None
+        out: list[EarnLineEntry] = []
+        for line in lines:
+            points, note = line.points, ""
+            born = member.profile.bd or "" if member is not None else ""
+            if member is not None and line.birthday_month and born[:2] != f"{line.birthday_month:02d}":
+                points, note = 0, "not_birthday_month"
+            if member is not None and line.first_purchase and member.first_earn_ms is not None:
+                points, note = 0, "not_first_purchase"
+            if member is not None and points and line.member_cap:
+                room = max(line.member_cap - member.rule_counts.get(line.rule, 0), 0)
+                if points > room:
+                    points, note = room, "member_cap"
+            if points and line.budget:
+                room = max(line.budget - await self.ledger.budget_spent(line.rule), 0)
+                if points > room:
+                    points, note = room, "budget"
+            out.append(EarnLineEntry(line.rule, points, 0, note))
+        return rule_set.version, out
 
     async def authorize(
         self, card_number: str, *, points: int, ttl_ms: int, pos: PointOfSaleRef, request_id: str, fingerprint: str
@@ -133,10 +252,15 @@ class PointsService:
             account, result = await self.ledger.refund_following(
                 account_id, original_seq, points=points, pos=pos, request_id=request_id, fingerprint=fingerprint
             )
-            return Outcome(account, result)
         except LedgerRefusal as refusal:
             message = f"no refundable transaction {account_id}.{original_seq}"
             raise renamed_not_found(refusal, ErrorReason.TRANSACTION_NOT_FOUND, message) from None
+        # A refunded earn's campaign points go back to their budgets, once per refund (a campaign
+        # without a budget has no count: nothing happens).
+        for share in result.lines:
+            if share.rule != BASE_RULE and share.points:
+                await self.ledger.give_budget(share.rule, share.points, transaction_id(account, result.tx))
+        return Outcome(account, result)
 
     async def balance(self, card_number: str, *, limit: int = 20, after: LotEntry | None = None) -> tuple[Outcome, int]:
         """The balance, a page of lots (at most `limit`, after `after`), and the instant it was read at."""

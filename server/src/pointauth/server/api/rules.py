@@ -1,0 +1,209 @@
+"""RulesService: publishing and reading rule sets. Every field is checked before a rule set can
+run; the proto's messages become domain/earning.py's plain data here, and back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from pointauth.server.api import convert
+from pointauth.server.api.validation import MAX_AMOUNT, Violations
+from pointauth.server.domain.earning import Campaign, Conditions, Effect, Rate, RuleSet
+from pointauth.server.services.rules import RulesService
+from pointauth.v1 import common_pb2, rules_service_pb2_grpc
+from pointauth.v1 import rules_service_pb2 as pb
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+MAX_BASE_RATES = 10_000
+MAX_CAMPAIGNS = 200
+MAX_RATE_POINTS = 10**6
+MAX_PER_AMOUNT = 10**9
+MAX_NAME = 100
+MAX_EXPIRE_DAYS = 3650
+_KINDS = {common_pb2.LOT_KIND_UNSPECIFIED: "R", common_pb2.LOT_KIND_REGULAR: "R", common_pb2.LOT_KIND_LIMITED_TIME: "L"}
+_KIND_OUT = {"R": common_pb2.LOT_KIND_REGULAR, "L": common_pb2.LOT_KIND_LIMITED_TIME}
+
+
+def _ids(v: Violations, field: str, values: Any) -> frozenset[str]:
+    for i, value in enumerate(values):
+        v.identifier(f"{field}[{i}]", value)
+    return frozenset(values)
+
+
+def _labels(v: Violations, field: str, values: Any) -> frozenset[str]:
+    for i, value in enumerate(values):
+        if not 1 <= len(value) <= 64:
+            v.add(f"{field}[{i}]", "must be 1 to 64 characters")
+    return frozenset(values)
+
+
+def _conditions(v: Violations, f: str, c: pb.CampaignConditions) -> Conditions:
+    start_ms = v.timestamp(f"{f}.start_time", c.start_time) if c.HasField("start_time") else None
+    end_ms = v.timestamp(f"{f}.end_time", c.end_time) if c.HasField("end_time") else None
+    if start_ms is not None and end_ms is not None and end_ms <= start_ms:
+        v.add(f"{f}.end_time", "must be after start_time")
+    channels = frozenset(int(ch) for ch in c.channels)
+    if any(ch not in common_pb2.Channel.values() or ch == common_pb2.CHANNEL_UNSPECIFIED for ch in channels):
+        v.add(f"{f}.channels", "must be channels other than CHANNEL_UNSPECIFIED")
+    if any(not 1 <= day <= 7 for day in c.weekdays):
+        v.add(f"{f}.weekdays", "must be 1 (Monday) to 7 (Sunday)")
+    if any(not 1 <= day <= 31 for day in c.month_days):
+        v.add(f"{f}.month_days", "must be 1 to 31")
+    for name in ("start_minute", "end_minute"):
+        if not 0 <= getattr(c, name) <= 1440:
+            v.add(f"{f}.{name}", "must be 0 to 1440 minutes after midnight")
+    if not 0 <= c.min_amount <= MAX_AMOUNT:
+        v.add(f"{f}.min_amount", f"must be 0 to {MAX_AMOUNT}")
+    return Conditions(
+        start_ms=start_ms,
+        end_ms=end_ms,
+        company_ids=_ids(v, f"{f}.company_ids", c.company_ids),
+        store_ids=_ids(v, f"{f}.store_ids", c.store_ids),
+        region_ids=_ids(v, f"{f}.region_ids", c.region_ids),
+        channels=channels,
+        weekdays=frozenset(c.weekdays),
+        month_days=frozenset(c.month_days),
+        start_minute=c.start_minute,
+        end_minute=c.end_minute,
+        skus=_labels(v, f"{f}.skus", c.skus),
+        categories=_labels(v, f"{f}.categories", c.categories),
+        min_amount=c.min_amount,
+        birthday_month=c.birthday_month,
+        first_purchase=c.first_purchase,
+    )
+
+
+def _effect(v: Violations, f: str, e: pb.CampaignEffect) -> Effect:
+    which = e.WhichOneof("effect")
+    if which == "multiply_basis_points":
+        if not 1 <= e.multiply_basis_points <= 1_000_000:
+            v.add(f"{f}.multiply_basis_points", "must be 1 to 1,000,000 (100 times the base points)")
+        return Effect("multiply", basis_points=e.multiply_basis_points)
+    if which == "add_points":
+        if not 1 <= e.add_points <= MAX_RATE_POINTS:
+            v.add(f"{f}.add_points", f"must be 1 to {MAX_RATE_POINTS}")
+        return Effect("add", points=e.add_points)
+    if which == "add_per_amount":
+        per = e.add_per_amount
+        if not 1 <= per.points <= MAX_RATE_POINTS:
+            v.add(f"{f}.add_per_amount.points", f"must be 1 to {MAX_RATE_POINTS}")
+        if not 1 <= per.per_amount <= MAX_PER_AMOUNT:
+            v.add(f"{f}.add_per_amount.per_amount", f"must be 1 to {MAX_PER_AMOUNT}")
+        return Effect("per_amount", points=per.points, per_amount=max(per.per_amount, 1))
+    v.add(f, "is required: multiply_basis_points, add_points or add_per_amount")
+    return Effect("add")
+
+
+def rule_set_from(v: Violations, message: pb.RuleSet) -> RuleSet:
+    if len(message.base_rates) > MAX_BASE_RATES:
+        v.add("rule_set.base_rates", f"at most {MAX_BASE_RATES}")
+    rates: list[tuple[str, str, Rate]] = []
+    seen_rates: set[tuple[str, str]] = set()
+    for i, r in enumerate(message.base_rates):
+        f = f"rule_set.base_rates[{i}]"
+        v.identifier(f"{f}.company_id", r.company_id)
+        if r.store_id:
+            v.identifier(f"{f}.store_id", r.store_id)
+        if not 1 <= r.points <= MAX_RATE_POINTS:
+            v.add(f"{f}.points", f"must be 1 to {MAX_RATE_POINTS}")
+        if not 1 <= r.per_amount <= MAX_PER_AMOUNT:
+            v.add(f"{f}.per_amount", f"must be 1 to {MAX_PER_AMOUNT}")
+        if (r.company_id, r.store_id) in seen_rates:
+            v.add(f, "a second rate for the same company and store")
+        seen_rates.add((r.company_id, r.store_id))
+        rates.append((r.company_id, r.store_id, Rate(r.points, max(r.per_amount, 1))))
+    if len(message.campaigns) > MAX_CAMPAIGNS:
+        v.add("rule_set.campaigns", f"at most {MAX_CAMPAIGNS}")
+    campaigns: list[Campaign] = []
+    seen: set[str] = set()
+    for i, c in enumerate(message.campaigns):
+        f = f"rule_set.campaigns[{i}]"
+        v.identifier(f"{f}.campaign_id", c.campaign_id)
+        if c.campaign_id in seen or c.campaign_id == "base":
+            v.add(f"{f}.campaign_id", "must be unique in the rule set, and not 'base'")
+        seen.add(c.campaign_id)
+        if not 1 <= len(c.display_name) <= MAX_NAME:
+            v.add(f"{f}.display_name", f"must be 1 to {MAX_NAME} characters")
+        if c.lot_kind not in _KINDS:
+            v.add(f"{f}.lot_kind", "must be LOT_KIND_REGULAR or LOT_KIND_LIMITED_TIME")
+        if not 0 <= c.expire_days <= MAX_EXPIRE_DAYS:
+            v.add(f"{f}.expire_days", f"must be 0 to {MAX_EXPIRE_DAYS}")
+        for name in ("max_points_per_purchase", "max_points_per_member", "budget_points"):
+            if not 0 <= getattr(c, name) <= MAX_AMOUNT:
+                v.add(f"{f}.{name}", f"must be 0 to {MAX_AMOUNT}")
+        campaigns.append(
+            Campaign(
+                campaign_id=c.campaign_id,
+                name=c.display_name,
+                order=c.order,
+                conditions=_conditions(v, f"{f}.conditions", c.conditions),
+                effect=_effect(v, f"{f}.effect", c.effect),
+                lot_kind="L" if _KINDS.get(c.lot_kind) == "L" else "R",
+                expire_days=c.expire_days,
+                max_per_purchase=c.max_points_per_purchase,
+                max_per_member=c.max_points_per_member,
+                budget=c.budget_points,
+            )
+        )
+    return RuleSet(version=0, base_rates=tuple(rates), campaigns=tuple(campaigns))
+
+
+def rule_set_message(rule_set: RuleSet) -> pb.RuleSet:
+    message = pb.RuleSet(version=rule_set.version, publish_time=convert.timestamp(rule_set.published_ms))
+    for company, store, rate in rule_set.base_rates:
+        message.base_rates.add(company_id=company, store_id=store, points=rate.points, per_amount=rate.per_amount)
+    for c in rule_set.campaigns:
+        cond = c.conditions
+        out = message.campaigns.add(
+            campaign_id=c.campaign_id,
+            display_name=c.name,
+            order=c.order,
+            lot_kind=_KIND_OUT[c.lot_kind],
+            expire_days=c.expire_days,
+            max_points_per_purchase=c.max_per_purchase,
+            max_points_per_member=c.max_per_member,
+            budget_points=c.budget,
+        )
+        oc = out.conditions
+        if cond.start_ms is not None:
+            oc.start_time.CopyFrom(convert.timestamp(cond.start_ms))
+        if cond.end_ms is not None:
+            oc.end_time.CopyFrom(convert.timestamp(cond.end_ms))
+        oc.company_ids.extend(sorted(cond.company_ids))
+        oc.store_ids.extend(sorted(cond.store_ids))
+        oc.region_ids.extend(sorted(cond.region_ids))
+        oc.channels.extend(sorted(common_pb2.Channel.ValueType(ch) for ch in cond.channels))
+        oc.weekdays.extend(sorted(cond.weekdays))
+        oc.month_days.extend(sorted(cond.month_days))
+        oc.start_minute, oc.end_minute, oc.min_amount = cond.start_minute, cond.end_minute, cond.min_amount
+        oc.skus.extend(sorted(cond.skus))
+        oc.categories.extend(sorted(cond.categories))
+        oc.birthday_month, oc.first_purchase = cond.birthday_month, cond.first_purchase
+        e = c.effect
+        if e.kind == "multiply":
+            out.effect.multiply_basis_points = e.basis_points
+        elif e.kind == "add":
+            out.effect.add_points = e.points
+        else:
+            out.effect.add_per_amount.points, out.effect.add_per_amount.per_amount = e.points, e.per_amount
+    return message
+
+
+class RulesServicer(rules_service_pb2_grpc.RulesServiceServicer):
+    def __init__(self, rules: RulesService) -> None:
+        self.rules = rules
+
+    async def PublishRuleSet(self, request: pb.PublishRuleSetRequest, context: Context) -> pb.PublishRuleSetResponse:
+        v = Violations()
+        rule_set = rule_set_from(v, request.rule_set)
+        v.raise_if_any()
+        return pb.PublishRuleSetResponse(rule_set=rule_set_message(await self.rules.publish(rule_set)))
+
+    async def GetRuleSet(self, request: pb.GetRuleSetRequest, context: Context) -> pb.GetRuleSetResponse:
+        v = Violations()
+        if request.version < 0:
+            v.add("version", "must be 0 (the current one) or a published version")
+        v.raise_if_any()
+        return pb.GetRuleSetResponse(rule_set=rule_set_message(await self.rules.get(request.version)))

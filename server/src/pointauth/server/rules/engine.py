@@ -1,0 +1,129 @@
+"""The earn rules: what a purchase earns under a rule set (domain/earning.py), as pure functions.
+
+Everything here is integer arithmetic, rounded down where a division happens:
+- base points = earning amount × rate points ÷ rate amount, once per purchase;
+- a multiplier's extra points = base points of the lines it covers × basis points ÷ 10,000,
+  where the covered lines' base points are their amount × rate points ÷ rate amount;
+- an addition per amount = covered amount × points ÷ per amount; a fixed addition is its points;
+- then the campaign's per-purchase cap.
+
+What depends on the member (birthday month, first purchase) and what must hold across
+purchases (per-member caps, budgets) is not decided here: each line carries it, for the account's
+script (guards, caps) and the budget's reservation to enforce atomically.
+"""
+
+from __future__ import annotations
+
+from pointauth.server.domain.earning import (
+    BASE_RULE,
+    BasketLine,
+    Campaign,
+    Conditions,
+    EarnLine,
+    Purchase,
+    Rate,
+    RuleSet,
+)
+
+BASIS_POINTS = 10_000
+DAY_MS = 86_400_000
+
+
+def earning_amount(purchase: Purchase) -> int:
+    """What earns: the lines that earn, or the total when the till sent no lines."""
+    if not purchase.lines:
+        return purchase.amount
+    return sum(line.amount for line in purchase.lines if line.earns)
+
+
+def rate_for(rules: RuleSet, company_id: str, store_id: str, default: Rate) -> Rate:
+    """The most specific base rate: the store's, the company's, the program's."""
+    return rules.rates.get((company_id, store_id)) or rules.rates.get((company_id, "")) or default
+
+
+def apply_rate(rate: Rate, amount: int) -> int:
+    return amount * rate.points // rate.per_amount
+
+
+def stacking(rules: RuleSet) -> list[Campaign]:
+    """Multipliers first, then additions, each by order (then id)."""
+    return sorted(rules.campaigns, key=lambda c: (c.effect.kind != "multiply", c.order, c.campaign_id))
+
+
+def picks_lines(cond: Conditions) -> bool:
+    return bool(cond.skus or cond.categories)
+
+
+def covers(cond: Conditions, line: BasketLine) -> bool:
+    return line.earns and (line.sku in cond.skus or line.category in cond.categories)
+
+
+def _any_of(allowed: frozenset[str] | frozenset[int], value: str | int) -> bool:
+    return not allowed or value in allowed
+
+
+def _in_window(cond: Conditions, minute: int) -> bool:
+    """[start, end) in minutes after midnight; may wrap past midnight; start == end: all day."""
+    start, end = cond.start_minute, cond.end_minute
+    if start == end:
+        return True
+    if start < end:
+        return start <= minute < end
+    return minute >= start or minute < end
+
+
+def holds(cond: Conditions, p: Purchase) -> bool:
+    """Whether the purchase meets every condition that does not depend on the member."""
+    return (
+        (cond.start_ms is None or p.time_ms >= cond.start_ms)
+        and (cond.end_ms is None or p.time_ms < cond.end_ms)
+        and _any_of(cond.company_ids, p.company_id)
+        and _any_of(cond.store_ids, p.store_id)
+        and _any_of(cond.region_ids, p.region_id)
+        and _any_of(cond.channels, p.channel)
+        and _any_of(cond.weekdays, p.weekday)
+        and _any_of(cond.month_days, p.month_day)
+        and _in_window(cond, p.minute)
+        and earning_amount(p) >= cond.min_amount
+        and (not picks_lines(cond) or any(covers(cond, line) for line in p.lines))
+    )
+
+
+def evaluate(rules: RuleSet, purchase: Purchase, default_rate: Rate, base_expire_ms: int) -> list[EarnLine]:
+    """The lines a purchase earns: the base line first (always there, even at 0 points), then
+    each campaign that applies and gives points, in stacking order."""
+    rate = rate_for(rules, purchase.company_id, purchase.store_id, default_rate)
+    amount = earning_amount(purchase)
+    base = apply_rate(rate, amount)
+    lines = [EarnLine(BASE_RULE, base, "R", base_expire_ms)]
+    for campaign in stacking(rules):
+        cond = campaign.conditions
+        if not holds(cond, purchase):
+            continue
+        covered = sum(line.amount for line in purchase.lines if covers(cond, line)) if picks_lines(cond) else amount
+        effect = campaign.effect
+        if effect.kind == "multiply":
+            covered_base = apply_rate(rate, covered) if picks_lines(cond) else base
+            points = covered_base * effect.basis_points // BASIS_POINTS
+        elif effect.kind == "per_amount":
+            points = covered * effect.points // effect.per_amount
+        else:
+            points = effect.points
+        if campaign.max_per_purchase:
+            points = min(points, campaign.max_per_purchase)
+        if points <= 0:
+            continue
+        expire_ms = purchase.time_ms + campaign.expire_days * DAY_MS if campaign.expire_days else base_expire_ms
+        lines.append(
+            EarnLine(
+                campaign.campaign_id,
+                points,
+                campaign.lot_kind,
+                expire_ms,
+                birthday_month=purchase.month if cond.birthday_month else 0,
+                first_purchase=cond.first_purchase,
+                member_cap=campaign.max_per_member,
+                budget=campaign.budget,
+            )
+        )
+    return lines
