@@ -232,12 +232,18 @@ class Account(_message.Message):
     MERGED_INTO_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     MERGE_TIME_FIELD_NUMBER: _builtins.int
     MERGES_FIELD_NUMBER: _builtins.int
+    RANK_ID_FIELD_NUMBER: _builtins.int
+    QUALIFYING_SPEND_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     """The account's id."""
     status: Global___AccountStatus.ValueType
     """Its status."""
     merged_into_account_id: _builtins.str
     """For a MERGED account: the account it was merged into."""
+    rank_id: _builtins.str
+    """Under a rank program: the member's rank (empty before their first earn under it)."""
+    qualifying_spend: _builtins.int
+    """Their qualifying spend in the rank period of their last purchase (or review)."""
     @_builtins.property
     def profile(self) -> Global___MemberProfile:
         """The member's profile."""
@@ -279,10 +285,12 @@ class Account(_message.Message):
         merged_into_account_id: _builtins.str = ...,
         merge_time: _timestamp_pb2.Timestamp | None = ...,
         merges: _abc.Iterable[Global___AccountMerge] | None = ...,
+        rank_id: _builtins.str = ...,
+        qualifying_spend: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "close_time", b"close_time", "create_time", b"create_time", "merge_time", b"merge_time", "profile", b"profile"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "balance", b"balance", "cards", b"cards", "close_time", b"close_time", "create_time", b"create_time", "merge_time", b"merge_time", "merged_into_account_id", b"merged_into_account_id", "merges", b"merges", "profile", b"profile", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "balance", b"balance", "cards", b"cards", "close_time", b"close_time", "create_time", b"create_time", "merge_time", b"merge_time", "merged_into_account_id", b"merged_into_account_id", "merges", b"merges", "profile", b"profile", "qualifying_spend", b"qualifying_spend", "rank_id", b"rank_id", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

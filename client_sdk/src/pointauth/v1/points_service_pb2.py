@@ -27,17 +27,17 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from pointauth.v1 import common_pb2 as pointauth_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!pointauth/v1/points_service.proto\x12\x0cpointauth.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19pointauth/v1/common.proto\"b\n\nBasketLine\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12\x10\n\x08quantity\x18\x03 \x01(\x03\x12\x0e\n\x06\x61mount\x18\x04 \x01(\x03\x12\x13\n\x0bnon_earning\x18\x05 \x01(\x08\"\xa1\x01\n\nRulePoints\x12\x0f\n\x07rule_id\x18\x01 \x01(\t\x12\x0e\n\x06points\x18\x02 \x01(\x03\x12\x0e\n\x06lot_id\x18\x03 \x01(\t\x12#\n\x04kind\x18\x04 \x01(\x0e\x32\x15.pointauth.v1.LotKind\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04note\x18\x06 \x01(\t\"\xe4\x01\n\x11\x45\x61rnPointsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x02 \x01(\t\x12\x30\n\rpoint_of_sale\x18\x03 \x01(\x0b\x32\x19.pointauth.v1.PointOfSale\x12\x17\n\x0fpurchase_amount\x18\x04 \x01(\x03\x12\x31\n\rpurchase_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x06\x62\x61sket\x18\x06 \x03(\x0b\x32\x18.pointauth.v1.BasketLine\"\xd9\x01\n\x12\x45\x61rnPointsResponse\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x15\n\rearned_points\x18\x02 \x01(\x03\x12\x1e\n\x03lot\x18\x03 \x01(\x0b\x32\x11.pointauth.v1.Lot\x12-\n\x07\x62\x61lance\x18\x04 \x01(\x0b\x32\x1c.pointauth.v1.BalanceSummary\x12+\n\tbreakdown\x18\x05 \x03(\x0b\x32\x18.pointauth.v1.RulePoints\x12\x18\n\x10rule_set_version\x18\x06 \x01(\x03\"\xd2\x01\n\x13SimulateEarnRequest\x12\x13\n\x0b\x63\x61rd_number\x18\x01 \x01(\t\x12\x30\n\rpoint_of_sale\x18\x02 \x01(\x0b\x32\x19.pointauth.v1.PointOfSale\x12\x17\n\x0fpurchase_amount\x18\x03 \x01(\x03\x12\x31\n\rpurchase_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x06\x62\x61sket\x18\x05 \x03(\x0b\x32\x18.pointauth.v1.BasketLine\"t\n\x14SimulateEarnResponse\x12\x15\n\rearned_points\x18\x01 \x01(\x03\x12+\n\tbreakdown\x18\x02 \x03(\x0b\x32\x18.pointauth.v1.RulePoints\x12\x18\n\x10rule_set_version\x18\x03 \x01(\x03\"\xae\x01\n\x14\x41uthorizeHoldRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x02 \x01(\t\x12\x30\n\rpoint_of_sale\x18\x03 \x01(\x0b\x32\x19.pointauth.v1.PointOfSale\x12\x0e\n\x06points\x18\x04 \x01(\x03\x12+\n\x08hold_ttl\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x9d\x01\n\x15\x41uthorizeHoldResponse\x12\x0f\n\x07hold_id\x18\x01 \x01(\t\x12\x13\n\x0bheld_points\x18\x02 \x01(\x03\x12/\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x07\x62\x61lance\x18\x04 \x01(\x0b\x32\x1c.pointauth.v1.BalanceSummary\"Y\n\x12\x43\x61ptureHoldRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07hold_id\x18\x02 \x01(\t\x12\x13\n\x06points\x18\x03 \x01(\x03H\x00\x88\x01\x01\x42\t\n\x07_points\"\x8e\x01\n\x13\x43\x61ptureHoldResponse\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63\x61ptured_points\x18\x02 \x01(\x03\x12\x17\n\x0freleased_points\x18\x03 \x01(\x03\x12-\n\x07\x62\x61lance\x18\x04 \x01(\x0b\x32\x1c.pointauth.v1.BalanceSummary\"6\n\x0fVoidHoldRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07hold_id\x18\x02 \x01(\t\"Z\n\x10VoidHoldResponse\x12\x17\n\x0freleased_points\x18\x01 \x01(\x03\x12-\n\x07\x62\x61lance\x18\x02 \x01(\x0b\x32\x1c.pointauth.v1.BalanceSummary\"\x80\x01\n\x13RedeemPointsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x02 \x01(\t\x12\x30\n\rpoint_of_sale\x18\x03 \x01(\x0b\x32\x19.pointauth.v1.PointOfSale\x12\x0e\n\x06points\x18\x04 \x01(\x03\"\xa4\x01\n\x14RedeemPointsResponse\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x17\n\x0fredeemed_points\x18\x02 \x01(\x03\x12,\n\x0blot_effects\x18\x03 \x03(\x0b\x32\x17.pointauth.v1.LotEffect\x12-\n\x07\x62\x61lance\x18\x04 \x01(\x0b\x32\x1c.pointauth.v1.BalanceSummary\"\x98\x01\n\x18RefundTransactionRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0etransaction_id\x18\x02 \x01(\t\x12\x13\n\x06points\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x30\n\rpoint_of_sale\x18\x04 \x01(\x0b\x32\x19.pointauth.v1.PointOfSaleB\t\n\x07_points\"\xa9\x01\n\x19RefundTransactionResponse\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x17\n\x0frefunded_points\x18\x02 \x01(\x03\x12,\n\x0blot_effects\x18\x03 \x03(\x0b\x32\x17.pointauth.v1.LotEffect\x12-\n\x07\x62\x61lance\x18\x04 \x01(\x0b\x32\x1c.pointauth.v1.BalanceSummary\"O\n\x11GetBalanceRequest\x12\x13\n\x0b\x63\x61rd_number\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"\xc0\x01\n\x12GetBalanceResponse\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12-\n\x07\x62\x61lance\x18\x02 \x01(\x0b\x32\x1c.pointauth.v1.BalanceSummary\x12\x1f\n\x04lots\x18\x03 \x03(\x0b\x32\x11.pointauth.v1.Lot\x12-\n\tread_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fnext_page_token\x18\x05 \x01(\t\"+\n\x11GetReceiptRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\"<\n\x12GetReceiptResponse\x12&\n\x07receipt\x18\x01 \x01(\x0b\x32\x15.pointauth.v1.Receipt\"\x89\x04\n\x07Receipt\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12+\n\x04type\x18\x02 \x01(\x0e\x32\x1d.pointauth.v1.TransactionType\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\rpoint_of_sale\x18\x04 \x01(\x0b\x32\x19.pointauth.v1.PointOfSale\x12\x15\n\rearned_points\x18\x05 \x01(\x03\x12\x13\n\x0bused_points\x18\x06 \x01(\x03\x12\x17\n\x0frefunded_points\x18\x07 \x01(\x03\x12,\n\x0blot_effects\x18\x08 \x03(\x0b\x32\x17.pointauth.v1.LotEffect\x12\x33\n\rbalance_after\x18\t \x01(\x0b\x32\x1c.pointauth.v1.BalanceSummary\x12\x1e\n\x16related_transaction_id\x18\n \x01(\t\x12+\n\nhold_state\x18\x0b \x01(\x0e\x32\x17.pointauth.v1.HoldState\x12\x34\n\x10hold_expire_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\tbreakdown\x18\r \x03(\x0b\x32\x18.pointauth.v1.RulePoints*\xe1\x01\n\x0fTransactionType\x12 \n\x1cTRANSACTION_TYPE_UNSPECIFIED\x10\x00\x12\x19\n\x15TRANSACTION_TYPE_EARN\x10\x01\x12\x1a\n\x16TRANSACTION_TYPE_GRANT\x10\x02\x12\x19\n\x15TRANSACTION_TYPE_HOLD\x10\x03\x12\x1c\n\x18TRANSACTION_TYPE_CAPTURE\x10\x04\x12\x1f\n\x1bTRANSACTION_TYPE_REDEMPTION\x10\x05\x12\x1b\n\x17TRANSACTION_TYPE_REFUND\x10\x06*\x84\x01\n\tHoldState\x12\x1a\n\x16HOLD_STATE_UNSPECIFIED\x10\x00\x12\x13\n\x0fHOLD_STATE_HELD\x10\x01\x12\x17\n\x13HOLD_STATE_CAPTURED\x10\x02\x12\x15\n\x11HOLD_STATE_VOIDED\x10\x03\x12\x16\n\x12HOLD_STATE_EXPIRED\x10\x04\x32\x8f\x06\n\rPointsService\x12O\n\nEarnPoints\x12\x1f.pointauth.v1.EarnPointsRequest\x1a .pointauth.v1.EarnPointsResponse\x12X\n\rAuthorizeHold\x12\".pointauth.v1.AuthorizeHoldRequest\x1a#.pointauth.v1.AuthorizeHoldResponse\x12R\n\x0b\x43\x61ptureHold\x12 .pointauth.v1.CaptureHoldRequest\x1a!.pointauth.v1.CaptureHoldResponse\x12I\n\x08VoidHold\x12\x1d.pointauth.v1.VoidHoldRequest\x1a\x1e.pointauth.v1.VoidHoldResponse\x12U\n\x0cRedeemPoints\x12!.pointauth.v1.RedeemPointsRequest\x1a\".pointauth.v1.RedeemPointsResponse\x12\x64\n\x11RefundTransaction\x12&.pointauth.v1.RefundTransactionRequest\x1a\'.pointauth.v1.RefundTransactionResponse\x12O\n\nGetBalance\x12\x1f.pointauth.v1.GetBalanceRequest\x1a .pointauth.v1.GetBalanceResponse\x12O\n\nGetReceipt\x12\x1f.pointauth.v1.GetReceiptRequest\x1a .pointauth.v1.GetReceiptResponse\x12U\n\x0cSimulateEarn\x12!.pointauth.v1.SimulateEarnRequest\x1a\".pointauth.v1.SimulateEarnResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!pointauth/v1/points_service.proto\x12\x0cpointauth.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19pointauth/v1/common.proto\"b\n\nBasketLine\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12\x10\n\x08quantity\x18\x03 \x01(\x03\x12\x0e\n\x06\x61mount\x18\x04 \x01(\x03\x12\x13\n\x0bnon_earning\x18\x05 \x01(\x08\"\xa1\x01\n\nRulePoints\x12\x0f\n\x07rule_id\x18\x01 \x01(\t\x12\x0e\n\x06points\x18\x02 \x01(\x03\x12\x0e\n\x06lot_id\x18\x03 \x01(\t\x12#\n\x04kind\x18\x04 \x01(\x0e\x32\x15.pointauth.v1.LotKind\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04note\x18\x06 \x01(\t\"\xe4\x01\n\x11\x45\x61rnPointsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x02 \x01(\t\x12\x30\n\rpoint_of_sale\x18\x03 \x01(\x0b\x32\x19.pointauth.v1.PointOfSale\x12\x17\n\x0fpurchase_amount\x18\x04 \x01(\x03\x12\x31\n\rpurchase_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x06\x62\x61sket\x18\x06 \x03(\x0b\x32\x18.pointauth.v1.BasketLine\"\x81\x02\n\x12\x45\x61rnPointsResponse\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x15\n\rearned_points\x18\x02 \x01(\x03\x12\x1e\n\x03lot\x18\x03 \x01(\x0b\x32\x11.pointauth.v1.Lot\x12-\n\x07\x62\x61lance\x18\x04 \x01(\x0b\x32\x1c.pointauth.v1.BalanceSummary\x12+\n\tbreakdown\x18\x05 \x03(\x0b\x32\x18.pointauth.v1.RulePoints\x12\x18\n\x10rule_set_version\x18\x06 \x01(\x03\x12\x0f\n\x07rank_id\x18\x07 \x01(\t\x12\x15\n\rrank_upgraded\x18\x08 \x01(\x08\"\xd2\x01\n\x13SimulateEarnRequest\x12\x13\n\x0b\x63\x61rd_number\x18\x01 \x01(\t\x12\x30\n\rpoint_of_sale\x18\x02 \x01(\x0b\x32\x19.pointauth.v1.PointOfSale\x12\x17\n\x0fpurchase_amount\x18\x03 \x01(\x03\x12\x31\n\rpurchase_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x06\x62\x61sket\x18\x05 \x03(\x0b\x32\x18.pointauth.v1.BasketLine\"t\n\x14SimulateEarnResponse\x12\x15\n\rearned_points\x18\x01 \x01(\x03\x12+\n\tbreakdown\x18\x02 \x03(\x0b\x32\x18.pointauth.v1.RulePoints\x12\x18\n\x10rule_set_version\x18\x03 \x01(\x03\"\xae\x01\n\x14\x41uthorizeHoldRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x02 \x01(\t\x12\x30\n\rpoint_of_sale\x18\x03 \x01(\x0b\x32\x19.pointauth.v1.PointOfSale\x12\x0e\n\x06points\x18\x04 \x01(\x03\x12+\n\x08hold_ttl\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x9d\x01\n\x15\x41uthorizeHoldResponse\x12\x0f\n\x07hold_id\x18\x01 \x01(\t\x12\x13\n\x0bheld_points\x18\x02 \x01(\x03\x12/\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x07\x62\x61lance\x18\x04 \x01(\x0b\x32\x1c.pointauth.v1.BalanceSummary\"Y\n\x12\x43\x61ptureHoldRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07hold_id\x18\x02 \x01(\t\x12\x13\n\x06points\x18\x03 \x01(\x03H\x00\x88\x01\x01\x42\t\n\x07_points\"\x8e\x01\n\x13\x43\x61ptureHoldResponse\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63\x61ptured_points\x18\x02 \x01(\x03\x12\x17\n\x0freleased_points\x18\x03 \x01(\x03\x12-\n\x07\x62\x61lance\x18\x04 \x01(\x0b\x32\x1c.pointauth.v1.BalanceSummary\"6\n\x0fVoidHoldRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07hold_id\x18\x02 \x01(\t\"Z\n\x10VoidHoldResponse\x12\x17\n\x0freleased_points\x18\x01 \x01(\x03\x12-\n\x07\x62\x61lance\x18\x02 \x01(\x0b\x32\x1c.pointauth.v1.BalanceSummary\"\x80\x01\n\x13RedeemPointsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x02 \x01(\t\x12\x30\n\rpoint_of_sale\x18\x03 \x01(\x0b\x32\x19.pointauth.v1.PointOfSale\x12\x0e\n\x06points\x18\x04 \x01(\x03\"\xa4\x01\n\x14RedeemPointsResponse\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x17\n\x0fredeemed_points\x18\x02 \x01(\x03\x12,\n\x0blot_effects\x18\x03 \x03(\x0b\x32\x17.pointauth.v1.LotEffect\x12-\n\x07\x62\x61lance\x18\x04 \x01(\x0b\x32\x1c.pointauth.v1.BalanceSummary\"\x98\x01\n\x18RefundTransactionRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0etransaction_id\x18\x02 \x01(\t\x12\x13\n\x06points\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x30\n\rpoint_of_sale\x18\x04 \x01(\x0b\x32\x19.pointauth.v1.PointOfSaleB\t\n\x07_points\"\xa9\x01\n\x19RefundTransactionResponse\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x17\n\x0frefunded_points\x18\x02 \x01(\x03\x12,\n\x0blot_effects\x18\x03 \x03(\x0b\x32\x17.pointauth.v1.LotEffect\x12-\n\x07\x62\x61lance\x18\x04 \x01(\x0b\x32\x1c.pointauth.v1.BalanceSummary\"O\n\x11GetBalanceRequest\x12\x13\n\x0b\x63\x61rd_number\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"\xc0\x01\n\x12GetBalanceResponse\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12-\n\x07\x62\x61lance\x18\x02 \x01(\x0b\x32\x1c.pointauth.v1.BalanceSummary\x12\x1f\n\x04lots\x18\x03 \x03(\x0b\x32\x11.pointauth.v1.Lot\x12-\n\tread_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fnext_page_token\x18\x05 \x01(\t\"+\n\x11GetReceiptRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\"<\n\x12GetReceiptResponse\x12&\n\x07receipt\x18\x01 \x01(\x0b\x32\x15.pointauth.v1.Receipt\"\x89\x04\n\x07Receipt\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12+\n\x04type\x18\x02 \x01(\x0e\x32\x1d.pointauth.v1.TransactionType\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\rpoint_of_sale\x18\x04 \x01(\x0b\x32\x19.pointauth.v1.PointOfSale\x12\x15\n\rearned_points\x18\x05 \x01(\x03\x12\x13\n\x0bused_points\x18\x06 \x01(\x03\x12\x17\n\x0frefunded_points\x18\x07 \x01(\x03\x12,\n\x0blot_effects\x18\x08 \x03(\x0b\x32\x17.pointauth.v1.LotEffect\x12\x33\n\rbalance_after\x18\t \x01(\x0b\x32\x1c.pointauth.v1.BalanceSummary\x12\x1e\n\x16related_transaction_id\x18\n \x01(\t\x12+\n\nhold_state\x18\x0b \x01(\x0e\x32\x17.pointauth.v1.HoldState\x12\x34\n\x10hold_expire_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\tbreakdown\x18\r \x03(\x0b\x32\x18.pointauth.v1.RulePoints*\xe1\x01\n\x0fTransactionType\x12 \n\x1cTRANSACTION_TYPE_UNSPECIFIED\x10\x00\x12\x19\n\x15TRANSACTION_TYPE_EARN\x10\x01\x12\x1a\n\x16TRANSACTION_TYPE_GRANT\x10\x02\x12\x19\n\x15TRANSACTION_TYPE_HOLD\x10\x03\x12\x1c\n\x18TRANSACTION_TYPE_CAPTURE\x10\x04\x12\x1f\n\x1bTRANSACTION_TYPE_REDEMPTION\x10\x05\x12\x1b\n\x17TRANSACTION_TYPE_REFUND\x10\x06*\x84\x01\n\tHoldState\x12\x1a\n\x16HOLD_STATE_UNSPECIFIED\x10\x00\x12\x13\n\x0fHOLD_STATE_HELD\x10\x01\x12\x17\n\x13HOLD_STATE_CAPTURED\x10\x02\x12\x15\n\x11HOLD_STATE_VOIDED\x10\x03\x12\x16\n\x12HOLD_STATE_EXPIRED\x10\x04\x32\x8f\x06\n\rPointsService\x12O\n\nEarnPoints\x12\x1f.pointauth.v1.EarnPointsRequest\x1a .pointauth.v1.EarnPointsResponse\x12X\n\rAuthorizeHold\x12\".pointauth.v1.AuthorizeHoldRequest\x1a#.pointauth.v1.AuthorizeHoldResponse\x12R\n\x0b\x43\x61ptureHold\x12 .pointauth.v1.CaptureHoldRequest\x1a!.pointauth.v1.CaptureHoldResponse\x12I\n\x08VoidHold\x12\x1d.pointauth.v1.VoidHoldRequest\x1a\x1e.pointauth.v1.VoidHoldResponse\x12U\n\x0cRedeemPoints\x12!.pointauth.v1.RedeemPointsRequest\x1a\".pointauth.v1.RedeemPointsResponse\x12\x64\n\x11RefundTransaction\x12&.pointauth.v1.RefundTransactionRequest\x1a\'.pointauth.v1.RefundTransactionResponse\x12O\n\nGetBalance\x12\x1f.pointauth.v1.GetBalanceRequest\x1a .pointauth.v1.GetBalanceResponse\x12O\n\nGetReceipt\x12\x1f.pointauth.v1.GetReceiptRequest\x1a .pointauth.v1.GetReceiptResponse\x12U\n\x0cSimulateEarn\x12!.pointauth.v1.SimulateEarnRequest\x1a\".pointauth.v1.SimulateEarnResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pointauth.v1.points_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRANSACTIONTYPE']._serialized_start=3443
-  _globals['_TRANSACTIONTYPE']._serialized_end=3668
-  _globals['_HOLDSTATE']._serialized_start=3671
-  _globals['_HOLDSTATE']._serialized_end=3803
+  _globals['_TRANSACTIONTYPE']._serialized_start=3483
+  _globals['_TRANSACTIONTYPE']._serialized_end=3708
+  _globals['_HOLDSTATE']._serialized_start=3711
+  _globals['_HOLDSTATE']._serialized_end=3843
   _globals['_BASKETLINE']._serialized_start=143
   _globals['_BASKETLINE']._serialized_end=241
   _globals['_RULEPOINTS']._serialized_start=244
@@ -45,41 +45,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EARNPOINTSREQUEST']._serialized_start=408
   _globals['_EARNPOINTSREQUEST']._serialized_end=636
   _globals['_EARNPOINTSRESPONSE']._serialized_start=639
-  _globals['_EARNPOINTSRESPONSE']._serialized_end=856
-  _globals['_SIMULATEEARNREQUEST']._serialized_start=859
-  _globals['_SIMULATEEARNREQUEST']._serialized_end=1069
-  _globals['_SIMULATEEARNRESPONSE']._serialized_start=1071
-  _globals['_SIMULATEEARNRESPONSE']._serialized_end=1187
-  _globals['_AUTHORIZEHOLDREQUEST']._serialized_start=1190
-  _globals['_AUTHORIZEHOLDREQUEST']._serialized_end=1364
-  _globals['_AUTHORIZEHOLDRESPONSE']._serialized_start=1367
-  _globals['_AUTHORIZEHOLDRESPONSE']._serialized_end=1524
-  _globals['_CAPTUREHOLDREQUEST']._serialized_start=1526
-  _globals['_CAPTUREHOLDREQUEST']._serialized_end=1615
-  _globals['_CAPTUREHOLDRESPONSE']._serialized_start=1618
-  _globals['_CAPTUREHOLDRESPONSE']._serialized_end=1760
-  _globals['_VOIDHOLDREQUEST']._serialized_start=1762
-  _globals['_VOIDHOLDREQUEST']._serialized_end=1816
-  _globals['_VOIDHOLDRESPONSE']._serialized_start=1818
-  _globals['_VOIDHOLDRESPONSE']._serialized_end=1908
-  _globals['_REDEEMPOINTSREQUEST']._serialized_start=1911
-  _globals['_REDEEMPOINTSREQUEST']._serialized_end=2039
-  _globals['_REDEEMPOINTSRESPONSE']._serialized_start=2042
-  _globals['_REDEEMPOINTSRESPONSE']._serialized_end=2206
-  _globals['_REFUNDTRANSACTIONREQUEST']._serialized_start=2209
-  _globals['_REFUNDTRANSACTIONREQUEST']._serialized_end=2361
-  _globals['_REFUNDTRANSACTIONRESPONSE']._serialized_start=2364
-  _globals['_REFUNDTRANSACTIONRESPONSE']._serialized_end=2533
-  _globals['_GETBALANCEREQUEST']._serialized_start=2535
-  _globals['_GETBALANCEREQUEST']._serialized_end=2614
-  _globals['_GETBALANCERESPONSE']._serialized_start=2617
-  _globals['_GETBALANCERESPONSE']._serialized_end=2809
-  _globals['_GETRECEIPTREQUEST']._serialized_start=2811
-  _globals['_GETRECEIPTREQUEST']._serialized_end=2854
-  _globals['_GETRECEIPTRESPONSE']._serialized_start=2856
-  _globals['_GETRECEIPTRESPONSE']._serialized_end=2916
-  _globals['_RECEIPT']._serialized_start=2919
-  _globals['_RECEIPT']._serialized_end=3440
-  _globals['_POINTSSERVICE']._serialized_start=3806
-  _globals['_POINTSSERVICE']._serialized_end=4589
+  _globals['_EARNPOINTSRESPONSE']._serialized_end=896
+  _globals['_SIMULATEEARNREQUEST']._serialized_start=899
+  _globals['_SIMULATEEARNREQUEST']._serialized_end=1109
+  _globals['_SIMULATEEARNRESPONSE']._serialized_start=1111
+  _globals['_SIMULATEEARNRESPONSE']._serialized_end=1227
+  _globals['_AUTHORIZEHOLDREQUEST']._serialized_start=1230
+  _globals['_AUTHORIZEHOLDREQUEST']._serialized_end=1404
+  _globals['_AUTHORIZEHOLDRESPONSE']._serialized_start=1407
+  _globals['_AUTHORIZEHOLDRESPONSE']._serialized_end=1564
+  _globals['_CAPTUREHOLDREQUEST']._serialized_start=1566
+  _globals['_CAPTUREHOLDREQUEST']._serialized_end=1655
+  _globals['_CAPTUREHOLDRESPONSE']._serialized_start=1658
+  _globals['_CAPTUREHOLDRESPONSE']._serialized_end=1800
+  _globals['_VOIDHOLDREQUEST']._serialized_start=1802
+  _globals['_VOIDHOLDREQUEST']._serialized_end=1856
+  _globals['_VOIDHOLDRESPONSE']._serialized_start=1858
+  _globals['_VOIDHOLDRESPONSE']._serialized_end=1948
+  _globals['_REDEEMPOINTSREQUEST']._serialized_start=1951
+  _globals['_REDEEMPOINTSREQUEST']._serialized_end=2079
+  _globals['_REDEEMPOINTSRESPONSE']._serialized_start=2082
+  _globals['_REDEEMPOINTSRESPONSE']._serialized_end=2246
+  _globals['_REFUNDTRANSACTIONREQUEST']._serialized_start=2249
+  _globals['_REFUNDTRANSACTIONREQUEST']._serialized_end=2401
+  _globals['_REFUNDTRANSACTIONRESPONSE']._serialized_start=2404
+  _globals['_REFUNDTRANSACTIONRESPONSE']._serialized_end=2573
+  _globals['_GETBALANCEREQUEST']._serialized_start=2575
+  _globals['_GETBALANCEREQUEST']._serialized_end=2654
+  _globals['_GETBALANCERESPONSE']._serialized_start=2657
+  _globals['_GETBALANCERESPONSE']._serialized_end=2849
+  _globals['_GETRECEIPTREQUEST']._serialized_start=2851
+  _globals['_GETRECEIPTREQUEST']._serialized_end=2894
+  _globals['_GETRECEIPTRESPONSE']._serialized_start=2896
+  _globals['_GETRECEIPTRESPONSE']._serialized_end=2956
+  _globals['_RECEIPT']._serialized_start=2959
+  _globals['_RECEIPT']._serialized_end=3480
+  _globals['_POINTSSERVICE']._serialized_start=3846
+  _globals['_POINTSSERVICE']._serialized_end=4629
 # @@protoc_insertion_point(module_scope)

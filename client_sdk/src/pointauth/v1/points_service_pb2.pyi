@@ -155,7 +155,7 @@ class RulePoints(_message.Message):
     note: _builtins.str
     """Why it gave fewer points than its rule says, if it did: "member_cap" (the member's cap for
     the campaign is reached), "budget" (the campaign's budget ran out), "not_birthday_month",
-    "not_first_purchase".
+    "not_first_purchase", "not_rank".
     """
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
@@ -249,12 +249,18 @@ class EarnPointsResponse(_message.Message):
     BALANCE_FIELD_NUMBER: _builtins.int
     BREAKDOWN_FIELD_NUMBER: _builtins.int
     RULE_SET_VERSION_FIELD_NUMBER: _builtins.int
+    RANK_ID_FIELD_NUMBER: _builtins.int
+    RANK_UPGRADED_FIELD_NUMBER: _builtins.int
     transaction_id: _builtins.str
     """The earn's transaction, for receipts and refunds."""
     earned_points: _builtins.int
     """Points earned (may be 0 for a small purchase)."""
     rule_set_version: _builtins.int
     """The rule set version the earn used (0: none published; the configured base rate)."""
+    rank_id: _builtins.str
+    """Under a rank program: the member's rank after the earn."""
+    rank_upgraded: _builtins.bool
+    """This earn's spend reached a higher rank (it already earned at it)."""
     @_builtins.property
     def lot(self) -> _common_pb2.Lot:
         """The new lot, absent when no points were earned (under rules: the base points' lot, or the
@@ -278,10 +284,12 @@ class EarnPointsResponse(_message.Message):
         balance: _common_pb2.BalanceSummary | None = ...,
         breakdown: _abc.Iterable[Global___RulePoints] | None = ...,
         rule_set_version: _builtins.int = ...,
+        rank_id: _builtins.str = ...,
+        rank_upgraded: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "lot", b"lot"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "breakdown", b"breakdown", "earned_points", b"earned_points", "lot", b"lot", "rule_set_version", b"rule_set_version", "transaction_id", b"transaction_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "breakdown", b"breakdown", "earned_points", b"earned_points", "lot", b"lot", "rank_id", b"rank_id", "rank_upgraded", b"rank_upgraded", "rule_set_version", b"rule_set_version", "transaction_id", b"transaction_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

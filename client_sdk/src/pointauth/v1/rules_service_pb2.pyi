@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from pointauth.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -20,6 +21,30 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _RankDowngrade:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RankDowngradeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RankDowngrade.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RANK_DOWNGRADE_UNSPECIFIED: _RankDowngrade.ValueType  # 0
+    """As RANK_DOWNGRADE_ONE_STEP."""
+    RANK_DOWNGRADE_ONE_STEP: _RankDowngrade.ValueType  # 1
+    """One rank down if the spend of the period fell short of the rank's min_spend."""
+    RANK_DOWNGRADE_TO_SPEND: _RankDowngrade.ValueType  # 2
+    """Down to the rank the period's spend supports."""
+
+class RankDowngrade(_RankDowngrade, metaclass=_RankDowngradeEnumTypeWrapper):
+    """RankDowngrade is the review's policy."""
+
+RANK_DOWNGRADE_UNSPECIFIED: RankDowngrade.ValueType  # 0
+"""As RANK_DOWNGRADE_ONE_STEP."""
+RANK_DOWNGRADE_ONE_STEP: RankDowngrade.ValueType  # 1
+"""One rank down if the spend of the period fell short of the rank's min_spend."""
+RANK_DOWNGRADE_TO_SPEND: RankDowngrade.ValueType  # 2
+"""Down to the rank the period's spend supports."""
+Global___RankDowngrade: _TypeAlias = RankDowngrade  # noqa: Y015
+
 @_typing.final
 class RuleSet(_message.Message):
     """RuleSet is the whole of the earn rules at one version."""
@@ -30,6 +55,7 @@ class RuleSet(_message.Message):
     PUBLISH_TIME_FIELD_NUMBER: _builtins.int
     BASE_RATES_FIELD_NUMBER: _builtins.int
     CAMPAIGNS_FIELD_NUMBER: _builtins.int
+    RANKS_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """Output only: its version."""
     @_builtins.property
@@ -48,6 +74,10 @@ class RuleSet(_message.Message):
         covers), then every addition. At most 200.
         """
 
+    @_builtins.property
+    def ranks(self) -> Global___RankProgram:
+        """Member ranks (会員ランク), group-wide; unset: none."""
+
     def __init__(
         self,
         *,
@@ -55,14 +85,81 @@ class RuleSet(_message.Message):
         publish_time: _timestamp_pb2.Timestamp | None = ...,
         base_rates: _abc.Iterable[Global___BaseRate] | None = ...,
         campaigns: _abc.Iterable[Global___Campaign] | None = ...,
+        ranks: Global___RankProgram | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["publish_time", b"publish_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["publish_time", b"publish_time", "ranks", b"ranks"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_rates", b"base_rates", "campaigns", b"campaigns", "publish_time", b"publish_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_rates", b"base_rates", "campaigns", b"campaigns", "publish_time", b"publish_time", "ranks", b"ranks", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RuleSet: _TypeAlias = RuleSet  # noqa: Y015
+
+@_typing.final
+class RankProgram(_message.Message):
+    """RankProgram ranks members by their qualifying spend (the earning amount of their purchases,
+    less refunds) over a period of calendar months in the server's earn.timezone.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIERS_FIELD_NUMBER: _builtins.int
+    PERIOD_MONTHS_FIELD_NUMBER: _builtins.int
+    DOWNGRADE_FIELD_NUMBER: _builtins.int
+    period_months: _builtins.int
+    """The period's length in months (1 to 36); periods start in January: 12 is the calendar year."""
+    downgrade: Global___RankDowngrade.ValueType
+    """What the review at a period's end does to a member whose spend fell short of their rank."""
+    @_builtins.property
+    def tiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___RankTier]:
+        """The ranks, lowest first: min_spend ascending, the first 0 (every member's entry rank). 1 to
+        20 of them.
+        """
+
+    def __init__(
+        self,
+        *,
+        tiers: _abc.Iterable[Global___RankTier] | None = ...,
+        period_months: _builtins.int = ...,
+        downgrade: Global___RankDowngrade.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["downgrade", b"downgrade", "period_months", b"period_months", "tiers", b"tiers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RankProgram: _TypeAlias = RankProgram  # noqa: Y015
+
+@_typing.final
+class RankTier(_message.Message):
+    """RankTier is one rank."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RANK_ID_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    MIN_SPEND_FIELD_NUMBER: _builtins.int
+    rank_id: _builtins.str
+    """Its id (grammar of ids), e.g. "gold"."""
+    display_name: _builtins.str
+    """Its name, printed on receipts: 1 to 100 characters."""
+    min_spend: _builtins.int
+    """The qualifying spend that reaches it within a period."""
+    def __init__(
+        self,
+        *,
+        rank_id: _builtins.str = ...,
+        display_name: _builtins.str = ...,
+        min_spend: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["display_name", b"display_name", "min_spend", b"min_spend", "rank_id", b"rank_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RankTier: _TypeAlias = RankTier  # noqa: Y015
 
 @_typing.final
 class BaseRate(_message.Message):
@@ -191,6 +288,7 @@ class CampaignConditions(_message.Message):
     MIN_AMOUNT_FIELD_NUMBER: _builtins.int
     BIRTHDAY_MONTH_FIELD_NUMBER: _builtins.int
     FIRST_PURCHASE_FIELD_NUMBER: _builtins.int
+    RANK_IDS_FIELD_NUMBER: _builtins.int
     start_minute: _builtins.int
     """Local time window in minutes after midnight, [start, end); both 0: all day. May wrap past
     midnight (e.g. 1320 to 120).
@@ -243,6 +341,10 @@ class CampaignConditions(_message.Message):
     def categories(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Basket lines of these categories (likewise)."""
 
+    @_builtins.property
+    def rank_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The member's rank (after this purchase's spend: a purchase that reaches a rank earns at it)."""
+
     def __init__(
         self,
         *,
@@ -261,10 +363,11 @@ class CampaignConditions(_message.Message):
         min_amount: _builtins.int = ...,
         birthday_month: _builtins.bool = ...,
         first_purchase: _builtins.bool = ...,
+        rank_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["birthday_month", b"birthday_month", "categories", b"categories", "channels", b"channels", "company_ids", b"company_ids", "end_minute", b"end_minute", "end_time", b"end_time", "first_purchase", b"first_purchase", "min_amount", b"min_amount", "month_days", b"month_days", "region_ids", b"region_ids", "skus", b"skus", "start_minute", b"start_minute", "start_time", b"start_time", "store_ids", b"store_ids", "weekdays", b"weekdays"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["birthday_month", b"birthday_month", "categories", b"categories", "channels", b"channels", "company_ids", b"company_ids", "end_minute", b"end_minute", "end_time", b"end_time", "first_purchase", b"first_purchase", "min_amount", b"min_amount", "month_days", b"month_days", "rank_ids", b"rank_ids", "region_ids", b"region_ids", "skus", b"skus", "start_minute", b"start_minute", "start_time", b"start_time", "store_ids", b"store_ids", "weekdays", b"weekdays"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -85,7 +85,7 @@ class PointauthServer:
         policy = EarnPolicy(settings.earn)
         # The published rule set, cached in this process: earns are evaluated against it.
         self.rules = RulesService(
-            RuleBook(self.redis, self.ledger.keyspace, self.clock), settings.rules, policy, self.directory
+            RuleBook(self.redis, self.ledger.keyspace, self.clock), settings.rules, policy, self.clock, self.directory
         )
         self.points = PointsService(self.ledger, policy, self.clock, self.directory, self.rules)
         self.accounts = AccountsService(self.ledger, self.points)

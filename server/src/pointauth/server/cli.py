@@ -102,6 +102,12 @@ def _cmd_prune_functions(args: argparse.Namespace) -> int:
     return prune_functions_command(_settings(args))
 
 
+def _cmd_ranks_review(args: argparse.Namespace) -> int:
+    from pointauth.server.ops.commands import ranks_review_command
+
+    return ranks_review_command(_settings(args))
+
+
 def _cmd_seed(args: argparse.Namespace) -> int:
     from pointauth.server.ops.seed import seed_command
     from pointauth.server.ops.seed_group import SeedGroup
@@ -147,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "prune-functions", help="after a deploy: delete the Redis ledger libraries of other releases"
     ).set_defaults(func=_cmd_prune_functions)
+
+    ranks = sub.add_parser("ranks", help="member ranks").add_subparsers(dest="ranks_command", required=True)
+    ranks.add_parser(
+        "review", help="the rank period's review of every account (downgrades per the rank program)"
+    ).set_defaults(func=_cmd_ranks_review)
 
     seed = sub.add_parser("seed", help="bulk-load a load-test population into Redis and PostgreSQL")
     seed.add_argument("--accounts", type=int, required=True, help="accounts a00000000 .. (N-1)")

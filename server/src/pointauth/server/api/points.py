@@ -79,6 +79,8 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
             balance=convert.balance(result),
             breakdown=convert.breakdown(result.lines, result.lots, earned.short),
             rule_set_version=earned.rules_version,
+            rank_id=result.rank,
+            rank_upgraded=result.up,
         )
 
     async def SimulateEarn(self, request: pb.SimulateEarnRequest, context: Context) -> pb.SimulateEarnResponse:

@@ -9,7 +9,16 @@ import grpc
 
 from pointauth.server.api import convert
 from pointauth.server.api.validation import MAX_AMOUNT, Violations
-from pointauth.server.domain.earning import Campaign, Conditions, Effect, Rate, RuleSet
+from pointauth.server.domain.earning import (
+    Campaign,
+    Conditions,
+    Effect,
+    RankDowngrade,
+    RankProgram,
+    RankTier,
+    Rate,
+    RuleSet,
+)
 from pointauth.server.services.rules import RulesService
 from pointauth.v1 import common_pb2, rules_service_pb2_grpc
 from pointauth.v1 import rules_service_pb2 as pb
@@ -22,6 +31,7 @@ MAX_RATE_POINTS = 10**6
 MAX_PER_AMOUNT = 10**9
 MAX_NAME = 100
 MAX_EXPIRE_DAYS = 3650
+MAX_RANKS = 20
 _KINDS = {common_pb2.LOT_KIND_UNSPECIFIED: "R", common_pb2.LOT_KIND_REGULAR: "R", common_pb2.LOT_KIND_LIMITED_TIME: "L"}
 _KIND_OUT = {"R": common_pb2.LOT_KIND_REGULAR, "L": common_pb2.LOT_KIND_LIMITED_TIME}
 
@@ -72,6 +82,7 @@ def _conditions(v: Violations, f: str, c: pb.CampaignConditions) -> Conditions:
         min_amount=c.min_amount,
         birthday_month=c.birthday_month,
         first_purchase=c.first_purchase,
+        rank_ids=_ids(v, f"{f}.rank_ids", c.rank_ids),
     )
 
 
@@ -147,11 +158,45 @@ def rule_set_from(v: Violations, message: pb.RuleSet) -> RuleSet:
                 budget=c.budget_points,
             )
         )
-    return RuleSet(version=0, base_rates=tuple(rates), campaigns=tuple(campaigns))
+    ranks = _ranks(v, message.ranks) if message.HasField("ranks") else None
+    known = {tier.rank_id for tier in ranks.tiers} if ranks is not None else set()
+    for i, made in enumerate(campaigns):
+        if not made.conditions.rank_ids <= known:
+            v.add(f"rule_set.campaigns[{i}].conditions.rank_ids", "must be ranks of rule_set.ranks")
+    return RuleSet(version=0, base_rates=tuple(rates), campaigns=tuple(campaigns), ranks=ranks)
+
+
+def _ranks(v: Violations, message: pb.RankProgram) -> RankProgram:
+    f = "rule_set.ranks"
+    if not 1 <= len(message.tiers) <= MAX_RANKS:
+        v.add(f"{f}.tiers", f"1 to {MAX_RANKS} ranks")
+    tiers: list[RankTier] = []
+    for i, t in enumerate(message.tiers):
+        v.identifier(f"{f}.tiers[{i}].rank_id", t.rank_id)
+        if not 1 <= len(t.display_name) <= MAX_NAME:
+            v.add(f"{f}.tiers[{i}].display_name", f"must be 1 to {MAX_NAME} characters")
+        floor = tiers[-1].min_spend + 1 if tiers else 0
+        if (i == 0 and t.min_spend != 0) or (i > 0 and not floor <= t.min_spend <= MAX_AMOUNT):
+            v.add(f"{f}.tiers[{i}].min_spend", "must be 0 for the first rank, then ascending")
+        if t.rank_id in {tier.rank_id for tier in tiers}:
+            v.add(f"{f}.tiers[{i}].rank_id", "must be unique")
+        tiers.append(RankTier(t.rank_id, t.display_name, t.min_spend))
+    if not 1 <= message.period_months <= 36:
+        v.add(f"{f}.period_months", "must be 1 to 36")
+    downgrade: RankDowngrade = "to_spend" if message.downgrade == pb.RANK_DOWNGRADE_TO_SPEND else "one_step"
+    return RankProgram(tuple(tiers), max(message.period_months, 1), downgrade)
 
 
 def rule_set_message(rule_set: RuleSet) -> pb.RuleSet:
     message = pb.RuleSet(version=rule_set.version, publish_time=convert.timestamp(rule_set.published_ms))
+    if rule_set.ranks is not None:
+        program = rule_set.ranks
+        message.ranks.period_months = program.period_months
+        message.ranks.downgrade = (
+            pb.RANK_DOWNGRADE_TO_SPEND if program.downgrade == "to_spend" else pb.RANK_DOWNGRADE_ONE_STEP
+        )
+        for tier in program.tiers:
+            message.ranks.tiers.add(rank_id=tier.rank_id, display_name=tier.name, min_spend=tier.min_spend)
     for company, store, rate in rule_set.base_rates:
         message.base_rates.add(company_id=company, store_id=store, points=rate.points, per_amount=rate.per_amount)
     for c in rule_set.campaigns:
@@ -181,6 +226,7 @@ def rule_set_message(rule_set: RuleSet) -> pb.RuleSet:
         oc.skus.extend(sorted(cond.skus))
         oc.categories.extend(sorted(cond.categories))
         oc.birthday_month, oc.first_purchase = cond.birthday_month, cond.first_purchase
+        oc.rank_ids.extend(sorted(cond.rank_ids))
         e = c.effect
         if e.kind == "multiply":
             out.effect.multiply_basis_points = e.basis_points

@@ -71,6 +71,7 @@ class Conditions:
     min_amount: int = 0
     birthday_month: bool = False
     first_purchase: bool = False
+    rank_ids: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -97,12 +98,38 @@ class Campaign:
 
 
 @dataclass(frozen=True)
+class RankTier:
+    rank_id: str
+    name: str
+    min_spend: int
+
+
+RankDowngrade = Literal["one_step", "to_spend"]
+
+
+@dataclass(frozen=True)
+class RankProgram:
+    """Ranks by qualifying spend over periods of `period_months` calendar months (from January):
+    up at once when a purchase reaches a tier, down only at a period's review."""
+
+    tiers: tuple[RankTier, ...]
+    """Lowest first; the first's min_spend is 0."""
+    period_months: int = 12
+    downgrade: RankDowngrade = "one_step"
+
+    def period_of(self, year: int, month: int) -> int:
+        """The index of the period that month falls in (months counted from year 0)."""
+        return (year * 12 + month - 1) // self.period_months
+
+
+@dataclass(frozen=True)
 class RuleSet:
     version: int
     published_ms: int = 0
     base_rates: tuple[tuple[str, str, Rate], ...] = ()
     """(company, store, rate); store "" is the company's rate."""
     campaigns: tuple[Campaign, ...] = ()
+    ranks: RankProgram | None = None
 
     @cached_property
     def rates(self) -> dict[tuple[str, str], Rate]:
@@ -126,3 +153,5 @@ class EarnLine:
     member_cap: int = 0
     budget: int = 0
     """The campaign's budget, if it has one (0: none)."""
+    ranks: frozenset[str] = frozenset()
+    """Only if the member's rank (after this purchase's spend) is one of these (empty: any)."""

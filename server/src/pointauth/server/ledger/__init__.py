@@ -8,6 +8,7 @@ from pointauth.server.ledger._ledger import (
     LedgerLibrary,
     LedgerRefusal,
     ProfileChange,
+    RankArgs,
     drop_other_libraries,
     load_library,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "PointOfSaleRef",
     "PoolExhausted",
     "ProfileChange",
+    "RankArgs",
     "TransactionRecord",
     "connect",
     "drop_other_libraries",

@@ -15,7 +15,7 @@ from redis.exceptions import ResponseError
 from pointauth.server.clock import Clock
 from pointauth.server.config import LedgerSettings
 from pointauth.server.domain import reasons
-from pointauth.server.domain.earning import EarnLine, LotKindCode
+from pointauth.server.domain.earning import EarnLine, LotKindCode, RankProgram
 from pointauth.server.domain.reasons import ErrorReason
 from pointauth.server.ledger import codec
 from pointauth.server.ledger.codec import (
@@ -412,6 +412,10 @@ class Ledger:
             finished += await self.finish_merge(member.decode())
         return finished
 
+    async def rank_review(self, account_id: str, ranks: RankArgs) -> OpResult:
+        """The period's review of the account's rank, if a period has begun since its last."""
+        return await self._call("rank_review", account_id, {"ranks": ranks.arg()})
+
     async def take_budget(self, campaign_id: str, points: int, budget: int) -> int:
         """Reserves up to `points` of a campaign's budget of `budget` points before an earn;
         returns how many (0 once it has run out). The campaign's spent count is one key in a
@@ -473,6 +477,8 @@ class Ledger:
         card: str | None = None,
         lines: Sequence[EarnLine] = (),
         rules_version: int = 0,
+        ranks: RankArgs | None = None,
+        qualifying_amount: int = 0,
     ) -> OpResult:
         """An earn (or a grant) of `points` into one lot; or, under the rules, of each of `lines`
         into its own lot, with the member's guards and caps decided by the script."""
@@ -489,6 +495,9 @@ class Ledger:
         if lines:
             args["lines"] = [_line_arg(line) for line in lines]
             args["rules"] = rules_version
+        if ranks is not None:
+            args["ranks"] = ranks.arg()
+            args["qual"] = qualifying_amount
         return await self._call("earn", account_id, _via(args, card), request_id, fingerprint)
 
     async def authorize(
@@ -543,9 +552,10 @@ class Ledger:
         request_id: str,
         fingerprint: str,
         foreign: tuple[str, bytes] | None = None,
+        ranks: RankArgs | None = None,
     ) -> OpResult:
         """A refund on this account; `foreign`: (the account, the record) of a transaction of an
-        account merged into this one."""
+        account merged into this one; `ranks`: a refunded earn lowers the qualifying spend."""
         args: dict[str, Any] = {
             "orig": original_seq,
             "pts": -1 if points is None else points,
@@ -554,6 +564,8 @@ class Ledger:
         }
         if foreign is not None:
             args["facct"] = foreign[0]
+        if ranks is not None:
+            args["ranks"] = ranks.arg()
         return await self._call(
             "refund", account_id, args, request_id, fingerprint, blob=None if foreign is None else foreign[1]
         )
@@ -567,6 +579,7 @@ class Ledger:
         pos: PointOfSaleRef | None,
         request_id: str,
         fingerprint: str,
+        ranks: RankArgs | None = None,
     ) -> tuple[str, OpResult]:
         """(the account the refund landed on, answer): a transaction of an account since merged
         is refunded on the account it was merged into (following merges), with its record."""
@@ -581,6 +594,7 @@ class Ledger:
                     request_id=request_id,
                     fingerprint=fingerprint,
                     foreign=foreign,
+                    ranks=ranks,
                 )
                 return on, result
             except LedgerRefusal as refusal:
@@ -675,7 +689,21 @@ def _line_arg(line: EarnLine) -> dict[str, Any]:
         arg["fp"] = True
     if line.member_cap:
         arg["cap"] = line.member_cap
+    if line.ranks:
+        arg["rk"] = sorted(line.ranks)
     return arg
+
+
+@dataclass(frozen=True)
+class RankArgs:
+    """A rank program as the script applies it, with the current period's index."""
+
+    program: RankProgram
+    period: int
+
+    def arg(self) -> dict[str, Any]:
+        tiers = [[t.rank_id, t.min_spend] for t in self.program.tiers]
+        return {"t": tiers, "p": self.period, "d": self.program.downgrade}
 
 
 class AccountView(NamedTuple):

@@ -250,6 +250,10 @@ class StoredAccount(msgspec.Struct):
     """`k:<rule>`: points the rule has given the member (for its per-member cap)."""
     first_earn_ms: int | None = None
     """`fe`: when the member first earned (absent: never; first-purchase campaigns)."""
+    rank_id: str | None = None
+    """`rk`: the member's rank, `rs` their qualifying spend in rank period `rp`."""
+    rank_spend: int = 0
+    rank_period: int | None = None
     foreign_refunds: dict[str, str] = {}
     """`f:<transaction id>`: what has been refunded here of a transaction of an account merged
     into this one: "<points refunded>|<points returned per allocation entry, comma-separated>"."""
@@ -343,6 +347,7 @@ def account_of(
     foreign_refunds: Mapping[str, str] | None = None,
     rule_counts: Mapping[str, int] | None = None,
     first_earn_ms: int | None = None,
+    rank: tuple[str, int, int] | None = None,
 ) -> StoredAccount:
     """A consistent account: its totals are its lots' and holds' sums."""
     return StoredAccount(
@@ -364,6 +369,9 @@ def account_of(
         foreign_refunds=dict(foreign_refunds or {}),
         rule_counts=dict(rule_counts or {}),
         first_earn_ms=first_earn_ms,
+        rank_id=rank[0] if rank else None,
+        rank_spend=rank[1] if rank else 0,
+        rank_period=rank[2] if rank else None,
     )
 
 
@@ -385,6 +393,11 @@ def _status_fields(account: StoredAccount) -> dict[bytes, bytes]:
         fields[b"k:" + rule.encode()] = b"%d" % count
     if account.first_earn_ms is not None:
         fields[b"fe"] = b"%d" % account.first_earn_ms
+    if account.rank_id is not None:
+        fields[b"rk"] = account.rank_id.encode()
+        fields[b"rs"] = b"%d" % account.rank_spend
+    if account.rank_period is not None:
+        fields[b"rp"] = b"%d" % account.rank_period
     if account.opened_ms is not None:
         fields[OPENED_FIELD] = b"%d" % account.opened_ms
     if account.closed_ms is not None:
@@ -443,6 +456,12 @@ def decode_account(
                 counts[field[2:].decode()] = int(value)
             elif field == b"fe":
                 account.first_earn_ms = int(value)
+            elif field == b"rk":
+                account.rank_id = value.decode()
+            elif field == b"rs":
+                account.rank_spend = int(value)
+            elif field == b"rp":
+                account.rank_period = int(value)
             elif field.startswith(b"f:"):
                 foreign[field[2:].decode()] = value.decode()
             elif field == OPENED_FIELD:
@@ -514,6 +533,9 @@ class TransactionRecord(msgspec.Struct, frozen=True):
     racct: str = ""
     lines: list[EarnLineEntry] = []
     """An earn under the rules: each rule's part, and how much of it refunds took back."""
+    qual: int = 0
+    """An earn under a rank program: its qualifying amount, counted in rank period `rp`."""
+    rp: int = 0
 
 
 def record_field(seq: int) -> str:
@@ -538,6 +560,8 @@ def decode_record(raw: bytes) -> TransactionRecord:
 # The entry of a call's last event, and a note, also carry the call's idempotency record: `r`,
 # its bytes as the record's key holds them, and `x`, the Unix ms at which that key expires
 # (decimal). The write-behind copies them from there instead of reading the key back.
+# Shard 0's stream also carries the group directory's changes (`g`, DirectoryChange) and rule
+# set publications (`u`, RuleSetPublished), which no account's script writes.
 
 EVENT_FIELD = b"e"
 NOTE_FIELD = b"i"
@@ -619,6 +643,11 @@ class Event(msgspec.Struct, frozen=True, omit_defaults=True):
     """EARN, REFUNDED, MERGED_IN: the capped rules' counts for the member after it (k:<rule>)."""
     first: bool | None = None
     """EARN, MERGED_IN: it made the member's first-earn mark (fe = its time)."""
+    rank: list[str] | None = None
+    """EARN: [from, to] when its spend reached a higher rank; RANK_REVIEWED: [from, to]."""
+    spend: int | None = None
+    """EARN, REFUNDED: the member's qualifying spend in the period after it; RANK_REVIEWED: the
+    spend of the period that ended."""
 
     @property
     def event_id(self) -> str:
@@ -648,16 +677,22 @@ def encode_note(note: IdempotencyNote) -> bytes:
     return _encode(note)
 
 
-def decode_stream_entry(fields: Mapping[bytes, bytes]) -> Event | IdempotencyNote | DirectoryChange:
-    """A stream entry's fields: the event, the note, or the group directory's change it carries."""
+def decode_stream_entry(
+    fields: Mapping[bytes, bytes],
+) -> Event | IdempotencyNote | DirectoryChange | RuleSetPublished:
+    """A stream entry's fields: the event, the note, the group directory's change or the rule set
+    publication (shard 0's stream, see "rule sets") it carries."""
     if EVENT_FIELD in fields:
         return _decode_event(fields[EVENT_FIELD])
     if NOTE_FIELD in fields:
         return _decode_note(fields[NOTE_FIELD])
     if DIRECTORY_FIELD in fields:
         return _decode_directory_change(fields[DIRECTORY_FIELD])
+    if RULE_SET_FIELD in fields:
+        return _decode_published(fields[RULE_SET_FIELD])
     raise msgspec.DecodeError(
-        f"a stream entry has field {EVENT_FIELD!r}, {NOTE_FIELD!r} or {DIRECTORY_FIELD!r}, not {sorted(fields)}"
+        f"a stream entry has field {EVENT_FIELD!r}, {NOTE_FIELD!r}, {DIRECTORY_FIELD!r} or {RULE_SET_FIELD!r},"
+        f" not {sorted(fields)}"
     )
 
 
@@ -798,6 +833,12 @@ class OpResult(msgspec.Struct, frozen=True):
     """balance: more lots follow the page."""
     lines: list[EarnLineEntry] = []
     """earn under the rules: each rule's part; refund of one: the shares taken back."""
+    rank: str = ""
+    """earn under a rank program: the member's rank after it."""
+    up: bool = False
+    """earn: its spend reached a higher rank."""
+    was: str = ""
+    """rank_review: the rank before the review ("" if none)."""
 
 
 _decode_result = msgspec.msgpack.Decoder(OpResult).decode
@@ -864,7 +905,8 @@ def decode_card_owner(raw: bytes | str | None) -> str | None:
 # -- rule sets ---------------------------------------------------------------------------------
 # Published rule sets live in shard 0's slot (Keyspace.rules): a hash version -> the rule set
 # (domain/earning.py's RuleSet as msgpack), and the current version. Publishing appends an entry
-# `u` (RuleSetPublished) to shard 0's stream in the same transaction, for the journal.
+# `u` (RuleSetPublished) to shard 0's stream in the same transaction, for the journal (which
+# copies it into its rule_sets table: migration 0004, journal/rules.py).
 
 RULE_SET_FIELD = b"u"
 

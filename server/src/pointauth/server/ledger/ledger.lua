@@ -476,7 +476,7 @@ local function new_tx(type_, ev, fields)
   local rec = {type = type_, time = NOW, pos = ARGS.pos, pts = ev.pts, refunded = 0,
     available = ev.available, held = ev.held, lots = ev.lots, alloc = {}, ref = ev.ref or 0,
     state = '', exp = 0, captured = 0, released = 0, capture = 0, amount = ev.amount or 0, racct = ev.racct or '',
-    lines = ev.lines or {}}
+    lines = ev.lines or {}, qual = 0, rp = 0}
   for k, v in pairs(fields) do rec[k] = v end
   return rec
 end
@@ -743,6 +743,60 @@ function OPS.account()
   return cmsgpack.pack({code = 'OK', available = available(), held = held(), fields = fields})
 end
 
+-- Member ranks (ARGS.ranks = {t = tiers {{rank id, min spend}, ...} lowest first, p = the
+-- current period's index, d = 'one_step' or 'to_spend'; rules/engine.py's RankProgram): the
+-- account hash keeps the rank (rk), the qualifying spend (rs) and the period it is of (rp).
+local function rank_state()
+  local raw = redis.call('HMGET', K_ACCOUNT, 'rk', 'rs', 'rp')
+  return {rank = raw[1] or '', spend = tonumber(raw[2] or '0'), period = tonumber(raw[3] or '-1')}
+end
+
+local function tier_of(tiers, id)
+  for i, t in ipairs(tiers) do
+    if t[1] == id then return i end
+  end
+  return 0
+end
+
+local function supported(tiers, spend)
+  local best = 1
+  for i, t in ipairs(tiers) do
+    if spend >= t[2] then best = i end
+  end
+  return best
+end
+
+-- A period's review, if a period has begun since the member's last: down one rank if the spend
+-- of the period that ended fell short of theirs ('one_step'), or to the rank it supports
+-- ('to_spend'), never up; the spend starts again at 0. A member with no rank (or one the
+-- program no longer has) starts at the lowest. Emits RANK_REVIEWED when a rank changed.
+local function review_rank(R, st)
+  if st.period == R.p then return end
+  local tiers, cur = R.t, tier_of(R.t, st.rank)
+  local spent = st.period == R.p - 1 and st.spend or 0 -- a period without purchases spent 0
+  local new = cur
+  if cur == 0 then
+    new = 1
+  elseif R.d == 'to_spend' then
+    new = math.min(cur, supported(tiers, spent))
+  elseif spent < tiers[cur][2] then
+    new = math.max(cur - 1, 1)
+  end
+  local from = st.rank
+  st.rank, st.spend, st.period = tiers[new][1], 0, R.p
+  A.fields.rk, A.fields.rs, A.fields.rp = st.rank, '0', fmt(R.p)
+  if cur ~= 0 and new ~= cur then
+    emit({type = 'RANK_REVIEWED', pts = 0, lots = {}, rank = {from, st.rank}, spend = spent})
+  end
+end
+
+function OPS.rank_review()
+  local st = rank_state()
+  local was = st.rank
+  review_rank(ARGS.ranks, st)
+  return finish({rank = st.rank, was = was})
+end
+
 -- EARN and GRANT: points into the lot of their expiry, kind and issuer; a new lot, whose id is
 -- the transaction's sequence number, if the account has none.
 -- An earn under the rules (ARGS.lines, rules/engine.py's EarnLine: {r = rule, p = points, e =
@@ -754,10 +808,28 @@ end
 function OPS.earn()
   local lines = ARGS.lines or {{r = '', p = ARGS.pts, e = ARGS.exp, k = ARGS.kind}}
   local first = ARGS.type == 'EARN' and redis.call('HEXISTS', K_ACCOUNT, 'fe') == 0
+  -- The rank first: a purchase whose spend reaches a rank earns at it. (Written only if the earn
+  -- is not refused: refusals write nothing but their record.)
+  local rank, upgraded
+  if ARGS.ranks then
+    rank = rank_state()
+    review_rank(ARGS.ranks, rank)
+    rank.spend = rank.spend + ARGS.qual
+    local up = supported(ARGS.ranks.t, rank.spend)
+    if up > tier_of(ARGS.ranks.t, rank.rank) then
+      upgraded = {rank.rank, ARGS.ranks.t[up][1]}
+      rank.rank = ARGS.ranks.t[up][1]
+    end
+  end
   local birthday
   local granted, notes, used, total = {}, {}, {}, 0
   for i, l in ipairs(lines) do
     local p = l.p
+    if l.rk and #l.rk > 0 then
+      local member_of = false
+      for _, id in ipairs(l.rk) do member_of = member_of or (rank and id == rank.rank) end
+      if not member_of then p, notes[i] = 0, 'not_rank' end
+    end
     if l.bm and l.bm > 0 then
       birthday = birthday or redis.call('HGET', K_ACCOUNT, 'bd') or ''
       if tonumber(string.sub(birthday, 1, 2)) ~= l.bm then p, notes[i] = 0, 'not_birthday_month' end
@@ -774,7 +846,7 @@ function OPS.earn()
     total = total + p
   end
   if over_cap(total) then return balance_limit() end
-  local seq, iss = A.seq + 1, ARGS.pos[1]
+  local iss = ARGS.pos[1]
   local lots, out, counts = {}, {}, nil
   for i, l in ipairs(lines) do
     local lot_id = 0
@@ -792,12 +864,17 @@ function OPS.earn()
     out[i] = {l.r, granted[i], lot_id, notes[i] or '', 0}
   end
   if first then A.fields.fe = fmt(NOW) end
-  -- `counts`: the capped rules' counts after the earn; `first`: the member's first earn.
+  if rank then A.fields.rk, A.fields.rs = rank.rank, fmt(rank.spend) end
+  -- `counts`: the capped rules' counts after the earn; `first`: the member's first earn; `rank`:
+  -- [from, to] when the earn's spend reached a higher rank; `spend`: the period's spend after it.
   local ev = event_base(ARGS.type, {pts = total, lots = lots, amount = ARGS.amount, ptime = ARGS.ptime,
-    lines = ARGS.lines and out or nil, rules = ARGS.rules, counts = counts, first = first or nil})
-  emit(ev)
-  tx_put(seq, new_tx(ARGS.type, ev, {}))
-  return finish({tx = seq, pts = total, lots = lots, lines = ARGS.lines and out or nil})
+    lines = ARGS.lines and out or nil, rules = ARGS.rules, counts = counts, first = first or nil,
+    rank = upgraded, spend = rank and rank.spend or nil})
+  local seq = emit(ev)
+  -- The record keeps the qualifying amount and its period, for a refund to lower the spend.
+  tx_put(seq, new_tx(ARGS.type, ev, rank and {qual = ARGS.qual, rp = rank.period} or {}))
+  return finish({tx = seq, pts = total, lots = lots, lines = ARGS.lines and out or nil,
+    rank = rank and rank.rank or nil, up = upgraded and true or nil})
 end
 
 function OPS.authorize()
@@ -992,8 +1069,18 @@ function OPS.refund()
     end
   end
   orig.refunded = orig.refunded + want
+  -- A refund of an earn lowers the qualifying spend of the period it counted in, by its share
+  -- of the purchase (rounded down); the rank itself waits for the review.
+  local spend
+  if ARGS.ranks and orig.qual and orig.qual > 0 and orig.pts > 0 then
+    local st = rank_state()
+    if st.period == orig.rp then
+      spend = math.max(st.spend - math.floor(orig.qual * want / orig.pts), 0)
+      A.fields.rs = fmt(spend)
+    end
+  end
   local ev = event_base('REFUNDED', {pts = want, ref = ARGS.orig, racct = ARGS.facct, lots = lots,
-    refunded = orig.refunded, returned = returned, lines = shares, counts = A.counts})
+    refunded = orig.refunded, returned = returned, lines = shares, counts = A.counts, spend = spend})
   local seq = emit(ev)
   if foreign then
     local back = {}

@@ -19,6 +19,7 @@ from pointauth.server.journal.status import worker_status
 from pointauth.server.journal.worker import WorkerConfig, WriteBehindWorker
 from pointauth.server.ledger import LIBRARY, Keyspace, drop_other_libraries
 from pointauth.server.ops.progress import ProgressBar
+from pointauth.server.ops.ranks import review_ranks
 from pointauth.server.ops.reconcile import reconcile
 from pointauth.server.ops.rehydrate import RehydrateRefused, rehydrate
 from pointauth.server.signals import on_stop_signals
@@ -149,3 +150,17 @@ def prune_functions_command(settings: Settings, out: TextIO = sys.stdout) -> int
         return 0
 
     return _with_redis(settings, work)
+
+
+def ranks_review_command(settings: Settings, out: TextIO = sys.stdout) -> int:
+    """The rank period's review of every account; exit 1 if no rule set has a rank program."""
+    report = _with_redis(settings, lambda redis: review_ranks(redis, settings, SystemClock()))
+    if report is None:
+        print("the current rule set has no rank program: nothing to review", file=out)
+        return 1
+    print(
+        f"reviewed {report.reviewed} accounts: {report.changed} changed rank, "
+        f"{report.skipped} closed or merged skipped",
+        file=out,
+    )
+    return 0

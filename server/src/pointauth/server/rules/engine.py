@@ -21,6 +21,7 @@ from pointauth.server.domain.earning import (
     Conditions,
     EarnLine,
     Purchase,
+    RankProgram,
     Rate,
     RuleSet,
 )
@@ -122,8 +123,35 @@ def evaluate(rules: RuleSet, purchase: Purchase, default_rate: Rate, base_expire
                 expire_ms,
                 birthday_month=purchase.month if cond.birthday_month else 0,
                 first_purchase=cond.first_purchase,
+                ranks=cond.rank_ids,
                 member_cap=campaign.max_per_member,
                 budget=campaign.budget,
             )
         )
     return lines
+
+
+def supported_rank(program: RankProgram, spend: int) -> int:
+    """The index of the highest tier the spend reaches (0: the lowest)."""
+    return max(i for i, tier in enumerate(program.tiers) if spend >= tier.min_spend or i == 0)
+
+
+def rank_after(
+    program: RankProgram, rank_id: str | None, spend: int, period: int | None, now_period: int, amount: int
+) -> str:
+    """The member's rank once a purchase of qualifying `amount` is counted now: the period's
+    review first if a period has begun since theirs, then up to what the spend reaches. The
+    account's script decides it (ledger.lua, review_rank and OPS.earn); this is its twin for
+    SimulateEarn."""
+    ids = [tier.rank_id for tier in program.tiers]
+    current = ids.index(rank_id) if rank_id in ids else -1
+    if period != now_period:
+        spent = spend if period == now_period - 1 else 0
+        if current < 0:
+            current = 0
+        elif program.downgrade == "to_spend":
+            current = min(current, supported_rank(program, spent))
+        elif spent < program.tiers[current].min_spend:
+            current = max(current - 1, 0)
+        spend = 0
+    return ids[max(current, supported_rank(program, spend + amount))]

@@ -10,9 +10,18 @@ from pointauth.server.clock import Clock
 from pointauth.server.domain.earning import BASE_RULE, BasketLine, EarnLine, RuleSet
 from pointauth.server.domain.ids import transaction_id
 from pointauth.server.domain.reasons import ErrorReason
-from pointauth.server.ledger import Ledger, LedgerRefusal, LotEntry, OpResult, PointOfSaleRef, TransactionRecord
+from pointauth.server.ledger import (
+    Ledger,
+    LedgerRefusal,
+    LotEntry,
+    OpResult,
+    PointOfSaleRef,
+    RankArgs,
+    TransactionRecord,
+)
 from pointauth.server.ledger.codec import EarnLineEntry
 from pointauth.server.rules.earn_policy import EarnPolicy
+from pointauth.server.rules.engine import earning_amount, rank_after
 from pointauth.server.services.directory import DirectoryService
 from pointauth.server.services.refusals import not_found, renamed_not_found
 from pointauth.server.services.rules import RulesService, with_points
@@ -77,9 +86,18 @@ class PointsService:
         rule_set = self.rules.current if self.rules is not None else None
         if rule_set is not None and rule_set.version:
             assert self.rules is not None
-            lines = self.rules.lines(rule_set, self.rules.purchase(pos, purchase_amount, basket, purchase_ms))
+            purchase = self.rules.purchase(pos, purchase_amount, basket, purchase_ms)
             return await self._earn_lines(
-                card_number, lines, rule_set.version, purchase_amount, purchase_ms, pos, request_id, fingerprint
+                card_number,
+                self.rules.lines(rule_set, purchase),
+                rule_set.version,
+                self.rules.rank_args(rule_set),
+                earning_amount(purchase),
+                purchase_amount,
+                purchase_ms,
+                pos,
+                request_id,
+                fingerprint,
             )
         points = self.policy.points_for(purchase_amount)
         account, result = await self.ledger.on_card(
@@ -104,6 +122,8 @@ class PointsService:
         card_number: str,
         lines: list[EarnLine],
         rules_version: int,
+        ranks: RankArgs | None,
+        qualifying_amount: int,
         purchase_amount: int,
         purchase_ms: int,
         pos: PointOfSaleRef,
@@ -138,6 +158,8 @@ class PointsService:
                     card=card_number,
                     lines=lines,
                     rules_version=rules_version,
+                    ranks=ranks,
+                    qualifying_amount=qualifying_amount,
                 ),
             )
         except BaseException:
@@ -166,11 +188,25 @@ class PointsService:
         if self.rules is None or not rule_set.version:
             points = self.policy.points_for(purchase_amount)
             return 0, [EarnLineEntry(BASE_RULE, points, 0)]
-        lines = self.rules.lines(rule_set, self.rules.purchase(pos, purchase_amount, basket, purchase_ms))
+        purchase = self.rules.purchase(pos, purchase_amount, basket, purchase_ms)
+        lines = self.rules.lines(rule_set, purchase)
         member = (await self.ledger.account_by_card(card_number)).stored if card_number else None
+        ranks = self.rules.rank_args(rule_set)
+        rank = None
+        if member is not None and ranks is not None:
+            rank = rank_after(
+                ranks.program,
+                member.rank_id,
+                member.rank_spend,
+                member.rank_period,
+                ranks.period,
+                earning_amount(purchase),
+            )
         out: list[EarnLineEntry] = []
         for line in lines:
             points, note = line.points, ""
+            if member is not None and line.ranks and rank not in line.ranks:
+                points, note = 0, "not_rank"
             born = member.profile.bd or "" if member is not None else ""
             if member is not None and line.birthday_month and born[:2] != f"{line.birthday_month:02d}":
                 points, note = 0, "not_birthday_month"
@@ -250,7 +286,13 @@ class PointsService:
             self.check_point_of_sale(pos)
         try:
             account, result = await self.ledger.refund_following(
-                account_id, original_seq, points=points, pos=pos, request_id=request_id, fingerprint=fingerprint
+                account_id,
+                original_seq,
+                points=points,
+                pos=pos,
+                request_id=request_id,
+                fingerprint=fingerprint,
+                ranks=self.rules.rank_args(self.rules.current) if self.rules is not None else None,
             )
         except LedgerRefusal as refusal:
             message = f"no refundable transaction {account_id}.{original_seq}"

@@ -12,10 +12,11 @@ import asyncio
 import contextlib
 import dataclasses
 
+from pointauth.server.clock import Clock
 from pointauth.server.config import RulesSettings
 from pointauth.server.domain.earning import BasketLine, EarnLine, Purchase, RuleSet
 from pointauth.server.domain.reasons import ErrorReason
-from pointauth.server.ledger import PointOfSaleRef
+from pointauth.server.ledger import PointOfSaleRef, RankArgs
 from pointauth.server.ledger.rulebook import RuleBook
 from pointauth.server.rules.earn_policy import EarnPolicy
 from pointauth.server.rules.engine import evaluate
@@ -26,9 +27,15 @@ from pointauth.server.services.refusals import not_found
 
 class RulesService:
     def __init__(
-        self, book: RuleBook, settings: RulesSettings, policy: EarnPolicy, directory: DirectoryService | None = None
+        self,
+        book: RuleBook,
+        settings: RulesSettings,
+        policy: EarnPolicy,
+        clock: Clock,
+        directory: DirectoryService | None = None,
     ) -> None:
         self.book = book
+        self.clock = clock
         self.settings = settings
         self.policy = policy
         self.directory = directory
@@ -86,6 +93,14 @@ class RulesService:
             weekday=local.isoweekday(),
             minute=local.hour * 60 + local.minute,
         )
+
+    def rank_args(self, rule_set: RuleSet) -> RankArgs | None:
+        """The rule set's rank program with the current period (by the server's clock, in the
+        program's time zone: a purchase counts in the period it is processed in)."""
+        if rule_set.ranks is None:
+            return None
+        local = self.policy.local_time(self.clock.now_ms())
+        return RankArgs(rule_set.ranks, rule_set.ranks.period_of(local.year, local.month))
 
     def lines(self, rule_set: RuleSet, purchase: Purchase) -> list[EarnLine]:
         return evaluate(rule_set, purchase, self.policy.rate, self.policy.expire_ms(purchase.time_ms))
