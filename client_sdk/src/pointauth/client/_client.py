@@ -122,6 +122,23 @@ class PointsClient:
         )
         return await self._call(self._points.EarnPoints, request)
 
+    async def check_in(
+        self,
+        card_number: str,
+        point_of_sale: common_pb2.PointOfSale,
+        visit_time: datetime,
+        *,
+        request_id: str | None = None,
+    ) -> pb.CheckInResponse:
+        """Points for a visit, by the rule set's visit rules, each within its limit."""
+        request = pb.CheckInRequest(
+            request_id=request_id or new_request_id(),
+            card_number=card_number,
+            point_of_sale=point_of_sale,
+            visit_time=_timestamp(visit_time),
+        )
+        return await self._call(self._points.CheckIn, request)
+
     async def simulate_earn(
         self,
         point_of_sale: common_pb2.PointOfSale,

@@ -87,6 +87,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """FAILED_PRECONDITION: the account was merged into another (metadata:
     merged_into_account_id); calls made with its cards follow it there.
     """
+    ALREADY_CHECKED_IN: _ErrorReason.ValueType  # 42
+    """FAILED_PRECONDITION: every visit rule that applies has given this member its points within
+    its limit (metadata: rule_ids).
+    """
+    NO_VISIT_RULE: _ErrorReason.ValueType  # 43
+    """FAILED_PRECONDITION: no visit rule of the current rule set gives points for this visit."""
     SERVER_OVERLOADED: _ErrorReason.ValueType  # 50
     """RESOURCE_EXHAUSTED: the server shed the call under load; retry after RetryInfo's delay
     with the same request_id.
@@ -168,6 +174,12 @@ ACCOUNT_MERGED: ErrorReason.ValueType  # 41
 """FAILED_PRECONDITION: the account was merged into another (metadata:
 merged_into_account_id); calls made with its cards follow it there.
 """
+ALREADY_CHECKED_IN: ErrorReason.ValueType  # 42
+"""FAILED_PRECONDITION: every visit rule that applies has given this member its points within
+its limit (metadata: rule_ids).
+"""
+NO_VISIT_RULE: ErrorReason.ValueType  # 43
+"""FAILED_PRECONDITION: no visit rule of the current rule set gives points for this visit."""
 SERVER_OVERLOADED: ErrorReason.ValueType  # 50
 """RESOURCE_EXHAUSTED: the server shed the call under load; retry after RetryInfo's delay
 with the same request_id.

@@ -42,6 +42,8 @@ class _TransactionTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Trans
     """Points spent in one step."""
     TRANSACTION_TYPE_REFUND: _TransactionType.ValueType  # 6
     """A reversal of an earn, capture or redemption."""
+    TRANSACTION_TYPE_VISIT: _TransactionType.ValueType  # 7
+    """Points for a visit (CheckIn)."""
 
 class TransactionType(_TransactionType, metaclass=_TransactionTypeEnumTypeWrapper):
     """TransactionType says what kind of operation a transaction was."""
@@ -60,6 +62,8 @@ TRANSACTION_TYPE_REDEMPTION: TransactionType.ValueType  # 5
 """Points spent in one step."""
 TRANSACTION_TYPE_REFUND: TransactionType.ValueType  # 6
 """A reversal of an earn, capture or redemption."""
+TRANSACTION_TYPE_VISIT: TransactionType.ValueType  # 7
+"""Points for a visit (CheckIn)."""
 Global___TransactionType: _TypeAlias = TransactionType  # noqa: Y015
 
 class _HoldState:
@@ -93,6 +97,86 @@ HOLD_STATE_VOIDED: HoldState.ValueType  # 3
 HOLD_STATE_EXPIRED: HoldState.ValueType  # 4
 """Timed out; its points went back."""
 Global___HoldState: _TypeAlias = HoldState  # noqa: Y015
+
+@_typing.final
+class CheckInRequest(_message.Message):
+    """CheckInRequest is a member's visit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CARD_NUMBER_FIELD_NUMBER: _builtins.int
+    POINT_OF_SALE_FIELD_NUMBER: _builtins.int
+    VISIT_TIME_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen UUID identifying this request for safe retries."""
+    card_number: _builtins.str
+    """The member's card (grammar as in EarnPointsRequest.card_number)."""
+    @_builtins.property
+    def point_of_sale(self) -> _common_pb2.PointOfSale:
+        """Where: the store visited (its company issues the points)."""
+
+    @_builtins.property
+    def visit_time(self) -> _timestamp_pb2.Timestamp:
+        """When, within the same bounds as EarnPointsRequest.purchase_time."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        card_number: _builtins.str = ...,
+        point_of_sale: _common_pb2.PointOfSale | None = ...,
+        visit_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["point_of_sale", b"point_of_sale", "visit_time", b"visit_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_number", b"card_number", "point_of_sale", b"point_of_sale", "request_id", b"request_id", "visit_time", b"visit_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckInRequest: _TypeAlias = CheckInRequest  # noqa: Y015
+
+@_typing.final
+class CheckInResponse(_message.Message):
+    """CheckInResponse is what the visit earned."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSACTION_ID_FIELD_NUMBER: _builtins.int
+    EARNED_POINTS_FIELD_NUMBER: _builtins.int
+    BREAKDOWN_FIELD_NUMBER: _builtins.int
+    BALANCE_FIELD_NUMBER: _builtins.int
+    RULE_SET_VERSION_FIELD_NUMBER: _builtins.int
+    transaction_id: _builtins.str
+    """The visit's transaction."""
+    earned_points: _builtins.int
+    """Points earned."""
+    rule_set_version: _builtins.int
+    """The rule set version used."""
+    @_builtins.property
+    def breakdown(self) -> _containers.RepeatedCompositeFieldContainer[Global___RulePoints]:
+        """What each visit rule gave ("already_checked_in" for one given already within its limit)."""
+
+    @_builtins.property
+    def balance(self) -> _common_pb2.BalanceSummary:
+        """The balance after the visit."""
+
+    def __init__(
+        self,
+        *,
+        transaction_id: _builtins.str = ...,
+        earned_points: _builtins.int = ...,
+        breakdown: _abc.Iterable[Global___RulePoints] | None = ...,
+        balance: _common_pb2.BalanceSummary | None = ...,
+        rule_set_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "breakdown", b"breakdown", "earned_points", b"earned_points", "rule_set_version", b"rule_set_version", "transaction_id", b"transaction_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckInResponse: _TypeAlias = CheckInResponse  # noqa: Y015
 
 @_typing.final
 class BasketLine(_message.Message):

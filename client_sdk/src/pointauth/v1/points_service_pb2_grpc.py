@@ -87,6 +87,11 @@ class PointsServiceStub:
                 request_serializer=pointauth_dot_v1_dot_points__service__pb2.SimulateEarnRequest.SerializeToString,
                 response_deserializer=pointauth_dot_v1_dot_points__service__pb2.SimulateEarnResponse.FromString,
                 _registered_method=True)
+        self.CheckIn = channel.unary_unary(
+                '/pointauth.v1.PointsService/CheckIn',
+                request_serializer=pointauth_dot_v1_dot_points__service__pb2.CheckInRequest.SerializeToString,
+                response_deserializer=pointauth_dot_v1_dot_points__service__pb2.CheckInResponse.FromString,
+                _registered_method=True)
 
 
 class PointsServiceServicer:
@@ -165,6 +170,16 @@ class PointsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckIn(self, request, context):
+        """CheckIn gives the points of the rule set's visit rules for a visit (行動ポイント: a store
+        visit seen by a beacon or checked in with the app), each within its limit. A visit no rule
+        gives points for is FAILED_PRECONDITION NO_VISIT_RULE; one every applying rule has given
+        already within its limit is FAILED_PRECONDITION ALREADY_CHECKED_IN.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PointsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -212,6 +227,11 @@ def add_PointsServiceServicer_to_server(servicer, server):
                     servicer.SimulateEarn,
                     request_deserializer=pointauth_dot_v1_dot_points__service__pb2.SimulateEarnRequest.FromString,
                     response_serializer=pointauth_dot_v1_dot_points__service__pb2.SimulateEarnResponse.SerializeToString,
+            ),
+            'CheckIn': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckIn,
+                    request_deserializer=pointauth_dot_v1_dot_points__service__pb2.CheckInRequest.FromString,
+                    response_serializer=pointauth_dot_v1_dot_points__service__pb2.CheckInResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -465,6 +485,33 @@ class PointsService:
             '/pointauth.v1.PointsService/SimulateEarn',
             pointauth_dot_v1_dot_points__service__pb2.SimulateEarnRequest.SerializeToString,
             pointauth_dot_v1_dot_points__service__pb2.SimulateEarnResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckIn(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pointauth.v1.PointsService/CheckIn',
+            pointauth_dot_v1_dot_points__service__pb2.CheckInRequest.SerializeToString,
+            pointauth_dot_v1_dot_points__service__pb2.CheckInResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -63,6 +63,12 @@ class PointsServiceStub:
     """SimulateEarn answers what EarnPoints would earn, changing nothing: for POS displays and
     partner testing. With a card, the member's conditions and caps count as they stand now.
     """
+    CheckIn: _grpc.UnaryUnaryMultiCallable[_points_service_pb2.CheckInRequest, _points_service_pb2.CheckInResponse]
+    """CheckIn gives the points of the rule set's visit rules for a visit (行動ポイント: a store
+    visit seen by a beacon or checked in with the app), each within its limit. A visit no rule
+    gives points for is FAILED_PRECONDITION NO_VISIT_RULE; one every applying rule has given
+    already within its limit is FAILED_PRECONDITION ALREADY_CHECKED_IN.
+    """
 
 @_typing.type_check_only
 class PointsServiceAsyncStub(PointsServiceStub):
@@ -98,6 +104,12 @@ class PointsServiceAsyncStub(PointsServiceStub):
     SimulateEarn: _aio.UnaryUnaryMultiCallable[_points_service_pb2.SimulateEarnRequest, _points_service_pb2.SimulateEarnResponse]  # type: ignore[assignment]
     """SimulateEarn answers what EarnPoints would earn, changing nothing: for POS displays and
     partner testing. With a card, the member's conditions and caps count as they stand now.
+    """
+    CheckIn: _aio.UnaryUnaryMultiCallable[_points_service_pb2.CheckInRequest, _points_service_pb2.CheckInResponse]  # type: ignore[assignment]
+    """CheckIn gives the points of the rule set's visit rules for a visit (行動ポイント: a store
+    visit seen by a beacon or checked in with the app), each within its limit. A visit no rule
+    gives points for is FAILED_PRECONDITION NO_VISIT_RULE; one every applying rule has given
+    already within its limit is FAILED_PRECONDITION ALREADY_CHECKED_IN.
     """
 
 class PointsServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -185,6 +197,18 @@ class PointsServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_points_service_pb2.SimulateEarnResponse, _abc.Awaitable[_points_service_pb2.SimulateEarnResponse]]:
         """SimulateEarn answers what EarnPoints would earn, changing nothing: for POS displays and
         partner testing. With a card, the member's conditions and caps count as they stand now.
+        """
+
+    @_abc_1.abstractmethod
+    def CheckIn(
+        self,
+        request: _points_service_pb2.CheckInRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_points_service_pb2.CheckInResponse, _abc.Awaitable[_points_service_pb2.CheckInResponse]]:
+        """CheckIn gives the points of the rule set's visit rules for a visit (行動ポイント: a store
+        visit seen by a beacon or checked in with the app), each within its limit. A visit no rule
+        gives points for is FAILED_PRECONDITION NO_VISIT_RULE; one every applying rule has given
+        already within its limit is FAILED_PRECONDITION ALREADY_CHECKED_IN.
         """
 
 def add_PointsServiceServicer_to_server(servicer: PointsServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -21,6 +21,30 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _VisitLimit:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _VisitLimitEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_VisitLimit.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    VISIT_LIMIT_UNSPECIFIED: _VisitLimit.ValueType  # 0
+    """As VISIT_LIMIT_PER_STORE_PER_DAY."""
+    VISIT_LIMIT_PER_STORE_PER_DAY: _VisitLimit.ValueType  # 1
+    """Once per store per day (in the server's earn.timezone)."""
+    VISIT_LIMIT_PER_DAY: _VisitLimit.ValueType  # 2
+    """Once per day, whatever the store."""
+
+class VisitLimit(_VisitLimit, metaclass=_VisitLimitEnumTypeWrapper):
+    """VisitLimit says how often a visit rule gives points to a member."""
+
+VISIT_LIMIT_UNSPECIFIED: VisitLimit.ValueType  # 0
+"""As VISIT_LIMIT_PER_STORE_PER_DAY."""
+VISIT_LIMIT_PER_STORE_PER_DAY: VisitLimit.ValueType  # 1
+"""Once per store per day (in the server's earn.timezone)."""
+VISIT_LIMIT_PER_DAY: VisitLimit.ValueType  # 2
+"""Once per day, whatever the store."""
+Global___VisitLimit: _TypeAlias = VisitLimit  # noqa: Y015
+
 class _RankDowngrade:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -56,6 +80,7 @@ class RuleSet(_message.Message):
     BASE_RATES_FIELD_NUMBER: _builtins.int
     CAMPAIGNS_FIELD_NUMBER: _builtins.int
     RANKS_FIELD_NUMBER: _builtins.int
+    VISITS_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """Output only: its version."""
     @_builtins.property
@@ -78,6 +103,10 @@ class RuleSet(_message.Message):
     def ranks(self) -> Global___RankProgram:
         """Member ranks (会員ランク), group-wide; unset: none."""
 
+    @_builtins.property
+    def visits(self) -> _containers.RepeatedCompositeFieldContainer[Global___VisitRule]:
+        """Points for visits (行動ポイント), given by CheckIn. At most 50."""
+
     def __init__(
         self,
         *,
@@ -86,14 +115,66 @@ class RuleSet(_message.Message):
         base_rates: _abc.Iterable[Global___BaseRate] | None = ...,
         campaigns: _abc.Iterable[Global___Campaign] | None = ...,
         ranks: Global___RankProgram | None = ...,
+        visits: _abc.Iterable[Global___VisitRule] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["publish_time", b"publish_time", "ranks", b"ranks"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_rates", b"base_rates", "campaigns", b"campaigns", "publish_time", b"publish_time", "ranks", b"ranks", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_rates", b"base_rates", "campaigns", b"campaigns", "publish_time", b"publish_time", "ranks", b"ranks", "version", b"version", "visits", b"visits"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RuleSet: _TypeAlias = RuleSet  # noqa: Y015
+
+@_typing.final
+class VisitRule(_message.Message):
+    """VisitRule gives points for a visit (a beacon or an app check-in), within a limit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RULE_ID_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    POINTS_FIELD_NUMBER: _builtins.int
+    CONDITIONS_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    LOT_KIND_FIELD_NUMBER: _builtins.int
+    EXPIRE_DAYS_FIELD_NUMBER: _builtins.int
+    rule_id: _builtins.str
+    """Its id (grammar of ids), unique among the rule set's campaigns and visit rules."""
+    display_name: _builtins.str
+    """Its name, printed on receipts: 1 to 100 characters."""
+    points: _builtins.int
+    """Points per visit (1 to 10^6)."""
+    limit: Global___VisitLimit.ValueType
+    """How often a member gets it."""
+    lot_kind: _common_pb2.LotKind.ValueType
+    """The kind of lot its points go into (unset: regular)."""
+    expire_days: _builtins.int
+    """Its points expire this many days after the visit (1 to 3,650); 0: the base expiry."""
+    @_builtins.property
+    def conditions(self) -> Global___CampaignConditions:
+        """Where and when it applies: of the campaign conditions, those on dates, companies, stores,
+        regions, channels, weekdays, days of the month, the time window, the birthday month and
+        ranks (basket and amount conditions are refused).
+        """
+
+    def __init__(
+        self,
+        *,
+        rule_id: _builtins.str = ...,
+        display_name: _builtins.str = ...,
+        points: _builtins.int = ...,
+        conditions: Global___CampaignConditions | None = ...,
+        limit: Global___VisitLimit.ValueType = ...,
+        lot_kind: _common_pb2.LotKind.ValueType = ...,
+        expire_days: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["conditions", b"conditions"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conditions", b"conditions", "display_name", b"display_name", "expire_days", b"expire_days", "limit", b"limit", "lot_kind", b"lot_kind", "points", b"points", "rule_id", b"rule_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VisitRule: _TypeAlias = VisitRule  # noqa: Y015
 
 @_typing.final
 class RankProgram(_message.Message):

@@ -30,6 +30,7 @@ _TRANSACTION_TYPES = {
     "CAPTURE": pb.TRANSACTION_TYPE_CAPTURE,
     "REDEMPTION": pb.TRANSACTION_TYPE_REDEMPTION,
     "REFUND": pb.TRANSACTION_TYPE_REFUND,
+    "VISIT": pb.TRANSACTION_TYPE_VISIT,
 }
 _HOLD_STATES = {
     "HELD": pb.HOLD_STATE_HELD,
@@ -81,6 +82,31 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
             rule_set_version=earned.rules_version,
             rank_id=result.rank,
             rank_upgraded=result.up,
+        )
+
+    async def CheckIn(self, request: pb.CheckInRequest, context: Context) -> pb.CheckInResponse:
+        v = Violations()
+        request_id = v.request_id(request.request_id)
+        card = v.card_number("card_number", request.card_number)
+        pos = v.point_of_sale(request.point_of_sale if request.HasField("point_of_sale") else None)
+        visit_ms = 0
+        if not request.HasField("visit_time"):
+            v.add("visit_time", "is required")
+        else:
+            latest_ms = self.points.clock.now_ms() + self.points.policy.purchase_time_skew_ms
+            visit_ms = v.timestamp("visit_time", request.visit_time, not_after_ms=latest_ms)
+        v.raise_if_any()
+        assert pos is not None
+        earned = await self.points.check_in(
+            card, visit_ms=visit_ms, pos=pos, request_id=request_id, fingerprint=fingerprint("CheckIn", request)
+        )
+        result = earned.result
+        return pb.CheckInResponse(
+            transaction_id=transaction_id(earned.account_id, result.tx),
+            earned_points=result.pts,
+            breakdown=convert.breakdown(result.lines, result.lots),
+            balance=convert.balance(result),
+            rule_set_version=earned.rules_version,
         )
 
     async def SimulateEarn(self, request: pb.SimulateEarnRequest, context: Context) -> pb.SimulateEarnResponse:
@@ -239,7 +265,7 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
             balance_after=common_pb2.BalanceSummary(available_points=record.available, held_points=record.held),
             breakdown=convert.breakdown(record.lines, record.lots),
         )
-        if record.type in ("EARN", "GRANT"):
+        if record.type in ("EARN", "GRANT", "VISIT"):
             receipt.earned_points = record.pts
             receipt.refunded_points = record.refunded
         elif record.type == "REFUND":

@@ -18,6 +18,7 @@ from pointauth.server.domain.earning import (
     RankTier,
     Rate,
     RuleSet,
+    VisitRule,
 )
 from pointauth.server.services.rules import RulesService
 from pointauth.v1 import common_pb2, rules_service_pb2_grpc
@@ -32,6 +33,7 @@ MAX_PER_AMOUNT = 10**9
 MAX_NAME = 100
 MAX_EXPIRE_DAYS = 3650
 MAX_RANKS = 20
+MAX_VISIT_RULES = 50
 _KINDS = {common_pb2.LOT_KIND_UNSPECIFIED: "R", common_pb2.LOT_KIND_REGULAR: "R", common_pb2.LOT_KIND_LIMITED_TIME: "L"}
 _KIND_OUT = {"R": common_pb2.LOT_KIND_REGULAR, "L": common_pb2.LOT_KIND_LIMITED_TIME}
 
@@ -159,11 +161,48 @@ def rule_set_from(v: Violations, message: pb.RuleSet) -> RuleSet:
             )
         )
     ranks = _ranks(v, message.ranks) if message.HasField("ranks") else None
+    visits = _visits(v, message.visits, seen)
     known = {tier.rank_id for tier in ranks.tiers} if ranks is not None else set()
     for i, made in enumerate(campaigns):
         if not made.conditions.rank_ids <= known:
             v.add(f"rule_set.campaigns[{i}].conditions.rank_ids", "must be ranks of rule_set.ranks")
-    return RuleSet(version=0, base_rates=tuple(rates), campaigns=tuple(campaigns), ranks=ranks)
+    for i, visit in enumerate(visits):
+        if not visit.conditions.rank_ids <= known:
+            v.add(f"rule_set.visits[{i}].conditions.rank_ids", "must be ranks of rule_set.ranks")
+    return RuleSet(version=0, base_rates=tuple(rates), campaigns=tuple(campaigns), ranks=ranks, visits=visits)
+
+
+def _visits(v: Violations, messages: Any, seen: set[str]) -> tuple[VisitRule, ...]:
+    if len(messages) > MAX_VISIT_RULES:
+        v.add("rule_set.visits", f"at most {MAX_VISIT_RULES}")
+    rules: list[VisitRule] = []
+    for i, r in enumerate(messages):
+        f = f"rule_set.visits[{i}]"
+        v.identifier(f"{f}.rule_id", r.rule_id)
+        if r.rule_id in seen or r.rule_id == "base":
+            v.add(f"{f}.rule_id", "must be unique among campaigns and visit rules, and not 'base'")
+        seen.add(r.rule_id)
+        if not 1 <= len(r.display_name) <= MAX_NAME:
+            v.add(f"{f}.display_name", f"must be 1 to {MAX_NAME} characters")
+        if not 1 <= r.points <= MAX_RATE_POINTS:
+            v.add(f"{f}.points", f"must be 1 to {MAX_RATE_POINTS}")
+        if not 0 <= r.expire_days <= MAX_EXPIRE_DAYS:
+            v.add(f"{f}.expire_days", f"must be 0 to {MAX_EXPIRE_DAYS}")
+        c = r.conditions
+        if c.skus or c.categories or c.min_amount or c.first_purchase:
+            v.add(f"{f}.conditions", "a visit has no basket, amount or first purchase")
+        rules.append(
+            VisitRule(
+                rule_id=r.rule_id,
+                name=r.display_name,
+                points=r.points,
+                conditions=_conditions(v, f"{f}.conditions", c),
+                limit="day" if r.limit == pb.VISIT_LIMIT_PER_DAY else "store_day",
+                lot_kind="L" if _KINDS.get(r.lot_kind) == "L" else "R",
+                expire_days=r.expire_days,
+            )
+        )
+    return tuple(rules)
 
 
 def _ranks(v: Violations, message: pb.RankProgram) -> RankProgram:
@@ -197,10 +236,19 @@ def rule_set_message(rule_set: RuleSet) -> pb.RuleSet:
         )
         for tier in program.tiers:
             message.ranks.tiers.add(rank_id=tier.rank_id, display_name=tier.name, min_spend=tier.min_spend)
+    for visit in rule_set.visits:
+        out_visit = message.visits.add(
+            rule_id=visit.rule_id,
+            display_name=visit.name,
+            points=visit.points,
+            limit=pb.VISIT_LIMIT_PER_DAY if visit.limit == "day" else pb.VISIT_LIMIT_PER_STORE_PER_DAY,
+            lot_kind=_KIND_OUT[visit.lot_kind],
+            expire_days=visit.expire_days,
+        )
+        _conditions_message(out_visit.conditions, visit.conditions)
     for company, store, rate in rule_set.base_rates:
         message.base_rates.add(company_id=company, store_id=store, points=rate.points, per_amount=rate.per_amount)
     for c in rule_set.campaigns:
-        cond = c.conditions
         out = message.campaigns.add(
             campaign_id=c.campaign_id,
             display_name=c.name,
@@ -211,22 +259,7 @@ def rule_set_message(rule_set: RuleSet) -> pb.RuleSet:
             max_points_per_member=c.max_per_member,
             budget_points=c.budget,
         )
-        oc = out.conditions
-        if cond.start_ms is not None:
-            oc.start_time.CopyFrom(convert.timestamp(cond.start_ms))
-        if cond.end_ms is not None:
-            oc.end_time.CopyFrom(convert.timestamp(cond.end_ms))
-        oc.company_ids.extend(sorted(cond.company_ids))
-        oc.store_ids.extend(sorted(cond.store_ids))
-        oc.region_ids.extend(sorted(cond.region_ids))
-        oc.channels.extend(sorted(common_pb2.Channel.ValueType(ch) for ch in cond.channels))
-        oc.weekdays.extend(sorted(cond.weekdays))
-        oc.month_days.extend(sorted(cond.month_days))
-        oc.start_minute, oc.end_minute, oc.min_amount = cond.start_minute, cond.end_minute, cond.min_amount
-        oc.skus.extend(sorted(cond.skus))
-        oc.categories.extend(sorted(cond.categories))
-        oc.birthday_month, oc.first_purchase = cond.birthday_month, cond.first_purchase
-        oc.rank_ids.extend(sorted(cond.rank_ids))
+        _conditions_message(out.conditions, c.conditions)
         e = c.effect
         if e.kind == "multiply":
             out.effect.multiply_basis_points = e.basis_points
@@ -235,6 +268,24 @@ def rule_set_message(rule_set: RuleSet) -> pb.RuleSet:
         else:
             out.effect.add_per_amount.points, out.effect.add_per_amount.per_amount = e.points, e.per_amount
     return message
+
+
+def _conditions_message(oc: pb.CampaignConditions, cond: Conditions) -> None:
+    if cond.start_ms is not None:
+        oc.start_time.CopyFrom(convert.timestamp(cond.start_ms))
+    if cond.end_ms is not None:
+        oc.end_time.CopyFrom(convert.timestamp(cond.end_ms))
+    oc.company_ids.extend(sorted(cond.company_ids))
+    oc.store_ids.extend(sorted(cond.store_ids))
+    oc.region_ids.extend(sorted(cond.region_ids))
+    oc.channels.extend(sorted(common_pb2.Channel.ValueType(ch) for ch in cond.channels))
+    oc.weekdays.extend(sorted(cond.weekdays))
+    oc.month_days.extend(sorted(cond.month_days))
+    oc.start_minute, oc.end_minute, oc.min_amount = cond.start_minute, cond.end_minute, cond.min_amount
+    oc.skus.extend(sorted(cond.skus))
+    oc.categories.extend(sorted(cond.categories))
+    oc.birthday_month, oc.first_purchase = cond.birthday_month, cond.first_purchase
+    oc.rank_ids.extend(sorted(cond.rank_ids))
 
 
 class RulesServicer(rules_service_pb2_grpc.RulesServiceServicer):

@@ -122,6 +122,22 @@ class RankProgram:
         return (year * 12 + month - 1) // self.period_months
 
 
+VisitLimit = Literal["store_day", "day"]
+
+
+@dataclass(frozen=True)
+class VisitRule:
+    """Points for a visit (CheckIn), once per store per day or once per day."""
+
+    rule_id: str
+    name: str
+    points: int
+    conditions: Conditions
+    limit: VisitLimit = "store_day"
+    lot_kind: LotKindCode = "R"
+    expire_days: int = 0
+
+
 @dataclass(frozen=True)
 class RuleSet:
     version: int
@@ -130,6 +146,7 @@ class RuleSet:
     """(company, store, rate); store "" is the company's rate."""
     campaigns: tuple[Campaign, ...] = ()
     ranks: RankProgram | None = None
+    visits: tuple[VisitRule, ...] = ()
 
     @cached_property
     def rates(self) -> dict[tuple[str, str], Rate]:
@@ -155,3 +172,5 @@ class EarnLine:
     """The campaign's budget, if it has one (0: none)."""
     ranks: frozenset[str] = frozenset()
     """Only if the member's rank (after this purchase's spend) is one of these (empty: any)."""
+    limit_key: str = ""
+    """A visit rule's: once per day per this key ("<rule>:<store>" or "<rule>:*")."""

@@ -378,6 +378,8 @@ class Ledger:
             args["counts"] = move.counts
         if move.earned:
             args["earned"] = True
+        if move.visits:
+            args["visits"] = move.visits
         on = move.target
         for _ in range(MAX_MERGE_HOPS + 1):
             try:
@@ -479,11 +481,12 @@ class Ledger:
         rules_version: int = 0,
         ranks: RankArgs | None = None,
         qualifying_amount: int = 0,
+        visit_day: int | None = None,
     ) -> OpResult:
         """An earn (or a grant) of `points` into one lot; or, under the rules, of each of `lines`
         into its own lot, with the member's guards and caps decided by the script."""
         args: dict[str, Any] = {
-            "type": "GRANT" if grant else "EARN",
+            "type": "GRANT" if grant else "VISIT" if visit_day is not None else "EARN",
             "pts": points,
             "exp": expire_ms,
             "kind": kind,
@@ -498,6 +501,8 @@ class Ledger:
         if ranks is not None:
             args["ranks"] = ranks.arg()
             args["qual"] = qualifying_amount
+        if visit_day is not None:
+            args["day"] = visit_day
         return await self._call("earn", account_id, _via(args, card), request_id, fingerprint)
 
     async def authorize(
@@ -691,6 +696,8 @@ def _line_arg(line: EarnLine) -> dict[str, Any]:
         arg["cap"] = line.member_cap
     if line.ranks:
         arg["rk"] = sorted(line.ranks)
+    if line.limit_key:
+        arg["lim"] = line.limit_key
     return arg
 
 

@@ -667,7 +667,7 @@ function OPS.merge_out()
       add_pts(l, -l.pts)
     end
   end
-  local cards, card_list, foreign, counts = {}, {}, {}, {}
+  local cards, card_list, foreign, counts, visited = {}, {}, {}, {}, {}
   local fields = redis.call('HGETALL', K_ACCOUNT)
   for i = 1, #fields, 2 do
     local f, prefix = fields[i], string.sub(fields[i], 1, 2)
@@ -680,6 +680,8 @@ function OPS.merge_out()
       A.fields[f] = ''
     elseif prefix == 'k:' then
       counts[string.sub(f, 3)] = fields[i + 1]
+    elseif prefix == 'v:' then
+      visited[string.sub(f, 3)] = fields[i + 1]
     end
   end
   table.sort(card_list)
@@ -688,6 +690,7 @@ function OPS.merge_out()
   if next(foreign) then move.foreign = foreign end
   -- The member is one: what the rules counted for the source counts for the target.
   if next(counts) then move.counts = counts end
+  if next(visited) then move.visits = visited end
   move.earned = redis.call('HEXISTS', K_ACCOUNT, 'fe') == 1
   redis.call('HSET', K_TX, 'm', cmsgpack.pack(move))
   redis.call('ZADD', K_MERGES, fmt(NOW), ACCOUNT)
@@ -725,12 +728,22 @@ function OPS.merge_in()
     counts[rule] = tonumber(redis.call('HGET', K_ACCOUNT, 'k:' .. rule) or '0') + tonumber(n)
     A.fields['k:' .. rule] = fmt(counts[rule])
   end
+  -- A visit rule's limit holds for the member: the later of the two days.
+  local visits
+  for key, day in pairs(ARGS.visits or {}) do
+    local here = redis.call('HGET', K_ACCOUNT, 'v:' .. key)
+    if not here or tonumber(here) < tonumber(day) then
+      A.fields['v:' .. key] = day
+      visits = visits or {}
+      visits[key] = tonumber(day)
+    end
+  end
   if ARGS.earned and redis.call('HEXISTS', K_ACCOUNT, 'fe') == 0 then
     A.fields.fe, first = fmt(NOW), true
   end
   A.fields['mh:' .. ARGS.merge] = ARGS.source .. '|' .. fmt(NOW)
   emit(event_base('MERGED_IN', {pts = total, lots = lots, source = ARGS.source, merge = ARGS.merge,
-    counts = counts, first = first, cards = card_list, links = next(links) and links or nil}))
+    counts = counts, first = first, visits = visits, cards = card_list, links = next(links) and links or nil}))
   return finish({pts = total, lots = lots})
 end
 
@@ -835,6 +848,10 @@ function OPS.earn()
       if tonumber(string.sub(birthday, 1, 2)) ~= l.bm then p, notes[i] = 0, 'not_birthday_month' end
     end
     if l.fp and not first then p, notes[i] = 0, 'not_first_purchase' end
+    -- A visit rule's limit: the day (ARGS.day) it last gave points for its key (v:<key>).
+    if l.lim and p > 0 and redis.call('HGET', K_ACCOUNT, 'v:' .. l.lim) == fmt(ARGS.day) then
+      p, notes[i] = 0, 'already_checked_in'
+    end
     if p > 0 and l.cap and l.cap > 0 then
       used[i] = tonumber(redis.call('HGET', K_ACCOUNT, 'k:' .. l.r) or '0')
       if p > l.cap - used[i] then p, notes[i] = math.max(l.cap - used[i], 0), 'member_cap' end
@@ -845,9 +862,20 @@ function OPS.earn()
     granted[i] = p
     total = total + p
   end
+  if ARGS.type == 'VISIT' and total == 0 then
+    local given = {}
+    for i, l in ipairs(lines) do
+      if notes[i] == 'already_checked_in' then given[#given + 1] = l.r end
+    end
+    if #given > 0 then
+      return refuse('FAILED_PRECONDITION', 'ALREADY_CHECKED_IN', 'this visit has given its points already',
+        {rule_ids = table.concat(given, ',')})
+    end
+    return refuse('FAILED_PRECONDITION', 'NO_VISIT_RULE', 'no visit rule gives this member points for this visit')
+  end
   if over_cap(total) then return balance_limit() end
   local iss = ARGS.pos[1]
-  local lots, out, counts = {}, {}, nil
+  local lots, out, counts, visits = {}, {}, nil, nil
   for i, l in ipairs(lines) do
     local lot_id = 0
     if granted[i] > 0 then
@@ -855,6 +883,11 @@ function OPS.earn()
       add_pts(lot, granted[i])
       lots[#lots + 1] = {lot.id, granted[i], l.e, l.k, iss}
       lot_id = lot.id
+      if l.lim then
+        visits = visits or {}
+        visits[l.lim] = ARGS.day
+        A.fields['v:' .. l.lim] = fmt(ARGS.day)
+      end
       if used[i] then
         counts = counts or {}
         counts[l.r] = used[i] + granted[i]
@@ -869,7 +902,7 @@ function OPS.earn()
   -- [from, to] when the earn's spend reached a higher rank; `spend`: the period's spend after it.
   local ev = event_base(ARGS.type, {pts = total, lots = lots, amount = ARGS.amount, ptime = ARGS.ptime,
     lines = ARGS.lines and out or nil, rules = ARGS.rules, counts = counts, first = first or nil,
-    rank = upgraded, spend = rank and rank.spend or nil})
+    rank = upgraded, spend = rank and rank.spend or nil, visits = visits})
   local seq = emit(ev)
   -- The record keeps the qualifying amount and its period, for a refund to lower the spend.
   tx_put(seq, new_tx(ARGS.type, ev, rank and {qual = ARGS.qual, rp = rank.period} or {}))

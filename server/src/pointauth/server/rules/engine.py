@@ -131,6 +131,28 @@ def evaluate(rules: RuleSet, purchase: Purchase, default_rate: Rate, base_expire
     return lines
 
 
+def visit_lines(rules: RuleSet, visit: Purchase, base_expire_ms: int) -> list[EarnLine]:
+    """The lines a visit earns: each visit rule whose conditions hold, with its limit's key."""
+    lines = []
+    for rule in sorted(rules.visits, key=lambda r: r.rule_id):
+        if not holds(rule.conditions, visit):
+            continue
+        expire_ms = visit.time_ms + rule.expire_days * DAY_MS if rule.expire_days else base_expire_ms
+        key = f"{rule.rule_id}:{visit.store_id if rule.limit == 'store_day' else '*'}"
+        lines.append(
+            EarnLine(
+                rule.rule_id,
+                rule.points,
+                rule.lot_kind,
+                expire_ms,
+                birthday_month=visit.month if rule.conditions.birthday_month else 0,
+                ranks=rule.conditions.rank_ids,
+                limit_key=key,
+            )
+        )
+    return lines
+
+
 def supported_rank(program: RankProgram, spend: int) -> int:
     """The index of the highest tier the spend reaches (0: the lowest)."""
     return max(i for i, tier in enumerate(program.tiers) if spend >= tier.min_spend or i == 0)

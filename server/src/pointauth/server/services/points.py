@@ -21,9 +21,9 @@ from pointauth.server.ledger import (
 )
 from pointauth.server.ledger.codec import EarnLineEntry
 from pointauth.server.rules.earn_policy import EarnPolicy
-from pointauth.server.rules.engine import earning_amount, rank_after
+from pointauth.server.rules.engine import earning_amount, rank_after, visit_lines
 from pointauth.server.services.directory import DirectoryService
-from pointauth.server.services.refusals import not_found, renamed_not_found
+from pointauth.server.services.refusals import failed_precondition, not_found, renamed_not_found
 from pointauth.server.services.rules import RulesService, with_points
 
 
@@ -171,6 +171,43 @@ class PointsService:
         for rule, taken in reserved.items():
             await self.ledger.settle_budget(rule, earn_id, taken, granted.get(rule, 0))
         return Earned(account, result, rules_version, short)
+
+    async def check_in(
+        self, card_number: str, *, visit_ms: int, pos: PointOfSaleRef, request_id: str, fingerprint: str
+    ) -> Earned:
+        """A visit's points: each visit rule that applies, once per its limit (a day, in the
+        program's time zone), decided by the account's script."""
+        self.check_point_of_sale(pos)
+        rule_set = self.rules.current if self.rules is not None else RuleSet(version=0)
+        lines: list[EarnLine] = []
+        if self.rules is not None:
+            lines = visit_lines(rule_set, self.rules.purchase(pos, 0, (), visit_ms), self.policy.expire_ms(visit_ms))
+        if not lines:
+            raise failed_precondition(
+                ErrorReason.NO_VISIT_RULE, "no visit rule of the current rule set gives points for this visit"
+            )
+        assert self.rules is not None
+        ranks = self.rules.rank_args(rule_set)
+        day = self.policy.local_time(visit_ms).date().toordinal()
+        account, result = await self.ledger.on_card(
+            card_number,
+            lambda account: self.ledger.earn(
+                account,
+                points=0,
+                expire_ms=0,
+                kind="R",
+                pos=pos,
+                request_id=request_id,
+                fingerprint=fingerprint,
+                purchase_ms=visit_ms,
+                card=card_number,
+                lines=lines,
+                rules_version=rule_set.version,
+                ranks=ranks,
+                visit_day=day,
+            ),
+        )
+        return Earned(account, result, rule_set.version)
 
     async def simulate(
         self,

@@ -12,6 +12,10 @@ def not_found(reason: Reason, message: str) -> LedgerRefusal:
     return LedgerRefusal(OpResult(code="NOT_FOUND", reason=reasons.name(reason), message=message))
 
 
+def failed_precondition(reason: Reason, message: str) -> LedgerRefusal:
+    return LedgerRefusal(OpResult(code="FAILED_PRECONDITION", reason=reasons.name(reason), message=message))
+
+
 def renamed_not_found(refusal: LedgerRefusal, reason: Reason, message: str) -> LedgerRefusal:
     """An id naming an account that does not exist is an unknown hold or transaction to the caller."""
     if refusal.result.reason != reasons.name(ErrorReason.ACCOUNT_NOT_FOUND):
