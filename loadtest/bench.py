@@ -6,6 +6,8 @@ and the echo plus one Redis script call per RPC (the ceiling of any design that 
 once). Then, from a pool of client processes:
 
 - closed loops at `--concurrency` of every scenario: throughput, and its ratio to both references;
+  `earn_rules` (EarnPoints with a basket under a published rule set, loadtest/earn_rules.py) runs
+  after every other step, so that they all run as before any rule set (the flat `earn` above all);
 - AuthorizeHold at fixed rates (`--rates`): latency measured from when each call was due, not
   when it was sent (no coordinated omission), with how busy the machine was meanwhile.
 
@@ -38,15 +40,18 @@ from typing import Any
 import redis
 from hdrh.histogram import HdrHistogram
 
+from loadtest import earn_rules
 from loadtest.driver import POS, Step, StepResult, new_histogram
 from loadtest.lag import LagSampler, wait_until_drained
 from loadtest.population import CARD_FORMAT, Population
 from loadtest.procs import ClientPool, CpuMeter, Service, named
+from pointauth.client import NotFoundError, PointsClient
 from pointauth.server.devstack.stack import EmbeddedStack, free_port
 from pointauth.server.ledger import Keyspace, codec
 from pointauth.server.ops.progress import ProgressBar
 from pointauth.server.ops.seed_group import SeedGroup, load_group
 from pointauth.v1 import points_service_pb2 as pb
+from pointauth.v1 import rules_service_pb2
 
 LABELS = {
     "echo": "echo (bare grpc.aio)",
@@ -54,11 +59,25 @@ LABELS = {
     "authorize": "AuthorizeHold",
     "authorize_capture": "Authorize+Capture",
     "earn": "EarnPoints",
+    "earn_rules": "EarnPoints (rules)",
     "balance": "GetBalance",
 }
 # RPCs per unit operation: the ratios to the references compare calls with calls.
-RPCS_PER_OP = {"echo": 1, "echo_redis": 1, "authorize": 1, "authorize_capture": 2, "earn": 1, "balance": 1}
+RPCS_PER_OP = {
+    "echo": 1,
+    "echo_redis": 1,
+    "authorize": 1,
+    "authorize_capture": 2,
+    "earn": 1,
+    "earn_rules": 1,
+    "balance": 1,
+}
 REFERENCES = ("echo", "echo_redis")
+UNDER_RULES = ("earn_rules",)
+"""Scenarios that need the bench's rule set: they run after every other step, which all run as
+before any rule set (a rule set cannot be withdrawn, and the flat `earn` measures the flat rate)."""
+RULES_REFRESH_S = 1.0
+"""How often the server processes look for a new rule set (rules.refresh_seconds)."""
 
 
 @dataclass
@@ -198,7 +217,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=3, help="runs of each step; the table shows median and spread")
     p.add_argument("--duration", type=float, default=8.0, help="measured seconds per step")
     p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each step")
-    p.add_argument("--scenarios", default="authorize,authorize_capture,earn,balance")
+    p.add_argument("--scenarios", default="authorize,authorize_capture,earn,earn_rules,balance")
     p.add_argument("--quick", action="store_true", help="8 loops, one rate (50/s), one 2 s run per step: ~40 s")
     p.add_argument("--hot-traffic", type=float, default=0.0, help="share of calls on the hot 20%% (0: uniform)")
     p.add_argument("--shards", type=int, default=1024, help="ledger shards (must match the seeded data)")
@@ -302,6 +321,37 @@ def check_population(client: redis.Redis, keyspace: Keyspace, population: Popula
         raise SystemExit(f"the group directory lacks the load's point of sale {POS.store_id}/{POS.terminal_id}: seed")
 
 
+def current_rule_set(target: str) -> int:
+    """The version of the rule set the server earns under (0: none published)."""
+
+    async def ask() -> int:
+        async with PointsClient(target) as client:
+            try:
+                return (await client.get_rule_set()).version
+            except NotFoundError:
+                return 0
+
+    return asyncio.run(ask())
+
+
+def publish_rules(target: str, group: SeedGroup) -> dict[str, Any]:
+    """Publishes earn_rules' rule set, then waits until every server process has taken it in
+    (each looks every RULES_REFRESH_S; the driver counts an earn_rules answer without it as an
+    error); returns what was published."""
+
+    async def publish() -> rules_service_pb2.RuleSet:
+        async with PointsClient(target) as client:
+            return await client.publish_rule_set(earn_rules.rule_set(group, int(time.time())))
+
+    published = asyncio.run(publish())
+    time.sleep(2 * RULES_REFRESH_S)
+    return {
+        "rule_set_version": published.version,
+        "base_rates": len(published.base_rates),
+        "campaigns": len(published.campaigns),
+    }
+
+
 def worker_command(args: argparse.Namespace) -> list[str] | None:
     if args.worker_cmd:
         command: str = args.worker_cmd
@@ -354,6 +404,7 @@ def run(args: argparse.Namespace, out: contextlib.ExitStack) -> dict[str, Any]:
         "POINTAUTH__POSTGRES__DSN": postgres_dsn,
         "POINTAUTH__LEDGER__SHARDS": str(args.shards),
         "POINTAUTH__SERVER__GRACE_SECONDS": "1",
+        "POINTAUTH__RULES__REFRESH_SECONDS": str(RULES_REFRESH_S),
     }
     python = sys.executable
     workers = str(args.workers)
@@ -383,6 +434,14 @@ def run(args: argparse.Namespace, out: contextlib.ExitStack) -> dict[str, Any]:
     if command:
         services["worker"] = out.enter_context(
             Service("write-behind worker", command, None, env, log_dir / "worker.log")
+        )
+    flat = [s for s in scenarios if s not in UNDER_RULES]
+    ruled = [s for s in scenarios if s in UNDER_RULES]
+    # AuthorizeHold, CaptureHold and GetBalance are the same under rules; EarnPoints is not.
+    if "earn" in flat and (version := current_rule_set(services["server"].target)):
+        raise SystemExit(
+            f"a rule set (version {version}) is published already: the flat earn would run under it. "
+            "Use a store without one (seed afresh), or leave earn out of --scenarios"
         )
     pool = out.enter_context(ClientPool(args.clients))
     lag = LagSampler(redis_url, keyspace)
@@ -425,21 +484,33 @@ def run(args: argparse.Namespace, out: contextlib.ExitStack) -> dict[str, Any]:
         print(progress_line(len(rows), steps_planned, row), file=sys.stderr, flush=True)
         return row
 
+    rules: dict[str, Any] = {}
     lag.start()
     for _ in range(plan.repeat):
-        for scenario in (*REFERENCES, *scenarios):
+        for scenario in (*REFERENCES, *flat):
             step(scenario, plan.concurrency)
         # Far more loops than a rate needs, so a slow answer delays only its own loop and the
         # arrival rate holds (open-loop like); each call's latency counts from when it was due.
         for rate in plan.rates:
             wait_until_drained(redis_url, keyspace)
             step("authorize", max(64, plan.concurrency), rate=rate)
+    if ruled:
+        # Last: once published, a rule set applies to every earn that follows.
+        rules = publish_rules(services["server"].target, SeedGroup())
+        for _ in range(plan.repeat):
+            for scenario in ruled:
+                step(scenario, plan.concurrency)
     lag.stop()
 
     groups_of_rows: dict[tuple[str, int, str], list[Row]] = {}
     for row in rows:
         groups_of_rows.setdefault((row.scenario, row.concurrency, row.mode), []).append(row)
-    summaries = [summarize(group) for group in groups_of_rows.values()]
+    # The table in the scenarios' order (earn_rules beside earn, though it ran last), paced steps after.
+    order = [*REFERENCES, *scenarios]
+    summaries = sorted(
+        (summarize(group) for group in groups_of_rows.values()),
+        key=lambda s: (1, 0) if s.mode != "closed" else (0, order.index(s.scenario)),
+    )
     ceilings = {
         ref: next(s.rpcs_per_s for s in summaries if s.scenario == ref and s.mode == "closed") for ref in REFERENCES
     }
@@ -479,6 +550,7 @@ def run(args: argparse.Namespace, out: contextlib.ExitStack) -> dict[str, Any]:
         "rows": [asdict(row) for row in rows],
         "redis_memory": memory,
         "write_behind_lag": lag_figures,
+        "earn_rules": rules,
     }
 
 
@@ -548,6 +620,13 @@ def report(result: dict[str, Any]) -> str:
     lines.append(
         f"references: bare echo {ceilings['echo']:,.0f} rpc/s, echo + 1 Redis call {ceilings['echo_redis']:,.0f} rpc/s"
     )
+    rules = result.get("earn_rules") or {}
+    if rules:
+        lines.append(
+            f"EarnPoints (rules): a 5-line basket under rule set version {rules['rule_set_version']} "
+            f"({rules['base_rates']} base rates, {rules['campaigns']} campaigns), measured after every other "
+            "step; those ran without a rule set (EarnPoints: the flat rate)"
+        )
     memory = result["redis_memory"]
     if "bytes_per_account" in memory:
         lines.append(

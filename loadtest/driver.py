@@ -19,12 +19,13 @@ import uvloop
 from google.protobuf.timestamp_pb2 import Timestamp
 from hdrh.histogram import HdrHistogram
 
+from loadtest import earn_rules
 from loadtest.population import Population
 from pointauth.server.ops.seed_group import SeedGroup
 from pointauth.v1 import common_pb2, points_service_pb2_grpc
 from pointauth.v1 import points_service_pb2 as pb
 
-SCENARIOS = ("echo", "echo_redis", "authorize", "authorize_capture", "earn", "balance")
+SCENARIOS = ("echo", "echo_redis", "authorize", "authorize_capture", "earn", "earn_rules", "balance")
 ECHO_METHOD = "/pointauth.bench.v1.EchoService/Echo"
 # Microseconds, 1 µs to 60 s at 3 significant figures: sub-millisecond resolution, as the
 # conventions ask, at about 40 KiB per histogram.
@@ -77,6 +78,10 @@ def _reason(error: grpc.aio.AioRpcError) -> str:
     return error_from_rpc(error.code(), error.details() or "", error.trailing_metadata()).reason
 
 
+class WrongAnswer(Exception):
+    """An answer that came back but is not what the scenario measures: an error, not a result."""
+
+
 # An operation gets its loop's index and the instant it was due (perf_counter seconds); it
 # returns its calls' latencies in seconds, the first call's counted from that due instant.
 Op = Callable[[int, float], Awaitable[dict[str, float]]]
@@ -100,6 +105,7 @@ class _Scenarios:
             "authorize": self.authorize,
             "authorize_capture": self.authorize_capture,
             "earn": self.earn,
+            "earn_rules": self.earn_rules,
             "balance": self.balance,
         }
         return ops[self.step.scenario]
@@ -137,7 +143,27 @@ class _Scenarios:
             purchase_amount=100 * self.rng.randint(1, 50),
             purchase_time=Timestamp(seconds=int(time.time())),
         )
-        await self.stubs[loop % len(self.stubs)].EarnPoints(request)
+        answer = await self.stubs[loop % len(self.stubs)].EarnPoints(request)
+        if answer.rule_set_version:  # the flat rate is what this scenario measures
+            raise WrongAnswer(
+                f"EarnPoints answered under rule set version {answer.rule_set_version}, not the flat rate"
+            )
+        return {}
+
+    async def earn_rules(self, loop: int, due: float) -> dict[str, float]:
+        """EarnPoints with a 5-line basket, under the rule set the bench published."""
+        basket = earn_rules.basket(self.rng)
+        request = pb.EarnPointsRequest(
+            request_id=str(uuid.uuid4()),
+            card_number=self._card(),
+            point_of_sale=POS,
+            purchase_amount=sum(line.amount for line in basket),
+            purchase_time=Timestamp(seconds=int(time.time())),
+            basket=basket,
+        )
+        wrong = earn_rules.check(await self.stubs[loop % len(self.stubs)].EarnPoints(request))
+        if wrong:
+            raise WrongAnswer(wrong)
         return {}
 
     async def balance(self, loop: int, due: float) -> dict[str, float]:
@@ -191,6 +217,12 @@ async def run_step(step: Step) -> StepResult:
                         result.errors += 1
                         if len(result.error_samples) < 5:
                             result.error_samples.append(f"{error.code().name}: {error.details()}")
+                    continue
+                except WrongAnswer as wrong:
+                    if measured:
+                        result.errors += 1
+                        if len(result.error_samples) < 5:
+                            result.error_samples.append(f"wrong answer: {wrong}")
                     continue
                 if not measured:
                     continue

@@ -5,6 +5,8 @@ concurrency, refunds taking back each rule's share, a rule set changed while til
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime
+from zoneinfo import ZoneInfo
 
 import pytest
 from redis.asyncio import Redis
@@ -311,3 +313,58 @@ async def test_a_merge_adds_the_sources_counts_to_the_targets_caps(
         ("base", 10, ""),
         ("weekly", 100, "member_cap"),
     ]
+
+
+async def test_earns_and_captures_print_the_same_receipt_lines(client: PointsClient, clock: ManualClock) -> None:
+    card = await new_member(client, 1, mpb.MemberProfile(birth_month=11, birth_day=3))
+    await client.grant_points(card, 100, at(clock.now_ms() + 10 * DAY_MS), STORE)
+    await client.publish_rule_set(
+        rpb.RuleSet(
+            campaigns=[campaign("bonus", effect=add(5))],
+            receipt=rpb.ReceiptSettings(expiring_within_days=20, balance_template="残高 $points pt"),
+        )
+    )
+    earned = await client.earn_points(card, STORE, 1_000, at(clock.now_ms()))
+    expires = (clock.now_ms() + 10 * DAY_MS - 1) // 1000
+    day = datetime.fromtimestamp(expires, tz=ZoneInfo("Asia/Tokyo")).strftime("%Y-%m-%d")
+    assert [(line.kind, line.text) for line in earned.receipt_lines] == [
+        (pb.RECEIPT_LINE_KIND_EARNED, "Points: 10 pt"),
+        (pb.RECEIPT_LINE_KIND_EARNED, "Bonus: 5 pt"),
+        (pb.RECEIPT_LINE_KIND_BALANCE, "残高 115 pt"),
+        (pb.RECEIPT_LINE_KIND_EXPIRING, f"100 pt expire on {day}"),
+        (pb.RECEIPT_LINE_KIND_BIRTHDAY, "Happy birthday!"),
+    ]
+    hold = await client.authorize_hold(card, STORE, 30)
+    captured = await client.capture_hold(hold.hold_id)
+    assert [(line.kind, line.text) for line in captured.receipt_lines] == [
+        (pb.RECEIPT_LINE_KIND_BALANCE, "残高 85 pt"),
+        (pb.RECEIPT_LINE_KIND_EXPIRING, f"70 pt expire on {day}"),
+        (pb.RECEIPT_LINE_KIND_BIRTHDAY, "Happy birthday!"),
+    ]
+
+
+async def test_a_template_with_an_unknown_placeholder_is_refused(client: PointsClient) -> None:
+    with pytest.raises(InvalidArgumentError) as caught:
+        await client.publish_rule_set(rpb.RuleSet(receipt=rpb.ReceiptSettings(balance_template="$points on $when")))
+    assert list(caught.value.field_violations) == ["rule_set.receipt.balance_template"]
+
+
+async def test_partial_refunds_of_a_merged_members_rule_earn_take_each_rules_share_once(
+    client: PointsClient, clock: ManualClock, redis: Redis, keyspace: Keyspace
+) -> None:
+    source, _ = await new_member(client, 1), await new_member(client, 2)
+    await publish(client, campaign("capped", effect=add(200), max_points_per_member=1_000))
+    earned = await client.earn_points(source, STORE, 10_000, at(clock.now_ms()))  # base 100, capped 200
+    await client.merge_accounts("m-1", "m-2", operator_id="desk", reason="one member")
+    await client.refund_transaction(earned.transaction_id, points=100)
+    await client.refund_transaction(earned.transaction_id, points=200)
+    shares = [
+        [(line.rule, line.points) for line in e.lines or []]
+        for e in await stream_events(redis, keyspace, "m-2")
+        if e.type == "REFUNDED"
+    ]
+    # A third, then the rest: base 33 + 1 left over, capped 66; then base 66, capped 134.
+    assert shares == [[("base", 34), ("capped", 66)], [("base", 66), ("capped", 134)]]
+    target = await account_state(redis, keyspace, "m-2")
+    assert (target.rule_counts, target.lot_points) == ({"capped": 0}, 0)
+    assert target.foreign_refunds == {earned.transaction_id: "300||100,200"}  # an earn has no allocation

@@ -16,6 +16,7 @@ import pytest
 from redis.asyncio import Redis
 
 from pointauth.server.clock import ManualClock
+from pointauth.server.domain.earning import Rate, RuleSet
 from pointauth.server.ledger import Keyspace, Ledger, codec
 from pointauth.server.ledger.codec import (
     AllocEntry,
@@ -116,7 +117,7 @@ def test_a_record_has_one_shape_and_older_records_read_with_defaults() -> None:
     )  # fmt: skip
     assert list(msgspec.msgpack.decode(codec.encode_record(record))) == [
         "type", "time", "pos", "pts", "refunded", "available", "held", "lots", "alloc", "ref", "state", "exp",
-        "captured", "released", "capture", "amount", "racct", "lines",
+        "captured", "released", "capture", "amount", "racct", "lines", "qual", "rp",
     ]  # fmt: skip
     assert codec.record_field(12) == "12"
 
@@ -139,12 +140,15 @@ def test_an_event_without_the_balance_after_it_is_not_read() -> None:
         codec.decode_event(msgspec.msgpack.encode(older))
 
 
-def test_stream_entries_carry_an_event_or_a_note() -> None:
+def test_stream_entries_carry_an_event_a_note_or_a_rule_set_publication() -> None:
     event = Event(type="LOTS_EXPIRED", seq=3, account="a", time=T, pts=4, lots=[lot(3, -4)], available=0, held=0)
     note = IdempotencyNote(account="a", rid="r-1")
     assert codec.decode_stream_entry({b"e": codec.encode_event(event)}) == event
     assert codec.decode_stream_entry({b"i": codec.encode_note(note)}) == note
-    with pytest.raises(msgspec.DecodeError, match=r"a stream entry has field b'e', b'i' or b'g', not \[b'x'\]"):
+    rule_set = RuleSet(2, T, base_rates=(("acme", "", Rate(2, 100)),))
+    published = codec.RuleSetPublished(2, T, rule_set)
+    assert codec.decode_stream_entry({b"u": codec.encode_rule_set_published(published)}) == published
+    with pytest.raises(msgspec.DecodeError, match=r"a stream entry has field b'e', b'i', b'g' or b'u', not \[b'x'\]"):
         codec.decode_stream_entry({b"x": b""})
 
 
@@ -265,7 +269,8 @@ async def test_every_event_round_trips_and_carries_what_the_script_derived(store
     entries = stored.entries
     decoded = [codec.decode_stream_entry(fields) for fields in entries]
     for fields, entry in zip(entries, decoded, strict=True):
-        assert not isinstance(entry, codec.DirectoryChange)  # the ledger script writes none
+        # The ledger script writes no directory changes nor rule set publications.
+        assert isinstance(entry, Event | IdempotencyNote)
         packed = fields[codec.EVENT_FIELD] if isinstance(entry, Event) else fields[codec.NOTE_FIELD]
         again = codec.encode_event(entry) if isinstance(entry, Event) else codec.encode_note(entry)
         assert packed_fields(again) == packed_fields(packed), entry
@@ -312,7 +317,7 @@ async def test_each_call_s_stream_entry_carries_its_idempotency_record_and_expir
     for fields in stored.entries:
         found = codec.stream_entry_record(fields)
         entry = codec.decode_stream_entry(fields)
-        assert not isinstance(entry, codec.DirectoryChange)
+        assert isinstance(entry, Event | IdempotencyNote)
         if found is not None:
             assert entry.rid is not None
             assert entry.rid not in carried  # one entry per call

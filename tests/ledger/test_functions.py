@@ -99,7 +99,7 @@ async def test_the_library_is_loaded_once_per_version(
         LIBRARY.settle_budget_function,
         LIBRARY.give_budget_function,
     )
-    assert await libraries(redis) == {LIBRARY.name: dict.fromkeys(functions, [])}
+    assert await libraries(redis) == {LIBRARY.name: {function: [] for function in functions}}
     assert await calls(redis, "function|load") == 3
 
 

@@ -33,9 +33,14 @@ def test_quick_bench_reports_ordered_percentiles_and_no_errors(
     result = json.loads(out.read_text())
     closed = {row["scenario"]: row for row in result["summary"] if row["mode"] == "closed"}
     paced = [row for row in result["summary"] if row["mode"] != "closed"]
-    assert set(closed) == {"echo", "echo_redis", "authorize", "authorize_capture", "earn", "balance"}
+    assert set(closed) == {"echo", "echo_redis", "authorize", "authorize_capture", "earn", "earn_rules", "balance"}
     assert [(row["scenario"], row["mode"]) for row in paced] == [("authorize", "50/s")]
-    assert len(result["rows"]) == 7  # quick: one run of each step
+    assert len(result["rows"]) == 8  # quick: one run of each step
+    # earn_rules runs last, under the rule set published just before it; every step before it ran
+    # without one. The drivers counted as errors (none, below) any flat earn answered under a rule
+    # set, and any earn_rules answer without one or lacking the base line or an always-on campaign.
+    assert result["rows"][-1]["scenario"] == "earn_rules"
+    assert result["earn_rules"] == {"rule_set_version": 1, "base_rates": 8, "campaigns": 20}
     for row in result["rows"]:
         assert row["ok"] > 0
         assert (row["errors"], row["refused"]) == (0, 0), row
@@ -63,8 +68,9 @@ def test_quick_bench_reports_ordered_percentiles_and_no_errors(
     table = run.stdout.split(HEADER, 1)[1].split("\n\n", 1)[0].splitlines()[1:]
     assert [line[:22].strip() for line in table] == [
         "echo (bare grpc.aio)", "echo + 1 Redis call", "AuthorizeHold", "Authorize+Capture",
-        "AuthorizeHold", "CaptureHold", "EarnPoints", "GetBalance", "AuthorizeHold",
+        "AuthorizeHold", "CaptureHold", "EarnPoints", "EarnPoints (rules)", "GetBalance", "AuthorizeHold",
     ], table  # fmt: skip
+    assert "EarnPoints (rules): a 5-line basket under rule set version 1" in run.stdout
     echo_column = slice(22 + HEADER.index("÷echo") - 1, 22 + HEADER.index("÷echo") + 5)
     for line in table:
         if line.startswith("  "):  # one call of a pair: its latencies only, the rest is the pair's

@@ -103,7 +103,7 @@ async def test_rehydrate_gives_back_a_merge_and_refunds_go_on_after_it(
         codec.LotEntry(9, 25, t0 + 60 * DAY_MS, "R", "partner"),
     ]
     cards = {"APP-S2": f"BA{at(3)}:{at(4)}", "S-CARD1": f"AP{t0}"}
-    assert records["S"]["m"] == codec.MergeMove("merge-1", "S", "T", at(11), moved, cards)
+    assert records["S"]["m"] == codec.MergeMove("merge-1", "S", "T", at(11), moved, cards, earned=True)
     assert (records["S"]["6"].refunded, [e.returned for e in records["S"]["6"].alloc]) == (10, [0, 10])
 
     await redis.flushall()  # Redis lost

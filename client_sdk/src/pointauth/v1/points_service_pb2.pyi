@@ -22,6 +22,42 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _ReceiptLineKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReceiptLineKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReceiptLineKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RECEIPT_LINE_KIND_UNSPECIFIED: _ReceiptLineKind.ValueType  # 0
+    """Not set."""
+    RECEIPT_LINE_KIND_EARNED: _ReceiptLineKind.ValueType  # 1
+    """Points one rule gave."""
+    RECEIPT_LINE_KIND_BALANCE: _ReceiptLineKind.ValueType  # 2
+    """The balance after the transaction."""
+    RECEIPT_LINE_KIND_EXPIRING: _ReceiptLineKind.ValueType  # 3
+    """Points expiring soon."""
+    RECEIPT_LINE_KIND_RANK: _ReceiptLineKind.ValueType  # 4
+    """The member's rank and what the next one takes."""
+    RECEIPT_LINE_KIND_BIRTHDAY: _ReceiptLineKind.ValueType  # 5
+    """A birthday greeting."""
+
+class ReceiptLineKind(_ReceiptLineKind, metaclass=_ReceiptLineKindEnumTypeWrapper):
+    """ReceiptLineKind says what a receipt line is about."""
+
+RECEIPT_LINE_KIND_UNSPECIFIED: ReceiptLineKind.ValueType  # 0
+"""Not set."""
+RECEIPT_LINE_KIND_EARNED: ReceiptLineKind.ValueType  # 1
+"""Points one rule gave."""
+RECEIPT_LINE_KIND_BALANCE: ReceiptLineKind.ValueType  # 2
+"""The balance after the transaction."""
+RECEIPT_LINE_KIND_EXPIRING: ReceiptLineKind.ValueType  # 3
+"""Points expiring soon."""
+RECEIPT_LINE_KIND_RANK: ReceiptLineKind.ValueType  # 4
+"""The member's rank and what the next one takes."""
+RECEIPT_LINE_KIND_BIRTHDAY: ReceiptLineKind.ValueType  # 5
+"""A birthday greeting."""
+Global___ReceiptLineKind: _TypeAlias = ReceiptLineKind  # noqa: Y015
+
 class _TransactionType:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -335,6 +371,7 @@ class EarnPointsResponse(_message.Message):
     RULE_SET_VERSION_FIELD_NUMBER: _builtins.int
     RANK_ID_FIELD_NUMBER: _builtins.int
     RANK_UPGRADED_FIELD_NUMBER: _builtins.int
+    RECEIPT_LINES_FIELD_NUMBER: _builtins.int
     transaction_id: _builtins.str
     """The earn's transaction, for receipts and refunds."""
     earned_points: _builtins.int
@@ -359,6 +396,12 @@ class EarnPointsResponse(_message.Message):
     def breakdown(self) -> _containers.RepeatedCompositeFieldContainer[Global___RulePoints]:
         """Under a published rule set: what each rule gave (the base line first)."""
 
+    @_builtins.property
+    def receipt_lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReceiptLine]:
+        """Ready-to-print promotional receipt lines (the rule set's receipt settings), the same on
+        every vendor's till.
+        """
+
     def __init__(
         self,
         *,
@@ -370,14 +413,41 @@ class EarnPointsResponse(_message.Message):
         rule_set_version: _builtins.int = ...,
         rank_id: _builtins.str = ...,
         rank_upgraded: _builtins.bool = ...,
+        receipt_lines: _abc.Iterable[Global___ReceiptLine] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "lot", b"lot"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "breakdown", b"breakdown", "earned_points", b"earned_points", "lot", b"lot", "rank_id", b"rank_id", "rank_upgraded", b"rank_upgraded", "rule_set_version", b"rule_set_version", "transaction_id", b"transaction_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "breakdown", b"breakdown", "earned_points", b"earned_points", "lot", b"lot", "rank_id", b"rank_id", "rank_upgraded", b"rank_upgraded", "receipt_lines", b"receipt_lines", "rule_set_version", b"rule_set_version", "transaction_id", b"transaction_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EarnPointsResponse: _TypeAlias = EarnPointsResponse  # noqa: Y015
+
+@_typing.final
+class ReceiptLine(_message.Message):
+    """ReceiptLine is one line of the promotional receipt (販促レシート)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    kind: Global___ReceiptLineKind.ValueType
+    """What it is about."""
+    text: _builtins.str
+    """The text to print."""
+    def __init__(
+        self,
+        *,
+        kind: Global___ReceiptLineKind.ValueType = ...,
+        text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReceiptLine: _TypeAlias = ReceiptLine  # noqa: Y015
 
 @_typing.final
 class SimulateEarnRequest(_message.Message):
@@ -579,6 +649,7 @@ class CaptureHoldResponse(_message.Message):
     CAPTURED_POINTS_FIELD_NUMBER: _builtins.int
     RELEASED_POINTS_FIELD_NUMBER: _builtins.int
     BALANCE_FIELD_NUMBER: _builtins.int
+    RECEIPT_LINES_FIELD_NUMBER: _builtins.int
     transaction_id: _builtins.str
     """The capture's transaction, for receipts and refunds."""
     captured_points: _builtins.int
@@ -589,6 +660,10 @@ class CaptureHoldResponse(_message.Message):
     def balance(self) -> _common_pb2.BalanceSummary:
         """The balance after the capture."""
 
+    @_builtins.property
+    def receipt_lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReceiptLine]:
+        """Ready-to-print promotional receipt lines (balance, points expiring soon, rank, birthday)."""
+
     def __init__(
         self,
         *,
@@ -596,10 +671,11 @@ class CaptureHoldResponse(_message.Message):
         captured_points: _builtins.int = ...,
         released_points: _builtins.int = ...,
         balance: _common_pb2.BalanceSummary | None = ...,
+        receipt_lines: _abc.Iterable[Global___ReceiptLine] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "captured_points", b"captured_points", "released_points", b"released_points", "transaction_id", b"transaction_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "captured_points", b"captured_points", "receipt_lines", b"receipt_lines", "released_points", b"released_points", "transaction_id", b"transaction_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

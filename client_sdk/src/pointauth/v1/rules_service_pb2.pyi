@@ -81,6 +81,7 @@ class RuleSet(_message.Message):
     CAMPAIGNS_FIELD_NUMBER: _builtins.int
     RANKS_FIELD_NUMBER: _builtins.int
     VISITS_FIELD_NUMBER: _builtins.int
+    RECEIPT_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """Output only: its version."""
     @_builtins.property
@@ -107,6 +108,10 @@ class RuleSet(_message.Message):
     def visits(self) -> _containers.RepeatedCompositeFieldContainer[Global___VisitRule]:
         """Points for visits (行動ポイント), given by CheckIn. At most 50."""
 
+    @_builtins.property
+    def receipt(self) -> Global___ReceiptSettings:
+        """The promotional receipt's lines (販促レシート); unset: the defaults."""
+
     def __init__(
         self,
         *,
@@ -116,14 +121,71 @@ class RuleSet(_message.Message):
         campaigns: _abc.Iterable[Global___Campaign] | None = ...,
         ranks: Global___RankProgram | None = ...,
         visits: _abc.Iterable[Global___VisitRule] | None = ...,
+        receipt: Global___ReceiptSettings | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["publish_time", b"publish_time", "ranks", b"ranks"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["publish_time", b"publish_time", "ranks", b"ranks", "receipt", b"receipt"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_rates", b"base_rates", "campaigns", b"campaigns", "publish_time", b"publish_time", "ranks", b"ranks", "version", b"version", "visits", b"visits"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_rates", b"base_rates", "campaigns", b"campaigns", "publish_time", b"publish_time", "ranks", b"ranks", "receipt", b"receipt", "version", b"version", "visits", b"visits"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RuleSet: _TypeAlias = RuleSet  # noqa: Y015
+
+@_typing.final
+class ReceiptSettings(_message.Message):
+    """ReceiptSettings says what the receipt lines of earns and captures say. Templates use
+    $placeholders (an unknown one is refused); empty: the default shown.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPIRING_WITHIN_DAYS_FIELD_NUMBER: _builtins.int
+    EARNED_TEMPLATE_FIELD_NUMBER: _builtins.int
+    BALANCE_TEMPLATE_FIELD_NUMBER: _builtins.int
+    EXPIRING_TEMPLATE_FIELD_NUMBER: _builtins.int
+    RANK_TEMPLATE_FIELD_NUMBER: _builtins.int
+    TOP_RANK_TEMPLATE_FIELD_NUMBER: _builtins.int
+    BIRTHDAY_TEMPLATE_FIELD_NUMBER: _builtins.int
+    BASE_NAME_FIELD_NUMBER: _builtins.int
+    expiring_within_days: _builtins.int
+    """Points expiring within this many days are printed (0: 30; at most 365)."""
+    earned_template: _builtins.str
+    """One line per rule that gave points: $name, $points. Default "$name: $points pt"."""
+    balance_template: _builtins.str
+    """The balance: $points. Default "Balance: $points pt"."""
+    expiring_template: _builtins.str
+    """Points expiring soon, one line per expiry: $points, $date (YYYY-MM-DD). Default
+    "$points pt expire on $date".
+    """
+    rank_template: _builtins.str
+    """Rank progress: $rank, $next, $remaining (spend to the next rank). Default
+    "$rank: $remaining more to $next".
+    """
+    top_rank_template: _builtins.str
+    """At the top rank: $rank. Default "$rank"."""
+    birthday_template: _builtins.str
+    """In the member's birthday month. Default "Happy birthday!"."""
+    base_name: _builtins.str
+    """The base points' name in earned lines. Default "Points"."""
+    def __init__(
+        self,
+        *,
+        expiring_within_days: _builtins.int = ...,
+        earned_template: _builtins.str = ...,
+        balance_template: _builtins.str = ...,
+        expiring_template: _builtins.str = ...,
+        rank_template: _builtins.str = ...,
+        top_rank_template: _builtins.str = ...,
+        birthday_template: _builtins.str = ...,
+        base_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance_template", b"balance_template", "base_name", b"base_name", "birthday_template", b"birthday_template", "earned_template", b"earned_template", "expiring_template", b"expiring_template", "expiring_within_days", b"expiring_within_days", "rank_template", b"rank_template", "top_rank_template", b"top_rank_template"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReceiptSettings: _TypeAlias = ReceiptSettings  # noqa: Y015
 
 @_typing.final
 class VisitRule(_message.Message):

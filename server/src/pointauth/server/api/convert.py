@@ -12,6 +12,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from pointauth.server.ledger import LotEntry, OpResult, PointOfSaleRef
 from pointauth.server.ledger.codec import EarnLineEntry
+from pointauth.server.rules.receipt import ReceiptLine
 from pointauth.v1 import common_pb2, points_service_pb2
 
 _KINDS = {"R": common_pb2.LOT_KIND_REGULAR, "L": common_pb2.LOT_KIND_LIMITED_TIME}
@@ -108,3 +109,16 @@ def breakdown(
             message.expire_time.CopyFrom(timestamp(lot.expire_ms))
         out.append(message)
     return out
+
+
+_LINE_KINDS = {
+    "earned": points_service_pb2.RECEIPT_LINE_KIND_EARNED,
+    "balance": points_service_pb2.RECEIPT_LINE_KIND_BALANCE,
+    "expiring": points_service_pb2.RECEIPT_LINE_KIND_EXPIRING,
+    "rank": points_service_pb2.RECEIPT_LINE_KIND_RANK,
+    "birthday": points_service_pb2.RECEIPT_LINE_KIND_BIRTHDAY,
+}
+
+
+def receipt_lines(lines: list[ReceiptLine]) -> list[points_service_pb2.ReceiptLine]:
+    return [points_service_pb2.ReceiptLine(kind=_LINE_KINDS[line.kind], text=line.text) for line in lines]

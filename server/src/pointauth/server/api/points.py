@@ -82,6 +82,7 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
             rule_set_version=earned.rules_version,
             rank_id=result.rank,
             rank_upgraded=result.up,
+            receipt_lines=convert.receipt_lines(self.points.receipt_lines(result, earned=True)),
         )
 
     async def CheckIn(self, request: pb.CheckInRequest, context: Context) -> pb.CheckInResponse:
@@ -172,6 +173,7 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
             captured_points=result.pts,
             released_points=result.released,
             balance=convert.balance(result),
+            receipt_lines=convert.receipt_lines(self.points.receipt_lines(result, earned=False)),
         )
 
     async def VoidHold(self, request: pb.VoidHoldRequest, context: Context) -> pb.VoidHoldResponse:

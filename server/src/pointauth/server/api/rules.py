@@ -17,9 +17,11 @@ from pointauth.server.domain.earning import (
     RankProgram,
     RankTier,
     Rate,
+    ReceiptTemplates,
     RuleSet,
     VisitRule,
 )
+from pointauth.server.rules.receipt import PLACEHOLDERS, unknown_placeholders
 from pointauth.server.services.rules import RulesService
 from pointauth.v1 import common_pb2, rules_service_pb2_grpc
 from pointauth.v1 import rules_service_pb2 as pb
@@ -34,6 +36,7 @@ MAX_NAME = 100
 MAX_EXPIRE_DAYS = 3650
 MAX_RANKS = 20
 MAX_VISIT_RULES = 50
+MAX_TEMPLATE = 200
 _KINDS = {common_pb2.LOT_KIND_UNSPECIFIED: "R", common_pb2.LOT_KIND_REGULAR: "R", common_pb2.LOT_KIND_LIMITED_TIME: "L"}
 _KIND_OUT = {"R": common_pb2.LOT_KIND_REGULAR, "L": common_pb2.LOT_KIND_LIMITED_TIME}
 
@@ -169,7 +172,56 @@ def rule_set_from(v: Violations, message: pb.RuleSet) -> RuleSet:
     for i, visit in enumerate(visits):
         if not visit.conditions.rank_ids <= known:
             v.add(f"rule_set.visits[{i}].conditions.rank_ids", "must be ranks of rule_set.ranks")
-    return RuleSet(version=0, base_rates=tuple(rates), campaigns=tuple(campaigns), ranks=ranks, visits=visits)
+    receipt = _receipt(v, message.receipt) if message.HasField("receipt") else ReceiptTemplates()
+    return RuleSet(
+        version=0,
+        base_rates=tuple(rates),
+        campaigns=tuple(campaigns),
+        ranks=ranks,
+        visits=visits,
+        receipt=receipt,
+    )
+
+
+_TEMPLATES = {
+    "earned_template": "earned",
+    "balance_template": "balance",
+    "expiring_template": "expiring",
+    "rank_template": "rank",
+    "top_rank_template": "top_rank",
+    "birthday_template": "birthday",
+}
+
+
+def _receipt(v: Violations, message: pb.ReceiptSettings) -> ReceiptTemplates:
+    f = "rule_set.receipt"
+    default = ReceiptTemplates()
+    if not 0 <= message.expiring_within_days <= 365:
+        v.add(f"{f}.expiring_within_days", "must be 0 (30) to 365")
+    chosen: dict[str, str] = {}
+    for proto_name, line in _TEMPLATES.items():
+        template = getattr(message, proto_name)
+        if not template:
+            continue
+        if len(template) > MAX_TEMPLATE:
+            v.add(f"{f}.{proto_name}", f"must be at most {MAX_TEMPLATE} characters")
+        unknown = unknown_placeholders(template, PLACEHOLDERS[line])
+        if unknown:
+            offered = ", ".join(f"${name}" for name in sorted(PLACEHOLDERS[line])) or "none"
+            v.add(f"{f}.{proto_name}", f"unknown placeholders {sorted(unknown)}; this line offers {offered}")
+        chosen[line] = template
+    if len(message.base_name) > MAX_NAME:
+        v.add(f"{f}.base_name", f"must be at most {MAX_NAME} characters")
+    return ReceiptTemplates(
+        expiring_within_days=message.expiring_within_days or default.expiring_within_days,
+        earned=chosen.get("earned", default.earned),
+        balance=chosen.get("balance", default.balance),
+        expiring=chosen.get("expiring", default.expiring),
+        rank=chosen.get("rank", default.rank),
+        top_rank=chosen.get("top_rank", default.top_rank),
+        birthday=chosen.get("birthday", default.birthday),
+        base_name=message.base_name or default.base_name,
+    )
 
 
 def _visits(v: Violations, messages: Any, seen: set[str]) -> tuple[VisitRule, ...]:
@@ -236,6 +288,19 @@ def rule_set_message(rule_set: RuleSet) -> pb.RuleSet:
         )
         for tier in program.tiers:
             message.ranks.tiers.add(rank_id=tier.rank_id, display_name=tier.name, min_spend=tier.min_spend)
+    t = rule_set.receipt
+    message.receipt.CopyFrom(
+        pb.ReceiptSettings(
+            expiring_within_days=t.expiring_within_days,
+            earned_template=t.earned,
+            balance_template=t.balance,
+            expiring_template=t.expiring,
+            rank_template=t.rank,
+            top_rank_template=t.top_rank,
+            birthday_template=t.birthday,
+            base_name=t.base_name,
+        )
+    )
     for visit in rule_set.visits:
         out_visit = message.visits.add(
             rule_id=visit.rule_id,

@@ -139,6 +139,20 @@ class VisitRule:
 
 
 @dataclass(frozen=True)
+class ReceiptTemplates:
+    """What receipt lines say (string.Template: $placeholders)."""
+
+    expiring_within_days: int = 30
+    earned: str = "$name: $points pt"
+    balance: str = "Balance: $points pt"
+    expiring: str = "$points pt expire on $date"
+    rank: str = "$rank: $remaining more to $next"
+    top_rank: str = "$rank"
+    birthday: str = "Happy birthday!"
+    base_name: str = "Points"
+
+
+@dataclass(frozen=True)
 class RuleSet:
     version: int
     published_ms: int = 0
@@ -147,6 +161,7 @@ class RuleSet:
     campaigns: tuple[Campaign, ...] = ()
     ranks: RankProgram | None = None
     visits: tuple[VisitRule, ...] = ()
+    receipt: ReceiptTemplates = ReceiptTemplates()
 
     @cached_property
     def rates(self) -> dict[tuple[str, str], Rate]:

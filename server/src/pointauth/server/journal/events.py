@@ -11,6 +11,7 @@ from pointauth.server.ledger.codec import (
     DirectoryChange,
     Event,
     IdempotencyNote,
+    RuleSetPublished,
     decode_stream_entry,
     stream_entry_record,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "EntryId",
     "Event",
     "IdempotencyNote",
+    "RuleSetPublished",
     "StreamEntry",
     "UndecodableEntry",
     "decode",
@@ -54,15 +56,15 @@ class StreamEntry(NamedTuple):
 
 
 class UndecodableEntry(ValueError):
-    """An entry that is neither an event, an idempotency note nor a group directory change: it
-    can never be applied.
+    """An entry that is neither an event, an idempotency note, a group directory change nor a
+    rule set publication: it can never be applied.
 
     So is an event from a ledger script older than the one whose events carry what it derived
     (the balance after each, allocations): upgrade the worker after the servers, once `pointauth
     status` shows no backlog of events the older servers wrote."""
 
 
-def decode(entry: StreamEntry) -> Event | IdempotencyNote | DirectoryChange:
+def decode(entry: StreamEntry) -> Event | IdempotencyNote | DirectoryChange | RuleSetPublished:
     try:
         return decode_stream_entry(entry.fields)
     except msgspec.DecodeError as exc:

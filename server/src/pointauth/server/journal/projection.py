@@ -1,6 +1,7 @@
 """What one account's events make of the PostgreSQL projections: its lots, its transaction records
-(holds among them), its cards, its accounts row (status, profile, merge) and the merges it took
-part in.
+(holds among them, and earns' lines under the rules), its cards, its accounts row (status,
+profile, merge, rule counts, first earn), the merges it took part in, and the points each
+campaign gave and had refunded (campaign_points).
 
 The events carry everything the ledger script derived (allocations, what a capture used and
 released, what a refund gave back and where, the balance after each event), so this module
@@ -10,17 +11,20 @@ stores them (ledger/codec.py, TransactionRecord): rehydrate writes them back to 
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 import msgspec
 from msgspec.structs import replace
 
+from pointauth.server.domain.earning import BASE_RULE
 from pointauth.server.ledger.codec import (
     AccountStatusCode,
     AllocEntry,
     CardLink,
     CardStateCode,
+    EarnLineEntry,
     Event,
     LotEntry,
     MemberProfile,
@@ -70,6 +74,10 @@ class AccountState:
     """A merged account's target, merge id and merge time (status "M": the hash's mt, mi, mg)."""
     merge_id: str | None = None
     merged_ms: int | None = None
+    rule_counts: dict[str, int] = field(default_factory=dict)
+    """The capped rules' counts for the member (the hash's k:<rule> fields), as the events set them."""
+    first_earn_ms: int | None = None
+    """The member's first earn (the hash's fe): the time of the event that made the mark."""
 
 
 @dataclass(frozen=True)
@@ -104,14 +112,21 @@ class Projector:
     """Applies one account's events in sequence to its state and its transaction records.
 
     `records` holds the transaction records the events may refer to (loaded beforehand) and
-    collects those created or changed; `changed` names the latter.
+    collects those created or changed; `changed` names the latter. `versions`: the rule set
+    version of each of those records that is an earn under the rules (loaded with them).
+    `campaign_points`: what the events add to each (campaign, rule set version)'s points given
+    and refunded.
     """
 
-    def __init__(self, records: dict[RecordKey, TransactionRecord]) -> None:
+    def __init__(
+        self, records: dict[RecordKey, TransactionRecord], versions: dict[RecordKey, int] | None = None
+    ) -> None:
         self.records = records
+        self.versions = versions if versions is not None else {}
         self.changed: set[RecordKey] = set()
         self.merges_out: list[MergeOut] = []
         self.merges_landed: list[MergeLanded] = []
+        self.campaign_points: dict[tuple[str, int], CampaignPoints] = defaultdict(CampaignPoints)
 
     def apply(self, state: AccountState, event: Event) -> None:
         if event.seq != state.last_seq + 1:
@@ -182,6 +197,8 @@ class Projector:
                 exp=exp,
                 amount=event.amount or 0,
                 racct=event.racct or "",
+                # An earn's lines; a refund's shares (the script's new_tx copies the event's).
+                lines=event.lines or [],
             ),
         )
 
@@ -261,6 +278,8 @@ class Projector:
             state.card_moves[card] = event.time
             state.touched_cards.add(card)
         self.merges_landed.append(MergeLanded(merge, source, state.account_id, event.time))
+        # The source's counts added to the target's (absolute, as set), and its first-earn mark.
+        self._rules_state(state, event)
 
     def _link(self, state: AccountState, event: Event, card: str, link: CardLink) -> None:
         if card in state.cards:
@@ -284,10 +303,25 @@ class Projector:
         state.touched_cards.add(card)
 
     def _on_earn(self, state: AccountState, event: Event) -> None:
-        self._new(state, event, "EARN")
+        self._earned(state, event, "EARN")
 
     def _on_grant(self, state: AccountState, event: Event) -> None:
-        self._new(state, event, "GRANT")
+        self._earned(state, event, "GRANT")
+
+    def _earned(self, state: AccountState, event: Event, type_: TransactionType) -> None:
+        self._new(state, event, type_)
+        self._rules_state(state, event)
+        if event.rules:
+            self.versions[(state.account_id, event.seq)] = event.rules
+        for line in event.lines or []:
+            if _campaign(line.rule) and line.points:
+                self.campaign_points[(line.rule, event.rules or 0)].given += line.points
+
+    def _rules_state(self, state: AccountState, event: Event) -> None:
+        """The counts the event set (k:<rule>, each the count after it) and the first-earn mark."""
+        state.rule_counts.update(event.counts or {})
+        if event.first:
+            state.first_earn_ms = event.time
 
     def _on_hold_authorized(self, state: AccountState, event: Event) -> None:
         alloc = _carried(event, "alloc", event.alloc)
@@ -326,11 +360,44 @@ class Projector:
             entry = alloc[back.index]
             alloc[back.index] = replace(entry, returned=max(entry.returned, back.returned))
         refunded = max(orig.refunded, _carried(event, "refunded", event.refunded))
-        self._put_key(key, replace(orig, refunded=refunded, alloc=alloc))
+        self._put_key(key, replace(orig, refunded=refunded, alloc=alloc, lines=self._refund_lines(key, orig, event)))
         self._new(state, event, "REFUND")
+        self._rules_state(state, event)
+
+    def _refund_lines(self, key: RecordKey, orig: TransactionRecord, event: Event) -> list[EarnLineEntry]:
+        """The original earn's lines after a refund's shares (`lines`, one per rule it took
+        back from), each line's refunded up by its share as the script does; and what those
+        shares take back from their campaigns' points given under the earn's version. Shares add
+        up whatever order refunds landing on two accounts are applied in."""
+        if not event.lines:
+            return orig.lines
+        lines = list(orig.lines)
+        index = {line.rule: i for i, line in enumerate(lines)}
+        version = self.versions.get(key, 0)
+        for share in event.lines:
+            i = index.get(share.rule)
+            if i is None:
+                raise ProjectionError(f"event {event.event_id} refunds rule {share.rule!r}, not a line of {key[1]}")
+            lines[i] = replace(lines[i], refunded=lines[i].refunded + share.points)
+            if _campaign(share.rule) and share.points:
+                self.campaign_points[(share.rule, version)].refunded += share.points
+        return lines
 
     def _on_lots_expired(self, state: AccountState, event: Event) -> None:
         pass  # its lot effects are all it changes
+
+
+@dataclass
+class CampaignPoints:
+    """Points a campaign gave under one rule set version, and points refunds took back of them."""
+
+    given: int = 0
+    refunded: int = 0
+
+
+def _campaign(rule: str) -> bool:
+    """Whether a line's rule is a campaign (not the base points, nor a plain earn's one line)."""
+    return rule not in ("", BASE_RULE)
 
 
 def _links(event: Event) -> dict[str, str]:

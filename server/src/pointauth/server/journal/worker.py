@@ -13,7 +13,9 @@ consumer on restart, or claimed by XAUTOCLAIM once idle too long. An entry that 
 is moved to `dead_letters` after `max_deliveries`, with an error in the log.
 
 Shard 0's stream also carries the group directory's changes (codec.DirectoryChange): they are
-copied into their tables in the batch's transaction (journal/directory.py), newest version wins.
+copied into their tables in the batch's transaction (journal/directory.py), newest version wins;
+and rule set publications (codec.RuleSetPublished), copied into rule_sets the same way
+(journal/rules.py), each version once.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from pointauth.server.journal.events import (
     EntryId,
     Event,
     IdempotencyNote,
+    RuleSetPublished,
     StreamEntry,
     UndecodableEntry,
     decode,
@@ -129,6 +132,8 @@ class WriteBehindWorker:
         self.dead_lettered = 0
         self.directory_changes_applied = 0
         """Group directory changes copied (delivered again after a crash: counted again)."""
+        self.rule_sets_applied = 0
+        """Rule set publications copied (delivered again after a crash: counted again)."""
         self._conn: Connection | None = None
         self._batch: list[StreamEntry] | None = None
         # Streams whose own pending entries are still to be read again, and from which id: set at
@@ -412,6 +417,7 @@ class WriteBehindWorker:
         deliveries: list[Delivered] = []
         notes: list[tuple[StreamEntry, IdempotencyNote]] = []
         directory: list[tuple[StreamEntry, DirectoryChange]] = []
+        rule_sets: list[tuple[StreamEntry, RuleSetPublished]] = []
         undecodable: list[tuple[StreamEntry, str]] = []
         for entry in entries:
             try:
@@ -423,22 +429,25 @@ class WriteBehindWorker:
                 deliveries.append(Delivered(entry, decoded))
             elif isinstance(decoded, DirectoryChange):
                 directory.append((entry, decoded))
+            elif isinstance(decoded, RuleSetPublished):
+                rule_sets.append((entry, decoded))
             else:
                 notes.append((entry, decoded))
         idempotency = await self._idempotency_rows(deliveries, notes)
         await self._ensure_partitions(deliveries)
         conn = await self._connection()
-        outcome = await self.writer.apply(conn, deliveries, idempotency, directory)
+        outcome = await self.writer.apply(conn, deliveries, idempotency, directory, rule_sets)
         dead = [(e, reason, 1) for e, reason in undecodable]
         dead += await self._exhausted(outcome)
         if dead:
             await self._dead_letter(conn, dead)
         await self._ack(
             [d.entry for d in outcome.acknowledged] + [e for e, _ in notes] + [e for e, _ in directory]
-            + [e for e, _, _ in dead]
+            + [e for e, _ in rule_sets] + [e for e, _, _ in dead]
         )  # fmt: skip
         self.applied_total += len(outcome.applied)
         self.directory_changes_applied += len(directory)
+        self.rule_sets_applied += len(rule_sets)
 
     async def _idempotency_rows(
         self, deliveries: list[Delivered], notes: list[tuple[StreamEntry, IdempotencyNote]]
@@ -530,7 +539,7 @@ class WriteBehindWorker:
     async def _dead_letter(self, conn: Connection, dead: list[tuple[StreamEntry, str, int]]) -> None:
         rows = []
         for entry, reason, times in dead:
-            payload = entry.fields.get(b"e") or entry.fields.get(b"i") or entry.fields.get(b"g")
+            payload = next((entry.fields[f] for f in (b"e", b"i", b"g", b"u") if f in entry.fields), None)
             event = None
             try:
                 decoded = decode(entry)

@@ -20,7 +20,8 @@ import msgspec
 
 from pointauth.server.domain.ids import transaction_id
 from pointauth.server.journal import directory as journal_directory
-from pointauth.server.journal.events import DirectoryChange, EntryId, Event, StreamEntry
+from pointauth.server.journal import rules as journal_rules
+from pointauth.server.journal.events import DirectoryChange, EntryId, Event, RuleSetPublished, StreamEntry
 from pointauth.server.journal.pg import Connection, Record
 from pointauth.server.journal.projection import (
     AccountState,
@@ -35,12 +36,14 @@ from pointauth.server.ledger import Keyspace
 from pointauth.server.ledger.codec import (
     AllocEntry,
     CardLink,
+    EarnLineEntry,
     LotEntry,
     MemberProfile,
     MergeIn,
     MergeMove,
     PointOfSaleRef,
     TransactionRecord,
+    foreign_refund_state,
 )
 
 log = logging.getLogger(__name__)
@@ -49,14 +52,15 @@ JOURNAL_COLUMNS = (
     "event_id", "account_id", "seq", "type", "points", "lots", "issuer_id", "company_id", "store_id",
     "terminal_id", "channel", "request_id", "event_time", "ref_seq", "released", "amount", "purchase_time",
     "hold_expire_ms", "card_number", "stream", "entry_id", "card_kind", "new_card", "profile", "merge_id",
-    "other_account", "ref_account",
+    "other_account", "ref_account", "lines", "rules_version", "rule_counts", "first_earn",
 )  # fmt: skip
 _COLS = ", ".join(JOURNAL_COLUMNS)
 _TX_COLUMNS = (
     "account_id", "seq", "type", "time_ms", "points", "refunded", "available", "held", "pos", "lots", "alloc",
-    "ref_seq", "state", "expire_ms", "captured", "released", "capture_seq", "amount", "ref_account",
+    "ref_seq", "state", "expire_ms", "captured", "released", "capture_seq", "amount", "ref_account", "lines",
+    "rules_version",
 )  # fmt: skip
-_JSON_TX_COLUMNS = {"pos", "lots", "alloc"}
+_JSON_TX_COLUMNS = {"pos", "lots", "alloc", "lines"}
 
 
 class IdempotencyRow(NamedTuple):
@@ -122,9 +126,19 @@ def card_from_row(r: Record) -> CardLink:
 
 
 CARD_ROW_COLUMNS = "card_number, account_id, kind, state, linked_at, state_at, replaced_by, moved_at"
-ACCOUNT_MEMBER_COLUMNS = "opened_at, status, closed_at, profile::text AS profile, merged_into, merge_id, merged_at"
+ACCOUNT_MEMBER_COLUMNS = (
+    "opened_at, status, closed_at, profile::text AS profile, merged_into, merge_id, merged_at,"
+    " rule_counts::text AS rule_counts, first_earn_at"
+)
 """What card_from_row reads of a cards row (and moved_at), and the accounts columns of the member
-(profile as text) and its merge."""
+(profile and rule counts as text), its merge and its first earn."""
+
+_decode_counts = msgspec.json.Decoder(dict[str, int]).decode
+
+
+def rule_counts_from_row(raw: str | None) -> dict[str, int]:
+    """An accounts row's rule_counts (jsonb, as asyncpg gives it: text), in rule order."""
+    return {} if raw is None else dict(sorted(_decode_counts(raw).items()))
 
 
 def _json(value: Any) -> str | None:
@@ -151,8 +165,10 @@ class JournalWriter:
         batch: Sequence[Delivered],
         idempotency: Sequence[IdempotencyRow] = (),
         directory: Sequence[tuple[StreamEntry, DirectoryChange]] = (),
+        rule_sets: Sequence[tuple[StreamEntry, RuleSetPublished]] = (),
     ) -> BatchOutcome:
-        """`directory`: the batch's group directory changes, copied in the same transaction."""
+        """`directory`, `rule_sets`: the batch's group directory changes and rule set
+        publications, copied in the same transaction."""
         blocked: dict[str, tuple[int, str]] = {}
         while True:
             try:
@@ -160,7 +176,11 @@ class JournalWriter:
                     outcome = await self._apply_once(conn, batch, idempotency, blocked)
                     if directory:
                         await journal_directory.write_changes(conn, [change for _, change in directory])
-                        await self._write_positions(conn, (), [entry for entry, _ in directory])
+                    if rule_sets:
+                        await journal_rules.write_published(conn, [published for _, published in rule_sets])
+                    if directory or rule_sets:
+                        others = [entry for entry, _ in directory] + [entry for entry, _ in rule_sets]
+                        await self._write_positions(conn, (), others)
                     return outcome
             except _Retry:
                 continue
@@ -181,7 +201,7 @@ class JournalWriter:
         states = await self._load_states(conn, accounts)
         # A refund of a merged account's transaction refers to that account's record.
         refs = {(d.event.racct or d.event.account, d.event.ref) for d in batch if d.event.ref is not None}
-        projector = Projector(await self._load_records(conn, refs))
+        projector = Projector(*await self._load_records(conn, refs))
 
         outcome = BatchOutcome()
         for account in accounts:
@@ -215,9 +235,13 @@ class JournalWriter:
         await self._write_journal(conn, applied)
         await self._write_cards(conn, states)
         await self._write_lots(conn, states)
-        await self._write_records(conn, [(key, projector.records[key]) for key in sorted(projector.changed)])
+        await self._write_records(
+            conn, [(key, projector.records[key], projector.versions.get(key)) for key in sorted(projector.changed)]
+        )
         await self._write_merges(conn, projector.merges_out, projector.merges_landed)
         await self._write_idempotency(conn, idempotency)
+        # Last but the positions: rows every worker may add to, locked for the least time.
+        await journal_rules.write_campaign_points(conn, projector.campaign_points)
         await self._write_positions(conn, outcome.acknowledged)
         return outcome
 
@@ -262,6 +286,8 @@ class JournalWriter:
                 merged_into=r["merged_into"],
                 merge_id=r["merge_id"],
                 merged_ms=_ms(r["merged_at"]),
+                rule_counts=rule_counts_from_row(r["rule_counts"]),
+                first_earn_ms=_ms(r["first_earn_at"]),
             )
             for r in rows
         }
@@ -283,9 +309,12 @@ class JournalWriter:
             )
         return states
 
-    async def _load_records(self, conn: Connection, refs: set[RecordKey]) -> dict[RecordKey, TransactionRecord]:
+    async def _load_records(
+        self, conn: Connection, refs: set[RecordKey]
+    ) -> tuple[dict[RecordKey, TransactionRecord], dict[RecordKey, int]]:
+        """The records named, and the rule set version of those that are earns under the rules."""
         if not refs:
-            return {}
+            return {}, {}
         accounts = [a for a, _ in refs]
         seqs = [s for _, s in refs]
         # FOR UPDATE: a record may be changed by another account's batch too (a refund of a merged
@@ -298,7 +327,9 @@ class JournalWriter:
             accounts,
             seqs,
         )
-        return {(r["account_id"], r["seq"]): record_from_row(r) for r in rows}
+        records = {(r["account_id"], r["seq"]): record_from_row(r) for r in rows}
+        versions = {(r["account_id"], r["seq"]): r["rules_version"] for r in rows if r["rules_version"]}
+        return records, versions
 
     async def _write_accounts(self, conn: Connection, states: dict[str, AccountState], touched: set[str]) -> None:
         if not touched:
@@ -316,19 +347,22 @@ class JournalWriter:
                 s.merged_into,
                 s.merge_id,
                 _time(s.merged_ms),
+                _json(dict(sorted(s.rule_counts.items()))),
+                _time(s.first_earn_ms),
             )
             for s in (states[a] for a in sorted(touched))
         ]
         await conn.execute(
             """
             INSERT INTO accounts (account_id, shard, card_number, last_seq, opened_at, status, closed_at, profile,
-                                  merged_into, merge_id, merged_at)
+                                  merged_into, merge_id, merged_at, rule_counts, first_earn_at)
             SELECT account_id, shard, card_number, last_seq, opened_at, status, closed_at, profile::jsonb,
-                   merged_into, merge_id, merged_at
+                   merged_into, merge_id, merged_at, rule_counts::jsonb, first_earn_at
             FROM unnest($1::text[], $2::int[], $3::text[], $4::bigint[], $5::timestamptz[], $6::text[],
-                        $7::timestamptz[], $8::text[], $9::text[], $10::text[], $11::timestamptz[])
+                        $7::timestamptz[], $8::text[], $9::text[], $10::text[], $11::timestamptz[], $12::text[],
+                        $13::timestamptz[])
                 AS t(account_id, shard, card_number, last_seq, opened_at, status, closed_at, profile,
-                     merged_into, merge_id, merged_at)
+                     merged_into, merge_id, merged_at, rule_counts, first_earn_at)
             ON CONFLICT (account_id) DO UPDATE SET
                 last_seq = EXCLUDED.last_seq,
                 card_number = COALESCE(accounts.card_number, EXCLUDED.card_number),
@@ -339,6 +373,8 @@ class JournalWriter:
                 merged_into = EXCLUDED.merged_into,
                 merge_id = EXCLUDED.merge_id,
                 merged_at = EXCLUDED.merged_at,
+                rule_counts = EXCLUDED.rule_counts,
+                first_earn_at = EXCLUDED.first_earn_at,
                 updated_at = now()
             """,
             *map(list, zip(*rows, strict=True)),
@@ -430,17 +466,24 @@ class JournalWriter:
                 *map(list, zip(*upsert, strict=True)),
             )
 
-    async def _write_records(self, conn: Connection, records: list[tuple[RecordKey, TransactionRecord]]) -> None:
+    async def _write_records(
+        self, conn: Connection, records: list[tuple[RecordKey, TransactionRecord, int | None]]
+    ) -> None:
+        """(key, record, its rule set version if an earn under the rules)."""
         if not records:
             return
-        rows = [record_row(key, rec) for key, rec in records]
+        rows = [record_row(key, rec, version) for key, rec, version in records]
         types = [
             "text", "bigint", "text", "bigint", "bigint", "bigint", "bigint", "bigint", "text", "text", "text",
-            "bigint", "text", "bigint", "bigint", "bigint", "bigint", "bigint", "text",
+            "bigint", "text", "bigint", "bigint", "bigint", "bigint", "bigint", "text", "text", "bigint",
         ]  # fmt: skip
         select = ", ".join(f"${i + 1}::{t}[]" for i, t in enumerate(types))
         casts = ", ".join(f"{c}::jsonb" if c in _JSON_TX_COLUMNS else c for c in _TX_COLUMNS)
-        updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in _TX_COLUMNS[2:])
+        # An earn's rule set version is written with it and never changes.
+        updates = ", ".join(
+            f"{c} = coalesce(EXCLUDED.{c}, transactions.{c})" if c == "rules_version" else f"{c} = EXCLUDED.{c}"
+            for c in _TX_COLUMNS[2:]
+        )
         await conn.execute(
             f"INSERT INTO transactions ({', '.join(_TX_COLUMNS)})"
             f" SELECT {casts} FROM unnest({select}) AS t({', '.join(_TX_COLUMNS)})"
@@ -548,7 +591,8 @@ def journal_row(d: Delivered) -> tuple[Any, ...]:
         e.event_id, e.account, e.seq, e.type, e.pts, _json(e.lots), issuer, company, store,
         terminal, channel, e.rid or None, to_time(e.time), e.ref, e.released, e.amount,
         to_time(e.ptime) if e.ptime else None, e.hold_exp, e.card, d.entry.stream, str(d.entry.entry_id),
-        e.kind, e.new_card, _json(e.profile), e.merge, other, e.racct,
+        e.kind, e.new_card, _json(e.profile), e.merge, other, e.racct, _json(e.lines), e.rules,
+        _json(dict(sorted(e.counts.items()))) if e.counts else None, e.first,
     )  # fmt: skip
 
 
@@ -558,14 +602,16 @@ def _link_order(link: CardLink, moved_ms: int | None) -> tuple[int, int]:
     return (-1 if link.link_ms is None else link.link_ms, -1 if moved_ms is None else moved_ms)
 
 
-def record_row(key: RecordKey, r: TransactionRecord) -> tuple[Any, ...]:
-    """The transactions row of a record. A reference, state or expiry the record's type does not
-    have is NULL, so that operators' SQL (`WHERE ref_seq IS NOT NULL`) means what it says."""
+def record_row(key: RecordKey, r: TransactionRecord, rules_version: int | None = None) -> tuple[Any, ...]:
+    """The transactions row of a record (and, an earn under the rules, its rule set version). A
+    reference, state, expiry or lines the record's type does not have is NULL, so that operators'
+    SQL (`WHERE ref_seq IS NOT NULL`) means what it says."""
     account_id, seq = key
     return (
         account_id, seq, r.type, r.time, r.pts, r.refunded, r.available, r.held, _json(r.pos), _json(r.lots),
         _json(r.alloc) if r.alloc else None, r.ref or None, r.state or None, r.exp or None, r.captured,
-        r.released, r.capture or None, r.amount, r.racct or None,
+        r.released, r.capture or None, r.amount, r.racct or None, _json(r.lines) if r.lines else None,
+        rules_version or None,
     )  # fmt: skip
 
 
@@ -590,6 +636,7 @@ def record_from_row(r: Record) -> TransactionRecord:
         capture=r["capture_seq"] or 0,
         amount=r["amount"] or 0,
         racct=r["ref_account"] or "",
+        lines=msgspec.json.decode(r["lines"], type=list[EarnLineEntry]) if r["lines"] is not None else [],
     )
 
 
@@ -608,10 +655,14 @@ async def merge_histories(conn: Connection, accounts: list[str]) -> dict[str, di
     return dict(out)
 
 
+# The source's rule counts and first-earn mark went with the move too: they are its accounts row's,
+# which no event changes after its MERGED_OUT.
 _MERGE_MOVES = """
-SELECT merge_id, source_id, target_id, merged_at, lots::text AS lots, cards::text AS cards,
-       foreign_refunds::text AS foreign_refunds, landed_on
-FROM merges WHERE source_id = ANY($1::text[]) AND lots IS NOT NULL
+SELECT m.merge_id, m.source_id, m.target_id, m.merged_at, m.lots::text AS lots, m.cards::text AS cards,
+       m.foreign_refunds::text AS foreign_refunds, m.landed_on, a.rule_counts::text AS rule_counts,
+       a.first_earn_at IS NOT NULL AS earned
+FROM merges AS m LEFT JOIN accounts AS a ON a.account_id = m.source_id
+WHERE m.source_id = ANY($1::text[]) AND m.lots IS NOT NULL
 """
 
 
@@ -622,6 +673,7 @@ async def merge_moves(conn: Connection, sources: list[str]) -> dict[str, tuple[M
     for r in await conn.fetch(_MERGE_MOVES, sources):
         cards = msgspec.json.decode(r["cards"], type=dict[str, str])
         foreign = msgspec.json.decode(r["foreign_refunds"], type=dict[str, str])
+        counts = rule_counts_from_row(r["rule_counts"])
         move = MergeMove(
             merge=r["merge_id"],
             source=r["source_id"],
@@ -631,6 +683,9 @@ async def merge_moves(conn: Connection, sources: list[str]) -> dict[str, tuple[M
             # As the script packs them: an empty table is an array, a table without a key absent.
             cards=cards or [],
             foreign=foreign or None,
+            # The script's k: field values, as text; absent when none.
+            counts={rule: str(n) for rule, n in counts.items()} or None,
+            earned=bool(r["earned"]),
         )
         out[r["source_id"]] = (move, r["landed_on"] is None)
     return out
@@ -650,7 +705,7 @@ WITH RECURSIVE held (ref_account, ref_seq, holder) AS (
     SELECT h.ref_account, h.ref_seq, m.landed_on
     FROM held AS h JOIN merges AS m ON m.source_id = h.holder AND m.landed_on IS NOT NULL
 )
-SELECT h.holder, h.ref_account, h.ref_seq, t.refunded, t.alloc::text AS alloc
+SELECT h.holder, h.ref_account, h.ref_seq, t.refunded, t.alloc::text AS alloc, t.lines::text AS lines
 FROM held AS h JOIN transactions AS t ON t.account_id = h.ref_account AND t.seq = h.ref_seq
 WHERE h.holder = ANY($1::text[]) AND NOT EXISTS (SELECT FROM merges AS m WHERE m.source_id = h.holder)
 """
@@ -658,10 +713,11 @@ WHERE h.holder = ANY($1::text[]) AND NOT EXISTS (SELECT FROM merges AS m WHERE m
 
 async def foreign_refunds(conn: Connection, accounts: list[str]) -> dict[str, dict[str, str]]:
     """The f:<transaction id> fields of these accounts: what has been refunded of a transaction of
-    an account merged into them, "<refunded>|<returned per allocation entry, comma-separated>"."""
+    an account merged into them (codec.foreign_refund_state)."""
     out: dict[str, dict[str, str]] = defaultdict(dict)
     for r in await conn.fetch(_FOREIGN_REFUNDS, accounts):
         alloc = msgspec.json.decode(r["alloc"], type=list[AllocEntry]) if r["alloc"] is not None else []
-        state = f"{r['refunded']}|{','.join(str(e.returned) for e in alloc)}"
+        lines = msgspec.json.decode(r["lines"], type=list[EarnLineEntry]) if r["lines"] is not None else []
+        state = foreign_refund_state(r["refunded"], (e.returned for e in alloc), (line.refunded for line in lines))
         out[r["holder"]][transaction_id(r["ref_account"], r["ref_seq"])] = state
     return dict(out)

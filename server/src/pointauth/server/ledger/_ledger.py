@@ -426,14 +426,14 @@ class Ledger:
         (settle_budget, give_budget); a crash in between leaves it reserved: a bounded
         under-spend, never an overspend."""
         key = self.keyspace.budget(campaign_id)
-        return int(await self.pipeline.execute("FCALL", self.library.take_budget_function, 1, key, points, budget))
+        return int(await self._fcall(self.library.take_budget_function, [key], [points, budget]))
 
     async def settle_budget(self, campaign_id: str, earn_id: str, reserved: int, granted: int) -> None:
         """After an earn: gives back what it reserved and did not grant, once per earn (a retry,
         whose answer is replayed, gives back all it reserved again)."""
         keys = [self.keyspace.budget(campaign_id), self.keyspace.budget_mark(campaign_id, earn_id)]
         ttl = self.settings.idempotency_ttl_seconds + 86_400
-        await self.pipeline.execute("FCALL", self.library.settle_budget_function, 2, *keys, reserved, granted, ttl)
+        await self._fcall(self.library.settle_budget_function, keys, [reserved, granted, ttl])
 
     async def give_budget(self, campaign_id: str, points: int, refund_id: str | None = None) -> None:
         """Gives back a refused earn's reservation, or (once per refund) a refund's share."""
@@ -443,7 +443,7 @@ class Ledger:
         if refund_id is not None:
             keys.append(self.keyspace.budget_mark(campaign_id, refund_id))
         ttl = self.settings.idempotency_ttl_seconds + 86_400
-        await self.pipeline.execute("FCALL", self.library.give_budget_function, len(keys), *keys, points, ttl)
+        await self._fcall(self.library.give_budget_function, keys, [points, ttl])
 
     async def budget_spent(self, campaign_id: str) -> int:
         return int(await self.redis.get(self.keyspace.budget(campaign_id)) or 0)
@@ -482,6 +482,7 @@ class Ledger:
         ranks: RankArgs | None = None,
         qualifying_amount: int = 0,
         visit_day: int | None = None,
+        receipt_horizon_ms: int | None = None,
     ) -> OpResult:
         """An earn (or a grant) of `points` into one lot; or, under the rules, of each of `lines`
         into its own lot, with the member's guards and caps decided by the script."""
@@ -503,6 +504,8 @@ class Ledger:
             args["qual"] = qualifying_amount
         if visit_day is not None:
             args["day"] = visit_day
+        if receipt_horizon_ms is not None:
+            args["soon"] = receipt_horizon_ms
         return await self._call("earn", account_id, _via(args, card), request_id, fingerprint)
 
     async def authorize(
@@ -527,8 +530,12 @@ class Ledger:
         points: int | None,
         request_id: str,
         fingerprint: str,
+        receipt_horizon_ms: int | None = None,
     ) -> OpResult:
-        args = {"hold": hold_seq, "pts": -1 if points is None else points, "rid": request_id}
+        """`receipt_horizon_ms`: also answer the receipt's facts (lots expiring within it...)."""
+        args: dict[str, Any] = {"hold": hold_seq, "pts": -1 if points is None else points, "rid": request_id}
+        if receipt_horizon_ms is not None:
+            args["soon"] = receipt_horizon_ms
         return await self._call("capture", account_id, args, request_id, fingerprint)
 
     async def void(self, account_id: str, hold_seq: int, *, request_id: str, fingerprint: str) -> OpResult:
@@ -698,6 +705,8 @@ def _line_arg(line: EarnLine) -> dict[str, Any]:
         arg["rk"] = sorted(line.ranks)
     if line.limit_key:
         arg["lim"] = line.limit_key
+    if line.budget:
+        arg["b"] = True
     return arg
 
 

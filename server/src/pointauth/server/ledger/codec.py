@@ -22,7 +22,7 @@ import msgspec
 from pointauth.server.domain.earning import LotKindCode, RuleSet
 from pointauth.server.domain.ids import parse_transaction_id, transaction_id
 
-TransactionType = Literal["EARN", "GRANT", "HOLD", "CAPTURE", "REDEMPTION", "REFUND"]
+TransactionType = Literal["EARN", "GRANT", "HOLD", "CAPTURE", "REDEMPTION", "REFUND", "VISIT"]
 
 
 class PointOfSaleRef(msgspec.Struct, array_like=True, frozen=True):
@@ -68,6 +68,8 @@ class EarnLineEntry(msgspec.Struct, array_like=True, frozen=True):
     lot_id: int
     note: str = ""
     refunded: int = 0
+    budgeted: int = 0
+    """1 if the points came from the campaign's budget (a refund's share goes back to it)."""
 
 
 class AllocReturn(msgspec.Struct, array_like=True, frozen=True):
@@ -196,6 +198,17 @@ class MergeMove(msgspec.Struct, frozen=True):
     """The source's rule counts (k:<rule>), added to the target's."""
     earned: bool = False
     """The source had earned (its first-earn mark carries over)."""
+    visits: dict[str, str] | None = None
+    """The source's visit limits (v:<key>): the target keeps the later day."""
+
+
+def foreign_refund_state(refunded: int, returned: Iterable[int], lines_refunded: Iterable[int]) -> str:
+    """An f:<transaction id> field: "<points refunded>|<returned per allocation entry>[|<refunded
+    per rule line>]", lists comma-separated, the last only for an earn under the rules
+    (ledger.lua, foreign_original)."""
+    state = f"{refunded}|{','.join(map(str, returned))}"
+    lines = ",".join(map(str, lines_refunded))
+    return f"{state}|{lines}" if lines else state
 
 
 MERGE_MOVE_FIELD = "m"
@@ -254,6 +267,8 @@ class StoredAccount(msgspec.Struct):
     """`rk`: the member's rank, `rs` their qualifying spend in rank period `rp`."""
     rank_spend: int = 0
     rank_period: int | None = None
+    visits: dict[str, int] = {}
+    """`v:<rule>:<store or *>`: the day (a local date's ordinal) the visit rule last gave points."""
     foreign_refunds: dict[str, str] = {}
     """`f:<transaction id>`: what has been refunded here of a transaction of an account merged
     into this one: "<points refunded>|<points returned per allocation entry, comma-separated>"."""
@@ -398,6 +413,8 @@ def _status_fields(account: StoredAccount) -> dict[bytes, bytes]:
         fields[b"rs"] = b"%d" % account.rank_spend
     if account.rank_period is not None:
         fields[b"rp"] = b"%d" % account.rank_period
+    for key, day in account.visits.items():
+        fields[b"v:" + key.encode()] = b"%d" % day
     if account.opened_ms is not None:
         fields[OPENED_FIELD] = b"%d" % account.opened_ms
     if account.closed_ms is not None:
@@ -433,6 +450,7 @@ def decode_account(
     merges_in: dict[str, MergeIn] = {}
     foreign: dict[str, str] = {}
     counts: dict[str, int] = {}
+    visits: dict[str, int] = {}
     for field, value in stored.items():
         try:
             if field.startswith(CARD_FIELD_PREFIX):
@@ -456,6 +474,8 @@ def decode_account(
                 counts[field[2:].decode()] = int(value)
             elif field == b"fe":
                 account.first_earn_ms = int(value)
+            elif field.startswith(b"v:"):
+                visits[field[2:].decode()] = int(value)
             elif field == b"rk":
                 account.rank_id = value.decode()
             elif field == b"rs":
@@ -488,6 +508,7 @@ def decode_account(
     account.merges_in = dict(sorted(merges_in.items(), key=lambda item: (item[1].time, item[0])))
     account.foreign_refunds = dict(sorted(foreign.items()))
     account.rule_counts = dict(sorted(counts.items()))
+    account.visits = dict(sorted(visits.items()))
     account.profile = MemberProfile(**profile, attrs=dict(sorted(attrs.items())) or None)
     for member, score in lots:
         lot = decode_lot(member, score)
@@ -645,6 +666,8 @@ class Event(msgspec.Struct, frozen=True, omit_defaults=True):
     """EARN, MERGED_IN: it made the member's first-earn mark (fe = its time)."""
     rank: list[str] | None = None
     """EARN: [from, to] when its spend reached a higher rank; RANK_REVIEWED: [from, to]."""
+    visits: dict[str, int] | None = None
+    """VISIT, MERGED_IN: the day (a local date's ordinal) each visit limit key now says (v:<key>)."""
     spend: int | None = None
     """EARN, REFUNDED: the member's qualifying spend in the period after it; RANK_REVIEWED: the
     spend of the period that ended."""
@@ -839,6 +862,12 @@ class OpResult(msgspec.Struct, frozen=True):
     """earn: its spend reached a higher rank."""
     was: str = ""
     """rank_review: the rank before the review ("" if none)."""
+    soon: list[LotEntry] = []
+    """earn, capture (asked for receipt facts): lots expiring soon, soonest first."""
+    bd: str = ""
+    """earn, capture (receipt facts): the member's birthday "MMDD" ("" if not given)."""
+    spend: int = 0
+    """earn, capture (receipt facts): the member's qualifying spend (rank program)."""
 
 
 _decode_result = msgspec.msgpack.Decoder(OpResult).decode

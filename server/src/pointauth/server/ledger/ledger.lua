@@ -756,6 +756,24 @@ function OPS.account()
   return cmsgpack.pack({code = 'OK', available = available(), held = held(), fields = fields})
 end
 
+-- What the receipt lines (rules/receipt.py) print besides the answer, when asked (ARGS.soon: a
+-- horizon in ms): the lots expiring within it (at most 10, soonest first), the member's
+-- birthday ("MMDD"), rank and qualifying spend, as this call leaves them.
+local function receipt_facts(result)
+  if not ARGS.soon then return result end
+  flush_lots()
+  local raw = redis.call('ZRANGEBYSCORE', K_LOTS, fmt(lot_score(NOW, 'R') + 1), fmt(lot_score(NOW + ARGS.soon, 'R')),
+    'WITHSCORES', 'LIMIT', 0, 10)
+  local soon = {}
+  for i = 1, #raw, 2 do soon[#soon + 1] = parse_lot(raw[i], raw[i + 1]) end
+  if #soon > 0 then result.soon = soon end
+  local f = redis.call('HMGET', K_ACCOUNT, 'bd', 'rk', 'rs')
+  result.bd = f[1] or nil
+  result.rank = result.rank or A.fields.rk or f[2] or nil
+  result.spend = tonumber(A.fields.rs or f[3] or '0')
+  return result
+end
+
 -- Member ranks (ARGS.ranks = {t = tiers {{rank id, min spend}, ...} lowest first, p = the
 -- current period's index, d = 'one_step' or 'to_spend'; rules/engine.py's RankProgram): the
 -- account hash keeps the rank (rk), the qualifying spend (rs) and the period it is of (rp).
@@ -894,7 +912,7 @@ function OPS.earn()
         A.fields['k:' .. l.r] = fmt(counts[l.r])
       end
     end
-    out[i] = {l.r, granted[i], lot_id, notes[i] or '', 0}
+    out[i] = {l.r, granted[i], lot_id, notes[i] or '', 0, l.b and 1 or 0}
   end
   if first then A.fields.fe = fmt(NOW) end
   if rank then A.fields.rk, A.fields.rs = rank.rank, fmt(rank.spend) end
@@ -906,8 +924,8 @@ function OPS.earn()
   local seq = emit(ev)
   -- The record keeps the qualifying amount and its period, for a refund to lower the spend.
   tx_put(seq, new_tx(ARGS.type, ev, rank and {qual = ARGS.qual, rp = rank.period} or {}))
-  return finish({tx = seq, pts = total, lots = lots, lines = ARGS.lines and out or nil,
-    rank = rank and rank.rank or nil, up = upgraded and true or nil})
+  return finish(receipt_facts({tx = seq, pts = total, lots = lots, lines = ARGS.lines and out or nil,
+    rank = rank and rank.rank or nil, up = upgraded and true or nil}))
 end
 
 function OPS.authorize()
@@ -965,7 +983,7 @@ function OPS.capture()
   rec.state, rec.captured, rec.released, rec.capture = 'CAPTURED', want, released_pts, seq
   tx_put(ARGS.hold, rec)
   tx_put(seq, new_tx('CAPTURE', ev, {alloc = used, lots = spent}))
-  return finish({tx = seq, pts = want, released = released_pts})
+  return finish(receipt_facts({tx = seq, pts = want, released = released_pts}))
 end
 
 function OPS.void()
@@ -1029,7 +1047,7 @@ local function refund_lines(orig, want)
         A.counts[l[1]] = math.max(tonumber(count) - shares[i], 0)
         A.fields['k:' .. l[1]] = fmt(A.counts[l[1]])
       end
-      out[#out + 1] = {l[1], shares[i], l[3], '', 0}
+      out[#out + 1] = {l[1], shares[i], l[3], '', 0, l[6] or 0}
     end
   end
   return lots, out
@@ -1038,7 +1056,8 @@ end
 -- A refund of a transaction of an account merged into this one (ARGS.facct): the server passes
 -- its record (BLOB, from the merged account, which never changes again); what has been
 -- refunded of it is kept here, in the account hash's field f:<transaction id> = "<points
--- refunded>|<returned per allocation entry, comma-separated>" (codec.py, foreign_refund).
+-- refunded>|<returned per allocation entry>|<refunded per rule line>", lists comma-separated
+-- (codec.py, foreign_refund_state).
 -- Its lot ids are the merged account's: points go back by expiry, kind and issuer, to the lot
 -- this account keeps for them, or a new one.
 local function foreign_original()
@@ -1046,12 +1065,17 @@ local function foreign_original()
   local key = 'f:' .. ARGS.facct .. '.' .. fmt(ARGS.orig)
   local state = redis.call('HGET', K_ACCOUNT, key)
   if state then
-    local refunded, returned = string.match(state, '^(%d+)|(.*)$')
+    local refunded, returned, lines = string.match(state, '^(%d+)|([%d,]*)|?([%d,]*)$')
     orig.refunded = tonumber(refunded)
     local i = 0
     for r in string.gmatch(returned, '%d+') do
       i = i + 1
       orig.alloc[i][6] = tonumber(r)
+    end
+    i = 0
+    for r in string.gmatch(lines, '%d+') do
+      i = i + 1
+      orig.lines[i][5] = tonumber(r)
     end
   end
   for _, e in ipairs(orig.alloc) do e[1] = false end
@@ -1116,9 +1140,12 @@ function OPS.refund()
     refunded = orig.refunded, returned = returned, lines = shares, counts = A.counts, spend = spend})
   local seq = emit(ev)
   if foreign then
-    local back = {}
+    local back, by_line = {}, {}
     for i, e in ipairs(orig.alloc) do back[i] = fmt(e[6]) end
-    A.fields[foreign] = fmt(orig.refunded) .. '|' .. table.concat(back, ',')
+    for i, l in ipairs(orig.lines or {}) do by_line[i] = fmt(l[5]) end
+    local state = fmt(orig.refunded) .. '|' .. table.concat(back, ',')
+    if #by_line > 0 then state = state .. '|' .. table.concat(by_line, ',') end
+    A.fields[foreign] = state
   else
     tx_put(ARGS.orig, orig)
   end

@@ -96,9 +96,13 @@ def reconcile_command(settings: Settings, settle_seconds: float = 5.0, out: Text
             print(difference, file=out)
         for entry in report.directory:
             print(entry, file=out)
+        for rule in report.rules:
+            print(rule, file=out)
         differing = [f"{len({d.account_id for d in report.differences})} accounts"] if report.differences else []
         if report.directory:
             differing.append(f"{len(report.directory)} group directory entries")
+        if report.rules:
+            differing.append(f"{len(report.rules)} rule sets or budgets")
         verdict = "agree" if report.ok else f"DIFFER for {' and '.join(differing)}"
         print(
             f"reconcile: {report.accounts} accounts compared in {report.seconds:.1f} s "
@@ -131,6 +135,7 @@ def rehydrate_command(settings: Settings, force: bool = False, out: TextIO = sys
         print(
             f"rehydrated {report.accounts} accounts, {report.transactions} transactions, {report.cards} cards, "
             f"{report.idempotency_records} request ids, {report.directory_entries} group directory entries, "
+            f"{report.rule_sets} rule sets, {report.budgets} campaign budgets, "
             f"{report.unfinished_merges} unfinished merges (finished by the next server start) "
             f"in {report.seconds:.1f} s",
             file=out,

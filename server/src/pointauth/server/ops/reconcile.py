@@ -1,8 +1,10 @@
 """Proves Redis and PostgreSQL agree, per account: the state Redis stores (sequence, lots, open
 holds, cards and their states, status, profile, merge, merge history, refund states of merged
-accounts' transactions, hold index, card index) equals the PostgreSQL projection of the journal;
-and the journal itself is complete, holding the account's events 1..last_seq once each, which
-add up to the points Redis holds.
+accounts' transactions, rule counts and first earn, hold index, card index) equals the PostgreSQL
+projection of the journal; and the journal itself is complete, holding the account's events
+1..last_seq once each, which add up to the points Redis holds. And beside the accounts: the group
+directory, the published rule sets (and the current version) and the campaigns' budget counts
+(ops/rules.py says when a budget count differs).
 
 Both sides are compared as stored, not as of a "now": Redis keeps an expired lot or hold until
 the next script call on the account, and so does the projection, which changes only by events.
@@ -33,11 +35,14 @@ from pointauth.server.journal.writer import (
     foreign_refunds,
     merge_histories,
     profile_from_row,
+    rule_counts_from_row,
     to_ms,
 )
 from pointauth.server.ledger import Keyspace, codec
 from pointauth.server.ops import directory as group_directory
+from pointauth.server.ops import rules as ops_rules
 from pointauth.server.ops.directory import DirectoryDifference
+from pointauth.server.ops.rules import RulesDifference
 
 PAGE = 2000
 
@@ -64,10 +69,12 @@ class ReconcileReport:
     seconds: float = 0.0
     directory: list[DirectoryDifference] = field(default_factory=list)
     """Where the group directory's companies, stores and terminals differ."""
+    rules: list[RulesDifference] = field(default_factory=list)
+    """Where the rule sets, the current version and the campaigns' budget counts differ."""
 
     @property
     def ok(self) -> bool:
-        return not self.differences and not self.directory
+        return not self.differences and not self.directory and not self.rules
 
     @property
     def accounts_per_second(self) -> float:
@@ -188,6 +195,10 @@ class _Side:
     """The merges into the account (its mh: fields), by merge id."""
     foreign_refunds: dict[str, str] = field(default_factory=dict)
     """The refund states of transactions of accounts merged into it (its f: fields)."""
+    rule_counts: dict[str, int] = field(default_factory=dict)
+    """The capped rules' counts for the member (its k:<rule> fields)."""
+    first_earn_ms: int | None = None
+    """The member's first earn (its fe field)."""
     unindexed: set[int] = field(default_factory=set)
     """Open holds missing from the hold index (so the sweeper would never expire them)."""
     card_owners: dict[str, str | None] = field(default_factory=dict)
@@ -231,6 +242,16 @@ async def reconcile(
         while report.directory and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
             report.directory = await group_directory.differences(redis, conn, keyspace)
+        # The rule sets, whose publications may be in flight too, and the budget counts, which
+        # earns in flight hold above PostgreSQL's (ops/rules.py): looked at twice at least, so
+        # that a count that moves is never taken for one that stays put.
+        rules = await ops_rules.compare(redis, conn, keyspace)
+        first_budgets, looks = rules.redis_budgets, 1
+        while not rules.settled and (time.monotonic() < deadline or looks < 2):
+            await asyncio.sleep(0.2)
+            rules = await ops_rules.compare(redis, conn, keyspace, first_budgets)
+            looks += 1
+        report.rules = rules.differences
     report.differences = [d for diffs in suspects.values() for d in diffs]
     report.seconds = time.perf_counter() - started
     return report
@@ -344,6 +365,8 @@ async def _postgres_sides(conn: Connection, accounts: list[str]) -> dict[str, _S
             merged_into=r["merged_into"],
             merge_id=r["merge_id"],
             merged_ms=None if r["merged_at"] is None else to_ms(r["merged_at"]),
+            rule_counts=rule_counts_from_row(r["rule_counts"]),
+            first_earn_ms=None if r["first_earn_at"] is None else to_ms(r["first_earn_at"]),
         )
         for r in await conn.fetch(
             f"SELECT account_id, last_seq, {ACCOUNT_MEMBER_COLUMNS} FROM accounts WHERE account_id = ANY($1::text[])",
@@ -436,6 +459,8 @@ def _parse_account(
         merged_ms=account.merged_ms,
         merges_in=account.merges_in,
         foreign_refunds=account.foreign_refunds,
+        rule_counts=account.rule_counts,
+        first_earn_ms=account.first_earn_ms,
     )
 
 
@@ -498,6 +523,13 @@ def _differences(account: str, rd: _Side | None, pg: _Side | None) -> Iterable[D
         r_f, p_f = rd.foreign_refunds.get(txid), pg.foreign_refunds.get(txid)
         if r_f != p_f:
             yield Difference(account, f"refund state of {txid}", r_f or "absent", p_f or "absent")
+    # What the rules read of the member: each capped rule's count (k:<rule>), the first earn (fe).
+    for rule in sorted(rd.rule_counts.keys() | pg.rule_counts.keys()):
+        r_k, p_k = rd.rule_counts.get(rule), pg.rule_counts.get(rule)
+        if r_k != p_k:
+            yield Difference(account, f"rule count {rule}", _count(r_k), _count(p_k))
+    if rd.first_earn_ms != pg.first_earn_ms:
+        yield Difference(account, "first earn", _count(rd.first_earn_ms), _count(pg.first_earn_ms))
     # Accounts opened before the account hash kept the opening time have none in Redis.
     if rd.opened_ms is not None and rd.opened_ms != pg.opened_ms:
         yield Difference(
@@ -505,6 +537,10 @@ def _differences(account: str, rd: _Side | None, pg: _Side | None) -> Iterable[D
         )
     if rd.profile != pg.profile:
         yield Difference(account, "profile", _profile(rd.profile), _profile(pg.profile))
+
+
+def _count(value: int | None) -> str:
+    return "absent" if value is None else str(value)
 
 
 def _card(link: codec.CardLink) -> str:

@@ -12,6 +12,13 @@ A merged account's transaction refunded since on the account it was merged into 
 PostgreSQL has it, everything refunded of it (Redis had kept it as it was at the merge): the
 script reads the refund state from the f: field first, so refunds go on the same.
 
+And the rules (issue #10): each member's rule counts and first earn (k:<rule>, fe), earns' and
+refunds' lines in their records, the published rule sets and the current version, and each
+budgeted campaign's count (ops/rules.py). With a request's record, an earn's or a refund's
+budget marks (Keyspace.budget_mark) come back too, for each campaign of its answer's lines: a
+retried earn then gives back its new reservation whole, and a retried refund gives nothing back
+twice, as before the loss.
+
 What PostgreSQL had not yet received when Redis was lost (the worker's lag, about a second of
 traffic) cannot come back; the tills' retries with the same request ids redo those requests.
 """
@@ -23,8 +30,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import msgspec
 from redis.asyncio import Redis
 
+from pointauth.server.domain.earning import BASE_RULE
+from pointauth.server.domain.ids import transaction_id
+from pointauth.server.journal import rules as journal_rules
 from pointauth.server.journal.pg import connection
 from pointauth.server.journal.status import stream_backlogs
 from pointauth.server.journal.writer import (
@@ -36,10 +47,12 @@ from pointauth.server.journal.writer import (
     merge_moves,
     profile_from_row,
     record_from_row,
+    rule_counts_from_row,
     to_ms,
 )
 from pointauth.server.ledger import Keyspace, codec
 from pointauth.server.ops import directory
+from pointauth.server.ops import rules as ops_rules
 
 PAGE = 1000
 Progress = Callable[[int, int], None]
@@ -60,6 +73,10 @@ class RehydrateReport:
     """Companies, stores and terminals of the group directory."""
     unfinished_merges: int = 0
     """Merges put back on their shard's list for the recovery pass to finish."""
+    rule_sets: int = 0
+    """Published rule set versions."""
+    budgets: int = 0
+    """Budget counts of campaigns (each that had a budget in some version)."""
 
 
 async def rehydrate(
@@ -88,6 +105,7 @@ async def rehydrate(
     counts = {"accounts": 0, "transactions": 0, "idempotency": 0, "cards": 0, "merges": 0}
     async with connection(dsn) as conn:
         total = int(await conn.fetchval("SELECT count(*) FROM accounts"))
+        budgeted = set(await journal_rules.budget_counts(conn))
         after = ""
         while True:
             accounts = await conn.fetch(
@@ -135,6 +153,8 @@ async def rehydrate(
                     merged_ms=None if r["merged_at"] is None else to_ms(r["merged_at"]),
                     merges_in=history.get(r["account_id"], {}),
                     foreign_refunds=foreign.get(r["account_id"], {}),
+                    rule_counts=rule_counts_from_row(r["rule_counts"]),
+                    first_earn_ms=None if r["first_earn_at"] is None else to_ms(r["first_earn_at"]),
                 )
                 for r in accounts
             }
@@ -174,6 +194,8 @@ async def rehydrate(
                             merged_ms=stored.merged_ms,
                             merges_in=stored.merges_in,
                             foreign_refunds=stored.foreign_refunds,
+                            rule_counts=stored.rule_counts,
+                            first_earn_ms=stored.first_earn_ms,
                         )
                     )
                     pipe.hset(keys.account, mapping=layout.fields)  # type: ignore[arg-type]  # dict keys are invariant
@@ -185,6 +207,8 @@ async def rehydrate(
                     # The record as the script wrote it (codec.idempotency_record), byte for byte.
                     key = keyspace.idempotency(r["account_id"], r["request_id"])
                     pipe.set(key, r["record"], px=r["ttl"])
+                    for mark in _budget_marks(keyspace, r["account_id"], r["record"], budgeted):
+                        pipe.set(mark, "1", px=r["ttl"] + _MARK_MARGIN_MS)
                 for r in cards:
                     card = r["card_number"]
                     pipe.hset(keyspace.card_bucket(card), card, codec.card_owner_value(r["account_id"]))
@@ -208,7 +232,11 @@ async def rehydrate(
                 progress(counts["accounts"], total)
         # And the group directory (its keys, and its version, above which new changes go on).
         directory_entries = await directory.restore(redis, conn, keyspace)
+        # And the rule sets (the version above which new publications go on) and the budgets.
+        rules = await ops_rules.restore(redis, conn, keyspace)
     return RehydrateReport(
+        rule_sets=rules.rule_sets,
+        budgets=len(rules.budgets),
         directory_entries=directory_entries,
         accounts=counts["accounts"],
         transactions=counts["transactions"],
@@ -217,6 +245,28 @@ async def rehydrate(
         seconds=time.perf_counter() - started,
         unfinished_merges=counts["merges"],
     )
+
+
+# A budget mark outlives its request's record by a day (Ledger.settle_budget, give_budget).
+_MARK_MARGIN_MS = 86_400_000
+
+
+def _budget_marks(keyspace: Keyspace, account_id: str, record: bytes, budgeted: set[str]) -> list[str]:
+    """The budget marks of the earn or refund whose answer a request's record holds: one per
+    budgeted campaign among its lines (an earn's: each settled its reservation; a refund's: each
+    share given back), as the server set them after the call."""
+    try:
+        result = codec.decode_result(codec.split_idempotency_record(record)[1])
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return []
+    if result.code != "OK" or not result.lines:
+        return []
+    txid = transaction_id(account_id, result.tx)
+    return [
+        keyspace.budget_mark(line.rule, txid)
+        for line in result.lines
+        if line.rule != BASE_RULE and line.rule in budgeted
+    ]
 
 
 def utc_now_ms() -> int:

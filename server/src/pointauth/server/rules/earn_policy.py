@@ -13,7 +13,7 @@ from pointauth.server.domain.earning import Rate
 class EarnPolicy:
     def __init__(self, settings: EarnSettings) -> None:
         self._settings = settings
-        self._zone = ZoneInfo(settings.timezone)
+        self.zone = ZoneInfo(settings.timezone)
         self.purchase_time_skew_ms = settings.purchase_time_skew_seconds * 1000
 
     @property
@@ -23,7 +23,7 @@ class EarnPolicy:
 
     def local_time(self, ms: int) -> datetime:
         """An instant in the program's time zone (weekdays, days and time windows of rules)."""
-        return datetime.fromtimestamp(ms / 1000, tz=UTC).astimezone(self._zone)
+        return datetime.fromtimestamp(ms / 1000, tz=UTC).astimezone(self.zone)
 
     def points_for(self, purchase_amount: int) -> int:
         """rate_points per rate_amount, rounded down: 1 point per 100 yen gives 0 for 99 yen."""
@@ -32,13 +32,13 @@ class EarnPolicy:
     def expire_ms(self, earned_ms: int) -> int:
         """When a lot earned at `earned_ms` expires. The lot keeps it even if policy changes."""
         expiry = self._settings.expiry
-        earned = datetime.fromtimestamp(earned_ms / 1000, tz=UTC).astimezone(self._zone)
+        earned = datetime.fromtimestamp(earned_ms / 1000, tz=UTC).astimezone(self.zone)
         if expiry.policy == "days":
             return earned_ms + expiry.days * 86_400_000
         if expiry.policy == "end_of_month":
             month_index = earned.year * 12 + earned.month - 1 + expiry.months + 1
-            end = datetime(month_index // 12, month_index % 12 + 1, 1, tzinfo=self._zone)
+            end = datetime(month_index // 12, month_index % 12 + 1, 1, tzinfo=self.zone)
         else:
-            end = datetime(earned.year + expiry.years + 1, 1, 1, tzinfo=self._zone)
+            end = datetime(earned.year + expiry.years + 1, 1, 1, tzinfo=self.zone)
         # Expiry is exclusive: the lot is spendable up to the last millisecond of the period.
         return int(end.timestamp()) * 1000

@@ -20,8 +20,10 @@ from pointauth.server.ledger import (
     TransactionRecord,
 )
 from pointauth.server.ledger.codec import EarnLineEntry
+from pointauth.server.rules import receipt
 from pointauth.server.rules.earn_policy import EarnPolicy
-from pointauth.server.rules.engine import earning_amount, rank_after, visit_lines
+from pointauth.server.rules.engine import DAY_MS, earning_amount, rank_after, visit_lines
+from pointauth.server.rules.receipt import Facts, ReceiptLine
 from pointauth.server.services.directory import DirectoryService
 from pointauth.server.services.refusals import failed_precondition, not_found, renamed_not_found
 from pointauth.server.services.rules import RulesService, with_points
@@ -113,6 +115,7 @@ class PointsService:
                 purchase_amount=purchase_amount,
                 purchase_ms=purchase_ms,
                 card=card_number,
+                receipt_horizon_ms=self.receipt_horizon_ms(),
             ),
         )
         return Earned(account, result)
@@ -160,6 +163,7 @@ class PointsService:
                     rules_version=rules_version,
                     ranks=ranks,
                     qualifying_amount=qualifying_amount,
+                    receipt_horizon_ms=self.receipt_horizon_ms(),
                 ),
             )
         except BaseException:
@@ -171,6 +175,27 @@ class PointsService:
         for rule, taken in reserved.items():
             await self.ledger.settle_budget(rule, earn_id, taken, granted.get(rule, 0))
         return Earned(account, result, rules_version, short)
+
+    def _rule_set(self) -> RuleSet:
+        return self.rules.current if self.rules is not None else RuleSet(version=0)
+
+    def receipt_horizon_ms(self) -> int:
+        return self._rule_set().receipt.expiring_within_days * DAY_MS
+
+    def receipt_lines(self, result: OpResult, *, earned: bool) -> list[ReceiptLine]:
+        """The promotional receipt of an earn's or a visit's (`earned`) or a capture's answer."""
+        by_rule = tuple((line.rule, line.points) for line in result.lines)
+        if earned and not by_rule:
+            by_rule = ((BASE_RULE, result.pts),)  # an earn at the configured rate
+        facts = Facts(
+            earned=by_rule,
+            available=result.available,
+            expiring=tuple((lot.expire_ms, lot.points) for lot in result.soon),
+            birthday=result.bd,
+            rank_id=result.rank,
+            spend=result.spend,
+        )
+        return receipt.lines(self._rule_set(), facts, self.policy.zone, self.clock.now_ms())
 
     async def check_in(
         self, card_number: str, *, visit_ms: int, pos: PointOfSaleRef, request_id: str, fingerprint: str
@@ -205,6 +230,7 @@ class PointsService:
                 rules_version=rule_set.version,
                 ranks=ranks,
                 visit_day=day,
+                receipt_horizon_ms=self.receipt_horizon_ms(),
             ),
         )
         return Earned(account, result, rule_set.version)
@@ -285,7 +311,12 @@ class PointsService:
     ) -> OpResult:
         try:
             return await self.ledger.capture(
-                account_id, hold_seq, points=points, request_id=request_id, fingerprint=fingerprint
+                account_id,
+                hold_seq,
+                points=points,
+                request_id=request_id,
+                fingerprint=fingerprint,
+                receipt_horizon_ms=self.receipt_horizon_ms(),
             )
         except LedgerRefusal as refusal:
             raise _unknown_hold(refusal, account_id, hold_seq) from None
@@ -337,7 +368,7 @@ class PointsService:
         # A refunded earn's campaign points go back to their budgets, once per refund (a campaign
         # without a budget has no count: nothing happens).
         for share in result.lines:
-            if share.rule != BASE_RULE and share.points:
+            if share.budgeted and share.points:
                 await self.ledger.give_budget(share.rule, share.points, transaction_id(account, result.tx))
         return Outcome(account, result)
 
