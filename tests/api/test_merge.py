@@ -228,3 +228,18 @@ async def test_a_merge_under_till_traffic_on_both_accounts_conserves_every_point
     assert earned["source"] > 0
     assert earned["target"] > 0
     assert codec.decode_card_owner(await redis.hget(keyspace.card_bucket(S_CARD), S_CARD)) == "target"
+
+
+@pytest.mark.usefixtures("pair")
+async def test_a_merge_finished_late_after_its_target_merged_on_applies_once(
+    client: PointsClient, server: PointauthServer, redis: Redis, keyspace: Keyspace
+) -> None:
+    await merge(client)
+    # As if the first merge's process had died before its last step: still on the list.
+    await redis.zadd(keyspace.account("source").merges, {"source": 1})
+    await client.create_account("third", "4000000000000301")
+    await merge(client, "target", "third")
+    assert await server.ledger.finish_merges() == 1
+    third = await client.get_balance("4000000000000301")
+    assert (third.account_id, third.balance.available_points) == ("third", 180)
+    assert await server.ledger.finish_merges() == 0

@@ -128,7 +128,7 @@ async def test_concurrent_earns_cross_a_rank_once(
     assert sorted(a.rank_id for a in answers) == ["gold"] * 11 + ["regular"] * 4 + ["silver"] * 15
     account = await client.get_account(account_id="member-r")
     assert (account.rank_id, account.qualifying_spend) == ("gold", 300_000)
-    ups = [e.rank for e in await stream_events(redis, keyspace, "member-r") if e.rank]
+    ups = [e.rank for e in await stream_events(redis, keyspace, "member-r") if e.type == "EARN" and e.rank]
     assert ups == [["regular", "silver"], ["silver", "gold"]]
 
 

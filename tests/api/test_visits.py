@@ -107,3 +107,13 @@ async def test_a_visit_no_rule_rewards_is_refused(client: PointsClient, clock: M
     with pytest.raises(RefusedError) as caught:
         await client.check_in(CARD, STORE, at(clock.now_ms()))
     assert caught.value.reason == "NO_VISIT_RULE"
+
+
+async def test_a_back_dated_visit_does_not_pay_a_day_twice(
+    client: PointsClient, visitor: str, clock: ManualClock
+) -> None:
+    await client.check_in(visitor, KIOSK, at(clock.now_ms()))
+    with pytest.raises(RefusedError) as caught:
+        await client.check_in(visitor, KIOSK, at(clock.now_ms() - DAY_MS))
+    assert caught.value.reason == "ALREADY_CHECKED_IN"
+    assert (await client.get_balance(visitor)).balance.available_points == 7

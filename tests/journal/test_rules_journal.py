@@ -70,7 +70,8 @@ async def test_the_worker_copies_rule_sets_lines_counts_first_earns_and_campaign
             "SELECT account_id, rule_counts::text, first_earn_at FROM accounts ORDER BY account_id"
         )
         points = await conn.fetch(
-            "SELECT campaign_id, rules_version, given, refunded FROM campaign_points ORDER BY 1, 2"
+            "SELECT campaign_id, rules_version, given, refunded, budget_given, budget_refunded FROM campaign_points"
+            " ORDER BY 1, 2"
         )
         records = await conn.fetch("SELECT * FROM transactions ORDER BY account_id, seq")
         budgets = await journal_rules.budget_counts(conn)
@@ -86,26 +87,26 @@ async def test_the_worker_copies_rule_sets_lines_counts_first_earns_and_campaign
 
     assert [(r[0], r[1], r[2], _json(r[3]), r[4], _json(r[5]), r[6]) for r in journal] == [
         ("m-1", 1, "ACCOUNT_OPENED", None, None, None, None),
-        ("m-1", 2, "EARN", [["base", 100, lot_1, "", 0], ["capped", 200, lot_1, "", 0], ["funded", 33, lot_1, "", 0]],
-         1, {"capped": 200}, True),
-        ("m-1", 3, "EARN", [["base", 100, lot_2, "", 0], ["capped", 50, lot_2, "member_cap", 0],
-                            ["funded", 50, lot_2, "", 0]], 2, {"capped": 250}, None),
-        ("m-1", 4, "REFUNDED", [["base", 34, lot_1, "", 0], ["capped", 66, lot_1, "", 0], ["funded", 11, lot_1, "", 0]],
-         None, {"capped": 184}, None),
+        ("m-1", 2, "EARN", [["base", 100, lot_1, "", 0, 0], ["capped", 200, lot_1, "", 0, 0],
+                            ["funded", 33, lot_1, "", 0, 1]], 1, {"capped": 200}, True),
+        ("m-1", 3, "EARN", [["base", 100, lot_2, "", 0, 0], ["capped", 50, lot_2, "member_cap", 0, 0],
+                            ["funded", 50, lot_2, "", 0, 1]], 2, {"capped": 250}, None),
+        ("m-1", 4, "REFUNDED", [["base", 34, lot_1, "", 0, 0], ["capped", 66, lot_1, "", 0, 0],
+                                ["funded", 11, lot_1, "", 0, 1]], None, {"capped": 184}, None),
         ("m-2", 1, "ACCOUNT_OPENED", None, None, None, None),
-        ("m-2", 2, "EARN", [["base", 10, lot_m2, "", 0], ["capped", 20, lot_m2, "", 0], ["funded", 50, lot_m2, "", 0]],
-         2, {"capped": 20}, True),
+        ("m-2", 2, "EARN", [["base", 10, lot_m2, "", 0, 0], ["capped", 20, lot_m2, "", 0, 0],
+                            ["funded", 50, lot_m2, "", 0, 1]], 2, {"capped": 20}, True),
     ]  # fmt: skip
     # The first earn's lines say what the refund took back of each (the script's figures).
     assert [(r[0], r[1], r[2], r[3], _json(r[4]), r[5]) for r in transactions] == [
-        ("m-1", 2, "EARN", 111, [["base", 100, lot_1, "", 34], ["capped", 200, lot_1, "", 66],
-                                 ["funded", 33, lot_1, "", 11]], 1),
-        ("m-1", 3, "EARN", 0, [["base", 100, lot_2, "", 0], ["capped", 50, lot_2, "member_cap", 0],
-                               ["funded", 50, lot_2, "", 0]], 2),
-        ("m-1", 4, "REFUND", 0, [["base", 34, lot_1, "", 0], ["capped", 66, lot_1, "", 0],
-                                 ["funded", 11, lot_1, "", 0]], None),
-        ("m-2", 2, "EARN", 0, [["base", 10, lot_m2, "", 0], ["capped", 20, lot_m2, "", 0],
-                               ["funded", 50, lot_m2, "", 0]], 2),
+        ("m-1", 2, "EARN", 111, [["base", 100, lot_1, "", 34, 0], ["capped", 200, lot_1, "", 66, 0],
+                                 ["funded", 33, lot_1, "", 11, 1]], 1),
+        ("m-1", 3, "EARN", 0, [["base", 100, lot_2, "", 0, 0], ["capped", 50, lot_2, "member_cap", 0, 0],
+                               ["funded", 50, lot_2, "", 0, 1]], 2),
+        ("m-1", 4, "REFUND", 0, [["base", 34, lot_1, "", 0, 0], ["capped", 66, lot_1, "", 0, 0],
+                                 ["funded", 11, lot_1, "", 0, 1]], None),
+        ("m-2", 2, "EARN", 0, [["base", 10, lot_m2, "", 0, 0], ["capped", 20, lot_m2, "", 0, 0],
+                               ["funded", 50, lot_m2, "", 0, 1]], 2),
     ]  # fmt: skip
     for member in MEMBERS:
         in_postgres = {r["seq"]: record_from_row(r) for r in records if r["account_id"] == member}
@@ -114,11 +115,12 @@ async def test_the_worker_copies_rule_sets_lines_counts_first_earns_and_campaign
         ("m-1", {"capped": 184}, to_time(at(2))),
         ("m-2", {"capped": 20}, to_time(at(5))),
     ]
-    assert [tuple(r[i] for i in range(4)) for r in points] == [
-        ("capped", 1, 200, 66),
-        ("capped", 2, 70, 0),
-        ("funded", 1, 33, 11),
-        ("funded", 2, 100, 0),
+    # Only the funded campaign's lines drew on a budget (their sixth element, budgeted).
+    assert [tuple(r[i] for i in range(6)) for r in points] == [
+        ("capped", 1, 200, 66, 0, 0),
+        ("capped", 2, 70, 0, 0, 0),
+        ("funded", 1, 33, 11, 33, 11),
+        ("funded", 2, 100, 0, 100, 0),
     ]
     assert budgets == {"funded": 122}
     assert int(await redis.get(keyspace.budget("funded")) or 0) == 122

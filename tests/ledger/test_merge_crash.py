@@ -17,8 +17,10 @@ from pointauth.server.clock import ManualClock
 from pointauth.server.config import Settings
 from pointauth.server.devstack.stack import EmbeddedStack
 from pointauth.server.ledger import Keyspace, Ledger, LotEntry, PointOfSaleRef, codec
+from pointauth.server.ops.reconcile import reconcile
 from tests.conftest import DAY_MS, START_MS
 from tests.helpers import account_state, stream_events
+from tests.journal.support import assert_journal_complete, running_worker, wait_until_applied
 
 ACME = PointOfSaleRef("acme", "store-1", "till-1", 1)
 PARTNER = PointOfSaleRef("partner", "store-9", "kiosk-1", 4)
@@ -84,6 +86,7 @@ async def test_a_merge_killed_midway_is_finished_by_the_next_server_start(
     keyspace: Keyspace,
     settings: Settings,
     clock: ManualClock,
+    dsn: str,
 ) -> None:
     await open_pair(ledger)
     merger = await asyncio.create_subprocess_exec(
@@ -113,7 +116,7 @@ async def test_a_merge_killed_midway_is_finished_by_the_next_server_start(
         assert codec.decode_card_owner(await redis.hget(keyspace.card_bucket(card), card)) == "target"
     assert await redis.zcard(keyspace.account("source").merges) == 0
     merged_in = [e for e in await stream_events(redis, keyspace, "target") if e.type == "MERGED_IN"]
-    assert [(e.merge, e.pts) for e in merged_in] == [("merge-1", 140)]  # applied once
+    assert [(e.merge, e.pts) for e in merged_in] == [("source:merge-1", 140)]  # applied once
     # Recovery again, and the merge's retry, change nothing.
     assert await ledger.finish_merges() == 0
     retried = await ledger.merge(
@@ -121,3 +124,8 @@ async def test_a_merge_killed_midway_is_finished_by_the_next_server_start(
     )
     assert retried.pts == 140
     assert await account_state(redis, keyspace, "target") == target
+    # The journal: both accounts' events, each once and without a gap; reconcile finds nothing.
+    async with running_worker(stack.redis.url, dsn, keyspace):
+        await wait_until_applied(redis, dsn, keyspace, ["source", "target"])
+    assert await assert_journal_complete(redis, dsn, keyspace, ["source", "target"]) == 5 + 3
+    assert (await reconcile(redis, dsn, keyspace, settle_seconds=0)).differences == []

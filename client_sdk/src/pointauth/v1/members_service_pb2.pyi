@@ -306,7 +306,7 @@ class AccountMerge(_message.Message):
     SOURCE_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     MERGE_TIME_FIELD_NUMBER: _builtins.int
     merge_id: _builtins.str
-    """The merge (the MergeAccounts request_id)."""
+    """The merge: "<source account id>:<the MergeAccounts request_id>"."""
     source_account_id: _builtins.str
     """The account merged in."""
     @_builtins.property

@@ -275,7 +275,7 @@ class RulePoints(_message.Message):
     note: _builtins.str
     """Why it gave fewer points than its rule says, if it did: "member_cap" (the member's cap for
     the campaign is reached), "budget" (the campaign's budget ran out), "not_birthday_month",
-    "not_first_purchase", "not_rank".
+    "not_first_purchase", "not_rank", "already_checked_in" (a visit rule within its limit).
     """
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-from collections.abc import Mapping
 
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -82,26 +81,24 @@ def parse_lot_page_token(token: str) -> LotEntry | None:
     """The lot a page token names (points and issuer unknown: 0 and ""), None if not a token."""
     try:
         expire_ms, kind, lot_id = base64.urlsafe_b64decode(token.encode()).decode().split(":")
+        values = int(expire_ms), int(lot_id)
+        if not all(0 <= value < 2**53 for value in values):  # what a Lua number holds exactly
+            return None
         if kind == "R":
-            return LotEntry(int(lot_id), 0, int(expire_ms), "R", "")
+            return LotEntry(values[1], 0, values[0], "R", "")
         if kind == "L":
-            return LotEntry(int(lot_id), 0, int(expire_ms), "L", "")
+            return LotEntry(values[1], 0, values[0], "L", "")
         return None
     except (ValueError, binascii.Error, UnicodeDecodeError):
         return None
 
 
-def breakdown(
-    lines: list[EarnLineEntry], lots: list[LotEntry], short: Mapping[str, int] | None = None
-) -> list[points_service_pb2.RulePoints]:
-    """What each rule gave, with the lot its points went to (the earn's lot effects name it).
-    A campaign whose budget ran short says "budget" unless the member's own limit says more."""
+def breakdown(lines: list[EarnLineEntry], lots: list[LotEntry]) -> list[points_service_pb2.RulePoints]:
+    """What each rule gave, with the lot its points went to (the earn's lot effects name it)."""
     by_id = {lot.lot_id: lot for lot in lots}
     out = []
     for line in lines:
-        message = points_service_pb2.RulePoints(
-            rule_id=line.rule, points=line.points, note=line.note or ("budget" if (short or {}).get(line.rule) else "")
-        )
+        message = points_service_pb2.RulePoints(rule_id=line.rule, points=line.points, note=line.note)
         lot = by_id.get(line.lot_id)
         if lot is not None:
             message.lot_id = str(lot.lot_id)

@@ -12,7 +12,7 @@ from pointauth.server.api.convert import fingerprint
 from pointauth.server.api.validation import Violations
 from pointauth.server.domain import ids
 from pointauth.server.ledger import AccountView, CardKindCode, ProfileChange
-from pointauth.server.ledger.codec import CardLink, MemberProfile, decode_card_link
+from pointauth.server.ledger.codec import CardLink, MemberProfile
 from pointauth.server.services.members import MembersService
 from pointauth.v1 import members_service_pb2 as pb
 from pointauth.v1 import members_service_pb2_grpc
@@ -137,10 +137,6 @@ def card(number: str, link: CardLink) -> pb.Card:
     return message
 
 
-def _card_of(number: str, raw: str) -> pb.Card:
-    return card(number, decode_card_link(raw.encode()))
-
-
 def profile_message(profile: MemberProfile) -> pb.MemberProfile:
     message = pb.MemberProfile(home_company_id=profile.hc or "", attributes=profile.attrs or {})
     if profile.bd:
@@ -218,10 +214,10 @@ class MembersServicer(members_service_pb2_grpc.MembersServiceServicer):
         number = v.card_number("card_number", request.card_number)
         kind = card_kind(v, "kind", request.kind)
         v.raise_if_any()
-        result = await self.members.link_card(
+        link = await self.members.link_card(
             account_id, number, kind, request_id=request_id, fingerprint=fingerprint("LinkCard", request)
         )
-        return pb.LinkCardResponse(card=_card_of(number, result.card))
+        return pb.LinkCardResponse(card=card(number, link))
 
     async def UnlinkCard(self, request: pb.UnlinkCardRequest, context: Context) -> pb.UnlinkCardResponse:
         v = Violations()
@@ -239,20 +235,20 @@ class MembersServicer(members_service_pb2_grpc.MembersServiceServicer):
         request_id = v.request_id(request.request_id)
         number = v.card_number("card_number", request.card_number)
         v.raise_if_any()
-        account_id, result = await self.members.set_card_state(
+        account_id, link = await self.members.set_card_state(
             number, "B", request_id=request_id, fingerprint=fingerprint("BlockCard", request)
         )
-        return pb.BlockCardResponse(account_id=account_id, card=_card_of(number, result.card))
+        return pb.BlockCardResponse(account_id=account_id, card=card(number, link))
 
     async def UnblockCard(self, request: pb.UnblockCardRequest, context: Context) -> pb.UnblockCardResponse:
         v = Violations()
         request_id = v.request_id(request.request_id)
         number = v.card_number("card_number", request.card_number)
         v.raise_if_any()
-        account_id, result = await self.members.set_card_state(
+        account_id, link = await self.members.set_card_state(
             number, "A", request_id=request_id, fingerprint=fingerprint("UnblockCard", request)
         )
-        return pb.UnblockCardResponse(account_id=account_id, card=_card_of(number, result.card))
+        return pb.UnblockCardResponse(account_id=account_id, card=card(number, link))
 
     async def ReissueCard(self, request: pb.ReissueCardRequest, context: Context) -> pb.ReissueCardResponse:
         v = Violations()
@@ -263,13 +259,13 @@ class MembersServicer(members_service_pb2_grpc.MembersServiceServicer):
         if number and number == new:
             v.add("new_card_number", "must differ from card_number")
         v.raise_if_any()
-        account_id, result = await self.members.reissue_card(
+        account_id, old_link, new_link = await self.members.reissue_card(
             number, new, kind, request_id=request_id, fingerprint=fingerprint("ReissueCard", request)
         )
         return pb.ReissueCardResponse(
             account_id=account_id,
-            replaced_card=_card_of(number, result.card),
-            new_card=_card_of(new, result.new_card),
+            replaced_card=card(number, old_link),
+            new_card=card(new, new_link),
         )
 
     async def MergeAccounts(self, request: pb.MergeAccountsRequest, context: Context) -> pb.MergeAccountsResponse:

@@ -78,11 +78,11 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
             earned_points=result.pts,
             lot=convert.lot(result.lots[0]) if result.lots else None,
             balance=convert.balance(result),
-            breakdown=convert.breakdown(result.lines, result.lots, earned.short),
-            rule_set_version=earned.rules_version,
+            breakdown=convert.breakdown(result.lines, result.lots),
+            rule_set_version=result.rules,
             rank_id=result.rank,
             rank_upgraded=result.up,
-            receipt_lines=convert.receipt_lines(self.points.receipt_lines(result, earned=True)),
+            receipt_lines=convert.receipt_lines(await self.points.receipt_lines(result, earned=True)),
         )
 
     async def CheckIn(self, request: pb.CheckInRequest, context: Context) -> pb.CheckInResponse:
@@ -107,7 +107,7 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
             earned_points=result.pts,
             breakdown=convert.breakdown(result.lines, result.lots),
             balance=convert.balance(result),
-            rule_set_version=earned.rules_version,
+            rule_set_version=result.rules,
         )
 
     async def SimulateEarn(self, request: pb.SimulateEarnRequest, context: Context) -> pb.SimulateEarnResponse:
@@ -173,7 +173,7 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
             captured_points=result.pts,
             released_points=result.released,
             balance=convert.balance(result),
-            receipt_lines=convert.receipt_lines(self.points.receipt_lines(result, earned=False)),
+            receipt_lines=convert.receipt_lines(await self.points.receipt_lines(result, earned=False)),
         )
 
     async def VoidHold(self, request: pb.VoidHoldRequest, context: Context) -> pb.VoidHoldResponse:

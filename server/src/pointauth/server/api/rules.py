@@ -240,6 +240,10 @@ def _visits(v: Violations, messages: Any, seen: set[str]) -> tuple[VisitRule, ..
             v.add(f"{f}.points", f"must be 1 to {MAX_RATE_POINTS}")
         if not 0 <= r.expire_days <= MAX_EXPIRE_DAYS:
             v.add(f"{f}.expire_days", f"must be 0 to {MAX_EXPIRE_DAYS}")
+        if r.lot_kind not in _KINDS:
+            v.add(f"{f}.lot_kind", "must be LOT_KIND_REGULAR or LOT_KIND_LIMITED_TIME")
+        if r.limit not in pb.VisitLimit.values():
+            v.add(f"{f}.limit", "must be VISIT_LIMIT_PER_STORE_PER_DAY or VISIT_LIMIT_PER_DAY")
         c = r.conditions
         if c.skus or c.categories or c.min_amount or c.first_purchase:
             v.add(f"{f}.conditions", "a visit has no basket, amount or first purchase")

@@ -13,6 +13,15 @@ EffectKind = Literal["multiply", "add", "per_amount"]
 BASE_RULE = "base"
 """The rule name of the base points' line."""
 
+# Why a line gave fewer points than its rule says (RulePoints.note). ledger.lua, which decides
+# the member's, spells them too.
+NOTE_MEMBER_CAP = "member_cap"
+NOTE_BUDGET = "budget"
+NOTE_NOT_BIRTHDAY_MONTH = "not_birthday_month"
+NOTE_NOT_FIRST_PURCHASE = "not_first_purchase"
+NOTE_NOT_RANK = "not_rank"
+NOTE_ALREADY_CHECKED_IN = "already_checked_in"
+
 
 @dataclass(frozen=True)
 class Rate:
@@ -189,3 +198,5 @@ class EarnLine:
     """Only if the member's rank (after this purchase's spend) is one of these (empty: any)."""
     limit_key: str = ""
     """A visit rule's: once per day per this key ("<rule>:<store>" or "<rule>:*")."""
+    short: int = 0
+    """Points its campaign's budget could not give (the line's note says "budget")."""

@@ -1,7 +1,8 @@
 """What one account's events make of the PostgreSQL projections: its lots, its transaction records
-(holds among them, and earns' lines under the rules), its cards, its accounts row (status,
-profile, merge, rule counts, first earn), the merges it took part in, and the points each
-campaign gave and had refunded (campaign_points).
+(holds among them, earns' lines under the rules, visits, and earns' qualifying amounts under a
+rank program), its cards, its accounts row (status, profile, merge, rule counts, first earn,
+rank, visit limits), the merges it took part in, and the points each campaign gave and had
+refunded (campaign_points), those drawn on its budget among them.
 
 The events carry everything the ledger script derived (allocations, what a capture used and
 released, what a refund gave back and where, the balance after each event), so this module
@@ -78,6 +79,12 @@ class AccountState:
     """The capped rules' counts for the member (the hash's k:<rule> fields), as the events set them."""
     first_earn_ms: int | None = None
     """The member's first earn (the hash's fe): the time of the event that made the mark."""
+    rank_id: str | None = None
+    """The member's rank (the hash's rk), their qualifying spend (rs) and its rank period (rp)."""
+    rank_spend: int = 0
+    rank_period: int | None = None
+    visits: dict[str, int] = field(default_factory=dict)
+    """Each visit rule's limit key -> the day it last gave points (the hash's v:<key> fields)."""
 
 
 @dataclass(frozen=True)
@@ -177,6 +184,8 @@ class Projector:
         alloc: list[AllocEntry] | None = None,
         hold_state: str = "",
         exp: int = 0,
+        qual: int = 0,
+        rp: int = 0,
     ) -> None:
         """The record the event made, field for field as the script's new_tx makes it."""
         self._put(
@@ -199,6 +208,8 @@ class Projector:
                 racct=event.racct or "",
                 # An earn's lines; a refund's shares (the script's new_tx copies the event's).
                 lines=event.lines or [],
+                qual=qual,
+                rp=rp,
             ),
         )
 
@@ -278,7 +289,8 @@ class Projector:
             state.card_moves[card] = event.time
             state.touched_cards.add(card)
         self.merges_landed.append(MergeLanded(merge, source, state.account_id, event.time))
-        # The source's counts added to the target's (absolute, as set), and its first-earn mark.
+        # The source's counts added to the target's (absolute, as set), its first-earn mark, and
+        # the visit limits whose day it had later.
         self._rules_state(state, event)
 
     def _link(self, state: AccountState, event: Event, card: str, link: CardLink) -> None:
@@ -308,20 +320,47 @@ class Projector:
     def _on_grant(self, state: AccountState, event: Event) -> None:
         self._earned(state, event, "GRANT")
 
+    def _on_visit(self, state: AccountState, event: Event) -> None:
+        self._earned(state, event, "VISIT")
+
     def _earned(self, state: AccountState, event: Event, type_: TransactionType) -> None:
-        self._new(state, event, type_)
+        # Under a rank program the record keeps the qualifying amount and its period.
+        self._new(state, event, type_, qual=event.qual or 0, rp=event.period or 0)
         self._rules_state(state, event)
+        if event.spend is not None:
+            # Under a rank program. A lazy review, if any, came before as an event of its own:
+            # the rank is the one the earn reached, else the member's; spend and period the earn's
+            # (no period: a script before events carried it).
+            if event.rank:
+                state.rank_id = event.rank[-1]
+            state.rank_spend = event.spend
+            if event.period is not None:
+                state.rank_period = event.period
         if event.rules:
             self.versions[(state.account_id, event.seq)] = event.rules
         for line in event.lines or []:
             if _campaign(line.rule) and line.points:
-                self.campaign_points[(line.rule, event.rules or 0)].given += line.points
+                points = self.campaign_points[(line.rule, event.rules or 0)]
+                points.given += line.points
+                if line.budgeted:
+                    points.budget_given += line.points
 
     def _rules_state(self, state: AccountState, event: Event) -> None:
-        """The counts the event set (k:<rule>, each the count after it) and the first-earn mark."""
+        """The counts the event set (k:<rule>, each the count after it), the first-earn mark and
+        the visit limits (v:<key>, each the day after it)."""
         state.rule_counts.update(event.counts or {})
         if event.first:
             state.first_earn_ms = event.time
+        state.visits.update(event.visits or {})
+
+    def _on_rank_reviewed(self, state: AccountState, event: Event) -> None:
+        # A new rank period for the member: the rank the review left, the spend starting at 0.
+        rank = _carried(event, "rank", event.rank)
+        if len(rank) != 2:
+            raise ProjectionError(f"event {event.event_id} (RANK_REVIEWED) has rank {rank}, not [from, to]")
+        state.rank_id, state.rank_spend = rank[1], 0
+        if event.period is not None:  # absent: a script before events carried the period
+            state.rank_period = event.period
 
     def _on_hold_authorized(self, state: AccountState, event: Event) -> None:
         alloc = _carried(event, "alloc", event.alloc)
@@ -363,6 +402,9 @@ class Projector:
         self._put_key(key, replace(orig, refunded=refunded, alloc=alloc, lines=self._refund_lines(key, orig, event)))
         self._new(state, event, "REFUND")
         self._rules_state(state, event)
+        # A refund of an earn counted in the member's current rank period lowers its spend.
+        if event.spend is not None:
+            state.rank_spend = event.spend
 
     def _refund_lines(self, key: RecordKey, orig: TransactionRecord, event: Event) -> list[EarnLineEntry]:
         """The original earn's lines after a refund's shares (`lines`, one per rule it took
@@ -380,7 +422,10 @@ class Projector:
                 raise ProjectionError(f"event {event.event_id} refunds rule {share.rule!r}, not a line of {key[1]}")
             lines[i] = replace(lines[i], refunded=lines[i].refunded + share.points)
             if _campaign(share.rule) and share.points:
-                self.campaign_points[(share.rule, version)].refunded += share.points
+                points = self.campaign_points[(share.rule, version)]
+                points.refunded += share.points
+                if share.budgeted:
+                    points.budget_refunded += share.points
         return lines
 
     def _on_lots_expired(self, state: AccountState, event: Event) -> None:
@@ -389,14 +434,19 @@ class Projector:
 
 @dataclass
 class CampaignPoints:
-    """Points a campaign gave under one rule set version, and points refunds took back of them."""
+    """Points a campaign (or visit rule) gave under one rule set version, and points refunds took
+    back of them; `budget_given`/`budget_refunded`: the part of each its lines and shares say
+    came from (went back to) its budget."""
 
     given: int = 0
     refunded: int = 0
+    budget_given: int = 0
+    budget_refunded: int = 0
 
 
 def _campaign(rule: str) -> bool:
-    """Whether a line's rule is a campaign (not the base points, nor a plain earn's one line)."""
+    """Whether a line's rule is a campaign or visit rule (not the base points, nor a plain earn's
+    one line)."""
     return rule not in ("", BASE_RULE)
 
 

@@ -1,6 +1,7 @@
-"""Rule sets and campaign points in PostgreSQL (migration 0004): the write-behind copies each rule
-set publication shard 0's stream carries, and the points each campaign gave (and had refunded)
-under each rule set version; rehydrate and reconcile read them back.
+"""Rule sets and campaign points in PostgreSQL (migrations 0004, 0005): the write-behind copies each
+rule set publication shard 0's stream carries, and the points each campaign gave (and had
+refunded) under each rule set version, those its lines say came from its budget apart;
+rehydrate and reconcile read them back.
 
 A version's rule set never changes once published (ledger/rulebook.py), so a publication applied
 twice (a redelivery, a claimed entry) changes nothing. Rule sets are kept as JSON
@@ -52,17 +53,23 @@ async def write_published(conn: Connection, published: Sequence[codec.RuleSetPub
 
 
 async def write_campaign_points(conn: Connection, points: Mapping[tuple[str, int], CampaignPoints]) -> None:
-    """Adds a batch's points given and refunded per (campaign, rule set version), in key order
-    (two workers adding to the same rows lock them in the same order)."""
-    rows = [(c, v, p.given, p.refunded) for (c, v), p in sorted(points.items()) if p.given or p.refunded]
+    """Adds a batch's points given and refunded per (campaign, rule set version), and those of
+    its budget, in key order (two workers adding to the same rows lock them in the same order)."""
+    rows = [
+        (c, v, p.given, p.refunded, p.budget_given, p.budget_refunded)
+        for (c, v), p in sorted(points.items())
+        if p.given or p.refunded
+    ]
     if not rows:
         return
     await conn.execute(
         """
-        INSERT INTO campaign_points AS p (campaign_id, rules_version, given, refunded)
-        SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[])
+        INSERT INTO campaign_points AS p (campaign_id, rules_version, given, refunded, budget_given, budget_refunded)
+        SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[])
         ON CONFLICT (campaign_id, rules_version) DO UPDATE SET
-            given = p.given + EXCLUDED.given, refunded = p.refunded + EXCLUDED.refunded
+            given = p.given + EXCLUDED.given, refunded = p.refunded + EXCLUDED.refunded,
+            budget_given = p.budget_given + EXCLUDED.budget_given,
+            budget_refunded = p.budget_refunded + EXCLUDED.budget_refunded
         """,
         *map(list, zip(*rows, strict=True)),
     )
@@ -74,24 +81,27 @@ async def read_rule_sets(conn: Connection) -> dict[int, RuleSet]:
     return {r["version"]: rule_set_from_json(r["rule_set"]) for r in rows}
 
 
-# The campaigns that had a budget in some version, and the points they gave under those versions
-# less what refunds took back of them: what each one's budget count in Redis holds, once every
-# earn has settled its reservation.
+# The campaigns that had a budget in some version (or gave points from one), and the points their
+# lines drew on it less the refund shares given back to it (as the script said of each: the
+# lines' budgeted): what each one's budget count in Redis holds, once every earn has settled its
+# reservation.
 _BUDGETS = """
 WITH budgeted AS (
-    SELECT DISTINCT r.version, c ->> 'campaign_id' AS campaign_id
+    SELECT c ->> 'campaign_id' AS campaign_id
     FROM rule_sets AS r, jsonb_array_elements(r.rule_set -> 'campaigns') AS c
     WHERE coalesce((c ->> 'budget')::bigint, 0) > 0
+    UNION
+    SELECT campaign_id FROM campaign_points WHERE budget_given > 0
 )
-SELECT b.campaign_id, coalesce(sum(p.given - p.refunded), 0)::bigint AS spent
+SELECT b.campaign_id, coalesce(sum(p.budget_given - p.budget_refunded), 0)::bigint AS spent
 FROM budgeted AS b
-LEFT JOIN campaign_points AS p ON p.campaign_id = b.campaign_id AND p.rules_version = b.version
+LEFT JOIN campaign_points AS p ON p.campaign_id = b.campaign_id
 GROUP BY b.campaign_id
 ORDER BY b.campaign_id
 """
 
 
 async def budget_counts(conn: Connection) -> dict[str, int]:
-    """Each campaign that had a budget: the points it has given under the versions in which it had
-    one (their earns' lines), less the shares refunds took back of them."""
+    """Each campaign that had a budget: the points its earns' lines took from it, less the refund
+    shares given back to it."""
     return {r["campaign_id"]: r["spent"] for r in await conn.fetch(_BUDGETS)}

@@ -52,13 +52,14 @@ JOURNAL_COLUMNS = (
     "event_id", "account_id", "seq", "type", "points", "lots", "issuer_id", "company_id", "store_id",
     "terminal_id", "channel", "request_id", "event_time", "ref_seq", "released", "amount", "purchase_time",
     "hold_expire_ms", "card_number", "stream", "entry_id", "card_kind", "new_card", "profile", "merge_id",
-    "other_account", "ref_account", "lines", "rules_version", "rule_counts", "first_earn",
+    "other_account", "ref_account", "lines", "rules_version", "rule_counts", "first_earn", "rank_from", "rank_to",
+    "rank_spend", "rank_period", "qualifying_amount", "visits",
 )  # fmt: skip
 _COLS = ", ".join(JOURNAL_COLUMNS)
 _TX_COLUMNS = (
     "account_id", "seq", "type", "time_ms", "points", "refunded", "available", "held", "pos", "lots", "alloc",
     "ref_seq", "state", "expire_ms", "captured", "released", "capture_seq", "amount", "ref_account", "lines",
-    "rules_version",
+    "rules_version", "qual", "rank_period",
 )  # fmt: skip
 _JSON_TX_COLUMNS = {"pos", "lots", "alloc", "lines"}
 
@@ -128,10 +129,10 @@ def card_from_row(r: Record) -> CardLink:
 CARD_ROW_COLUMNS = "card_number, account_id, kind, state, linked_at, state_at, replaced_by, moved_at"
 ACCOUNT_MEMBER_COLUMNS = (
     "opened_at, status, closed_at, profile::text AS profile, merged_into, merge_id, merged_at,"
-    " rule_counts::text AS rule_counts, first_earn_at"
+    " rule_counts::text AS rule_counts, first_earn_at, rank_id, rank_spend, rank_period, visits::text AS visits"
 )
 """What card_from_row reads of a cards row (and moved_at), and the accounts columns of the member
-(profile and rule counts as text), its merge and its first earn."""
+(profile, rule counts and visit limits as text), its merge, its first earn and its rank."""
 
 _decode_counts = msgspec.json.Decoder(dict[str, int]).decode
 
@@ -139,6 +140,11 @@ _decode_counts = msgspec.json.Decoder(dict[str, int]).decode
 def rule_counts_from_row(raw: str | None) -> dict[str, int]:
     """An accounts row's rule_counts (jsonb, as asyncpg gives it: text), in rule order."""
     return {} if raw is None else dict(sorted(_decode_counts(raw).items()))
+
+
+def visits_from_row(raw: str | None) -> dict[str, int]:
+    """An accounts row's visits (jsonb as text: limit key -> day), in key order."""
+    return rule_counts_from_row(raw)
 
 
 def _json(value: Any) -> str | None:
@@ -288,6 +294,10 @@ class JournalWriter:
                 merged_ms=_ms(r["merged_at"]),
                 rule_counts=rule_counts_from_row(r["rule_counts"]),
                 first_earn_ms=_ms(r["first_earn_at"]),
+                rank_id=r["rank_id"],
+                rank_spend=r["rank_spend"],
+                rank_period=r["rank_period"],
+                visits=visits_from_row(r["visits"]),
             )
             for r in rows
         }
@@ -349,20 +359,27 @@ class JournalWriter:
                 _time(s.merged_ms),
                 _json(dict(sorted(s.rule_counts.items()))),
                 _time(s.first_earn_ms),
+                s.rank_id,
+                s.rank_spend,
+                s.rank_period,
+                _json(dict(sorted(s.visits.items()))),
             )
             for s in (states[a] for a in sorted(touched))
         ]
         await conn.execute(
             """
             INSERT INTO accounts (account_id, shard, card_number, last_seq, opened_at, status, closed_at, profile,
-                                  merged_into, merge_id, merged_at, rule_counts, first_earn_at)
+                                  merged_into, merge_id, merged_at, rule_counts, first_earn_at, rank_id, rank_spend,
+                                  rank_period, visits)
             SELECT account_id, shard, card_number, last_seq, opened_at, status, closed_at, profile::jsonb,
-                   merged_into, merge_id, merged_at, rule_counts::jsonb, first_earn_at
+                   merged_into, merge_id, merged_at, rule_counts::jsonb, first_earn_at, rank_id, rank_spend,
+                   rank_period, visits::jsonb
             FROM unnest($1::text[], $2::int[], $3::text[], $4::bigint[], $5::timestamptz[], $6::text[],
                         $7::timestamptz[], $8::text[], $9::text[], $10::text[], $11::timestamptz[], $12::text[],
-                        $13::timestamptz[])
+                        $13::timestamptz[], $14::text[], $15::bigint[], $16::bigint[], $17::text[])
                 AS t(account_id, shard, card_number, last_seq, opened_at, status, closed_at, profile,
-                     merged_into, merge_id, merged_at, rule_counts, first_earn_at)
+                     merged_into, merge_id, merged_at, rule_counts, first_earn_at, rank_id, rank_spend,
+                     rank_period, visits)
             ON CONFLICT (account_id) DO UPDATE SET
                 last_seq = EXCLUDED.last_seq,
                 card_number = COALESCE(accounts.card_number, EXCLUDED.card_number),
@@ -375,6 +392,10 @@ class JournalWriter:
                 merged_at = EXCLUDED.merged_at,
                 rule_counts = EXCLUDED.rule_counts,
                 first_earn_at = EXCLUDED.first_earn_at,
+                rank_id = EXCLUDED.rank_id,
+                rank_spend = EXCLUDED.rank_spend,
+                rank_period = EXCLUDED.rank_period,
+                visits = EXCLUDED.visits,
                 updated_at = now()
             """,
             *map(list, zip(*rows, strict=True)),
@@ -475,7 +496,8 @@ class JournalWriter:
         rows = [record_row(key, rec, version) for key, rec, version in records]
         types = [
             "text", "bigint", "text", "bigint", "bigint", "bigint", "bigint", "bigint", "text", "text", "text",
-            "bigint", "text", "bigint", "bigint", "bigint", "bigint", "bigint", "text", "text", "bigint",
+            "bigint", "text", "bigint", "bigint", "bigint", "bigint", "bigint", "text", "text", "bigint", "bigint",
+            "bigint",
         ]  # fmt: skip
         select = ", ".join(f"${i + 1}::{t}[]" for i, t in enumerate(types))
         casts = ", ".join(f"{c}::jsonb" if c in _JSON_TX_COLUMNS else c for c in _TX_COLUMNS)
@@ -585,14 +607,16 @@ def journal_row(d: Delivered) -> tuple[Any, ...]:
     company, store, terminal, channel = (
         (pos.company_id, pos.store_id, pos.terminal_id, pos.channel) if pos is not None else (None, None, None, None)
     )
-    issuer = e.lots[0].issuer_id if e.type in ("EARN", "GRANT") and e.lots else None
+    issuer = e.lots[0].issuer_id if e.type in ("EARN", "GRANT", "VISIT") and e.lots else None
     other = e.target if e.type == "MERGED_OUT" else e.source if e.type == "MERGED_IN" else None
     return (
         e.event_id, e.account, e.seq, e.type, e.pts, _json(e.lots), issuer, company, store,
         terminal, channel, e.rid or None, to_time(e.time), e.ref, e.released, e.amount,
         to_time(e.ptime) if e.ptime else None, e.hold_exp, e.card, d.entry.stream, str(d.entry.entry_id),
         e.kind, e.new_card, _json(e.profile), e.merge, other, e.racct, _json(e.lines), e.rules,
-        _json(dict(sorted(e.counts.items()))) if e.counts else None, e.first,
+        _json(dict(sorted(e.counts.items()))) if e.counts else None, e.first, e.rank[0] if e.rank else None,
+        e.rank[-1] if e.rank else None, e.spend, e.period, e.qual,
+        _json(dict(sorted(e.visits.items()))) if e.visits else None,
     )  # fmt: skip
 
 
@@ -604,14 +628,15 @@ def _link_order(link: CardLink, moved_ms: int | None) -> tuple[int, int]:
 
 def record_row(key: RecordKey, r: TransactionRecord, rules_version: int | None = None) -> tuple[Any, ...]:
     """The transactions row of a record (and, an earn under the rules, its rule set version). A
-    reference, state, expiry or lines the record's type does not have is NULL, so that operators'
-    SQL (`WHERE ref_seq IS NOT NULL`) means what it says."""
+    reference, state, expiry, lines or rank period (with its qualifying amount: an earn's under a
+    rank program) the record's type does not have is NULL, so that operators' SQL (`WHERE ref_seq
+    IS NOT NULL`) means what it says."""
     account_id, seq = key
     return (
         account_id, seq, r.type, r.time, r.pts, r.refunded, r.available, r.held, _json(r.pos), _json(r.lots),
         _json(r.alloc) if r.alloc else None, r.ref or None, r.state or None, r.exp or None, r.captured,
         r.released, r.capture or None, r.amount, r.racct or None, _json(r.lines) if r.lines else None,
-        rules_version or None,
+        rules_version or None, r.qual if r.rp else None, r.rp or None,
     )  # fmt: skip
 
 
@@ -637,6 +662,8 @@ def record_from_row(r: Record) -> TransactionRecord:
         amount=r["amount"] or 0,
         racct=r["ref_account"] or "",
         lines=msgspec.json.decode(r["lines"], type=list[EarnLineEntry]) if r["lines"] is not None else [],
+        qual=r["qual"] or 0,
+        rp=r["rank_period"] or 0,
     )
 
 
@@ -655,12 +682,12 @@ async def merge_histories(conn: Connection, accounts: list[str]) -> dict[str, di
     return dict(out)
 
 
-# The source's rule counts and first-earn mark went with the move too: they are its accounts row's,
-# which no event changes after its MERGED_OUT.
+# The source's rule counts, first-earn mark and visit limits went with the move too: they are its
+# accounts row's, which no event changes after its MERGED_OUT.
 _MERGE_MOVES = """
 SELECT m.merge_id, m.source_id, m.target_id, m.merged_at, m.lots::text AS lots, m.cards::text AS cards,
        m.foreign_refunds::text AS foreign_refunds, m.landed_on, a.rule_counts::text AS rule_counts,
-       a.first_earn_at IS NOT NULL AS earned
+       a.first_earn_at IS NOT NULL AS earned, a.visits::text AS visits
 FROM merges AS m LEFT JOIN accounts AS a ON a.account_id = m.source_id
 WHERE m.source_id = ANY($1::text[]) AND m.lots IS NOT NULL
 """
@@ -674,6 +701,7 @@ async def merge_moves(conn: Connection, sources: list[str]) -> dict[str, tuple[M
         cards = msgspec.json.decode(r["cards"], type=dict[str, str])
         foreign = msgspec.json.decode(r["foreign_refunds"], type=dict[str, str])
         counts = rule_counts_from_row(r["rule_counts"])
+        visits = visits_from_row(r["visits"])
         move = MergeMove(
             merge=r["merge_id"],
             source=r["source_id"],
@@ -686,6 +714,7 @@ async def merge_moves(conn: Connection, sources: list[str]) -> dict[str, tuple[M
             # The script's k: field values, as text; absent when none.
             counts={rule: str(n) for rule, n in counts.items()} or None,
             earned=bool(r["earned"]),
+            visits={key: str(day) for key, day in visits.items()} or None,
         )
         out[r["source_id"]] = (move, r["landed_on"] is None)
     return out
@@ -694,8 +723,9 @@ async def merge_moves(conn: Connection, sources: list[str]) -> dict[str, tuple[M
 # Where each refunded transaction of a merged account keeps its refund state: the account that
 # refunded it (a REFUND naming it in ref_account), or the account that one has since been merged
 # into (by a merge that has landed), and so on; not an account merged out itself (its f: fields
-# went into its move record, see merge_moves). The state is the original's row: refunded and each
-# allocation entry's returned, which every refund of it, wherever, has brought up to date. Merges
+# went into its move record, see merge_moves). The state is the original's row: refunded, each
+# allocation entry's returned and each line's refunded, which every refund of it, wherever, has
+# brought up to date. Merges
 # are rare: the walk reads every refund of a merged account's transaction.
 _FOREIGN_REFUNDS = """
 WITH RECURSIVE held (ref_account, ref_seq, holder) AS (

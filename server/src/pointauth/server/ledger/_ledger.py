@@ -16,6 +16,7 @@ from pointauth.server.clock import Clock
 from pointauth.server.config import LedgerSettings
 from pointauth.server.domain import reasons
 from pointauth.server.domain.earning import EarnLine, LotKindCode, RankProgram
+from pointauth.server.domain.ids import transaction_id
 from pointauth.server.domain.reasons import ErrorReason
 from pointauth.server.ledger import codec
 from pointauth.server.ledger.codec import (
@@ -350,15 +351,19 @@ class Ledger:
     ) -> OpResult:
         """Merges `source` into `target` (a saga across their slots, each step one idempotent
         call): step 1 closes the source as MERGED and records the move in its slot; step 2
-        applies the move on the target once (keyed by the merge id, the request id); step 3
+        applies the move on the target once (keyed by the merge id, "<source>:<request id>":
+        request ids are the source's); step 3
         points the source's cards' index entries at the target; then the merge leaves the
         shard's list of unfinished merges. A crash anywhere is finished by finish_merge, which
         the recovery pass, and any call that meets the merged source, run. The answer is step
         1's: the points and lots moved."""
-        view = await self.account(target)  # refuses a missing target (ACCOUNT_NOT_FOUND)
-        if view.stored.status != "A":
-            raise _not_active(target, view.stored)
-        args = {"target": target, "merge": request_id, "rid": request_id, "actor": actor, "why": why}
+        # A retry answers as the first time, whatever the target has become since.
+        if not await self.redis.exists(self.keyspace.idempotency(source, request_id)):
+            view = await self.account(target)  # refuses a missing target (ACCOUNT_NOT_FOUND)
+            if view.stored.status != "A":
+                raise _not_active(target, view.stored)
+        merge = f"{source}:{request_id}"
+        args = {"target": target, "merge": merge, "rid": request_id, "actor": actor, "why": why}
         result = await self._call("merge_out", source, args, request_id, fingerprint)
         await self.finish_merge(source)
         return result
@@ -432,7 +437,7 @@ class Ledger:
         """After an earn: gives back what it reserved and did not grant, once per earn (a retry,
         whose answer is replayed, gives back all it reserved again)."""
         keys = [self.keyspace.budget(campaign_id), self.keyspace.budget_mark(campaign_id, earn_id)]
-        ttl = self.settings.idempotency_ttl_seconds + 86_400
+        ttl = self.settings.idempotency_ttl_seconds + Keyspace.BUDGET_MARK_MARGIN_S
         await self._fcall(self.library.settle_budget_function, keys, [reserved, granted, ttl])
 
     async def give_budget(self, campaign_id: str, points: int, refund_id: str | None = None) -> None:
@@ -442,7 +447,7 @@ class Ledger:
         keys = [self.keyspace.budget(campaign_id)]
         if refund_id is not None:
             keys.append(self.keyspace.budget_mark(campaign_id, refund_id))
-        ttl = self.settings.idempotency_ttl_seconds + 86_400
+        ttl = self.settings.idempotency_ttl_seconds + Keyspace.BUDGET_MARK_MARGIN_S
         await self._fcall(self.library.give_budget_function, keys, [points, ttl])
 
     async def budget_spent(self, campaign_id: str) -> int:
@@ -618,7 +623,7 @@ class Ledger:
                         self.keyspace.account(account_id).transactions, codec.record_field(original_seq)
                     )
                     if not isinstance(raw, bytes):
-                        raise
+                        raise _no_transaction(account_id, original_seq) from None
                     foreign = (account_id, raw)
                 await self.finish_merge(on)
                 on = target
@@ -707,6 +712,8 @@ def _line_arg(line: EarnLine) -> dict[str, Any]:
         arg["lim"] = line.limit_key
     if line.budget:
         arg["b"] = True
+    if line.short:
+        arg["short"] = True
     return arg
 
 
@@ -745,6 +752,16 @@ def _merged_into(refusal: LedgerRefusal) -> str | None:
     if refusal.result.reason != _ACCOUNT_MERGED:
         return None
     return refusal.result.meta.get("merged_into_account_id")
+
+
+def _no_transaction(account_id: str, seq: int) -> LedgerRefusal:
+    return LedgerRefusal(
+        OpResult(
+            code="NOT_FOUND",
+            reason=reasons.name(ErrorReason.TRANSACTION_NOT_FOUND),
+            message=f"no refundable transaction {transaction_id(account_id, seq)}",
+        )
+    )
 
 
 def _too_many_merges(account_id: str) -> RuntimeError:

@@ -60,8 +60,8 @@ class AllocEntry(msgspec.Struct, array_like=True, frozen=True):
 class EarnLineEntry(msgspec.Struct, array_like=True, frozen=True):
     """One rule's part of an earn (rules/engine.py): [rule ("base", a campaign id; "" for a plain
     earn), points given, the lot they went to (0: none), why fewer than the rules said
-    ("member_cap", "budget", "not_birthday_month", "not_first_purchase"; "" if not), points of
-    it refunded so far]. A refund's lines are the shares it took back, per rule."""
+    (domain/earning.py's NOTE_*; "" if not), points of it refunded so far, whether its points
+    came from a campaign budget]. A refund's lines are the shares it took back, per rule."""
 
     rule: str
     points: int
@@ -271,7 +271,7 @@ class StoredAccount(msgspec.Struct):
     """`v:<rule>:<store or *>`: the day (a local date's ordinal) the visit rule last gave points."""
     foreign_refunds: dict[str, str] = {}
     """`f:<transaction id>`: what has been refunded here of a transaction of an account merged
-    into this one: "<points refunded>|<points returned per allocation entry, comma-separated>"."""
+    into this one (foreign_refund_state)."""
 
 
 class AccountLayout(msgspec.Struct, frozen=True):
@@ -363,6 +363,7 @@ def account_of(
     rule_counts: Mapping[str, int] | None = None,
     first_earn_ms: int | None = None,
     rank: tuple[str, int, int] | None = None,
+    visits: Mapping[str, int] | None = None,
 ) -> StoredAccount:
     """A consistent account: its totals are its lots' and holds' sums."""
     return StoredAccount(
@@ -387,6 +388,7 @@ def account_of(
         rank_id=rank[0] if rank else None,
         rank_spend=rank[1] if rank else 0,
         rank_period=rank[2] if rank else None,
+        visits=dict(sorted((visits or {}).items())),
     )
 
 
@@ -611,7 +613,13 @@ class Event(msgspec.Struct, frozen=True, omit_defaults=True):
     - REFUNDED of a transaction of an account merged into this one: `racct` names that account.
     - EARN under the rules: `lines` (each rule's part) and `rules` (the rule set's version);
       REFUNDED of one: `lines`, the shares taken back per rule.
-    - EARN, GRANT: `amount`, `ptime` (purchase time), `pos`, `rid`;
+    - EARN, GRANT: `amount`, `ptime` (purchase time), `pos`, `rid`; VISIT (a check-in) the same,
+      `ptime` the visit's time, `visits` the limit keys it set;
+    - EARN, VISIT under a rank program: `spend`, `period`, `qual`, and `rank` when it reached a
+      higher rank; a lazy review before it is an event of its own;
+    - RANK_REVIEWED (a new rank period for the member: the rank_review op, or an earn's lazy
+      review): `rank` [from, to], `spend` (the period that ended), `period` (the new one);
+    - REFUNDED of an earn under a rank program, in the period the earn counted in: `spend`;
     - HOLD_AUTHORIZED: `hold_exp`, `alloc`, `pos`, `rid`;
     - HOLD_CAPTURED: `ref` (the hold), `released` (points given back), `alloc` (the part of the
       hold's allocation used), `spent` (the capture's own lot effects: what it used; `lots` is
@@ -665,12 +673,19 @@ class Event(msgspec.Struct, frozen=True, omit_defaults=True):
     first: bool | None = None
     """EARN, MERGED_IN: it made the member's first-earn mark (fe = its time)."""
     rank: list[str] | None = None
-    """EARN: [from, to] when its spend reached a higher rank; RANK_REVIEWED: [from, to]."""
+    """EARN, VISIT: [from, to] when its spend reached a higher rank; RANK_REVIEWED: [from, to]
+    (from "" for a member who had none; to = from when the review kept the rank)."""
     visits: dict[str, int] | None = None
     """VISIT, MERGED_IN: the day (a local date's ordinal) each visit limit key now says (v:<key>)."""
     spend: int | None = None
-    """EARN, REFUNDED: the member's qualifying spend in the period after it; RANK_REVIEWED: the
-    spend of the period that ended."""
+    """EARN, VISIT under a rank program, REFUNDED lowering it: the member's qualifying spend in the
+    period after it (rs); RANK_REVIEWED: the spend of the period that ended."""
+    period: int | None = None
+    """EARN, VISIT under a rank program: the rank period its spend counts in (rp, and its record's
+    rp); RANK_REVIEWED: the period that began (rp after it; rs is then 0)."""
+    qual: int | None = None
+    """EARN, VISIT under a rank program: the qualifying amount it added to the spend (its record's
+    qual)."""
 
     @property
     def event_id(self) -> str:
@@ -868,6 +883,10 @@ class OpResult(msgspec.Struct, frozen=True):
     """earn, capture (receipt facts): the member's birthday "MMDD" ("" if not given)."""
     spend: int = 0
     """earn, capture (receipt facts): the member's qualifying spend (rank program)."""
+    now: int = 0
+    """earn, capture (receipt facts): the call's instant (ms)."""
+    rules: int = 0
+    """earn under the rules: the rule set version it used."""
 
 
 _decode_result = msgspec.msgpack.Decoder(OpResult).decode

@@ -47,14 +47,6 @@ def to_stored(entry: Entry) -> codec.DirectoryEntry:
     return codec.TerminalEntry(entry.store_id, entry.terminal_id, entry.display_name)
 
 
-def from_stored(stored: codec.DirectoryEntry) -> Entry:
-    if isinstance(stored, codec.CompanyEntry):
-        return Company(stored.company_id, stored.name)
-    if isinstance(stored, codec.StoreEntry):
-        return Store(stored.store_id, stored.company_id, stored.region_id, stored.name)
-    return Terminal(stored.store_id, stored.terminal_id, stored.name)
-
-
 def directory_of(
     version: int,
     companies: Iterable[codec.CompanyEntry],

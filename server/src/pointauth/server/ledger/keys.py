@@ -93,6 +93,9 @@ class Keyspace:
         shard's earns reserve from the one count)."""
         return f"{self.prefix}:{{b:{campaign_id}}}:budget"
 
+    BUDGET_MARK_MARGIN_S = 86_400
+    """A budget mark outlives the idempotency record of its earn or refund by this much."""
+
     def budget_mark(self, campaign_id: str, transaction_id: str) -> str:
         """That an earn's reservation, or a refund's share, was settled with the budget once."""
         return f"{self.prefix}:{{b:{campaign_id}}}:done:{transaction_id}"

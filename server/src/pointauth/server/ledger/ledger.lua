@@ -502,6 +502,11 @@ local function card_text(c)
   return t
 end
 
+local function open_holds()
+  return refuse('FAILED_PRECONDITION', 'ACCOUNT_HAS_OPEN_HOLDS', 'account ' .. ACCOUNT .. ' has '
+    .. fmt(held()) .. ' points on hold: capture or void them first', {held_points = fmt(held())})
+end
+
 local function card_blocked(card, c)
   return refuse('FAILED_PRECONDITION', 'CARD_BLOCKED', 'card ' .. card .. ' is ' .. string.lower(CARD_STATES[c.state]),
     {card_state = CARD_STATES[c.state], replaced_by_card_number = c.by})
@@ -627,10 +632,7 @@ end
 
 -- Closing forfeits every lot's points (breakage of their issuers); refused while holds are open.
 function OPS.close()
-  if held() > 0 then
-    return refuse('FAILED_PRECONDITION', 'ACCOUNT_HAS_OPEN_HOLDS', 'account ' .. ACCOUNT .. ' has '
-      .. fmt(held()) .. ' points on hold: capture or void them first', {held_points = fmt(held())})
-  end
+  if held() > 0 then return open_holds() end
   local raw = redis.call('ZRANGEBYSCORE', K_LOTS, '(' .. fmt(lot_score(NOW, 'R')), '+inf', 'WITHSCORES')
   local gone, total = {}, 0
   for i = 1, #raw, 2 do
@@ -652,10 +654,7 @@ end
 -- set, both in this slot, so a crash before step 2 loses nothing: the recovery pass finishes it.
 -- Refused while holds are open: a till mid-sale keeps its hold (capture or void it first).
 function OPS.merge_out()
-  if held() > 0 then
-    return refuse('FAILED_PRECONDITION', 'ACCOUNT_HAS_OPEN_HOLDS', 'account ' .. ACCOUNT .. ' has '
-      .. fmt(held()) .. ' points on hold: capture or void them first', {held_points = fmt(held())})
-  end
+  if held() > 0 then return open_holds() end
   local raw = redis.call('ZRANGEBYSCORE', K_LOTS, '(' .. fmt(lot_score(NOW, 'R')), '+inf', 'WITHSCORES')
   local moved, gone, total = {}, {}, 0
   for i = 1, #raw, 2 do
@@ -708,6 +707,8 @@ end
 -- for a target itself merged since (the server follows): the points are already on their way.
 function OPS.merge_in()
   if redis.call('HEXISTS', K_ACCOUNT, 'mh:' .. ARGS.merge) == 1 then return finish({}) end
+  -- Merged itself since (and not this merge's target before): the points follow it.
+  if A.status == 'M' then return merged_into(A.merged_into) end
   local lots, total = {}, 0
   for i, m in ipairs(ARGS.lots) do
     local l = find_lot(nil, m[3], m[4], m[5]) or new_lot(fresh_lot_id(), m[3], m[4], m[5])
@@ -768,6 +769,7 @@ local function receipt_facts(result)
   for i = 1, #raw, 2 do soon[#soon + 1] = parse_lot(raw[i], raw[i + 1]) end
   if #soon > 0 then result.soon = soon end
   local f = redis.call('HMGET', K_ACCOUNT, 'bd', 'rk', 'rs')
+  result.now = NOW
   result.bd = f[1] or nil
   result.rank = result.rank or A.fields.rk or f[2] or nil
   result.spend = tonumber(A.fields.rs or f[3] or '0')
@@ -800,7 +802,9 @@ end
 -- A period's review, if a period has begun since the member's last: down one rank if the spend
 -- of the period that ended fell short of theirs ('one_step'), or to the rank it supports
 -- ('to_spend'), never up; the spend starts again at 0. A member with no rank (or one the
--- program no longer has) starts at the lowest. Emits RANK_REVIEWED when a rank changed.
+-- program no longer has) starts at the lowest. Emits RANK_REVIEWED whenever it reviews, the
+-- rank kept or not (rank = {from, to}, from '' for a member without one; spend: the period that
+-- ended; period: the new one): the journal copies the account's rk, rs and rp from the events.
 local function review_rank(R, st)
   if st.period == R.p then return end
   local tiers, cur = R.t, tier_of(R.t, st.rank)
@@ -816,9 +820,7 @@ local function review_rank(R, st)
   local from = st.rank
   st.rank, st.spend, st.period = tiers[new][1], 0, R.p
   A.fields.rk, A.fields.rs, A.fields.rp = st.rank, '0', fmt(R.p)
-  if cur ~= 0 and new ~= cur then
-    emit({type = 'RANK_REVIEWED', pts = 0, lots = {}, rank = {from, st.rank}, spend = spent})
-  end
+  emit({type = 'RANK_REVIEWED', pts = 0, lots = {}, rank = {from, st.rank}, spend = spent, period = R.p})
 end
 
 function OPS.rank_review()
@@ -867,13 +869,14 @@ function OPS.earn()
     end
     if l.fp and not first then p, notes[i] = 0, 'not_first_purchase' end
     -- A visit rule's limit: the day (ARGS.day) it last gave points for its key (v:<key>).
-    if l.lim and p > 0 and redis.call('HGET', K_ACCOUNT, 'v:' .. l.lim) == fmt(ARGS.day) then
-      p, notes[i] = 0, 'already_checked_in'
+    if l.lim and p > 0 and tonumber(redis.call('HGET', K_ACCOUNT, 'v:' .. l.lim) or '-1') >= ARGS.day then
+      p, notes[i] = 0, 'already_checked_in' -- that day, or a later one (no back-dated second visit)
     end
     if p > 0 and l.cap and l.cap > 0 then
       used[i] = tonumber(redis.call('HGET', K_ACCOUNT, 'k:' .. l.r) or '0')
       if p > l.cap - used[i] then p, notes[i] = math.max(l.cap - used[i], 0), 'member_cap' end
     end
+    if l.short and not notes[i] then notes[i] = 'budget' end -- its budget gave fewer than it says
     if p > 0 and l.e <= NOW then
       return refuse('FAILED_PRECONDITION', 'LOT_ALREADY_EXPIRED', 'the new lot would already be expired')
     end
@@ -917,14 +920,16 @@ function OPS.earn()
   if first then A.fields.fe = fmt(NOW) end
   if rank then A.fields.rk, A.fields.rs = rank.rank, fmt(rank.spend) end
   -- `counts`: the capped rules' counts after the earn; `first`: the member's first earn; `rank`:
-  -- [from, to] when the earn's spend reached a higher rank; `spend`: the period's spend after it.
+  -- [from, to] when the earn's spend reached a higher rank; `spend`: the period's spend after it,
+  -- `period` that period and `qual` the earn's qualifying amount (its record's rp and qual).
   local ev = event_base(ARGS.type, {pts = total, lots = lots, amount = ARGS.amount, ptime = ARGS.ptime,
     lines = ARGS.lines and out or nil, rules = ARGS.rules, counts = counts, first = first or nil,
-    rank = upgraded, spend = rank and rank.spend or nil, visits = visits})
+    rank = upgraded, spend = rank and rank.spend or nil, period = rank and rank.period or nil,
+    qual = rank and ARGS.qual or nil, visits = visits})
   local seq = emit(ev)
   -- The record keeps the qualifying amount and its period, for a refund to lower the spend.
   tx_put(seq, new_tx(ARGS.type, ev, rank and {qual = ARGS.qual, rp = rank.period} or {}))
-  return finish(receipt_facts({tx = seq, pts = total, lots = lots, lines = ARGS.lines and out or nil,
+  return finish(receipt_facts({tx = seq, pts = total, lots = lots, lines = ARGS.lines and out or nil, rules = ARGS.rules,
     rank = rank and rank.rank or nil, up = upgraded and true or nil}))
 end
 
@@ -1035,9 +1040,9 @@ local function refund_lines(orig, want)
   local lots, out = {}, {}
   for i, l in ipairs(orig.lines) do
     if shares[i] > 0 then
-      local own
+      local own = l.own -- a merged account's: its lot by expiry, kind and issuer
       for _, e in ipairs(orig.lots) do
-        if e[1] == l[3] then own = e end
+        if e[1] and e[1] == l[3] then own = e end
       end
       for _, e in ipairs(effects(take(shares[i], own), -1)) do lots[#lots + 1] = e end
       l[5] = l[5] + shares[i]
@@ -1076,6 +1081,11 @@ local function foreign_original()
     for r in string.gmatch(lines, '%d+') do
       i = i + 1
       orig.lines[i][5] = tonumber(r)
+    end
+  end
+  for _, l in ipairs(orig.lines or {}) do
+    for _, e in ipairs(orig.lots) do
+      if e[1] == l[3] then l.own = {false, e[2], e[3], e[4], e[5]} end
     end
   end
   for _, e in ipairs(orig.alloc) do e[1] = false end
@@ -1199,7 +1209,7 @@ local AFTER_CLOSE = {account = true, unlink_card = true, capture = true, void = 
 if A.status == 'C' and not AFTER_CLOSE[OP] and not (OP == 'balance' and not ARGS.via) then
   return refuse('FAILED_PRECONDITION', 'ACCOUNT_CLOSED', 'account ' .. ACCOUNT .. ' is closed')
 end
-local AFTER_MERGE = {account = true, capture = true, void = true}
+local AFTER_MERGE = {account = true, capture = true, void = true, merge_in = true}
 if A.status == 'M' and not AFTER_MERGE[OP] and not (OP == 'balance' and not ARGS.via) then
   return merged_into(A.merged_into)
 end

@@ -1,6 +1,7 @@
 """Proves Redis and PostgreSQL agree, per account: the state Redis stores (sequence, lots, open
 holds, cards and their states, status, profile, merge, merge history, refund states of merged
-accounts' transactions, rule counts and first earn, hold index, card index) equals the PostgreSQL
+accounts' transactions, rule counts and first earn, rank and visit limits, hold index, card
+index) equals the PostgreSQL
 projection of the journal; and the journal itself is complete, holding the account's events
 1..last_seq once each, which add up to the points Redis holds. And beside the accounts: the group
 directory, the published rule sets (and the current version) and the campaigns' budget counts
@@ -37,6 +38,7 @@ from pointauth.server.journal.writer import (
     profile_from_row,
     rule_counts_from_row,
     to_ms,
+    visits_from_row,
 )
 from pointauth.server.ledger import Keyspace, codec
 from pointauth.server.ops import directory as group_directory
@@ -89,19 +91,19 @@ class ReconcileReport:
 #   away, and so does closing the account (forfeiting every lot's points); a merge takes every
 #   lot's points off the source (MERGED_OUT) and adds them to the target (MERGED_IN); a refund
 #   gives back what a capture or redemption spent, or takes back what an earn gave (its lot
-#   effects' sign says which, on whichever account it lands); holds move points between
-#   available and held, so add nothing, and neither do opening the account and the events of its
-#   cards and profile;
+#   effects' sign says which, on whichever account it lands); a visit (check-in) adds like an
+#   earn; holds move points between available and held, so add nothing, and neither do opening
+#   the account, the events of its cards and profile, and rank reviews;
 # - the unheld points, Redis's lots: the sum of the lot effects;
 # - the held points, Redis's holds: each hold authorized, less each captured (with what its
 #   capture released), voided or expired.
 _EVENT_TYPES = (
     "ACCOUNT_OPENED", "EARN", "GRANT", "HOLD_AUTHORIZED", "HOLD_CAPTURED", "HOLD_VOIDED", "HOLD_EXPIRED",
     "REDEEMED", "REFUNDED", "LOTS_EXPIRED", "CARD_LINKED", "CARD_UNLINKED", "CARD_BLOCKED", "CARD_UNBLOCKED",
-    "CARD_REISSUED", "PROFILE_UPDATED", "ACCOUNT_CLOSED", "MERGED_OUT", "MERGED_IN",
+    "CARD_REISSUED", "PROFILE_UPDATED", "ACCOUNT_CLOSED", "MERGED_OUT", "MERGED_IN", "VISIT", "RANK_REVIEWED",
 )  # fmt: skip
 _BALANCE = """CASE type
-    WHEN 'EARN' THEN points WHEN 'GRANT' THEN points
+    WHEN 'EARN' THEN points WHEN 'GRANT' THEN points WHEN 'VISIT' THEN points
     WHEN 'REDEEMED' THEN -points WHEN 'HOLD_CAPTURED' THEN -points WHEN 'LOTS_EXPIRED' THEN -points
     WHEN 'ACCOUNT_CLOSED' THEN -points WHEN 'MERGED_OUT' THEN -points WHEN 'MERGED_IN' THEN points
     WHEN 'REFUNDED' THEN coalesce(sign((lots -> 0 ->> 1)::bigint), 0)::bigint * points
@@ -199,6 +201,12 @@ class _Side:
     """The capped rules' counts for the member (its k:<rule> fields)."""
     first_earn_ms: int | None = None
     """The member's first earn (its fe field)."""
+    rank_id: str | None = None
+    """The member's rank, qualifying spend and rank period (its rk, rs and rp fields)."""
+    rank_spend: int = 0
+    rank_period: int | None = None
+    visits: dict[str, int] = field(default_factory=dict)
+    """The day each visit limit key last gave points (its v:<key> fields)."""
     unindexed: set[int] = field(default_factory=set)
     """Open holds missing from the hold index (so the sweeper would never expire them)."""
     card_owners: dict[str, str | None] = field(default_factory=dict)
@@ -367,6 +375,10 @@ async def _postgres_sides(conn: Connection, accounts: list[str]) -> dict[str, _S
             merged_ms=None if r["merged_at"] is None else to_ms(r["merged_at"]),
             rule_counts=rule_counts_from_row(r["rule_counts"]),
             first_earn_ms=None if r["first_earn_at"] is None else to_ms(r["first_earn_at"]),
+            rank_id=r["rank_id"],
+            rank_spend=r["rank_spend"],
+            rank_period=r["rank_period"],
+            visits=visits_from_row(r["visits"]),
         )
         for r in await conn.fetch(
             f"SELECT account_id, last_seq, {ACCOUNT_MEMBER_COLUMNS} FROM accounts WHERE account_id = ANY($1::text[])",
@@ -461,6 +473,10 @@ def _parse_account(
         foreign_refunds=account.foreign_refunds,
         rule_counts=account.rule_counts,
         first_earn_ms=account.first_earn_ms,
+        rank_id=account.rank_id,
+        rank_spend=account.rank_spend,
+        rank_period=account.rank_period,
+        visits=account.visits,
     )
 
 
@@ -521,7 +537,7 @@ def _differences(account: str, rd: _Side | None, pg: _Side | None) -> Iterable[D
             yield Difference(account, f"merge {merge} into the account", _merge_in(r_in), _merge_in(p_in))
     for txid in sorted(rd.foreign_refunds.keys() | pg.foreign_refunds.keys()):
         r_f, p_f = rd.foreign_refunds.get(txid), pg.foreign_refunds.get(txid)
-        if r_f != p_f:
+        if not _same_refund_state(r_f, p_f):
             yield Difference(account, f"refund state of {txid}", r_f or "absent", p_f or "absent")
     # What the rules read of the member: each capped rule's count (k:<rule>), the first earn (fe).
     for rule in sorted(rd.rule_counts.keys() | pg.rule_counts.keys()):
@@ -530,6 +546,13 @@ def _differences(account: str, rd: _Side | None, pg: _Side | None) -> Iterable[D
             yield Difference(account, f"rule count {rule}", _count(r_k), _count(p_k))
     if rd.first_earn_ms != pg.first_earn_ms:
         yield Difference(account, "first earn", _count(rd.first_earn_ms), _count(pg.first_earn_ms))
+    # The member's rank program standing (rk, rs, rp), and each visit rule's limit (v:<key>).
+    if (rd.rank_id, rd.rank_spend, rd.rank_period) != (pg.rank_id, pg.rank_spend, pg.rank_period):
+        yield Difference(account, "rank", _rank(rd), _rank(pg))
+    for key in sorted(rd.visits.keys() | pg.visits.keys()):
+        r_v, p_v = rd.visits.get(key), pg.visits.get(key)
+        if r_v != p_v:
+            yield Difference(account, f"visit limit {key}", _count(r_v), _count(p_v))
     # Accounts opened before the account hash kept the opening time have none in Redis.
     if rd.opened_ms is not None and rd.opened_ms != pg.opened_ms:
         yield Difference(
@@ -541,6 +564,21 @@ def _differences(account: str, rd: _Side | None, pg: _Side | None) -> Iterable[D
 
 def _count(value: int | None) -> str:
     return "absent" if value is None else str(value)
+
+
+def _rank(side: _Side) -> str:
+    """rk, rs and rp: "<rank> (spend <rs>, period <rp>)"; "none" without a rank."""
+    if side.rank_id is None and side.rank_period is None:
+        return "none" if not side.rank_spend else f"none (spend {side.rank_spend})"
+    return f"{side.rank_id or 'none'} (spend {side.rank_spend}, period {_count(side.rank_period)})"
+
+
+def _same_refund_state(redis: str | None, postgres: str | None) -> bool:
+    """Whether two f: field values say the same: one written before the states had a third part
+    (refunded per rule line) says what the same with none says."""
+    if redis is None or postgres is None:
+        return redis == postgres
+    return redis == postgres or (redis.count("|") == 1 and f"{redis}|" == postgres)
 
 
 def _card(link: codec.CardLink) -> str:

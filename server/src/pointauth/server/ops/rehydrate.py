@@ -19,6 +19,10 @@ budget marks (Keyspace.budget_mark) come back too, for each campaign of its answ
 retried earn then gives back its new reservation whole, and a retried refund gives nothing back
 twice, as before the loss.
 
+And ranks and visits: each member's rank, qualifying spend and rank period (rk, rs, rp) and visit
+limits (v:<key>), and the records' qualifying amounts and rank periods (qual, rp), which refunds
+read to lower the spend.
+
 What PostgreSQL had not yet received when Redis was lost (the worker's lag, about a second of
 traffic) cannot come back; the tills' retries with the same request ids redo those requests.
 """
@@ -49,6 +53,7 @@ from pointauth.server.journal.writer import (
     record_from_row,
     rule_counts_from_row,
     to_ms,
+    visits_from_row,
 )
 from pointauth.server.ledger import Keyspace, codec
 from pointauth.server.ops import directory
@@ -155,6 +160,10 @@ async def rehydrate(
                     foreign_refunds=foreign.get(r["account_id"], {}),
                     rule_counts=rule_counts_from_row(r["rule_counts"]),
                     first_earn_ms=None if r["first_earn_at"] is None else to_ms(r["first_earn_at"]),
+                    rank_id=r["rank_id"],
+                    rank_spend=r["rank_spend"],
+                    rank_period=r["rank_period"],
+                    visits=visits_from_row(r["visits"]),
                 )
                 for r in accounts
             }
@@ -178,26 +187,29 @@ async def rehydrate(
                         pipe.zadd(keys.holds, {codec.hold_member(account, seq): rec.exp})
                 for account, stored in hashes.items():
                     keys = keyspace.account(account)
-                    layout = codec.encode_account(
-                        codec.account_of(
-                            stored.seq,
-                            stored.x0,
-                            stored.lots,
-                            stored.holds,
-                            stored.cards,
-                            status=stored.status,
-                            opened_ms=stored.opened_ms,
-                            closed_ms=stored.closed_ms,
-                            profile=stored.profile,
-                            merged_into=stored.merged_into,
-                            merge_id=stored.merge_id,
-                            merged_ms=stored.merged_ms,
-                            merges_in=stored.merges_in,
-                            foreign_refunds=stored.foreign_refunds,
-                            rule_counts=stored.rule_counts,
-                            first_earn_ms=stored.first_earn_ms,
-                        )
+                    restored = codec.account_of(
+                        stored.seq,
+                        stored.x0,
+                        stored.lots,
+                        stored.holds,
+                        stored.cards,
+                        status=stored.status,
+                        opened_ms=stored.opened_ms,
+                        closed_ms=stored.closed_ms,
+                        profile=stored.profile,
+                        merged_into=stored.merged_into,
+                        merge_id=stored.merge_id,
+                        merged_ms=stored.merged_ms,
+                        merges_in=stored.merges_in,
+                        foreign_refunds=stored.foreign_refunds,
+                        rule_counts=stored.rule_counts,
+                        first_earn_ms=stored.first_earn_ms,
+                        visits=stored.visits,
                     )
+                    # rk, rs and rp as the accounts row has them (rs is written with rk).
+                    restored.rank_id, restored.rank_spend = stored.rank_id, stored.rank_spend
+                    restored.rank_period = stored.rank_period
+                    layout = codec.encode_account(restored)
                     pipe.hset(keys.account, mapping=layout.fields)  # type: ignore[arg-type]  # dict keys are invariant
                     if layout.lots:
                         pipe.zadd(keys.lots, layout.lots)
@@ -208,7 +220,7 @@ async def rehydrate(
                     key = keyspace.idempotency(r["account_id"], r["request_id"])
                     pipe.set(key, r["record"], px=r["ttl"])
                     for mark in _budget_marks(keyspace, r["account_id"], r["record"], budgeted):
-                        pipe.set(mark, "1", px=r["ttl"] + _MARK_MARGIN_MS)
+                        pipe.set(mark, "1", px=r["ttl"] + Keyspace.BUDGET_MARK_MARGIN_S * 1000)
                 for r in cards:
                     card = r["card_number"]
                     pipe.hset(keyspace.card_bucket(card), card, codec.card_owner_value(r["account_id"]))
@@ -248,7 +260,6 @@ async def rehydrate(
 
 
 # A budget mark outlives its request's record by a day (Ledger.settle_budget, give_budget).
-_MARK_MARGIN_MS = 86_400_000
 
 
 def _budget_marks(keyspace: Keyspace, account_id: str, record: bytes, budgeted: set[str]) -> list[str]:

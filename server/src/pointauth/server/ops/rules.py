@@ -2,9 +2,9 @@
 sets (Keyspace.rules) and each campaign's budget count (Keyspace.budget) from PostgreSQL, and
 listing where the two differ.
 
-A budget count is the points its campaign has given: the points of its lines in the earns made
-under a rule set version in which it had a budget, less the shares refunds took back of them
-(journal/rules.py, budget_counts), plus, in Redis only, the reservations of earns in flight
+A budget count is the points its campaign has given: the points of the earns' lines that drew on
+its budget, less the refund shares given back to it (journal/rules.py, budget_counts: as the
+lines say, EarnLineEntry.budgeted), plus, in Redis only, the reservations of earns in flight
 (reserved before the account's script runs, settled after it: services/points.py). So:
 - Redis below PostgreSQL is always a difference (once events in flight have settled): points
   were given back that had not been counted, and the campaign may give that many beyond its

@@ -28,6 +28,8 @@ from pointauth.server.domain.earning import (
 
 BASIS_POINTS = 10_000
 DAY_MS = 86_400_000
+MAX_LINE_POINTS = 10**15
+"""A line's points at most (the balance cap): the script refuses more as BALANCE_LIMIT_EXCEEDED."""
 
 
 def earning_amount(purchase: Purchase) -> int:
@@ -95,7 +97,7 @@ def evaluate(rules: RuleSet, purchase: Purchase, default_rate: Rate, base_expire
     each campaign that applies and gives points, in stacking order."""
     rate = rate_for(rules, purchase.company_id, purchase.store_id, default_rate)
     amount = earning_amount(purchase)
-    base = apply_rate(rate, amount)
+    base = min(apply_rate(rate, amount), MAX_LINE_POINTS)
     lines = [EarnLine(BASE_RULE, base, "R", base_expire_ms)]
     for campaign in stacking(rules):
         cond = campaign.conditions
@@ -110,8 +112,7 @@ def evaluate(rules: RuleSet, purchase: Purchase, default_rate: Rate, base_expire
             points = covered * effect.points // effect.per_amount
         else:
             points = effect.points
-        if campaign.max_per_purchase:
-            points = min(points, campaign.max_per_purchase)
+        points = min(points, campaign.max_per_purchase or MAX_LINE_POINTS)
         if points <= 0:
             continue
         expire_ms = purchase.time_ms + campaign.expire_days * DAY_MS if campaign.expire_days else base_expire_ms

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pointauth.server.ledger import CardKindCode, Ledger, LotKindCode, OpResult, PointOfSaleRef, ProfileChange
+from pointauth.server.services.members import check_home_company
 from pointauth.server.services.points import Outcome, PointsService
 
 
@@ -21,8 +22,8 @@ class AccountsService:
         kind: CardKindCode = "P",
         profile: ProfileChange | None = None,
     ) -> OpResult:
-        if profile is not None and profile.hc and self.points.directory is not None:
-            self.points.directory.check_company(profile.hc, "profile.home_company_id")
+        if profile is not None:
+            check_home_company(self.points.directory, profile)
         return await self.ledger.create_account(
             account_id, card_number, request_id, fingerprint, kind=kind, profile=profile
         )

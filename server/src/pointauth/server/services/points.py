@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from types import MappingProxyType
+import dataclasses
 from typing import NamedTuple
 
 from pointauth.server.clock import Clock
-from pointauth.server.domain.earning import BASE_RULE, BasketLine, EarnLine, RuleSet
+from pointauth.server.domain.earning import (
+    BASE_RULE,
+    NOTE_BUDGET,
+    NOTE_MEMBER_CAP,
+    NOTE_NOT_BIRTHDAY_MONTH,
+    NOTE_NOT_FIRST_PURCHASE,
+    NOTE_NOT_RANK,
+    BasketLine,
+    EarnLine,
+    RuleSet,
+)
 from pointauth.server.domain.ids import transaction_id
 from pointauth.server.domain.reasons import ErrorReason
 from pointauth.server.ledger import (
@@ -26,7 +35,7 @@ from pointauth.server.rules.engine import DAY_MS, earning_amount, rank_after, vi
 from pointauth.server.rules.receipt import Facts, ReceiptLine
 from pointauth.server.services.directory import DirectoryService
 from pointauth.server.services.refusals import failed_precondition, not_found, renamed_not_found
-from pointauth.server.services.rules import RulesService, with_points
+from pointauth.server.services.rules import RulesService
 
 
 class Outcome(NamedTuple):
@@ -37,13 +46,11 @@ class Outcome(NamedTuple):
 
 
 class Earned(NamedTuple):
-    """An earn's answer: the ledger's, for which account, under which rule set version (0:
-    none), and the campaigns whose budget gave fewer points than their rule (points short)."""
+    """An earn's answer: the ledger's, for which account (the rule set version it used, and
+    the rest, are in the answer: a retry gets it as it was)."""
 
     account_id: str
     result: OpResult
-    rules_version: int = 0
-    short: Mapping[str, int] = MappingProxyType({})
 
 
 class PointsService:
@@ -137,14 +144,12 @@ class PointsService:
         budget is another slot's: Ledger.take_budget) and gives back what the account's script
         did not grant (its member cap or guards), or everything if the earn is refused."""
         reserved: dict[str, int] = {}
-        short: dict[str, int] = {}
         for i, line in enumerate(lines):
             if line.budget and line.points:
                 taken = await self.ledger.take_budget(line.rule, line.points, line.budget)
                 reserved[line.rule] = taken
                 if taken < line.points:
-                    short[line.rule] = line.points - taken
-                    lines[i] = with_points(line, taken)
+                    lines[i] = dataclasses.replace(line, points=taken, short=line.points - taken)
         try:
             account, result = await self.ledger.on_card(
                 card_number,
@@ -166,7 +171,9 @@ class PointsService:
                     receipt_horizon_ms=self.receipt_horizon_ms(),
                 ),
             )
-        except BaseException:
+        except LedgerRefusal:
+            # Refused: nothing was granted. (Any other failure may come after the script ran: the
+            # reservation stays, a bounded under-spend, never an overspend.)
             for rule, taken in reserved.items():
                 await self.ledger.give_budget(rule, taken)
             raise
@@ -174,7 +181,7 @@ class PointsService:
         earn_id = transaction_id(account, result.tx)
         for rule, taken in reserved.items():
             await self.ledger.settle_budget(rule, earn_id, taken, granted.get(rule, 0))
-        return Earned(account, result, rules_version, short)
+        return Earned(account, result)
 
     def _rule_set(self) -> RuleSet:
         return self.rules.current if self.rules is not None else RuleSet(version=0)
@@ -182,8 +189,9 @@ class PointsService:
     def receipt_horizon_ms(self) -> int:
         return self._rule_set().receipt.expiring_within_days * DAY_MS
 
-    def receipt_lines(self, result: OpResult, *, earned: bool) -> list[ReceiptLine]:
-        """The promotional receipt of an earn's or a visit's (`earned`) or a capture's answer."""
+    async def receipt_lines(self, result: OpResult, *, earned: bool) -> list[ReceiptLine]:
+        """The promotional receipt of an earn's (`earned`) or a capture's answer, in the words of
+        the rule set the earn used, at the instant it was made: a retry prints the same."""
         by_rule = tuple((line.rule, line.points) for line in result.lines)
         if earned and not by_rule:
             by_rule = ((BASE_RULE, result.pts),)  # an earn at the configured rate
@@ -195,7 +203,10 @@ class PointsService:
             rank_id=result.rank,
             spend=result.spend,
         )
-        return receipt.lines(self._rule_set(), facts, self.policy.zone, self.clock.now_ms())
+        rule_set = self._rule_set()
+        if self.rules is not None and result.rules and result.rules != rule_set.version:
+            rule_set = await self.rules.get(result.rules)
+        return receipt.lines(rule_set, facts, self.policy.zone, result.now or self.clock.now_ms())
 
     async def check_in(
         self, card_number: str, *, visit_ms: int, pos: PointOfSaleRef, request_id: str, fingerprint: str
@@ -233,7 +244,7 @@ class PointsService:
                 receipt_horizon_ms=self.receipt_horizon_ms(),
             ),
         )
-        return Earned(account, result, rule_set.version)
+        return Earned(account, result)
 
     async def simulate(
         self,
@@ -269,20 +280,20 @@ class PointsService:
         for line in lines:
             points, note = line.points, ""
             if member is not None and line.ranks and rank not in line.ranks:
-                points, note = 0, "not_rank"
+                points, note = 0, NOTE_NOT_RANK
             born = member.profile.bd or "" if member is not None else ""
             if member is not None and line.birthday_month and born[:2] != f"{line.birthday_month:02d}":
-                points, note = 0, "not_birthday_month"
+                points, note = 0, NOTE_NOT_BIRTHDAY_MONTH
             if member is not None and line.first_purchase and member.first_earn_ms is not None:
-                points, note = 0, "not_first_purchase"
+                points, note = 0, NOTE_NOT_FIRST_PURCHASE
             if member is not None and points and line.member_cap:
                 room = max(line.member_cap - member.rule_counts.get(line.rule, 0), 0)
                 if points > room:
-                    points, note = room, "member_cap"
+                    points, note = room, NOTE_MEMBER_CAP
             if points and line.budget:
                 room = max(line.budget - await self.ledger.budget_spent(line.rule), 0)
                 if points > room:
-                    points, note = room, "budget"
+                    points, note = room, NOTE_BUDGET
             out.append(EarnLineEntry(line.rule, points, 0, note))
         return rule_set.version, out
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 
 from pointauth.server.clock import Clock
 from pointauth.server.config import RulesSettings
@@ -104,7 +103,3 @@ class RulesService:
 
     def lines(self, rule_set: RuleSet, purchase: Purchase) -> list[EarnLine]:
         return evaluate(rule_set, purchase, self.policy.rate, self.policy.expire_ms(purchase.time_ms))
-
-
-def with_points(line: EarnLine, points: int) -> EarnLine:
-    return dataclasses.replace(line, points=points)
