@@ -60,10 +60,12 @@ def _timestamp(value: datetime) -> Timestamp:
 
 class PointsClient:
     """`async with PointsClient("host:50051") as client:` calls PointsService, AdminService,
-    MembersService and GroupService.
+    MembersService, GroupService and RulesService.
 
-    Every mutating method takes an optional `request_id`; pass the same one to retry a call
-    whose outcome is unknown: the server applies it once and answers as the first time.
+    Every mutating method of a member's points, account or cards takes an optional
+    `request_id`; pass the same one to retry a call whose outcome is unknown: the server applies
+    it once and answers as the first time. Registering a group entry is create-or-update by id
+    (safe to repeat); publishing a rule set again makes another version with the same rules.
     Failures raise `PointauthError` subclasses with the server's reason and field violations.
     """
 

@@ -537,7 +537,7 @@ def _differences(account: str, rd: _Side | None, pg: _Side | None) -> Iterable[D
             yield Difference(account, f"merge {merge} into the account", _merge_in(r_in), _merge_in(p_in))
     for txid in sorted(rd.foreign_refunds.keys() | pg.foreign_refunds.keys()):
         r_f, p_f = rd.foreign_refunds.get(txid), pg.foreign_refunds.get(txid)
-        if not _same_refund_state(r_f, p_f):
+        if r_f != p_f:
             yield Difference(account, f"refund state of {txid}", r_f or "absent", p_f or "absent")
     # What the rules read of the member: each capped rule's count (k:<rule>), the first earn (fe).
     for rule in sorted(rd.rule_counts.keys() | pg.rule_counts.keys()):
@@ -571,14 +571,6 @@ def _rank(side: _Side) -> str:
     if side.rank_id is None and side.rank_period is None:
         return "none" if not side.rank_spend else f"none (spend {side.rank_spend})"
     return f"{side.rank_id or 'none'} (spend {side.rank_spend}, period {_count(side.rank_period)})"
-
-
-def _same_refund_state(redis: str | None, postgres: str | None) -> bool:
-    """Whether two f: field values say the same: one written before the states had a third part
-    (refunded per rule line) says what the same with none says."""
-    if redis is None or postgres is None:
-        return redis == postgres
-    return redis == postgres or (redis.count("|") == 1 and f"{redis}|" == postgres)
 
 
 def _card(link: codec.CardLink) -> str:

@@ -10,8 +10,6 @@ show every change already made anywhere.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 from typing import TypeVar
 
 from pointauth.server.config import GroupSettings
@@ -27,10 +25,9 @@ from pointauth.server.domain.group import (
 )
 from pointauth.server.ledger import PointOfSaleRef
 from pointauth.server.ledger.directory import DirectoryStore
-from pointauth.server.services.following import follow
+from pointauth.server.services.following import Follower
 from pointauth.server.services.refusals import group_refusal
 
-log = logging.getLogger(__name__)
 E = TypeVar("E", bound=Company | Store | Terminal)
 
 
@@ -40,20 +37,15 @@ class DirectoryService:
         self.settings = settings
         self.current = Directory()
         self._lock = asyncio.Lock()
-        self._poller: asyncio.Task[None] | None = None
+        self._follower = Follower("group directory", settings.refresh_seconds, self._refreshed_version)
 
     async def start(self) -> None:
         """Loads the directory (before the server serves) and starts following its changes."""
         await self.reload()
-        if self._poller is None:
-            self._poller = asyncio.create_task(self._follow())
+        self._follower.start()
 
     async def stop(self) -> None:
-        poller, self._poller = self._poller, None
-        if poller is not None:
-            poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await poller
+        await self._follower.stop()
 
     async def reload(self) -> Directory:
         async with self._lock:
@@ -65,10 +57,6 @@ class DirectoryService:
         if await self.store.version() != self.current.version:
             return await self.reload()
         return self.current
-
-    async def _follow(self) -> None:
-        # Keeps checking against the directory it has until Redis answers again.
-        await follow("group directory", self.settings.refresh_seconds, self._refreshed_version)
 
     async def _refreshed_version(self) -> int:
         return (await self.refresh()).version

@@ -3,25 +3,46 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
 log = logging.getLogger(__name__)
 
 
-async def follow(what: str, every_seconds: float, refresh: Callable[[], Awaitable[int]]) -> None:
-    """Calls `refresh` (which returns the version it now has) every `every_seconds`, forever.
-    A failure is logged once and retried: the process goes on with the copy it has."""
-    failing = False
-    while True:
-        await asyncio.sleep(every_seconds)
-        try:
-            version = await refresh()
-        except Exception as exc:
-            if not failing:
-                log.warning("%s refresh failed (%s: %s); retrying", what, type(exc).__name__, exc)
-            failing = True
-        else:
-            if failing:
-                log.info("%s refresh works again (version %d)", what, version)
-            failing = False
+class Follower:
+    """Calls `refresh` (which returns the version it now has) every `every_seconds` between
+    start() and stop(). A failure is logged once and retried: the process goes on with the copy
+    it has until Redis answers again."""
+
+    def __init__(self, what: str, every_seconds: float, refresh: Callable[[], Awaitable[int]]) -> None:
+        self.what = what
+        self.every_seconds = every_seconds
+        self.refresh = refresh
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._follow())
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _follow(self) -> None:
+        failing = False
+        while True:
+            await asyncio.sleep(self.every_seconds)
+            try:
+                version = await self.refresh()
+            except Exception as exc:
+                if not failing:
+                    log.warning("%s refresh failed (%s: %s); retrying", self.what, type(exc).__name__, exc)
+                failing = True
+            else:
+                if failing:
+                    log.info("%s refresh works again (version %d)", self.what, version)
+                failing = False

@@ -8,9 +8,6 @@ own publications at once. Until a rule set is published, earns use the configure
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-
 from pointauth.server.clock import Clock
 from pointauth.server.config import RulesSettings
 from pointauth.server.domain.earning import BasketLine, EarnLine, Purchase, RuleSet
@@ -20,7 +17,7 @@ from pointauth.server.ledger.rulebook import RuleBook
 from pointauth.server.rules.earn_policy import EarnPolicy
 from pointauth.server.rules.engine import evaluate
 from pointauth.server.services.directory import DirectoryService
-from pointauth.server.services.following import follow
+from pointauth.server.services.following import Follower
 from pointauth.server.services.refusals import not_found
 
 
@@ -39,19 +36,14 @@ class RulesService:
         self.policy = policy
         self.directory = directory
         self.current = RuleSet(version=0)
-        self._poller: asyncio.Task[None] | None = None
+        self._follower = Follower("rule set", settings.refresh_seconds, self.refresh)
 
     async def start(self) -> None:
         await self.refresh()
-        if self._poller is None:
-            self._poller = asyncio.create_task(follow("rule set", self.settings.refresh_seconds, self.refresh))
+        self._follower.start()
 
     async def stop(self) -> None:
-        poller, self._poller = self._poller, None
-        if poller is not None:
-            poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await poller
+        await self._follower.stop()
 
     async def refresh(self) -> int:
         """Takes in the current rule set if its version moved (one GET when it has not)."""
