@@ -257,7 +257,7 @@ KIOSK = PointOfSaleRef("partner", "store-9", "kiosk-1", 4)
 
 
 async def merged_pair(ledger: Ledger, clock: ManualClock) -> None:
-    """Account S merged into T (merge "merge-1"), a second apart from the clock's time t0 (see the
+    """Account S merged into T (request "merge-1", merge "S:merge-1"), a second apart from the clock's time t0 (see the
     comments): S with three lots in three buckets, two cards (one blocked) and a redemption
     partly refunded before the merge; after it, the rest of that redemption refunded on T (but
     10 points), and S's card blocked on T."""

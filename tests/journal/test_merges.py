@@ -74,12 +74,12 @@ def _expected(t0: int) -> dict[str, list[tuple[Any, ...]]]:
         ("S", 7, "REFUNDED", 10, [[2, 10, d30, "R", "acme"]], None, None, None, 6),
         ("S", 8, "GRANT", 40, [[8, 40, d10, "L", "partner"]], None, None, None, None),
         ("S", 9, "GRANT", 25, [[9, 25, d60, "R", "partner"]], None, None, None, None),
-        ("S", 10, "MERGED_OUT", 345, [[i, -p, e, k, s] for i, p, e, k, s in moved], "merge-1", "T", None, None),
+        ("S", 10, "MERGED_OUT", 345, [[i, -p, e, k, s] for i, p, e, k, s in moved], "S:merge-1", "T", None, None),
         ("T", 1, "ACCOUNT_OPENED", 0, [], None, None, None, None),
         ("T", 2, "EARN", 50, [[2, 50, d30, "R", "acme"]], None, None, None, None),
         (
             "T", 3, "MERGED_IN", 345, [[3, 40, d10, "L", "partner"], [2, 280, d30, "R", "acme"],
-            [3 + EXTRA, 25, d60, "R", "partner"]], "merge-1", "S", None, None,
+            [3 + EXTRA, 25, d60, "R", "partner"]], "S:merge-1", "S", None, None,
         ),
         ("T", 4, "REFUNDED", 110, [[2, 20, d30, "R", "acme"], [4, 90, d10, "L", "acme"]], None, None, "S", 6),
         ("T", 5, "CARD_BLOCKED", 0, [], None, None, None, None),
@@ -91,10 +91,10 @@ def _expected(t0: int) -> dict[str, list[tuple[Any, ...]]]:
     refund = ("T", 4, "REFUND", 110, 0, None, [[2, 20, d30, "R", "acme"], [4, 90, d10, "L", "acme"]], 6, "S")
     cards = {"APP-S2": f"BA{t0 + 3000}:{t0 + 4000}", "S-CARD1": f"AP{t0}"}
     none: dict[str, str] = {}
-    merge = ("merge-1", "S", "T", at(11), "desk-7", "same member, two cards", moved, cards, none, "T", at(11))
+    merge = ("S:merge-1", "S", "T", at(11), "desk-7", "same member, two cards", moved, cards, none, "T", at(11))
     return {
         "accounts": [
-            ("S", 10, "M", None, "T", "merge-1", at(11)),
+            ("S", 10, "M", None, "T", "S:merge-1", at(11)),
             ("T", 5, "A", None, None, None, None),
         ],
         # The source's cards on the target as they were (APP-S2 blocked, link times kept), moved

@@ -86,14 +86,14 @@ async def test_rehydrate_gives_back_a_merge_and_refunds_go_on_after_it(
     records = {a: await _records(redis, keyspace, a) for a in MERGED}
     s, t = before["S"], before["T"]
     merged = (s.stored.status, s.stored.merged_into, s.stored.merge_id, s.stored.merged_ms)
-    assert merged == ("M", "T", "merge-1", at(11))
+    assert merged == ("M", "T", "S:merge-1", at(11))
     assert (s.stored.cards, s.stored.foreign_refunds, s.available) == ({}, {}, 0)
     assert t.stored.cards == {
         "APP-S2": codec.CardLink("B", "A", at(3), at(4)),
         "S-CARD1": codec.CardLink("B", "P", t0, at(13)),
         "T-CARD1": codec.CardLink("A", "P", at(9)),
     }
-    assert t.stored.merges_in == {"merge-1": codec.MergeIn("S", at(11))}
+    assert t.stored.merges_in == {"S:merge-1": codec.MergeIn("S", at(11))}
     assert t.stored.foreign_refunds == {"S.6": "120|90,30"}
     assert (t.available, t.held) == (505, 0)
     assert index == {"APP-S2": "T", "S-CARD1": "T", "T-CARD1": "T"}
@@ -103,7 +103,7 @@ async def test_rehydrate_gives_back_a_merge_and_refunds_go_on_after_it(
         codec.LotEntry(9, 25, t0 + 60 * DAY_MS, "R", "partner"),
     ]
     cards = {"APP-S2": f"BA{at(3)}:{at(4)}", "S-CARD1": f"AP{t0}"}
-    assert records["S"]["m"] == codec.MergeMove("merge-1", "S", "T", at(11), moved, cards, earned=True)
+    assert records["S"]["m"] == codec.MergeMove("S:merge-1", "S", "T", at(11), moved, cards, earned=True)
     assert (records["S"]["6"].refunded, [e.returned for e in records["S"]["6"].alloc]) == (10, [0, 10])
 
     await redis.flushall()  # Redis lost
@@ -151,16 +151,16 @@ async def test_reconcile_names_merge_differences(
     # A merge into T that never was, one whose time changed, a refund state changed, one of a
     # transaction never refunded there; S merged elsewhere.
     await redis.hset(t, "mh:merge-x", "X|5")
-    await redis.hset(t, "mh:merge-1", f"S|{t0}")
+    await redis.hset(t, "mh:S:merge-1", f"S|{t0}")
     await redis.hset(t, "f:S.6", "121|90,31")
     await redis.hset(t, "f:S.2", "5|")
     await redis.hset(s, "mt", "X")
 
     said = sorted(str(d) for d in (await reconcile(redis, dsn, keyspace, settle_seconds=0)).differences)
-    merged = f"merge-1 at {t0 + 11_000}"
+    merged = f"S:merge-1 at {t0 + 11_000}"
     assert said == [
         f"S: status: Redis merged into X by {merged}, PostgreSQL merged into T by {merged}",
-        f"T: merge merge-1 into the account: Redis S|{t0}, PostgreSQL S|{t0 + 11_000}",
+        f"T: merge S:merge-1 into the account: Redis S|{t0}, PostgreSQL S|{t0 + 11_000}",
         "T: merge merge-x into the account: Redis X|5, PostgreSQL absent",
         "T: refund state of S.2: Redis 5|, PostgreSQL absent",
         "T: refund state of S.6: Redis 121|90,31, PostgreSQL 120|90,30",
