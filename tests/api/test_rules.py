@@ -368,3 +368,34 @@ async def test_partial_refunds_of_a_merged_members_rule_earn_take_each_rules_sha
     target = await account_state(redis, keyspace, "m-2")
     assert (target.rule_counts, target.lot_points) == ({"capped": 0}, 0)
     assert target.foreign_refunds == {earned.transaction_id: "300||100,200"}  # an earn has no allocation
+
+
+async def test_a_capture_earns_for_the_sale_it_completes_in_the_same_call(
+    client: PointsClient, clock: ManualClock, redis: Redis, keyspace: Keyspace, server: PointauthServer
+) -> None:
+    card = await new_member(client, 1)
+    await client.grant_points(card, 500, at(clock.now_ms() + 10 * DAY_MS), STORE)
+    await publish(client, campaign("funded", effect=add(7), budget_points=100))
+    hold = await client.authorize_hold(card, STORE, 200)
+    rid = new_request_id()
+    captured = await client.capture_hold(
+        hold.hold_id, purchase_amount=10_000, purchase_time=at(clock.now_ms()), basket=BASKET, request_id=rid
+    )
+    # The points paid 200 of the sale; the earn counts the earning lines (5,000 of them).
+    assert (captured.captured_points, captured.earned_points, captured.rule_set_version) == (200, 57, 1)
+    assert [(b.rule_id, b.points) for b in captured.breakdown] == [("base", 50), ("funded", 7)]
+    assert captured.balance.available_points == 500 - 200 + 57
+    assert captured.earn_transaction_id.startswith("m-1.")
+    assert [line.kind for line in captured.receipt_lines][:2] == [pb.RECEIPT_LINE_KIND_EARNED] * 2
+    assert (
+        await client.capture_hold(
+            hold.hold_id, purchase_amount=10_000, purchase_time=at(clock.now_ms()), basket=BASKET, request_id=rid
+        )
+        == captured
+    )
+    assert await server.ledger.budget_spent("funded") == 7
+    types = [e.type for e in await stream_events(redis, keyspace, "m-1")]
+    assert types[-2:] == ["HOLD_CAPTURED", "EARN"]
+    refund = await client.refund_transaction(captured.earn_transaction_id)
+    assert refund.refunded_points == 57
+    assert await server.ledger.budget_spent("funded") == 0

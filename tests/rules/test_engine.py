@@ -211,3 +211,13 @@ def test_each_line_says_where_its_points_go_and_what_the_member_must_allow() -> 
     assert base == EarnLine("base", 10, "R", BASE_EXPIRY)
     assert birthday == EarnLine("birthday", 300, "L", T + 30 * DAY, birthday_month=11, member_cap=600, budget=10_000)
     assert welcome == EarnLine("welcome", 500, "R", BASE_EXPIRY, first_purchase=True)
+
+
+def test_a_coupon_campaign_gives_one_coupon_valid_for_its_days_and_no_points() -> None:
+    offer = Effect("coupon", coupon_name="10% off", valid_days=30)
+    rule_set = rules(campaign("thanks", offer, max_per_member=2, conditions=Conditions(min_amount=5_000)))
+    assert evaluate(rule_set, purchase(4_999), DEFAULT, BASE_EXPIRY) == [EarnLine("base", 49, "R", BASE_EXPIRY)]
+    assert evaluate(rule_set, purchase(5_000), DEFAULT, BASE_EXPIRY) == [
+        EarnLine("base", 50, "R", BASE_EXPIRY),
+        EarnLine("thanks", 1, "R", T + 30 * DAY, member_cap=2, coupon=True),
+    ]

@@ -141,6 +141,23 @@ class PointsClient:
         )
         return await self._call(self._points.CheckIn, request)
 
+    async def use_coupon(
+        self,
+        card_number: str,
+        coupon_id: str,
+        point_of_sale: common_pb2.PointOfSale,
+        *,
+        request_id: str | None = None,
+    ) -> pb.Coupon:
+        """Uses a coupon of the member's at a sale, once; returns it with its use time."""
+        request = pb.UseCouponRequest(
+            request_id=request_id or new_request_id(),
+            card_number=card_number,
+            coupon_id=coupon_id,
+            point_of_sale=point_of_sale,
+        )
+        return (await self._call(self._points.UseCoupon, request)).coupon
+
     async def simulate_earn(
         self,
         point_of_sale: common_pb2.PointOfSale,
@@ -189,11 +206,24 @@ class PointsClient:
         return await self._call(self._points.AuthorizeHold, request)
 
     async def capture_hold(
-        self, hold_id: str, points: int | None = None, *, request_id: str | None = None
+        self,
+        hold_id: str,
+        points: int | None = None,
+        *,
+        purchase_amount: int | None = None,
+        purchase_time: datetime | None = None,
+        basket: Sequence[pb.BasketLine] = (),
+        request_id: str | None = None,
     ) -> pb.CaptureHoldResponse:
-        request = pb.CaptureHoldRequest(request_id=request_id or new_request_id(), hold_id=hold_id)
+        """Spends a hold; with purchase_amount and purchase_time, also earns for the sale it
+        completes, in the same call."""
+        request = pb.CaptureHoldRequest(request_id=request_id or new_request_id(), hold_id=hold_id, basket=basket)
         if points is not None:
             request.points = points
+        if purchase_amount is not None:
+            request.purchase_amount = purchase_amount
+        if purchase_time is not None:
+            request.purchase_time.CopyFrom(_timestamp(purchase_time))
         return await self._call(self._points.CaptureHold, request)
 
     async def void_hold(self, hold_id: str, *, request_id: str | None = None) -> pb.VoidHoldResponse:

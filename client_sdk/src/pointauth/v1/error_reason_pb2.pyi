@@ -51,6 +51,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     RULE_SET_NOT_FOUND: _ErrorReason.ValueType  # 18
     """NOT_FOUND: no rule set has been published as the version asked for."""
+    COUPON_NOT_FOUND: _ErrorReason.ValueType  # 19
+    """NOT_FOUND: the member has no coupon with this id."""
     IDEMPOTENCY_KEY_REUSED: _ErrorReason.ValueType  # 20
     """ALREADY_EXISTS: the request_id was used before for a request with other content."""
     ACCOUNT_ALREADY_EXISTS: _ErrorReason.ValueType  # 21
@@ -93,6 +95,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     NO_VISIT_RULE: _ErrorReason.ValueType  # 43
     """FAILED_PRECONDITION: no visit rule of the current rule set gives points for this visit."""
+    COUPON_ALREADY_USED: _ErrorReason.ValueType  # 44
+    """FAILED_PRECONDITION: the coupon was used already (metadata: used_at, Unix ms)."""
+    COUPON_EXPIRED: _ErrorReason.ValueType  # 45
+    """FAILED_PRECONDITION: the coupon's validity has ended."""
     SERVER_OVERLOADED: _ErrorReason.ValueType  # 50
     """RESOURCE_EXHAUSTED: the server shed the call under load; retry after RetryInfo's delay
     with the same request_id.
@@ -138,6 +144,8 @@ changes company.
 """
 RULE_SET_NOT_FOUND: ErrorReason.ValueType  # 18
 """NOT_FOUND: no rule set has been published as the version asked for."""
+COUPON_NOT_FOUND: ErrorReason.ValueType  # 19
+"""NOT_FOUND: the member has no coupon with this id."""
 IDEMPOTENCY_KEY_REUSED: ErrorReason.ValueType  # 20
 """ALREADY_EXISTS: the request_id was used before for a request with other content."""
 ACCOUNT_ALREADY_EXISTS: ErrorReason.ValueType  # 21
@@ -180,6 +188,10 @@ its limit (metadata: rule_ids).
 """
 NO_VISIT_RULE: ErrorReason.ValueType  # 43
 """FAILED_PRECONDITION: no visit rule of the current rule set gives points for this visit."""
+COUPON_ALREADY_USED: ErrorReason.ValueType  # 44
+"""FAILED_PRECONDITION: the coupon was used already (metadata: used_at, Unix ms)."""
+COUPON_EXPIRED: ErrorReason.ValueType  # 45
+"""FAILED_PRECONDITION: the coupon's validity has ended."""
 SERVER_OVERLOADED: ErrorReason.ValueType  # 50
 """RESOURCE_EXHAUSTED: the server shed the call under load; retry after RetryInfo's delay
 with the same request_id.

@@ -25,9 +25,10 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from pointauth.v1 import common_pb2 as pointauth_dot_v1_dot_common__pb2
+from pointauth.v1 import points_service_pb2 as pointauth_dot_v1_dot_points__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"pointauth/v1/members_service.proto\x12\x0cpointauth.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19pointauth/v1/common.proto\"\xf3\x01\n\rMemberProfile\x12\x13\n\x0b\x62irth_month\x18\x01 \x01(\x05\x12\x11\n\tbirth_day\x18\x02 \x01(\x05\x12-\n\tjoin_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fhome_company_id\x18\x04 \x01(\t\x12?\n\nattributes\x18\x05 \x03(\x0b\x32+.pointauth.v1.MemberProfile.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe9\x01\n\x04\x43\x61rd\x12\x13\n\x0b\x63\x61rd_number\x18\x01 \x01(\t\x12$\n\x04kind\x18\x02 \x01(\x0e\x32\x16.pointauth.v1.CardKind\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.pointauth.v1.CardState\x12-\n\tlink_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1f\n\x17replaced_by_card_number\x18\x06 \x01(\t\"\xd2\x03\n\x07\x41\x63\x63ount\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12+\n\x06status\x18\x02 \x01(\x0e\x32\x1b.pointauth.v1.AccountStatus\x12,\n\x07profile\x18\x03 \x01(\x0b\x32\x1b.pointauth.v1.MemberProfile\x12!\n\x05\x63\x61rds\x18\x04 \x03(\x0b\x32\x12.pointauth.v1.Card\x12-\n\x07\x62\x61lance\x18\x05 \x01(\x0b\x32\x1c.pointauth.v1.BalanceSummary\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nclose_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1e\n\x16merged_into_account_id\x18\x08 \x01(\t\x12.\n\nmerge_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x06merges\x18\n \x03(\x0b\x32\x1a.pointauth.v1.AccountMerge\x12\x0f\n\x07rank_id\x18\x0b \x01(\t\x12\x18\n\x10qualifying_spend\x18\x0c \x01(\x03\"k\n\x0c\x41\x63\x63ountMerge\x12\x10\n\x08merge_id\x18\x01 \x01(\t\x12\x19\n\x11source_account_id\x18\x02 \x01(\t\x12.\n\nmerge_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x85\x01\n\x14MergeAccountsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11source_account_id\x18\x02 \x01(\t\x12\x19\n\x11target_account_id\x18\x03 \x01(\t\x12\x13\n\x0boperator_id\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\"p\n\x15MergeAccountsResponse\x12\x14\n\x0cmoved_points\x18\x01 \x01(\x03\x12%\n\nmoved_lots\x18\x02 \x03(\x0b\x32\x11.pointauth.v1.Lot\x12\x1a\n\x12moved_card_numbers\x18\x03 \x03(\t\"K\n\x11GetAccountRequest\x12\x14\n\naccount_id\x18\x01 \x01(\tH\x00\x12\x15\n\x0b\x63\x61rd_number\x18\x02 \x01(\tH\x00\x42\t\n\x07\x61\x63\x63ount\"<\n\x12GetAccountResponse\x12&\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x15.pointauth.v1.Account\"\x9d\x01\n\x14UpdateProfileRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12,\n\x07profile\x18\x03 \x01(\x0b\x32\x1b.pointauth.v1.MemberProfile\x12/\n\x0bupdate_mask\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"?\n\x15UpdateProfileResponse\x12&\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x15.pointauth.v1.Account\"=\n\x13\x43loseAccountRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\"^\n\x14\x43loseAccountResponse\x12\x18\n\x10\x66orfeited_points\x18\x01 \x01(\x03\x12,\n\x0blot_effects\x18\x02 \x03(\x0b\x32\x17.pointauth.v1.LotEffect\"t\n\x0fLinkCardRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x03 \x01(\t\x12$\n\x04kind\x18\x04 \x01(\x0e\x32\x16.pointauth.v1.CardKind\"4\n\x10LinkCardResponse\x12 \n\x04\x63\x61rd\x18\x01 \x01(\x0b\x32\x12.pointauth.v1.Card\"P\n\x11UnlinkCardRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x03 \x01(\t\"\x14\n\x12UnlinkCardResponse\";\n\x10\x42lockCardRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x02 \x01(\t\"I\n\x11\x42lockCardResponse\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12 \n\x04\x63\x61rd\x18\x02 \x01(\x0b\x32\x12.pointauth.v1.Card\"=\n\x12UnblockCardRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x02 \x01(\t\"K\n\x13UnblockCardResponse\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12 \n\x04\x63\x61rd\x18\x02 \x01(\x0b\x32\x12.pointauth.v1.Card\"\x85\x01\n\x12ReissueCardRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x02 \x01(\t\x12\x17\n\x0fnew_card_number\x18\x03 \x01(\t\x12-\n\rnew_card_kind\x18\x04 \x01(\x0e\x32\x16.pointauth.v1.CardKind\"z\n\x13ReissueCardResponse\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12)\n\rreplaced_card\x18\x02 \x01(\x0b\x32\x12.pointauth.v1.Card\x12$\n\x08new_card\x18\x03 \x01(\x0b\x32\x12.pointauth.v1.Card*\x80\x01\n\rAccountStatus\x12\x1e\n\x1a\x41\x43\x43OUNT_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41\x43\x43OUNT_STATUS_ACTIVE\x10\x01\x12\x19\n\x15\x41\x43\x43OUNT_STATUS_CLOSED\x10\x02\x12\x19\n\x15\x41\x43\x43OUNT_STATUS_MERGED\x10\x03*P\n\x08\x43\x61rdKind\x12\x19\n\x15\x43\x41RD_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43\x41RD_KIND_PHYSICAL\x10\x01\x12\x11\n\rCARD_KIND_APP\x10\x02*o\n\tCardState\x12\x1a\n\x16\x43\x41RD_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43\x41RD_STATE_ACTIVE\x10\x01\x12\x16\n\x12\x43\x41RD_STATE_BLOCKED\x10\x02\x12\x17\n\x13\x43\x41RD_STATE_REPLACED\x10\x03\x32\xfe\x05\n\x0eMembersService\x12O\n\nGetAccount\x12\x1f.pointauth.v1.GetAccountRequest\x1a .pointauth.v1.GetAccountResponse\x12X\n\rUpdateProfile\x12\".pointauth.v1.UpdateProfileRequest\x1a#.pointauth.v1.UpdateProfileResponse\x12U\n\x0c\x43loseAccount\x12!.pointauth.v1.CloseAccountRequest\x1a\".pointauth.v1.CloseAccountResponse\x12I\n\x08LinkCard\x12\x1d.pointauth.v1.LinkCardRequest\x1a\x1e.pointauth.v1.LinkCardResponse\x12O\n\nUnlinkCard\x12\x1f.pointauth.v1.UnlinkCardRequest\x1a .pointauth.v1.UnlinkCardResponse\x12L\n\tBlockCard\x12\x1e.pointauth.v1.BlockCardRequest\x1a\x1f.pointauth.v1.BlockCardResponse\x12R\n\x0bUnblockCard\x12 .pointauth.v1.UnblockCardRequest\x1a!.pointauth.v1.UnblockCardResponse\x12R\n\x0bReissueCard\x12 .pointauth.v1.ReissueCardRequest\x1a!.pointauth.v1.ReissueCardResponse\x12X\n\rMergeAccounts\x12\".pointauth.v1.MergeAccountsRequest\x1a#.pointauth.v1.MergeAccountsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"pointauth/v1/members_service.proto\x12\x0cpointauth.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19pointauth/v1/common.proto\x1a!pointauth/v1/points_service.proto\"\xf3\x01\n\rMemberProfile\x12\x13\n\x0b\x62irth_month\x18\x01 \x01(\x05\x12\x11\n\tbirth_day\x18\x02 \x01(\x05\x12-\n\tjoin_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fhome_company_id\x18\x04 \x01(\t\x12?\n\nattributes\x18\x05 \x03(\x0b\x32+.pointauth.v1.MemberProfile.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe9\x01\n\x04\x43\x61rd\x12\x13\n\x0b\x63\x61rd_number\x18\x01 \x01(\t\x12$\n\x04kind\x18\x02 \x01(\x0e\x32\x16.pointauth.v1.CardKind\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.pointauth.v1.CardState\x12-\n\tlink_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1f\n\x17replaced_by_card_number\x18\x06 \x01(\t\"\xf9\x03\n\x07\x41\x63\x63ount\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12+\n\x06status\x18\x02 \x01(\x0e\x32\x1b.pointauth.v1.AccountStatus\x12,\n\x07profile\x18\x03 \x01(\x0b\x32\x1b.pointauth.v1.MemberProfile\x12!\n\x05\x63\x61rds\x18\x04 \x03(\x0b\x32\x12.pointauth.v1.Card\x12-\n\x07\x62\x61lance\x18\x05 \x01(\x0b\x32\x1c.pointauth.v1.BalanceSummary\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nclose_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1e\n\x16merged_into_account_id\x18\x08 \x01(\t\x12.\n\nmerge_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x06merges\x18\n \x03(\x0b\x32\x1a.pointauth.v1.AccountMerge\x12\x0f\n\x07rank_id\x18\x0b \x01(\t\x12\x18\n\x10qualifying_spend\x18\x0c \x01(\x03\x12%\n\x07\x63oupons\x18\r \x03(\x0b\x32\x14.pointauth.v1.Coupon\"k\n\x0c\x41\x63\x63ountMerge\x12\x10\n\x08merge_id\x18\x01 \x01(\t\x12\x19\n\x11source_account_id\x18\x02 \x01(\t\x12.\n\nmerge_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x85\x01\n\x14MergeAccountsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11source_account_id\x18\x02 \x01(\t\x12\x19\n\x11target_account_id\x18\x03 \x01(\t\x12\x13\n\x0boperator_id\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\"p\n\x15MergeAccountsResponse\x12\x14\n\x0cmoved_points\x18\x01 \x01(\x03\x12%\n\nmoved_lots\x18\x02 \x03(\x0b\x32\x11.pointauth.v1.Lot\x12\x1a\n\x12moved_card_numbers\x18\x03 \x03(\t\"K\n\x11GetAccountRequest\x12\x14\n\naccount_id\x18\x01 \x01(\tH\x00\x12\x15\n\x0b\x63\x61rd_number\x18\x02 \x01(\tH\x00\x42\t\n\x07\x61\x63\x63ount\"<\n\x12GetAccountResponse\x12&\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x15.pointauth.v1.Account\"\x9d\x01\n\x14UpdateProfileRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12,\n\x07profile\x18\x03 \x01(\x0b\x32\x1b.pointauth.v1.MemberProfile\x12/\n\x0bupdate_mask\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"?\n\x15UpdateProfileResponse\x12&\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x15.pointauth.v1.Account\"=\n\x13\x43loseAccountRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\"^\n\x14\x43loseAccountResponse\x12\x18\n\x10\x66orfeited_points\x18\x01 \x01(\x03\x12,\n\x0blot_effects\x18\x02 \x03(\x0b\x32\x17.pointauth.v1.LotEffect\"t\n\x0fLinkCardRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x03 \x01(\t\x12$\n\x04kind\x18\x04 \x01(\x0e\x32\x16.pointauth.v1.CardKind\"4\n\x10LinkCardResponse\x12 \n\x04\x63\x61rd\x18\x01 \x01(\x0b\x32\x12.pointauth.v1.Card\"P\n\x11UnlinkCardRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x03 \x01(\t\"\x14\n\x12UnlinkCardResponse\";\n\x10\x42lockCardRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x02 \x01(\t\"I\n\x11\x42lockCardResponse\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12 \n\x04\x63\x61rd\x18\x02 \x01(\x0b\x32\x12.pointauth.v1.Card\"=\n\x12UnblockCardRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x02 \x01(\t\"K\n\x13UnblockCardResponse\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12 \n\x04\x63\x61rd\x18\x02 \x01(\x0b\x32\x12.pointauth.v1.Card\"\x85\x01\n\x12ReissueCardRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x02 \x01(\t\x12\x17\n\x0fnew_card_number\x18\x03 \x01(\t\x12-\n\rnew_card_kind\x18\x04 \x01(\x0e\x32\x16.pointauth.v1.CardKind\"z\n\x13ReissueCardResponse\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12)\n\rreplaced_card\x18\x02 \x01(\x0b\x32\x12.pointauth.v1.Card\x12$\n\x08new_card\x18\x03 \x01(\x0b\x32\x12.pointauth.v1.Card*\x80\x01\n\rAccountStatus\x12\x1e\n\x1a\x41\x43\x43OUNT_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41\x43\x43OUNT_STATUS_ACTIVE\x10\x01\x12\x19\n\x15\x41\x43\x43OUNT_STATUS_CLOSED\x10\x02\x12\x19\n\x15\x41\x43\x43OUNT_STATUS_MERGED\x10\x03*P\n\x08\x43\x61rdKind\x12\x19\n\x15\x43\x41RD_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43\x41RD_KIND_PHYSICAL\x10\x01\x12\x11\n\rCARD_KIND_APP\x10\x02*o\n\tCardState\x12\x1a\n\x16\x43\x41RD_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43\x41RD_STATE_ACTIVE\x10\x01\x12\x16\n\x12\x43\x41RD_STATE_BLOCKED\x10\x02\x12\x17\n\x13\x43\x41RD_STATE_REPLACED\x10\x03\x32\xfe\x05\n\x0eMembersService\x12O\n\nGetAccount\x12\x1f.pointauth.v1.GetAccountRequest\x1a .pointauth.v1.GetAccountResponse\x12X\n\rUpdateProfile\x12\".pointauth.v1.UpdateProfileRequest\x1a#.pointauth.v1.UpdateProfileResponse\x12U\n\x0c\x43loseAccount\x12!.pointauth.v1.CloseAccountRequest\x1a\".pointauth.v1.CloseAccountResponse\x12I\n\x08LinkCard\x12\x1d.pointauth.v1.LinkCardRequest\x1a\x1e.pointauth.v1.LinkCardResponse\x12O\n\nUnlinkCard\x12\x1f.pointauth.v1.UnlinkCardRequest\x1a .pointauth.v1.UnlinkCardResponse\x12L\n\tBlockCard\x12\x1e.pointauth.v1.BlockCardRequest\x1a\x1f.pointauth.v1.BlockCardResponse\x12R\n\x0bUnblockCard\x12 .pointauth.v1.UnblockCardRequest\x1a!.pointauth.v1.UnblockCardResponse\x12R\n\x0bReissueCard\x12 .pointauth.v1.ReissueCardRequest\x1a!.pointauth.v1.ReissueCardResponse\x12X\n\rMergeAccounts\x12\".pointauth.v1.MergeAccountsRequest\x1a#.pointauth.v1.MergeAccountsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,58 +37,58 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MEMBERPROFILE_ATTRIBUTESENTRY']._loaded_options = None
   _globals['_MEMBERPROFILE_ATTRIBUTESENTRY']._serialized_options = b'8\001'
-  _globals['_ACCOUNTSTATUS']._serialized_start=2792
-  _globals['_ACCOUNTSTATUS']._serialized_end=2920
-  _globals['_CARDKIND']._serialized_start=2922
-  _globals['_CARDKIND']._serialized_end=3002
-  _globals['_CARDSTATE']._serialized_start=3004
-  _globals['_CARDSTATE']._serialized_end=3115
-  _globals['_MEMBERPROFILE']._serialized_start=147
-  _globals['_MEMBERPROFILE']._serialized_end=390
-  _globals['_MEMBERPROFILE_ATTRIBUTESENTRY']._serialized_start=341
-  _globals['_MEMBERPROFILE_ATTRIBUTESENTRY']._serialized_end=390
-  _globals['_CARD']._serialized_start=393
-  _globals['_CARD']._serialized_end=626
-  _globals['_ACCOUNT']._serialized_start=629
-  _globals['_ACCOUNT']._serialized_end=1095
-  _globals['_ACCOUNTMERGE']._serialized_start=1097
-  _globals['_ACCOUNTMERGE']._serialized_end=1204
-  _globals['_MERGEACCOUNTSREQUEST']._serialized_start=1207
-  _globals['_MERGEACCOUNTSREQUEST']._serialized_end=1340
-  _globals['_MERGEACCOUNTSRESPONSE']._serialized_start=1342
-  _globals['_MERGEACCOUNTSRESPONSE']._serialized_end=1454
-  _globals['_GETACCOUNTREQUEST']._serialized_start=1456
-  _globals['_GETACCOUNTREQUEST']._serialized_end=1531
-  _globals['_GETACCOUNTRESPONSE']._serialized_start=1533
-  _globals['_GETACCOUNTRESPONSE']._serialized_end=1593
-  _globals['_UPDATEPROFILEREQUEST']._serialized_start=1596
-  _globals['_UPDATEPROFILEREQUEST']._serialized_end=1753
-  _globals['_UPDATEPROFILERESPONSE']._serialized_start=1755
-  _globals['_UPDATEPROFILERESPONSE']._serialized_end=1818
-  _globals['_CLOSEACCOUNTREQUEST']._serialized_start=1820
-  _globals['_CLOSEACCOUNTREQUEST']._serialized_end=1881
-  _globals['_CLOSEACCOUNTRESPONSE']._serialized_start=1883
-  _globals['_CLOSEACCOUNTRESPONSE']._serialized_end=1977
-  _globals['_LINKCARDREQUEST']._serialized_start=1979
-  _globals['_LINKCARDREQUEST']._serialized_end=2095
-  _globals['_LINKCARDRESPONSE']._serialized_start=2097
-  _globals['_LINKCARDRESPONSE']._serialized_end=2149
-  _globals['_UNLINKCARDREQUEST']._serialized_start=2151
-  _globals['_UNLINKCARDREQUEST']._serialized_end=2231
-  _globals['_UNLINKCARDRESPONSE']._serialized_start=2233
-  _globals['_UNLINKCARDRESPONSE']._serialized_end=2253
-  _globals['_BLOCKCARDREQUEST']._serialized_start=2255
-  _globals['_BLOCKCARDREQUEST']._serialized_end=2314
-  _globals['_BLOCKCARDRESPONSE']._serialized_start=2316
-  _globals['_BLOCKCARDRESPONSE']._serialized_end=2389
-  _globals['_UNBLOCKCARDREQUEST']._serialized_start=2391
-  _globals['_UNBLOCKCARDREQUEST']._serialized_end=2452
-  _globals['_UNBLOCKCARDRESPONSE']._serialized_start=2454
-  _globals['_UNBLOCKCARDRESPONSE']._serialized_end=2529
-  _globals['_REISSUECARDREQUEST']._serialized_start=2532
-  _globals['_REISSUECARDREQUEST']._serialized_end=2665
-  _globals['_REISSUECARDRESPONSE']._serialized_start=2667
-  _globals['_REISSUECARDRESPONSE']._serialized_end=2789
-  _globals['_MEMBERSSERVICE']._serialized_start=3118
-  _globals['_MEMBERSSERVICE']._serialized_end=3884
+  _globals['_ACCOUNTSTATUS']._serialized_start=2866
+  _globals['_ACCOUNTSTATUS']._serialized_end=2994
+  _globals['_CARDKIND']._serialized_start=2996
+  _globals['_CARDKIND']._serialized_end=3076
+  _globals['_CARDSTATE']._serialized_start=3078
+  _globals['_CARDSTATE']._serialized_end=3189
+  _globals['_MEMBERPROFILE']._serialized_start=182
+  _globals['_MEMBERPROFILE']._serialized_end=425
+  _globals['_MEMBERPROFILE_ATTRIBUTESENTRY']._serialized_start=376
+  _globals['_MEMBERPROFILE_ATTRIBUTESENTRY']._serialized_end=425
+  _globals['_CARD']._serialized_start=428
+  _globals['_CARD']._serialized_end=661
+  _globals['_ACCOUNT']._serialized_start=664
+  _globals['_ACCOUNT']._serialized_end=1169
+  _globals['_ACCOUNTMERGE']._serialized_start=1171
+  _globals['_ACCOUNTMERGE']._serialized_end=1278
+  _globals['_MERGEACCOUNTSREQUEST']._serialized_start=1281
+  _globals['_MERGEACCOUNTSREQUEST']._serialized_end=1414
+  _globals['_MERGEACCOUNTSRESPONSE']._serialized_start=1416
+  _globals['_MERGEACCOUNTSRESPONSE']._serialized_end=1528
+  _globals['_GETACCOUNTREQUEST']._serialized_start=1530
+  _globals['_GETACCOUNTREQUEST']._serialized_end=1605
+  _globals['_GETACCOUNTRESPONSE']._serialized_start=1607
+  _globals['_GETACCOUNTRESPONSE']._serialized_end=1667
+  _globals['_UPDATEPROFILEREQUEST']._serialized_start=1670
+  _globals['_UPDATEPROFILEREQUEST']._serialized_end=1827
+  _globals['_UPDATEPROFILERESPONSE']._serialized_start=1829
+  _globals['_UPDATEPROFILERESPONSE']._serialized_end=1892
+  _globals['_CLOSEACCOUNTREQUEST']._serialized_start=1894
+  _globals['_CLOSEACCOUNTREQUEST']._serialized_end=1955
+  _globals['_CLOSEACCOUNTRESPONSE']._serialized_start=1957
+  _globals['_CLOSEACCOUNTRESPONSE']._serialized_end=2051
+  _globals['_LINKCARDREQUEST']._serialized_start=2053
+  _globals['_LINKCARDREQUEST']._serialized_end=2169
+  _globals['_LINKCARDRESPONSE']._serialized_start=2171
+  _globals['_LINKCARDRESPONSE']._serialized_end=2223
+  _globals['_UNLINKCARDREQUEST']._serialized_start=2225
+  _globals['_UNLINKCARDREQUEST']._serialized_end=2305
+  _globals['_UNLINKCARDRESPONSE']._serialized_start=2307
+  _globals['_UNLINKCARDRESPONSE']._serialized_end=2327
+  _globals['_BLOCKCARDREQUEST']._serialized_start=2329
+  _globals['_BLOCKCARDREQUEST']._serialized_end=2388
+  _globals['_BLOCKCARDRESPONSE']._serialized_start=2390
+  _globals['_BLOCKCARDRESPONSE']._serialized_end=2463
+  _globals['_UNBLOCKCARDREQUEST']._serialized_start=2465
+  _globals['_UNBLOCKCARDREQUEST']._serialized_end=2526
+  _globals['_UNBLOCKCARDRESPONSE']._serialized_start=2528
+  _globals['_UNBLOCKCARDRESPONSE']._serialized_end=2603
+  _globals['_REISSUECARDREQUEST']._serialized_start=2606
+  _globals['_REISSUECARDREQUEST']._serialized_end=2739
+  _globals['_REISSUECARDRESPONSE']._serialized_start=2741
+  _globals['_REISSUECARDRESPONSE']._serialized_end=2863
+  _globals['_MEMBERSSERVICE']._serialized_start=3192
+  _globals['_MEMBERSSERVICE']._serialized_end=3958
 # @@protoc_insertion_point(module_scope)

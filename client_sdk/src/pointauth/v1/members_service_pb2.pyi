@@ -11,6 +11,7 @@ from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from pointauth.v1 import common_pb2 as _common_pb2
+from pointauth.v1 import points_service_pb2 as _points_service_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -234,6 +235,7 @@ class Account(_message.Message):
     MERGES_FIELD_NUMBER: _builtins.int
     RANK_ID_FIELD_NUMBER: _builtins.int
     QUALIFYING_SPEND_FIELD_NUMBER: _builtins.int
+    COUPONS_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     """The account's id."""
     status: Global___AccountStatus.ValueType
@@ -272,6 +274,10 @@ class Account(_message.Message):
     def merges(self) -> _containers.RepeatedCompositeFieldContainer[Global___AccountMerge]:
         """The accounts merged into this one, oldest first."""
 
+    @_builtins.property
+    def coupons(self) -> _containers.RepeatedCompositeFieldContainer[_points_service_pb2.Coupon]:
+        """Coupons issued to the member, used or not, by id."""
+
     def __init__(
         self,
         *,
@@ -287,10 +293,11 @@ class Account(_message.Message):
         merges: _abc.Iterable[Global___AccountMerge] | None = ...,
         rank_id: _builtins.str = ...,
         qualifying_spend: _builtins.int = ...,
+        coupons: _abc.Iterable[_points_service_pb2.Coupon] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "close_time", b"close_time", "create_time", b"create_time", "merge_time", b"merge_time", "profile", b"profile"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "balance", b"balance", "cards", b"cards", "close_time", b"close_time", "create_time", b"create_time", "merge_time", b"merge_time", "merged_into_account_id", b"merged_into_account_id", "merges", b"merges", "profile", b"profile", "qualifying_spend", b"qualifying_spend", "rank_id", b"rank_id", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "balance", b"balance", "cards", b"cards", "close_time", b"close_time", "coupons", b"coupons", "create_time", b"create_time", "merge_time", b"merge_time", "merged_into_account_id", b"merged_into_account_id", "merges", b"merges", "profile", b"profile", "qualifying_spend", b"qualifying_spend", "rank_id", b"rank_id", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

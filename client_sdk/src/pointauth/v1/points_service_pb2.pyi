@@ -40,6 +40,8 @@ class _ReceiptLineKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Recei
     """The member's rank and what the next one takes."""
     RECEIPT_LINE_KIND_BIRTHDAY: _ReceiptLineKind.ValueType  # 5
     """A birthday greeting."""
+    RECEIPT_LINE_KIND_COUPON: _ReceiptLineKind.ValueType  # 6
+    """A coupon issued."""
 
 class ReceiptLineKind(_ReceiptLineKind, metaclass=_ReceiptLineKindEnumTypeWrapper):
     """ReceiptLineKind says what a receipt line is about."""
@@ -56,6 +58,8 @@ RECEIPT_LINE_KIND_RANK: ReceiptLineKind.ValueType  # 4
 """The member's rank and what the next one takes."""
 RECEIPT_LINE_KIND_BIRTHDAY: ReceiptLineKind.ValueType  # 5
 """A birthday greeting."""
+RECEIPT_LINE_KIND_COUPON: ReceiptLineKind.ValueType  # 6
+"""A coupon issued."""
 Global___ReceiptLineKind: _TypeAlias = ReceiptLineKind  # noqa: Y015
 
 class _TransactionType:
@@ -133,6 +137,110 @@ HOLD_STATE_VOIDED: HoldState.ValueType  # 3
 HOLD_STATE_EXPIRED: HoldState.ValueType  # 4
 """Timed out; its points went back."""
 Global___HoldState: _TypeAlias = HoldState  # noqa: Y015
+
+@_typing.final
+class Coupon(_message.Message):
+    """Coupon is a coupon issued to a member."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUPON_ID_FIELD_NUMBER: _builtins.int
+    CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
+    ISSUE_TIME_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    USE_TIME_FIELD_NUMBER: _builtins.int
+    coupon_id: _builtins.str
+    """Its id, unique within the member's account."""
+    campaign_id: _builtins.str
+    """The campaign that issued it."""
+    @_builtins.property
+    def issue_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was issued."""
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """Valid before this instant."""
+
+    @_builtins.property
+    def use_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was used; unset if not."""
+
+    def __init__(
+        self,
+        *,
+        coupon_id: _builtins.str = ...,
+        campaign_id: _builtins.str = ...,
+        issue_time: _timestamp_pb2.Timestamp | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        use_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "issue_time", b"issue_time", "use_time", b"use_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "coupon_id", b"coupon_id", "expire_time", b"expire_time", "issue_time", b"issue_time", "use_time", b"use_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Coupon: _TypeAlias = Coupon  # noqa: Y015
+
+@_typing.final
+class UseCouponRequest(_message.Message):
+    """UseCouponRequest uses a coupon."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CARD_NUMBER_FIELD_NUMBER: _builtins.int
+    COUPON_ID_FIELD_NUMBER: _builtins.int
+    POINT_OF_SALE_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen UUID identifying this request for safe retries."""
+    card_number: _builtins.str
+    """The member's card (grammar as in EarnPointsRequest.card_number)."""
+    coupon_id: _builtins.str
+    """The coupon."""
+    @_builtins.property
+    def point_of_sale(self) -> _common_pb2.PointOfSale:
+        """Where it is used."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        card_number: _builtins.str = ...,
+        coupon_id: _builtins.str = ...,
+        point_of_sale: _common_pb2.PointOfSale | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["point_of_sale", b"point_of_sale"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_number", b"card_number", "coupon_id", b"coupon_id", "point_of_sale", b"point_of_sale", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UseCouponRequest: _TypeAlias = UseCouponRequest  # noqa: Y015
+
+@_typing.final
+class UseCouponResponse(_message.Message):
+    """UseCouponResponse is the used coupon."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUPON_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def coupon(self) -> Global___Coupon:
+        """The coupon, with its use_time."""
+
+    def __init__(
+        self,
+        *,
+        coupon: Global___Coupon | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["coupon", b"coupon"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coupon", b"coupon"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UseCouponResponse: _TypeAlias = UseCouponResponse  # noqa: Y015
 
 @_typing.final
 class CheckInRequest(_message.Message):
@@ -370,6 +478,7 @@ class EarnPointsResponse(_message.Message):
     BREAKDOWN_FIELD_NUMBER: _builtins.int
     RULE_SET_VERSION_FIELD_NUMBER: _builtins.int
     RANK_ID_FIELD_NUMBER: _builtins.int
+    COUPONS_FIELD_NUMBER: _builtins.int
     RANK_UPGRADED_FIELD_NUMBER: _builtins.int
     RECEIPT_LINES_FIELD_NUMBER: _builtins.int
     transaction_id: _builtins.str
@@ -397,6 +506,10 @@ class EarnPointsResponse(_message.Message):
         """Under a published rule set: what each rule gave (the base line first)."""
 
     @_builtins.property
+    def coupons(self) -> _containers.RepeatedCompositeFieldContainer[Global___Coupon]:
+        """Coupons the earn issued."""
+
+    @_builtins.property
     def receipt_lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReceiptLine]:
         """Ready-to-print promotional receipt lines (the rule set's receipt settings), the same on
         every vendor's till.
@@ -412,12 +525,13 @@ class EarnPointsResponse(_message.Message):
         breakdown: _abc.Iterable[Global___RulePoints] | None = ...,
         rule_set_version: _builtins.int = ...,
         rank_id: _builtins.str = ...,
+        coupons: _abc.Iterable[Global___Coupon] | None = ...,
         rank_upgraded: _builtins.bool = ...,
         receipt_lines: _abc.Iterable[Global___ReceiptLine] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "lot", b"lot"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "breakdown", b"breakdown", "earned_points", b"earned_points", "lot", b"lot", "rank_id", b"rank_id", "rank_upgraded", b"rank_upgraded", "receipt_lines", b"receipt_lines", "rule_set_version", b"rule_set_version", "transaction_id", b"transaction_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "breakdown", b"breakdown", "coupons", b"coupons", "earned_points", b"earned_points", "lot", b"lot", "rank_id", b"rank_id", "rank_upgraded", b"rank_upgraded", "receipt_lines", b"receipt_lines", "rule_set_version", b"rule_set_version", "transaction_id", b"transaction_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -616,26 +730,49 @@ class CaptureHoldRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     HOLD_ID_FIELD_NUMBER: _builtins.int
     POINTS_FIELD_NUMBER: _builtins.int
+    PURCHASE_AMOUNT_FIELD_NUMBER: _builtins.int
+    PURCHASE_TIME_FIELD_NUMBER: _builtins.int
+    BASKET_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Client-chosen UUID identifying this request for safe retries."""
     hold_id: _builtins.str
     """The hold to capture."""
     points: _builtins.int
     """Points to capture; unset captures the whole hold. The rest is released."""
+    purchase_amount: _builtins.int
+    """The sale the capture completes, to earn for in the same call (as EarnPoints would, at the
+    hold's point of sale); unset: no earn. purchase_time is then required.
+    """
+    @_builtins.property
+    def purchase_time(self) -> _timestamp_pb2.Timestamp:
+        """As in EarnPointsRequest (with purchase_amount)."""
+
+    @_builtins.property
+    def basket(self) -> _containers.RepeatedCompositeFieldContainer[Global___BasketLine]:
+        """As in EarnPointsRequest (with purchase_amount)."""
+
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
         hold_id: _builtins.str = ...,
         points: _builtins.int | None = ...,
+        purchase_amount: _builtins.int | None = ...,
+        purchase_time: _timestamp_pb2.Timestamp | None = ...,
+        basket: _abc.Iterable[Global___BasketLine] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_points", b"_points", "points", b"points"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_points", b"_points", "_purchase_amount", b"_purchase_amount", "points", b"points", "purchase_amount", b"purchase_amount", "purchase_time", b"purchase_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_points", b"_points", "hold_id", b"hold_id", "points", b"points", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_points", b"_points", "_purchase_amount", b"_purchase_amount", "basket", b"basket", "hold_id", b"hold_id", "points", b"points", "purchase_amount", b"purchase_amount", "purchase_time", b"purchase_time", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__points: _TypeAlias = _typing.Literal["points"]  # noqa: Y015
     _WhichOneofArgType__points: _TypeAlias = _typing.Literal["_points", b"_points"]  # noqa: Y015
+    _WhichOneofReturnType__purchase_amount: _TypeAlias = _typing.Literal["purchase_amount"]  # noqa: Y015
+    _WhichOneofArgType__purchase_amount: _TypeAlias = _typing.Literal["_purchase_amount", b"_purchase_amount"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__points) -> _WhichOneofReturnType__points | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__purchase_amount) -> _WhichOneofReturnType__purchase_amount | None: ...
 
 Global___CaptureHoldRequest: _TypeAlias = CaptureHoldRequest  # noqa: Y015
 
@@ -650,19 +787,42 @@ class CaptureHoldResponse(_message.Message):
     RELEASED_POINTS_FIELD_NUMBER: _builtins.int
     BALANCE_FIELD_NUMBER: _builtins.int
     RECEIPT_LINES_FIELD_NUMBER: _builtins.int
+    EARN_TRANSACTION_ID_FIELD_NUMBER: _builtins.int
+    EARNED_POINTS_FIELD_NUMBER: _builtins.int
+    BREAKDOWN_FIELD_NUMBER: _builtins.int
+    RULE_SET_VERSION_FIELD_NUMBER: _builtins.int
+    COUPONS_FIELD_NUMBER: _builtins.int
     transaction_id: _builtins.str
     """The capture's transaction, for receipts and refunds."""
     captured_points: _builtins.int
     """Points spent."""
     released_points: _builtins.int
     """Points released back to their lots."""
+    earn_transaction_id: _builtins.str
+    """With a sale: the earn's transaction (for refunds), its points, what each rule gave, the
+    rule set version used and the coupons it issued.
+    """
+    earned_points: _builtins.int
+    """Points the sale earned."""
+    rule_set_version: _builtins.int
+    """The rule set version the earn used (0: the configured base rate)."""
     @_builtins.property
     def balance(self) -> _common_pb2.BalanceSummary:
         """The balance after the capture."""
 
     @_builtins.property
     def receipt_lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReceiptLine]:
-        """Ready-to-print promotional receipt lines (balance, points expiring soon, rank, birthday)."""
+        """Ready-to-print promotional receipt lines (balance, points expiring soon, rank, birthday;
+        with a sale, what it earned and any coupons).
+        """
+
+    @_builtins.property
+    def breakdown(self) -> _containers.RepeatedCompositeFieldContainer[Global___RulePoints]:
+        """What each rule gave."""
+
+    @_builtins.property
+    def coupons(self) -> _containers.RepeatedCompositeFieldContainer[Global___Coupon]:
+        """Coupons the earn issued."""
 
     def __init__(
         self,
@@ -672,10 +832,15 @@ class CaptureHoldResponse(_message.Message):
         released_points: _builtins.int = ...,
         balance: _common_pb2.BalanceSummary | None = ...,
         receipt_lines: _abc.Iterable[Global___ReceiptLine] | None = ...,
+        earn_transaction_id: _builtins.str = ...,
+        earned_points: _builtins.int = ...,
+        breakdown: _abc.Iterable[Global___RulePoints] | None = ...,
+        rule_set_version: _builtins.int = ...,
+        coupons: _abc.Iterable[Global___Coupon] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "captured_points", b"captured_points", "receipt_lines", b"receipt_lines", "released_points", b"released_points", "transaction_id", b"transaction_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "breakdown", b"breakdown", "captured_points", b"captured_points", "coupons", b"coupons", "earn_transaction_id", b"earn_transaction_id", "earned_points", b"earned_points", "receipt_lines", b"receipt_lines", "released_points", b"released_points", "rule_set_version", b"rule_set_version", "transaction_id", b"transaction_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -92,6 +92,11 @@ class PointsServiceStub:
                 request_serializer=pointauth_dot_v1_dot_points__service__pb2.CheckInRequest.SerializeToString,
                 response_deserializer=pointauth_dot_v1_dot_points__service__pb2.CheckInResponse.FromString,
                 _registered_method=True)
+        self.UseCoupon = channel.unary_unary(
+                '/pointauth.v1.PointsService/UseCoupon',
+                request_serializer=pointauth_dot_v1_dot_points__service__pb2.UseCouponRequest.SerializeToString,
+                response_deserializer=pointauth_dot_v1_dot_points__service__pb2.UseCouponResponse.FromString,
+                _registered_method=True)
 
 
 class PointsServiceServicer:
@@ -180,6 +185,15 @@ class PointsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UseCoupon(self, request, context):
+        """UseCoupon marks a coupon of the member's used at a sale, once: a used one is
+        FAILED_PRECONDITION COUPON_ALREADY_USED, an expired one COUPON_EXPIRED, an unknown one
+        NOT_FOUND COUPON_NOT_FOUND. What it is worth is the till's to apply.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PointsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -232,6 +246,11 @@ def add_PointsServiceServicer_to_server(servicer, server):
                     servicer.CheckIn,
                     request_deserializer=pointauth_dot_v1_dot_points__service__pb2.CheckInRequest.FromString,
                     response_serializer=pointauth_dot_v1_dot_points__service__pb2.CheckInResponse.SerializeToString,
+            ),
+            'UseCoupon': grpc.unary_unary_rpc_method_handler(
+                    servicer.UseCoupon,
+                    request_deserializer=pointauth_dot_v1_dot_points__service__pb2.UseCouponRequest.FromString,
+                    response_serializer=pointauth_dot_v1_dot_points__service__pb2.UseCouponResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -512,6 +531,33 @@ class PointsService:
             '/pointauth.v1.PointsService/CheckIn',
             pointauth_dot_v1_dot_points__service__pb2.CheckInRequest.SerializeToString,
             pointauth_dot_v1_dot_points__service__pb2.CheckInResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UseCoupon(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pointauth.v1.PointsService/UseCoupon',
+            pointauth_dot_v1_dot_points__service__pb2.UseCouponRequest.SerializeToString,
+            pointauth_dot_v1_dot_points__service__pb2.UseCouponResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -69,6 +69,11 @@ class PointsServiceStub:
     gives points for is FAILED_PRECONDITION NO_VISIT_RULE; one every applying rule has given
     already within its limit is FAILED_PRECONDITION ALREADY_CHECKED_IN.
     """
+    UseCoupon: _grpc.UnaryUnaryMultiCallable[_points_service_pb2.UseCouponRequest, _points_service_pb2.UseCouponResponse]
+    """UseCoupon marks a coupon of the member's used at a sale, once: a used one is
+    FAILED_PRECONDITION COUPON_ALREADY_USED, an expired one COUPON_EXPIRED, an unknown one
+    NOT_FOUND COUPON_NOT_FOUND. What it is worth is the till's to apply.
+    """
 
 @_typing.type_check_only
 class PointsServiceAsyncStub(PointsServiceStub):
@@ -110,6 +115,11 @@ class PointsServiceAsyncStub(PointsServiceStub):
     visit seen by a beacon or checked in with the app), each within its limit. A visit no rule
     gives points for is FAILED_PRECONDITION NO_VISIT_RULE; one every applying rule has given
     already within its limit is FAILED_PRECONDITION ALREADY_CHECKED_IN.
+    """
+    UseCoupon: _aio.UnaryUnaryMultiCallable[_points_service_pb2.UseCouponRequest, _points_service_pb2.UseCouponResponse]  # type: ignore[assignment]
+    """UseCoupon marks a coupon of the member's used at a sale, once: a used one is
+    FAILED_PRECONDITION COUPON_ALREADY_USED, an expired one COUPON_EXPIRED, an unknown one
+    NOT_FOUND COUPON_NOT_FOUND. What it is worth is the till's to apply.
     """
 
 class PointsServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -209,6 +219,17 @@ class PointsServiceServicer(metaclass=_abc_1.ABCMeta):
         visit seen by a beacon or checked in with the app), each within its limit. A visit no rule
         gives points for is FAILED_PRECONDITION NO_VISIT_RULE; one every applying rule has given
         already within its limit is FAILED_PRECONDITION ALREADY_CHECKED_IN.
+        """
+
+    @_abc_1.abstractmethod
+    def UseCoupon(
+        self,
+        request: _points_service_pb2.UseCouponRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_points_service_pb2.UseCouponResponse, _abc.Awaitable[_points_service_pb2.UseCouponResponse]]:
+        """UseCoupon marks a coupon of the member's used at a sale, once: a used one is
+        FAILED_PRECONDITION COUPON_ALREADY_USED, an expired one COUPON_EXPIRED, an unknown one
+        NOT_FOUND COUPON_NOT_FOUND. What it is worth is the till's to apply.
         """
 
 def add_PointsServiceServicer_to_server(servicer: PointsServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

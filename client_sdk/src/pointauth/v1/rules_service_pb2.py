@@ -26,45 +26,47 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from pointauth.v1 import common_pb2 as pointauth_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n pointauth/v1/rules_service.proto\x12\x0cpointauth.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19pointauth/v1/common.proto\"\xa6\x02\n\x07RuleSet\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x30\n\x0cpublish_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\nbase_rates\x18\x03 \x03(\x0b\x32\x16.pointauth.v1.BaseRate\x12)\n\tcampaigns\x18\x04 \x03(\x0b\x32\x16.pointauth.v1.Campaign\x12(\n\x05ranks\x18\x05 \x01(\x0b\x32\x19.pointauth.v1.RankProgram\x12\'\n\x06visits\x18\x06 \x03(\x0b\x32\x17.pointauth.v1.VisitRule\x12.\n\x07receipt\x18\x07 \x01(\x0b\x32\x1d.pointauth.v1.ReceiptSettings\"\xdd\x01\n\x0fReceiptSettings\x12\x1c\n\x14\x65xpiring_within_days\x18\x01 \x01(\x05\x12\x17\n\x0f\x65\x61rned_template\x18\x02 \x01(\t\x12\x18\n\x10\x62\x61lance_template\x18\x03 \x01(\t\x12\x19\n\x11\x65xpiring_template\x18\x04 \x01(\t\x12\x15\n\rrank_template\x18\x05 \x01(\t\x12\x19\n\x11top_rank_template\x18\x06 \x01(\t\x12\x19\n\x11\x62irthday_template\x18\x07 \x01(\t\x12\x11\n\tbase_name\x18\x08 \x01(\t\"\xdf\x01\n\tVisitRule\x12\x0f\n\x07rule_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x0e\n\x06points\x18\x03 \x01(\x03\x12\x34\n\nconditions\x18\x04 \x01(\x0b\x32 .pointauth.v1.CampaignConditions\x12\'\n\x05limit\x18\x05 \x01(\x0e\x32\x18.pointauth.v1.VisitLimit\x12\'\n\x08lot_kind\x18\x06 \x01(\x0e\x32\x15.pointauth.v1.LotKind\x12\x13\n\x0b\x65xpire_days\x18\x07 \x01(\x05\"{\n\x0bRankProgram\x12%\n\x05tiers\x18\x01 \x03(\x0b\x32\x16.pointauth.v1.RankTier\x12\x15\n\rperiod_months\x18\x02 \x01(\x05\x12.\n\tdowngrade\x18\x03 \x01(\x0e\x32\x1b.pointauth.v1.RankDowngrade\"D\n\x08RankTier\x12\x0f\n\x07rank_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x11\n\tmin_spend\x18\x03 \x01(\x03\"T\n\x08\x42\x61seRate\x12\x12\n\ncompany_id\x18\x01 \x01(\t\x12\x10\n\x08store_id\x18\x02 \x01(\t\x12\x0e\n\x06points\x18\x03 \x01(\x03\x12\x12\n\nper_amount\x18\x04 \x01(\x03\"\xbd\x02\n\x08\x43\x61mpaign\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\r\n\x05order\x18\x03 \x01(\x05\x12\x34\n\nconditions\x18\x04 \x01(\x0b\x32 .pointauth.v1.CampaignConditions\x12,\n\x06\x65\x66\x66\x65\x63t\x18\x05 \x01(\x0b\x32\x1c.pointauth.v1.CampaignEffect\x12\'\n\x08lot_kind\x18\x06 \x01(\x0e\x32\x15.pointauth.v1.LotKind\x12\x13\n\x0b\x65xpire_days\x18\x07 \x01(\x05\x12\x1f\n\x17max_points_per_purchase\x18\x08 \x01(\x03\x12\x1d\n\x15max_points_per_member\x18\t \x01(\x03\x12\x15\n\rbudget_points\x18\n \x01(\x03\"\x9f\x03\n\x12\x43\x61mpaignConditions\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x63ompany_ids\x18\x03 \x03(\t\x12\x11\n\tstore_ids\x18\x04 \x03(\t\x12\x12\n\nregion_ids\x18\x05 \x03(\t\x12\'\n\x08\x63hannels\x18\x06 \x03(\x0e\x32\x15.pointauth.v1.Channel\x12\x10\n\x08weekdays\x18\x07 \x03(\x05\x12\x12\n\nmonth_days\x18\x08 \x03(\x05\x12\x14\n\x0cstart_minute\x18\t \x01(\x05\x12\x12\n\nend_minute\x18\n \x01(\x05\x12\x0c\n\x04skus\x18\x0b \x03(\t\x12\x12\n\ncategories\x18\x0c \x03(\t\x12\x12\n\nmin_amount\x18\r \x01(\x03\x12\x16\n\x0e\x62irthday_month\x18\x0e \x01(\x08\x12\x16\n\x0e\x66irst_purchase\x18\x0f \x01(\x08\x12\x10\n\x08rank_ids\x18\x10 \x03(\t\"\x84\x01\n\x0e\x43\x61mpaignEffect\x12\x1f\n\x15multiply_basis_points\x18\x01 \x01(\x05H\x00\x12\x14\n\nadd_points\x18\x02 \x01(\x03H\x00\x12\x31\n\x0e\x61\x64\x64_per_amount\x18\x03 \x01(\x0b\x32\x17.pointauth.v1.PerAmountH\x00\x42\x08\n\x06\x65\x66\x66\x65\x63t\"/\n\tPerAmount\x12\x0e\n\x06points\x18\x01 \x01(\x03\x12\x12\n\nper_amount\x18\x02 \x01(\x03\"@\n\x15PublishRuleSetRequest\x12\'\n\x08rule_set\x18\x01 \x01(\x0b\x32\x15.pointauth.v1.RuleSet\"A\n\x16PublishRuleSetResponse\x12\'\n\x08rule_set\x18\x01 \x01(\x0b\x32\x15.pointauth.v1.RuleSet\"$\n\x11GetRuleSetRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\"=\n\x12GetRuleSetResponse\x12\'\n\x08rule_set\x18\x01 \x01(\x0b\x32\x15.pointauth.v1.RuleSet*e\n\nVisitLimit\x12\x1b\n\x17VISIT_LIMIT_UNSPECIFIED\x10\x00\x12!\n\x1dVISIT_LIMIT_PER_STORE_PER_DAY\x10\x01\x12\x17\n\x13VISIT_LIMIT_PER_DAY\x10\x02*i\n\rRankDowngrade\x12\x1e\n\x1aRANK_DOWNGRADE_UNSPECIFIED\x10\x00\x12\x1b\n\x17RANK_DOWNGRADE_ONE_STEP\x10\x01\x12\x1b\n\x17RANK_DOWNGRADE_TO_SPEND\x10\x02\x32\xbc\x01\n\x0cRulesService\x12[\n\x0ePublishRuleSet\x12#.pointauth.v1.PublishRuleSetRequest\x1a$.pointauth.v1.PublishRuleSetResponse\x12O\n\nGetRuleSet\x12\x1f.pointauth.v1.GetRuleSetRequest\x1a .pointauth.v1.GetRuleSetResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n pointauth/v1/rules_service.proto\x12\x0cpointauth.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19pointauth/v1/common.proto\"\xa6\x02\n\x07RuleSet\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x30\n\x0cpublish_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\nbase_rates\x18\x03 \x03(\x0b\x32\x16.pointauth.v1.BaseRate\x12)\n\tcampaigns\x18\x04 \x03(\x0b\x32\x16.pointauth.v1.Campaign\x12(\n\x05ranks\x18\x05 \x01(\x0b\x32\x19.pointauth.v1.RankProgram\x12\'\n\x06visits\x18\x06 \x03(\x0b\x32\x17.pointauth.v1.VisitRule\x12.\n\x07receipt\x18\x07 \x01(\x0b\x32\x1d.pointauth.v1.ReceiptSettings\"\xf6\x01\n\x0fReceiptSettings\x12\x1c\n\x14\x65xpiring_within_days\x18\x01 \x01(\x05\x12\x17\n\x0f\x65\x61rned_template\x18\x02 \x01(\t\x12\x18\n\x10\x62\x61lance_template\x18\x03 \x01(\t\x12\x19\n\x11\x65xpiring_template\x18\x04 \x01(\t\x12\x15\n\rrank_template\x18\x05 \x01(\t\x12\x19\n\x11top_rank_template\x18\x06 \x01(\t\x12\x19\n\x11\x62irthday_template\x18\x07 \x01(\t\x12\x17\n\x0f\x63oupon_template\x18\t \x01(\t\x12\x11\n\tbase_name\x18\x08 \x01(\t\"\xdf\x01\n\tVisitRule\x12\x0f\n\x07rule_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x0e\n\x06points\x18\x03 \x01(\x03\x12\x34\n\nconditions\x18\x04 \x01(\x0b\x32 .pointauth.v1.CampaignConditions\x12\'\n\x05limit\x18\x05 \x01(\x0e\x32\x18.pointauth.v1.VisitLimit\x12\'\n\x08lot_kind\x18\x06 \x01(\x0e\x32\x15.pointauth.v1.LotKind\x12\x13\n\x0b\x65xpire_days\x18\x07 \x01(\x05\"{\n\x0bRankProgram\x12%\n\x05tiers\x18\x01 \x03(\x0b\x32\x16.pointauth.v1.RankTier\x12\x15\n\rperiod_months\x18\x02 \x01(\x05\x12.\n\tdowngrade\x18\x03 \x01(\x0e\x32\x1b.pointauth.v1.RankDowngrade\"D\n\x08RankTier\x12\x0f\n\x07rank_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x11\n\tmin_spend\x18\x03 \x01(\x03\"T\n\x08\x42\x61seRate\x12\x12\n\ncompany_id\x18\x01 \x01(\t\x12\x10\n\x08store_id\x18\x02 \x01(\t\x12\x0e\n\x06points\x18\x03 \x01(\x03\x12\x12\n\nper_amount\x18\x04 \x01(\x03\"\xbd\x02\n\x08\x43\x61mpaign\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\r\n\x05order\x18\x03 \x01(\x05\x12\x34\n\nconditions\x18\x04 \x01(\x0b\x32 .pointauth.v1.CampaignConditions\x12,\n\x06\x65\x66\x66\x65\x63t\x18\x05 \x01(\x0b\x32\x1c.pointauth.v1.CampaignEffect\x12\'\n\x08lot_kind\x18\x06 \x01(\x0e\x32\x15.pointauth.v1.LotKind\x12\x13\n\x0b\x65xpire_days\x18\x07 \x01(\x05\x12\x1f\n\x17max_points_per_purchase\x18\x08 \x01(\x03\x12\x1d\n\x15max_points_per_member\x18\t \x01(\x03\x12\x15\n\rbudget_points\x18\n \x01(\x03\"\x9f\x03\n\x12\x43\x61mpaignConditions\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x63ompany_ids\x18\x03 \x03(\t\x12\x11\n\tstore_ids\x18\x04 \x03(\t\x12\x12\n\nregion_ids\x18\x05 \x03(\t\x12\'\n\x08\x63hannels\x18\x06 \x03(\x0e\x32\x15.pointauth.v1.Channel\x12\x10\n\x08weekdays\x18\x07 \x03(\x05\x12\x12\n\nmonth_days\x18\x08 \x03(\x05\x12\x14\n\x0cstart_minute\x18\t \x01(\x05\x12\x12\n\nend_minute\x18\n \x01(\x05\x12\x0c\n\x04skus\x18\x0b \x03(\t\x12\x12\n\ncategories\x18\x0c \x03(\t\x12\x12\n\nmin_amount\x18\r \x01(\x03\x12\x16\n\x0e\x62irthday_month\x18\x0e \x01(\x08\x12\x16\n\x0e\x66irst_purchase\x18\x0f \x01(\x08\x12\x10\n\x08rank_ids\x18\x10 \x03(\t\"\xb1\x01\n\x0e\x43\x61mpaignEffect\x12\x1f\n\x15multiply_basis_points\x18\x01 \x01(\x05H\x00\x12\x14\n\nadd_points\x18\x02 \x01(\x03H\x00\x12\x31\n\x0e\x61\x64\x64_per_amount\x18\x03 \x01(\x0b\x32\x17.pointauth.v1.PerAmountH\x00\x12+\n\x06\x63oupon\x18\x04 \x01(\x0b\x32\x19.pointauth.v1.CouponOfferH\x00\x42\x08\n\x06\x65\x66\x66\x65\x63t\"7\n\x0b\x43ouponOffer\x12\x14\n\x0c\x64isplay_name\x18\x01 \x01(\t\x12\x12\n\nvalid_days\x18\x02 \x01(\x05\"/\n\tPerAmount\x12\x0e\n\x06points\x18\x01 \x01(\x03\x12\x12\n\nper_amount\x18\x02 \x01(\x03\"@\n\x15PublishRuleSetRequest\x12\'\n\x08rule_set\x18\x01 \x01(\x0b\x32\x15.pointauth.v1.RuleSet\"A\n\x16PublishRuleSetResponse\x12\'\n\x08rule_set\x18\x01 \x01(\x0b\x32\x15.pointauth.v1.RuleSet\"$\n\x11GetRuleSetRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\"=\n\x12GetRuleSetResponse\x12\'\n\x08rule_set\x18\x01 \x01(\x0b\x32\x15.pointauth.v1.RuleSet*e\n\nVisitLimit\x12\x1b\n\x17VISIT_LIMIT_UNSPECIFIED\x10\x00\x12!\n\x1dVISIT_LIMIT_PER_STORE_PER_DAY\x10\x01\x12\x17\n\x13VISIT_LIMIT_PER_DAY\x10\x02*i\n\rRankDowngrade\x12\x1e\n\x1aRANK_DOWNGRADE_UNSPECIFIED\x10\x00\x12\x1b\n\x17RANK_DOWNGRADE_ONE_STEP\x10\x01\x12\x1b\n\x17RANK_DOWNGRADE_TO_SPEND\x10\x02\x32\xbc\x01\n\x0cRulesService\x12[\n\x0ePublishRuleSet\x12#.pointauth.v1.PublishRuleSetRequest\x1a$.pointauth.v1.PublishRuleSetResponse\x12O\n\nGetRuleSet\x12\x1f.pointauth.v1.GetRuleSetRequest\x1a .pointauth.v1.GetRuleSetResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pointauth.v1.rules_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VISITLIMIT']._serialized_start=2294
-  _globals['_VISITLIMIT']._serialized_end=2395
-  _globals['_RANKDOWNGRADE']._serialized_start=2397
-  _globals['_RANKDOWNGRADE']._serialized_end=2502
+  _globals['_VISITLIMIT']._serialized_start=2421
+  _globals['_VISITLIMIT']._serialized_end=2522
+  _globals['_RANKDOWNGRADE']._serialized_start=2524
+  _globals['_RANKDOWNGRADE']._serialized_end=2629
   _globals['_RULESET']._serialized_start=111
   _globals['_RULESET']._serialized_end=405
   _globals['_RECEIPTSETTINGS']._serialized_start=408
-  _globals['_RECEIPTSETTINGS']._serialized_end=629
-  _globals['_VISITRULE']._serialized_start=632
-  _globals['_VISITRULE']._serialized_end=855
-  _globals['_RANKPROGRAM']._serialized_start=857
-  _globals['_RANKPROGRAM']._serialized_end=980
-  _globals['_RANKTIER']._serialized_start=982
-  _globals['_RANKTIER']._serialized_end=1050
-  _globals['_BASERATE']._serialized_start=1052
-  _globals['_BASERATE']._serialized_end=1136
-  _globals['_CAMPAIGN']._serialized_start=1139
-  _globals['_CAMPAIGN']._serialized_end=1456
-  _globals['_CAMPAIGNCONDITIONS']._serialized_start=1459
-  _globals['_CAMPAIGNCONDITIONS']._serialized_end=1874
-  _globals['_CAMPAIGNEFFECT']._serialized_start=1877
-  _globals['_CAMPAIGNEFFECT']._serialized_end=2009
-  _globals['_PERAMOUNT']._serialized_start=2011
-  _globals['_PERAMOUNT']._serialized_end=2058
-  _globals['_PUBLISHRULESETREQUEST']._serialized_start=2060
-  _globals['_PUBLISHRULESETREQUEST']._serialized_end=2124
-  _globals['_PUBLISHRULESETRESPONSE']._serialized_start=2126
-  _globals['_PUBLISHRULESETRESPONSE']._serialized_end=2191
-  _globals['_GETRULESETREQUEST']._serialized_start=2193
-  _globals['_GETRULESETREQUEST']._serialized_end=2229
-  _globals['_GETRULESETRESPONSE']._serialized_start=2231
-  _globals['_GETRULESETRESPONSE']._serialized_end=2292
-  _globals['_RULESSERVICE']._serialized_start=2505
-  _globals['_RULESSERVICE']._serialized_end=2693
+  _globals['_RECEIPTSETTINGS']._serialized_end=654
+  _globals['_VISITRULE']._serialized_start=657
+  _globals['_VISITRULE']._serialized_end=880
+  _globals['_RANKPROGRAM']._serialized_start=882
+  _globals['_RANKPROGRAM']._serialized_end=1005
+  _globals['_RANKTIER']._serialized_start=1007
+  _globals['_RANKTIER']._serialized_end=1075
+  _globals['_BASERATE']._serialized_start=1077
+  _globals['_BASERATE']._serialized_end=1161
+  _globals['_CAMPAIGN']._serialized_start=1164
+  _globals['_CAMPAIGN']._serialized_end=1481
+  _globals['_CAMPAIGNCONDITIONS']._serialized_start=1484
+  _globals['_CAMPAIGNCONDITIONS']._serialized_end=1899
+  _globals['_CAMPAIGNEFFECT']._serialized_start=1902
+  _globals['_CAMPAIGNEFFECT']._serialized_end=2079
+  _globals['_COUPONOFFER']._serialized_start=2081
+  _globals['_COUPONOFFER']._serialized_end=2136
+  _globals['_PERAMOUNT']._serialized_start=2138
+  _globals['_PERAMOUNT']._serialized_end=2185
+  _globals['_PUBLISHRULESETREQUEST']._serialized_start=2187
+  _globals['_PUBLISHRULESETREQUEST']._serialized_end=2251
+  _globals['_PUBLISHRULESETRESPONSE']._serialized_start=2253
+  _globals['_PUBLISHRULESETRESPONSE']._serialized_end=2318
+  _globals['_GETRULESETREQUEST']._serialized_start=2320
+  _globals['_GETRULESETREQUEST']._serialized_end=2356
+  _globals['_GETRULESETRESPONSE']._serialized_start=2358
+  _globals['_GETRULESETRESPONSE']._serialized_end=2419
+  _globals['_RULESSERVICE']._serialized_start=2632
+  _globals['_RULESSERVICE']._serialized_end=2820
 # @@protoc_insertion_point(module_scope)

@@ -146,6 +146,7 @@ class ReceiptSettings(_message.Message):
     RANK_TEMPLATE_FIELD_NUMBER: _builtins.int
     TOP_RANK_TEMPLATE_FIELD_NUMBER: _builtins.int
     BIRTHDAY_TEMPLATE_FIELD_NUMBER: _builtins.int
+    COUPON_TEMPLATE_FIELD_NUMBER: _builtins.int
     BASE_NAME_FIELD_NUMBER: _builtins.int
     expiring_within_days: _builtins.int
     """Points expiring within this many days are printed (0: 30; at most 365)."""
@@ -165,6 +166,10 @@ class ReceiptSettings(_message.Message):
     """At the top rank: $rank. Default "$rank"."""
     birthday_template: _builtins.str
     """In the member's birthday month. Default "Happy birthday!"."""
+    coupon_template: _builtins.str
+    """A coupon the earn issued: $name, $coupon (its id), $date (its last valid day). Default
+    "Coupon $name ($coupon) valid until $date".
+    """
     base_name: _builtins.str
     """The base points' name in earned lines. Default "Points"."""
     def __init__(
@@ -177,11 +182,12 @@ class ReceiptSettings(_message.Message):
         rank_template: _builtins.str = ...,
         top_rank_template: _builtins.str = ...,
         birthday_template: _builtins.str = ...,
+        coupon_template: _builtins.str = ...,
         base_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance_template", b"balance_template", "base_name", b"base_name", "birthday_template", b"birthday_template", "earned_template", b"earned_template", "expiring_template", b"expiring_template", "expiring_within_days", b"expiring_within_days", "rank_template", b"rank_template", "top_rank_template", b"top_rank_template"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance_template", b"balance_template", "base_name", b"base_name", "birthday_template", b"birthday_template", "coupon_template", b"coupon_template", "earned_template", b"earned_template", "expiring_template", b"expiring_template", "expiring_within_days", b"expiring_within_days", "rank_template", b"rank_template", "top_rank_template", b"top_rank_template"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -525,6 +531,7 @@ class CampaignEffect(_message.Message):
     MULTIPLY_BASIS_POINTS_FIELD_NUMBER: _builtins.int
     ADD_POINTS_FIELD_NUMBER: _builtins.int
     ADD_PER_AMOUNT_FIELD_NUMBER: _builtins.int
+    COUPON_FIELD_NUMBER: _builtins.int
     multiply_basis_points: _builtins.int
     """Extra points: the base points of the lines it covers times this, in basis points (10,000:
     as many again, i.e. double), rounded down.
@@ -535,22 +542,56 @@ class CampaignEffect(_message.Message):
     def add_per_amount(self) -> Global___PerAmount:
         """Points per amount of the lines it covers, rounded down."""
 
+    @_builtins.property
+    def coupon(self) -> Global___CouponOffer:
+        """No points: a coupon issued to the member (クーポン), shown on the receipt and in
+        GetAccount, used once at a later sale (PointsService.UseCoupon). Its campaign's
+        max_points_per_member caps the coupons a member gets; it takes no budget.
+        """
+
     def __init__(
         self,
         *,
         multiply_basis_points: _builtins.int = ...,
         add_points: _builtins.int = ...,
         add_per_amount: Global___PerAmount | None = ...,
+        coupon: Global___CouponOffer | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["add_per_amount", b"add_per_amount", "add_points", b"add_points", "effect", b"effect", "multiply_basis_points", b"multiply_basis_points"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["add_per_amount", b"add_per_amount", "add_points", b"add_points", "coupon", b"coupon", "effect", b"effect", "multiply_basis_points", b"multiply_basis_points"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["add_per_amount", b"add_per_amount", "add_points", b"add_points", "effect", b"effect", "multiply_basis_points", b"multiply_basis_points"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["add_per_amount", b"add_per_amount", "add_points", b"add_points", "coupon", b"coupon", "effect", b"effect", "multiply_basis_points", b"multiply_basis_points"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_effect: _TypeAlias = _typing.Literal["multiply_basis_points", "add_points", "add_per_amount"]  # noqa: Y015
+    _WhichOneofReturnType_effect: _TypeAlias = _typing.Literal["multiply_basis_points", "add_points", "add_per_amount", "coupon"]  # noqa: Y015
     _WhichOneofArgType_effect: _TypeAlias = _typing.Literal["effect", b"effect"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_effect) -> _WhichOneofReturnType_effect | None: ...
 
 Global___CampaignEffect: _TypeAlias = CampaignEffect  # noqa: Y015
+
+@_typing.final
+class CouponOffer(_message.Message):
+    """CouponOffer is a coupon a campaign issues."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    VALID_DAYS_FIELD_NUMBER: _builtins.int
+    display_name: _builtins.str
+    """Its name, printed on receipts: 1 to 100 characters."""
+    valid_days: _builtins.int
+    """Valid for this many days from the purchase (1 to 365)."""
+    def __init__(
+        self,
+        *,
+        display_name: _builtins.str = ...,
+        valid_days: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["display_name", b"display_name", "valid_days", b"valid_days"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CouponOffer: _TypeAlias = CouponOffer  # noqa: Y015
 
 @_typing.final
 class PerAmount(_message.Message):

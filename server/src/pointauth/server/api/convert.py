@@ -10,7 +10,7 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from pointauth.server.ledger import LotEntry, OpResult, PointOfSaleRef
-from pointauth.server.ledger.codec import EarnLineEntry
+from pointauth.server.ledger.codec import CouponEntry, EarnLineEntry
 from pointauth.server.rules.receipt import ReceiptLine
 from pointauth.v1 import common_pb2, points_service_pb2
 
@@ -114,8 +114,21 @@ _LINE_KINDS = {
     "expiring": points_service_pb2.RECEIPT_LINE_KIND_EXPIRING,
     "rank": points_service_pb2.RECEIPT_LINE_KIND_RANK,
     "birthday": points_service_pb2.RECEIPT_LINE_KIND_BIRTHDAY,
+    "coupon": points_service_pb2.RECEIPT_LINE_KIND_COUPON,
 }
 
 
 def receipt_lines(lines: list[ReceiptLine]) -> list[points_service_pb2.ReceiptLine]:
     return [points_service_pb2.ReceiptLine(kind=_LINE_KINDS[line.kind], text=line.text) for line in lines]
+
+
+def coupon(entry: CouponEntry) -> points_service_pb2.Coupon:
+    message = points_service_pb2.Coupon(
+        coupon_id=entry.coupon_id,
+        campaign_id=entry.campaign_id,
+        issue_time=timestamp(entry.issued_ms),
+        expire_time=timestamp(entry.expire_ms),
+    )
+    if entry.used_ms:
+        message.use_time.CopyFrom(timestamp(entry.used_ms))
+    return message

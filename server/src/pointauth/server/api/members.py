@@ -161,6 +161,7 @@ def account(view: AccountView) -> pb.Account:
         message.close_time.CopyFrom(convert.timestamp(stored.closed_ms))
     message.merged_into_account_id = stored.merged_into or ""
     message.rank_id, message.qualifying_spend = stored.rank_id or "", stored.rank_spend
+    message.coupons.extend(convert.coupon(c) for c in stored.coupons.values())
     if stored.merged_ms is not None:
         message.merge_time.CopyFrom(convert.timestamp(stored.merged_ms))
     for merge_id, came in stored.merges_in.items():

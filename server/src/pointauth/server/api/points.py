@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from pointauth.server.api import convert
 from pointauth.server.api.convert import fingerprint
@@ -54,12 +55,7 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
         pos = v.point_of_sale(request.point_of_sale if request.HasField("point_of_sale") else None)
         if request.purchase_amount < 0 or request.purchase_amount > MAX_AMOUNT:
             v.add("purchase_amount", f"must be between 0 and {MAX_AMOUNT}")
-        purchase_ms = 0
-        if not request.HasField("purchase_time"):
-            v.add("purchase_time", "is required")
-        else:
-            latest_ms = self.points.clock.now_ms() + self.points.policy.purchase_time_skew_ms
-            purchase_ms = v.timestamp("purchase_time", request.purchase_time, not_after_ms=latest_ms)
+        purchase_ms = self._purchase_ms(v, request.purchase_time if request.HasField("purchase_time") else None)
         basket = v.basket(request.basket, request.purchase_amount)
         v.raise_if_any()
         assert pos is not None
@@ -82,6 +78,7 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
             rule_set_version=result.rules,
             rank_id=result.rank,
             rank_upgraded=result.up,
+            coupons=[convert.coupon(c) for c in result.coupons],
             receipt_lines=convert.receipt_lines(await self.points.receipt_lines(result, earned=True)),
         )
 
@@ -90,12 +87,7 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
         request_id = v.request_id(request.request_id)
         card = v.card_number("card_number", request.card_number)
         pos = v.point_of_sale(request.point_of_sale if request.HasField("point_of_sale") else None)
-        visit_ms = 0
-        if not request.HasField("visit_time"):
-            v.add("visit_time", "is required")
-        else:
-            latest_ms = self.points.clock.now_ms() + self.points.policy.purchase_time_skew_ms
-            visit_ms = v.timestamp("visit_time", request.visit_time, not_after_ms=latest_ms)
+        visit_ms = self._purchase_ms(v, request.visit_time if request.HasField("visit_time") else None, "visit_time")
         v.raise_if_any()
         assert pos is not None
         earned = await self.points.check_in(
@@ -109,6 +101,20 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
             balance=convert.balance(result),
             rule_set_version=result.rules,
         )
+
+    async def UseCoupon(self, request: pb.UseCouponRequest, context: Context) -> pb.UseCouponResponse:
+        v = Violations()
+        request_id = v.request_id(request.request_id)
+        card = v.card_number("card_number", request.card_number)
+        if not 1 <= len(request.coupon_id) <= 64:
+            v.add("coupon_id", "is required: a coupon id of the member's (at most 64 characters)")
+        pos = v.point_of_sale(request.point_of_sale if request.HasField("point_of_sale") else None)
+        v.raise_if_any()
+        assert pos is not None
+        _, used = await self.points.use_coupon(
+            card, request.coupon_id, pos=pos, request_id=request_id, fingerprint=fingerprint("UseCoupon", request)
+        )
+        return pb.UseCouponResponse(coupon=convert.coupon(used))
 
     async def SimulateEarn(self, request: pb.SimulateEarnRequest, context: Context) -> pb.SimulateEarnResponse:
         v = Violations()
@@ -164,16 +170,43 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
         request_id = v.request_id(request.request_id)
         account, hold = v.transaction("hold_id", request.hold_id)
         points = v.points("points", request.points) if request.HasField("points") else None
+        sale = None
+        if request.HasField("purchase_amount"):
+            if not 0 <= request.purchase_amount <= MAX_AMOUNT:
+                v.add("purchase_amount", f"must be between 0 and {MAX_AMOUNT}")
+            purchase_ms = self._purchase_ms(v, request.purchase_time if request.HasField("purchase_time") else None)
+            sale = (request.purchase_amount, v.basket(request.basket, request.purchase_amount), purchase_ms)
+        elif request.basket or request.HasField("purchase_time"):
+            v.add("purchase_amount", "is required with purchase_time or basket")
         v.raise_if_any()
         result = await self.points.capture(
-            account, hold, points=points, request_id=request_id, fingerprint=fingerprint("CaptureHold", request)
+            account,
+            hold,
+            points=points,
+            request_id=request_id,
+            fingerprint=fingerprint("CaptureHold", request),
+            sale=sale,
         )
         return pb.CaptureHoldResponse(
             transaction_id=transaction_id(account, result.tx),
             captured_points=result.pts,
             released_points=result.released,
             balance=convert.balance(result),
-            receipt_lines=convert.receipt_lines(await self.points.receipt_lines(result, earned=False)),
+            receipt_lines=convert.receipt_lines(await self.points.receipt_lines(result, earned=bool(result.etx))),
+            earn_transaction_id=transaction_id(account, result.etx) if result.etx else "",
+            earned_points=result.epts,
+            breakdown=convert.breakdown(result.lines, result.lots),
+            rule_set_version=result.rules,
+            coupons=[convert.coupon(c) for c in result.coupons],
+        )
+
+    def _purchase_ms(self, v: Violations, value: Timestamp | None, field: str = "purchase_time") -> int:
+        """A purchase's (or visit's) time: required, and no later than the clock plus the skew."""
+        if value is None:
+            v.add(field, "is required")
+            return 0
+        return v.timestamp(
+            field, value, not_after_ms=self.points.clock.now_ms() + self.points.policy.purchase_time_skew_ms
         )
 
     async def VoidHold(self, request: pb.VoidHoldRequest, context: Context) -> pb.VoidHoldResponse:

@@ -101,6 +101,13 @@ def _effect(v: Violations, f: str, e: pb.CampaignEffect) -> Effect:
         if not 1 <= e.add_points <= MAX_RATE_POINTS:
             v.add(f"{f}.add_points", f"must be 1 to {MAX_RATE_POINTS}")
         return Effect("add", points=e.add_points)
+    if which == "coupon":
+        offer = e.coupon
+        if not 1 <= len(offer.display_name) <= MAX_NAME:
+            v.add(f"{f}.coupon.display_name", f"must be 1 to {MAX_NAME} characters")
+        if not 1 <= offer.valid_days <= 365:
+            v.add(f"{f}.coupon.valid_days", "must be 1 to 365")
+        return Effect("coupon", coupon_name=offer.display_name, valid_days=offer.valid_days)
     if which == "add_per_amount":
         per = e.add_per_amount
         if not 1 <= per.points <= MAX_RATE_POINTS:
@@ -108,7 +115,7 @@ def _effect(v: Violations, f: str, e: pb.CampaignEffect) -> Effect:
         if not 1 <= per.per_amount <= MAX_PER_AMOUNT:
             v.add(f"{f}.add_per_amount.per_amount", f"must be 1 to {MAX_PER_AMOUNT}")
         return Effect("per_amount", points=per.points, per_amount=max(per.per_amount, 1))
-    v.add(f, "is required: multiply_basis_points, add_points or add_per_amount")
+    v.add(f, "is required: multiply_basis_points, add_points, add_per_amount or coupon")
     return Effect("add")
 
 
@@ -149,6 +156,8 @@ def rule_set_from(v: Violations, message: pb.RuleSet) -> RuleSet:
         for name in ("max_points_per_purchase", "max_points_per_member", "budget_points"):
             if not 0 <= getattr(c, name) <= MAX_AMOUNT:
                 v.add(f"{f}.{name}", f"must be 0 to {MAX_AMOUNT}")
+        if c.effect.WhichOneof("effect") == "coupon" and (c.budget_points or c.max_points_per_purchase):
+            v.add(f"{f}.budget_points", "a coupon campaign takes no budget or per-purchase cap")
         campaigns.append(
             Campaign(
                 campaign_id=c.campaign_id,
@@ -190,6 +199,7 @@ _TEMPLATES = {
     "rank_template": "rank",
     "top_rank_template": "top_rank",
     "birthday_template": "birthday",
+    "coupon_template": "coupon",
 }
 
 
@@ -220,6 +230,7 @@ def _receipt(v: Violations, message: pb.ReceiptSettings) -> ReceiptTemplates:
         rank=chosen.get("rank", default.rank),
         top_rank=chosen.get("top_rank", default.top_rank),
         birthday=chosen.get("birthday", default.birthday),
+        coupon=chosen.get("coupon", default.coupon),
         base_name=message.base_name or default.base_name,
     )
 
@@ -302,6 +313,7 @@ def rule_set_message(rule_set: RuleSet) -> pb.RuleSet:
             rank_template=t.rank,
             top_rank_template=t.top_rank,
             birthday_template=t.birthday,
+            coupon_template=t.coupon,
             base_name=t.base_name,
         )
     )
@@ -330,7 +342,9 @@ def rule_set_message(rule_set: RuleSet) -> pb.RuleSet:
         )
         _conditions_message(out.conditions, c.conditions)
         e = c.effect
-        if e.kind == "multiply":
+        if e.kind == "coupon":
+            out.effect.coupon.display_name, out.effect.coupon.valid_days = e.coupon_name, e.valid_days
+        elif e.kind == "multiply":
             out.effect.multiply_basis_points = e.basis_points
         elif e.kind == "add":
             out.effect.add_points = e.points

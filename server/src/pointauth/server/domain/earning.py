@@ -9,7 +9,7 @@ from functools import cached_property
 from typing import Literal
 
 LotKindCode = Literal["R", "L"]
-EffectKind = Literal["multiply", "add", "per_amount"]
+EffectKind = Literal["multiply", "add", "per_amount", "coupon"]
 BASE_RULE = "base"
 """The rule name of the base points' line."""
 
@@ -89,6 +89,9 @@ class Effect:
     basis_points: int = 0
     points: int = 0
     per_amount: int = 0
+    coupon_name: str = ""
+    valid_days: int = 0
+    """A coupon's: valid for this many days from the purchase."""
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,7 @@ class ReceiptTemplates:
     rank: str = "$rank: $remaining more to $next"
     top_rank: str = "$rank"
     birthday: str = "Happy birthday!"
+    coupon: str = "Coupon $name ($coupon) valid until $date"
     base_name: str = "Points"
 
 
@@ -200,3 +204,5 @@ class EarnLine:
     """A visit rule's: once per day per this key ("<rule>:<store>" or "<rule>:*")."""
     short: int = 0
     """Points its campaign's budget could not give (the line's note says "budget")."""
+    coupon: bool = False
+    """A coupon campaign's line: `points` is 1 (one coupon), valid until `expire_ms`."""

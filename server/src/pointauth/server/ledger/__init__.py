@@ -9,6 +9,7 @@ from pointauth.server.ledger._ledger import (
     LedgerRefusal,
     ProfileChange,
     RankArgs,
+    SaleEarn,
     drop_other_libraries,
     load_library,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "PoolExhausted",
     "ProfileChange",
     "RankArgs",
+    "SaleEarn",
     "TransactionRecord",
     "connect",
     "drop_other_libraries",

@@ -385,6 +385,8 @@ class Ledger:
             args["earned"] = True
         if move.visits:
             args["visits"] = move.visits
+        if move.coupons:
+            args["coupons"] = move.coupons
         on = move.target
         for _ in range(MAX_MERGE_HOPS + 1):
             try:
@@ -418,6 +420,15 @@ class Ledger:
         for member in (m for reply in replies for m in reply):
             finished += await self.finish_merge(member.decode())
         return finished
+
+    async def use_coupon(
+        self, card_number: str, coupon_id: str, *, pos: PointOfSaleRef, request_id: str, fingerprint: str
+    ) -> tuple[str, OpResult]:
+        """Uses a coupon of the card's account, once; (the account, answer)."""
+        args = {"coupon": coupon_id, "pos": pos, "rid": request_id, "via": card_number}
+        return await self.on_card(
+            card_number, lambda account: self._call("use_coupon", account, args, request_id, fingerprint)
+        )
 
     async def rank_review(self, account_id: str, ranks: RankArgs) -> OpResult:
         """The period's review of the account's rank, if a period has begun since its last."""
@@ -536,11 +547,15 @@ class Ledger:
         request_id: str,
         fingerprint: str,
         receipt_horizon_ms: int | None = None,
+        sale: SaleEarn | None = None,
     ) -> OpResult:
-        """`receipt_horizon_ms`: also answer the receipt's facts (lots expiring within it...)."""
+        """`receipt_horizon_ms`: also answer the receipt's facts (lots expiring within it...);
+        `sale`: also earn for the sale the capture completes, in the same call."""
         args: dict[str, Any] = {"hold": hold_seq, "pts": -1 if points is None else points, "rid": request_id}
         if receipt_horizon_ms is not None:
             args["soon"] = receipt_horizon_ms
+        if sale is not None:
+            args |= sale.args()
         return await self._call("capture", account_id, args, request_id, fingerprint)
 
     async def void(self, account_id: str, hold_seq: int, *, request_id: str, fingerprint: str) -> OpResult:
@@ -714,7 +729,32 @@ def _line_arg(line: EarnLine) -> dict[str, Any]:
         arg["b"] = True
     if line.short:
         arg["short"] = True
+    if line.coupon:
+        arg["cq"] = True
     return arg
+
+
+@dataclass(frozen=True)
+class SaleEarn:
+    """An earn under the rules for the sale a capture completes (ledger.lua, OPS.capture)."""
+
+    lines: Sequence[EarnLine]
+    rules_version: int
+    ranks: RankArgs | None
+    qualifying_amount: int
+    purchase_amount: int
+    purchase_ms: int
+
+    def args(self) -> dict[str, Any]:
+        args: dict[str, Any] = {
+            "lines": [_line_arg(line) for line in self.lines],
+            "rules": self.rules_version,
+            "amount": self.purchase_amount,
+            "ptime": self.purchase_ms,
+        }
+        if self.ranks is not None:
+            args |= {"ranks": self.ranks.arg(), "qual": self.qualifying_amount}
+        return args
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,29 @@ class EarnLineEntry(msgspec.Struct, array_like=True, frozen=True):
     """1 if the points came from the campaign's budget (a refund's share goes back to it)."""
 
 
+class CouponEntry(msgspec.Struct, array_like=True, frozen=True):
+    """A coupon of a member's: [id (unique within the account: "<seq>.<line>" of the earn that
+    issued it), campaign, issued ms, valid-before ms, used ms (0: not yet)]. The account hash
+    keeps it as q:<id> = "<campaign>|<issued>|<valid before>|<used>"."""
+
+    coupon_id: str
+    campaign_id: str
+    issued_ms: int
+    expire_ms: int
+    used_ms: int = 0
+
+
+def coupon_field(coupon: CouponEntry) -> str:
+    """A coupon as the account hash's q:<id> field keeps it: "<campaign>|<issued>|<valid before>|<used>"."""
+    return f"{coupon.campaign_id}|{coupon.issued_ms}|{coupon.expire_ms}|{coupon.used_ms}"
+
+
+def decode_coupon_field(coupon_id: str, value: str) -> CouponEntry:
+    """A q:<id> field's value as its CouponEntry."""
+    campaign, issued, until, used = value.rsplit("|", 3)
+    return CouponEntry(coupon_id, campaign, int(issued), int(until), int(used))
+
+
 class AllocReturn(msgspec.Struct, array_like=True, frozen=True):
     """A refund's points given back to one lot count against entry `index` (from 0) of the
     original's allocation, whose points returned are now `returned`: [index, returned]."""
@@ -200,6 +223,9 @@ class MergeMove(msgspec.Struct, frozen=True):
     """The source had earned (its first-earn mark carries over)."""
     visits: dict[str, str] | None = None
     """The source's visit limits (v:<key>): the target keeps the later day."""
+    coupons: dict[str, str] | None = None
+    """The source's coupons (q:<coupon id>, values as CouponEntry's field), moved to the target
+    (ledger.lua, merge_in: under a new id where the target's could collide with it)."""
 
 
 def foreign_refund_state(refunded: int, returned: Iterable[int], lines_refunded: Iterable[int]) -> str:
@@ -269,6 +295,8 @@ class StoredAccount(msgspec.Struct):
     rank_period: int | None = None
     visits: dict[str, int] = {}
     """`v:<rule>:<store or *>`: the day (a local date's ordinal) the visit rule last gave points."""
+    coupons: dict[str, CouponEntry] = {}
+    """`q:<coupon id>`: the member's coupons (CouponEntry)."""
     foreign_refunds: dict[str, str] = {}
     """`f:<transaction id>`: what has been refunded here of a transaction of an account merged
     into this one (foreign_refund_state)."""
@@ -364,6 +392,7 @@ def account_of(
     first_earn_ms: int | None = None,
     rank: tuple[str, int, int] | None = None,
     visits: Mapping[str, int] | None = None,
+    coupons: Mapping[str, CouponEntry] | None = None,
 ) -> StoredAccount:
     """A consistent account: its totals are its lots' and holds' sums."""
     return StoredAccount(
@@ -389,6 +418,7 @@ def account_of(
         rank_spend=rank[1] if rank else 0,
         rank_period=rank[2] if rank else None,
         visits=dict(sorted((visits or {}).items())),
+        coupons=dict(sorted((coupons or {}).items())),
     )
 
 
@@ -417,6 +447,8 @@ def _status_fields(account: StoredAccount) -> dict[bytes, bytes]:
         fields[b"rp"] = b"%d" % account.rank_period
     for key, day in account.visits.items():
         fields[b"v:" + key.encode()] = b"%d" % day
+    for c in account.coupons.values():
+        fields[b"q:" + c.coupon_id.encode()] = f"{c.campaign_id}|{c.issued_ms}|{c.expire_ms}|{c.used_ms}".encode()
     if account.opened_ms is not None:
         fields[OPENED_FIELD] = b"%d" % account.opened_ms
     if account.closed_ms is not None:
@@ -453,6 +485,7 @@ def decode_account(
     foreign: dict[str, str] = {}
     counts: dict[str, int] = {}
     visits: dict[str, int] = {}
+    coupons: dict[str, CouponEntry] = {}
     for field, value in stored.items():
         try:
             if field.startswith(CARD_FIELD_PREFIX):
@@ -476,6 +509,10 @@ def decode_account(
                 counts[field[2:].decode()] = int(value)
             elif field == b"fe":
                 account.first_earn_ms = int(value)
+            elif field.startswith(b"q:"):
+                coupon = field[2:].decode()
+                campaign, issued, until, used = value.decode().rsplit("|", 3)
+                coupons[coupon] = CouponEntry(coupon, campaign, int(issued), int(until), int(used))
             elif field.startswith(b"v:"):
                 visits[field[2:].decode()] = int(value)
             elif field == b"rk":
@@ -511,6 +548,7 @@ def decode_account(
     account.foreign_refunds = dict(sorted(foreign.items()))
     account.rule_counts = dict(sorted(counts.items()))
     account.visits = dict(sorted(visits.items()))
+    account.coupons = dict(sorted(coupons.items()))
     account.profile = MemberProfile(**profile, attrs=dict(sorted(attrs.items())) or None)
     for member, score in lots:
         lot = decode_lot(member, score)
@@ -607,9 +645,12 @@ class Event(msgspec.Struct, frozen=True, omit_defaults=True):
     - MERGED_OUT (on the source): `lots` taking every lot's points, `moved` (the lots as they
       left), `target`, `merge` (its id), `cards` (moved), `links` (the same cards' field values,
       CardLink; absent if none), `foreign` (the source's refund states of transactions merged
-      into it before, as its `f:` fields had them; absent if none), `actor`, `why`, `rid`;
+      into it before, as its `f:` fields had them; absent if none), `coupons` (the coupons moved,
+      which leave the source; absent if none), `actor`, `why`, `rid`;
     - MERGED_IN (on the target): `lots` (where each moved lot landed), `source`, `merge`, `cards`,
-      `links` (the cards' field values as they arrived; absent if none);
+      `links` (the cards' field values as they arrived; absent if none), `coupons` (the coupons as
+      they landed: a coupon whose id the target could have issued gets a new one; absent if none);
+    - COUPON_USED: `coupons`, the coupon as used (pts 0, no lot effects), `rid`;
     - REFUNDED of a transaction of an account merged into this one: `racct` names that account.
     - EARN under the rules: `lines` (each rule's part) and `rules` (the rule set's version);
       REFUNDED of one: `lines`, the shares taken back per rule.
@@ -675,6 +716,9 @@ class Event(msgspec.Struct, frozen=True, omit_defaults=True):
     rank: list[str] | None = None
     """EARN, VISIT: [from, to] when its spend reached a higher rank; RANK_REVIEWED: [from, to]
     (from "" for a member who had none; to = from when the review kept the rank)."""
+    coupons: list[CouponEntry] | None = None
+    """EARN, VISIT: coupons it issued; COUPON_USED: the coupon used; MERGED_OUT: the coupons that
+    left with the move; MERGED_IN: the same as they landed (ids the target's)."""
     visits: dict[str, int] | None = None
     """VISIT, MERGED_IN: the day (a local date's ordinal) each visit limit key now says (v:<key>)."""
     spend: int | None = None
@@ -885,6 +929,12 @@ class OpResult(msgspec.Struct, frozen=True):
     """earn, capture (receipt facts): the member's qualifying spend (rank program)."""
     now: int = 0
     """earn, capture (receipt facts): the call's instant (ms)."""
+    coupons: list[CouponEntry] = []
+    """earn: the coupons it issued; use_coupon: the coupon used."""
+    etx: int = 0
+    """capture that earned for its sale: the earn's seq (its lots, lines... are in this answer)."""
+    epts: int = 0
+    """capture that earned: the points earned."""
     rules: int = 0
     """earn under the rules: the rule set version it used."""
 

@@ -648,9 +648,16 @@ function OPS.close()
   return finish({pts = total, lots = gone})
 end
 
+-- A coupon field q:<id> = "<campaign>|<issued>|<valid before>|<used>" as an event carries it
+-- (codec.py, CouponEntry).
+local function coupon_entry(id, raw)
+  local rule, issued, untl, used = string.match(raw, '^(.*)|(%d+)|(%d+)|(%d+)$')
+  return {id, rule, tonumber(issued), tonumber(untl), tonumber(used)}
+end
+
 -- Merge, step 1, on the source: closes it as MERGED into ARGS.target and records the move (its
--- lots with their expiry, kind and issuer, its cards, the refund state of transactions merged
--- into it) in its transactions hash's field "m" (codec.py, MergeMove) and the shard's merges
+-- lots with their expiry, kind and issuer, its cards, its coupons, the refund state of
+-- transactions merged into it) in its transactions hash's field "m" (codec.py, MergeMove) and the shard's merges
 -- set, both in this slot, so a crash before step 2 loses nothing: the recovery pass finishes it.
 -- Refused while holds are open: a till mid-sale keeps its hold (capture or void it first).
 function OPS.merge_out()
@@ -666,7 +673,7 @@ function OPS.merge_out()
       add_pts(l, -l.pts)
     end
   end
-  local cards, card_list, foreign, counts, visited = {}, {}, {}, {}, {}
+  local cards, card_list, foreign, counts, visited, coupons = {}, {}, {}, {}, {}, {}
   local fields = redis.call('HGETALL', K_ACCOUNT)
   for i = 1, #fields, 2 do
     local f, prefix = fields[i], string.sub(fields[i], 1, 2)
@@ -681,6 +688,10 @@ function OPS.merge_out()
       counts[string.sub(f, 3)] = fields[i + 1]
     elseif prefix == 'v:' then
       visited[string.sub(f, 3)] = fields[i + 1]
+    elseif prefix == 'q:' then
+      -- The member's coupons go with the move, as the cards do (used or not: the record stays).
+      coupons[string.sub(f, 3)] = fields[i + 1]
+      A.fields[f] = ''
     end
   end
   table.sort(card_list)
@@ -690,14 +701,20 @@ function OPS.merge_out()
   -- The member is one: what the rules counted for the source counts for the target.
   if next(counts) then move.counts = counts end
   if next(visited) then move.visits = visited end
+  if next(coupons) then move.coupons = coupons end
   move.earned = redis.call('HEXISTS', K_ACCOUNT, 'fe') == 1
   redis.call('HSET', K_TX, 'm', cmsgpack.pack(move))
   redis.call('ZADD', K_MERGES, fmt(NOW), ACCOUNT)
-  -- `links`, `foreign`: the move's cards and refund states, for the journal (absent when empty:
-  -- cmsgpack packs an empty table as an array).
+  -- `links`, `foreign`, `coupons`: the move's cards, refund states and coupons, for the journal
+  -- (absent when empty: cmsgpack packs an empty table as an array).
+  local left
+  for _, id in ipairs(sorted_keys(coupons)) do
+    left = left or {}
+    left[#left + 1] = coupon_entry(id, coupons[id])
+  end
   emit(event_base('MERGED_OUT', {pts = total, lots = gone, moved = moved, target = ARGS.target, merge = ARGS.merge,
     cards = card_list, actor = ARGS.actor, why = ARGS.why, links = next(cards) and cards or nil,
-    foreign = next(foreign) and foreign or nil}))
+    foreign = next(foreign) and foreign or nil, coupons = left}))
   return finish({pts = total, lots = moved, cards = card_list})
 end
 
@@ -739,12 +756,29 @@ function OPS.merge_in()
       visits[key] = tonumber(day)
     end
   end
+  -- The coupons keep their ids where the target has none of that id and will never issue one
+  -- (ids are "<seq>.<line>" of the earn that issued them: one of a seq before this event's);
+  -- the others are numbered "<this event's seq>.<k>" (k from 1, in id order), which no earn of
+  -- the target's will ever issue. `coupons`: each as it landed, for the journal.
+  local coupons, renamed = nil, 0
+  for _, id in ipairs(sorted_keys(ARGS.coupons or {})) do
+    local seq = tonumber(string.match(id, '^(%d+)%.%d+$') or '')
+    local here = id
+    if not seq or seq > A.seq or redis.call('HEXISTS', K_ACCOUNT, 'q:' .. id) == 1 then
+      renamed = renamed + 1
+      here = fmt(A.seq + 1) .. '.' .. fmt(renamed)
+    end
+    A.fields['q:' .. here] = ARGS.coupons[id]
+    coupons = coupons or {}
+    coupons[#coupons + 1] = coupon_entry(here, ARGS.coupons[id])
+  end
   if ARGS.earned and redis.call('HEXISTS', K_ACCOUNT, 'fe') == 0 then
     A.fields.fe, first = fmt(NOW), true
   end
   A.fields['mh:' .. ARGS.merge] = ARGS.source .. '|' .. fmt(NOW)
   emit(event_base('MERGED_IN', {pts = total, lots = lots, source = ARGS.source, merge = ARGS.merge,
-    counts = counts, first = first, visits = visits, cards = card_list, links = next(links) and links or nil}))
+    counts = counts, first = first, visits = visits, coupons = coupons, cards = card_list,
+    links = next(links) and links or nil}))
   return finish({pts = total, lots = lots})
 end
 
@@ -823,6 +857,26 @@ local function review_rank(R, st)
   emit({type = 'RANK_REVIEWED', pts = 0, lots = {}, rank = {from, st.rank}, spend = spent, period = R.p})
 end
 
+-- A coupon of the member's used at a sale, once, within its validity (q:<ARGS.coupon>).
+function OPS.use_coupon()
+  local raw = redis.call('HGET', K_ACCOUNT, 'q:' .. ARGS.coupon)
+  if not raw then
+    return refuse('NOT_FOUND', 'COUPON_NOT_FOUND', 'account ' .. ACCOUNT .. ' has no coupon ' .. ARGS.coupon)
+  end
+  local rule, issued, untl, used = string.match(raw, '^(.*)|(%d+)|(%d+)|(%d+)$')
+  if tonumber(used) > 0 then
+    return refuse('FAILED_PRECONDITION', 'COUPON_ALREADY_USED', 'coupon ' .. ARGS.coupon .. ' was used already',
+      {used_at = used})
+  end
+  if tonumber(untl) <= NOW then
+    return refuse('FAILED_PRECONDITION', 'COUPON_EXPIRED', 'coupon ' .. ARGS.coupon .. ' has expired')
+  end
+  A.fields['q:' .. ARGS.coupon] = rule .. '|' .. issued .. '|' .. untl .. '|' .. fmt(NOW)
+  local coupon = {ARGS.coupon, rule, tonumber(issued), tonumber(untl), NOW}
+  emit(event_base('COUPON_USED', {pts = 0, lots = {}, coupons = {coupon}}))
+  return finish({coupons = {coupon}})
+end
+
 function OPS.rank_review()
   local st = rank_state()
   local was = st.rank
@@ -838,7 +892,8 @@ end
 -- with the balance: the member's guards (birthday month, first purchase) and the per-member cap
 -- (field k:<rule>, the points the rule has given the member so far). The event and the record
 -- keep each line (codec.py, EarnLineEntry) so that a refund can take back each rule's share.
-function OPS.earn()
+-- The earn itself: the answer's fields, or a refusal already packed (a string).
+local function earn_body()
   local lines = ARGS.lines or {{r = '', p = ARGS.pts, e = ARGS.exp, k = ARGS.kind}}
   local first = ARGS.type == 'EARN' and redis.call('HEXISTS', K_ACCOUNT, 'fe') == 0
   -- The rank first: a purchase whose spend reaches a rank earns at it. (Written only if the earn
@@ -877,11 +932,11 @@ function OPS.earn()
       if p > l.cap - used[i] then p, notes[i] = math.max(l.cap - used[i], 0), 'member_cap' end
     end
     if l.short and not notes[i] then notes[i] = 'budget' end -- its budget gave fewer than it says
-    if p > 0 and l.e <= NOW then
+    if p > 0 and l.e <= NOW and not l.cq then
       return refuse('FAILED_PRECONDITION', 'LOT_ALREADY_EXPIRED', 'the new lot would already be expired')
     end
     granted[i] = p
-    total = total + p
+    if not l.cq then total = total + p end
   end
   if ARGS.type == 'VISIT' and total == 0 then
     local given = {}
@@ -897,9 +952,25 @@ function OPS.earn()
   if over_cap(total) then return balance_limit() end
   local iss = ARGS.pos[1]
   local lots, out, counts, visits = {}, {}, nil, nil
+  local coupons
   for i, l in ipairs(lines) do
     local lot_id = 0
-    if granted[i] > 0 then
+    if l.cq then
+      -- A coupon campaign's line issues one coupon (q:<id> = "<rule>|<issued>|<until>|<used>",
+      -- codec.py, CouponEntry), valid until the line's expiry; it gives no points.
+      if granted[i] > 0 then
+        local id = fmt(A.seq + 1) .. '.' .. fmt(i)
+        A.fields['q:' .. id] = l.r .. '|' .. fmt(NOW) .. '|' .. fmt(l.e) .. '|0'
+        coupons = coupons or {}
+        coupons[#coupons + 1] = {id, l.r, NOW, l.e, 0}
+        if used[i] then
+          counts = counts or {}
+          counts[l.r] = used[i] + 1
+          A.fields['k:' .. l.r] = fmt(counts[l.r])
+        end
+      end
+      granted[i] = 0
+    elseif granted[i] > 0 then
       local lot = find_lot(nil, l.e, l.k, iss) or new_lot(fresh_lot_id(), l.e, l.k, iss)
       add_pts(lot, granted[i])
       lots[#lots + 1] = {lot.id, granted[i], l.e, l.k, iss}
@@ -923,14 +994,20 @@ function OPS.earn()
   -- [from, to] when the earn's spend reached a higher rank; `spend`: the period's spend after it,
   -- `period` that period and `qual` the earn's qualifying amount (its record's rp and qual).
   local ev = event_base(ARGS.type, {pts = total, lots = lots, amount = ARGS.amount, ptime = ARGS.ptime,
-    lines = ARGS.lines and out or nil, rules = ARGS.rules, counts = counts, first = first or nil,
+    lines = ARGS.lines and out or nil, rules = ARGS.rules, counts = counts, first = first or nil, coupons = coupons,
     rank = upgraded, spend = rank and rank.spend or nil, period = rank and rank.period or nil,
     qual = rank and ARGS.qual or nil, visits = visits})
   local seq = emit(ev)
   -- The record keeps the qualifying amount and its period, for a refund to lower the spend.
   tx_put(seq, new_tx(ARGS.type, ev, rank and {qual = ARGS.qual, rp = rank.period} or {}))
-  return finish(receipt_facts({tx = seq, pts = total, lots = lots, lines = ARGS.lines and out or nil, rules = ARGS.rules,
-    rank = rank and rank.rank or nil, up = upgraded and true or nil}))
+  return {tx = seq, pts = total, lots = lots, lines = ARGS.lines and out or nil, rules = ARGS.rules,
+    coupons = coupons, rank = rank and rank.rank or nil, up = upgraded and true or nil}
+end
+
+function OPS.earn()
+  local result = earn_body()
+  if type(result) == 'string' then return result end
+  return finish(receipt_facts(result))
 end
 
 function OPS.authorize()
@@ -988,7 +1065,17 @@ function OPS.capture()
   rec.state, rec.captured, rec.released, rec.capture = 'CAPTURED', want, released_pts, seq
   tx_put(ARGS.hold, rec)
   tx_put(seq, new_tx('CAPTURE', ev, {alloc = used, lots = spent}))
-  return finish(receipt_facts({tx = seq, pts = want, released = released_pts}))
+  local result = {tx = seq, pts = want, released = released_pts}
+  -- A capture that completes a sale may earn for it in the same call (ARGS.lines: as an earn's,
+  -- at the hold's point of sale): one EARN event after the capture's, under the same request.
+  if ARGS.lines then
+    ARGS.type = 'EARN'
+    local earned = earn_body()
+    if type(earned) == 'string' then return earned end
+    result.etx, result.epts, result.lots, result.lines = earned.tx, earned.pts, earned.lots, earned.lines
+    result.coupons, result.rank, result.up, result.rules = earned.coupons, earned.rank, earned.up, earned.rules
+  end
+  return finish(receipt_facts(result))
 end
 
 function OPS.void()

@@ -105,6 +105,21 @@ def evaluate(rules: RuleSet, purchase: Purchase, default_rate: Rate, base_expire
             continue
         covered = sum(line.amount for line in purchase.lines if covers(cond, line)) if picks_lines(cond) else amount
         effect = campaign.effect
+        if effect.kind == "coupon":
+            lines.append(
+                EarnLine(
+                    campaign.campaign_id,
+                    1,
+                    campaign.lot_kind,
+                    purchase.time_ms + effect.valid_days * DAY_MS,
+                    birthday_month=purchase.month if cond.birthday_month else 0,
+                    first_purchase=cond.first_purchase,
+                    ranks=cond.rank_ids,
+                    member_cap=campaign.max_per_member,
+                    coupon=True,
+                )
+            )
+            continue
         if effect.kind == "multiply":
             covered_base = apply_rate(rate, covered) if picks_lines(cond) else base
             points = covered_base * effect.basis_points // BASIS_POINTS

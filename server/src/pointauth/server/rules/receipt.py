@@ -12,7 +12,7 @@ from zoneinfo import ZoneInfo
 
 from pointauth.server.domain.earning import BASE_RULE, RankProgram, ReceiptTemplates, RuleSet
 
-LineKind = Literal["earned", "balance", "expiring", "rank", "birthday"]
+LineKind = Literal["earned", "balance", "expiring", "rank", "birthday", "coupon"]
 PLACEHOLDERS: dict[str, frozenset[str]] = {
     "earned": frozenset({"name", "points"}),
     "balance": frozenset({"points"}),
@@ -20,6 +20,7 @@ PLACEHOLDERS: dict[str, frozenset[str]] = {
     "rank": frozenset({"rank", "next", "remaining"}),
     "top_rank": frozenset({"rank"}),
     "birthday": frozenset(),
+    "coupon": frozenset({"name", "coupon", "date"}),
 }
 """What each template may say."""
 
@@ -41,6 +42,8 @@ class Facts:
     birthday: str
     rank_id: str
     spend: int
+    coupons: tuple[tuple[str, str, int], ...] = ()
+    """Coupons issued: (coupon id, campaign, valid-before ms)."""
 
 
 def unknown_placeholders(template: str, allowed: frozenset[str]) -> set[str]:
@@ -83,6 +86,12 @@ def lines(rules: RuleSet, facts: Facts, zone: ZoneInfo, now_ms: int) -> list[Rec
     out += [ReceiptLine("expiring", _say(t.expiring, points=points, date=day)) for day, points in by_day.items()]
     if rules.ranks is not None and facts.rank_id:
         out.append(ReceiptLine("rank", _rank_line(rules.ranks, t, facts.rank_id, facts.spend)))
+    offers = {c.campaign_id: c.effect.coupon_name for c in rules.campaigns}
+    for coupon_id, campaign, expire_ms in facts.coupons:
+        day = datetime.fromtimestamp((expire_ms - 1) / 1000, tz=zone).strftime("%Y-%m-%d")
+        out.append(
+            ReceiptLine("coupon", _say(t.coupon, name=offers.get(campaign, campaign), coupon=coupon_id, date=day))
+        )
     month = datetime.fromtimestamp(now_ms / 1000, tz=zone).month
     if facts.birthday and int(facts.birthday[:2]) == month:
         out.append(ReceiptLine("birthday", _say(t.birthday)))

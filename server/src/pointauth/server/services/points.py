@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
 from pointauth.server.clock import Clock
@@ -27,9 +28,10 @@ from pointauth.server.ledger import (
     OpResult,
     PointOfSaleRef,
     RankArgs,
+    SaleEarn,
     TransactionRecord,
 )
-from pointauth.server.ledger.codec import EarnLineEntry
+from pointauth.server.ledger.codec import CouponEntry, EarnLineEntry
 from pointauth.server.rules import receipt
 from pointauth.server.rules.earn_policy import EarnPolicy
 from pointauth.server.rules.engine import DAY_MS, earning_amount, rank_after, visit_lines
@@ -141,20 +143,10 @@ class PointsService:
         request_id: str,
         fingerprint: str,
     ) -> Earned:
-        """An earn under the rules. A campaign with a budget reserves its points first (the
-        budget is another slot's: Ledger.take_budget) and gives back what the account's script
-        did not grant (its member cap or guards), or everything if the earn is refused. The
-        budgets' calls of one earn run at once: they go to Redis in the same tick's pipeline."""
-        budgeted = [i for i, line in enumerate(lines) if line.budget and line.points]
-        taken = await asyncio.gather(
-            *(self.ledger.take_budget(lines[i].rule, lines[i].points, lines[i].budget) for i in budgeted)
-        )
-        reserved = {lines[i].rule: n for i, n in zip(budgeted, taken, strict=True)}
-        for i, n in zip(budgeted, taken, strict=True):
-            if n < lines[i].points:
-                lines[i] = dataclasses.replace(lines[i], points=n, short=lines[i].points - n)
-        try:
-            account, result = await self.ledger.on_card(
+        """An earn under the rules, on the card's account."""
+
+        def call(lines: list[EarnLine]) -> Awaitable[tuple[str, OpResult]]:
+            return self.ledger.on_card(
                 card_number,
                 lambda account: self.ledger.earn(
                     account,
@@ -174,17 +166,55 @@ class PointsService:
                     receipt_horizon_ms=self.receipt_horizon_ms(),
                 ),
             )
+
+        account, result = await self._within_budgets(lines, call)
+        return Earned(account, result)
+
+    async def _within_budgets(
+        self, lines: list[EarnLine], call: Callable[[list[EarnLine]], Awaitable[tuple[str, OpResult]]]
+    ) -> tuple[str, OpResult]:
+        """`call(lines)`, an earn's ledger call, with each budgeted campaign's points reserved
+        first (the budget is another slot's: Ledger.take_budget) and what the account's script
+        did not grant (its member cap or guards) given back after, once; everything if the earn
+        is refused. The budgets' calls of one earn run at once: in the same tick's pipeline."""
+        budgeted = [i for i, line in enumerate(lines) if line.budget and line.points]
+        taken = await asyncio.gather(
+            *(self.ledger.take_budget(lines[i].rule, lines[i].points, lines[i].budget) for i in budgeted)
+        )
+        reserved = {lines[i].rule: n for i, n in zip(budgeted, taken, strict=True)}
+        for i, n in zip(budgeted, taken, strict=True):
+            if n < lines[i].points:
+                lines[i] = dataclasses.replace(lines[i], points=n, short=lines[i].points - n)
+        try:
+            account, result = await call(lines)
         except LedgerRefusal:
             # Refused: nothing was granted. (Any other failure may come after the script ran: the
             # reservation stays, a bounded under-spend, never an overspend.)
             await asyncio.gather(*(self.ledger.give_budget(rule, n) for rule, n in reserved.items()))
             raise
         granted = {line.rule: line.points for line in result.lines}
-        earn_id = transaction_id(account, result.tx)
+        earn_id = transaction_id(account, result.etx or result.tx)
         await asyncio.gather(
             *(self.ledger.settle_budget(rule, earn_id, n, granted.get(rule, 0)) for rule, n in reserved.items())
         )
-        return Earned(account, result)
+        return account, result
+
+    def sale_lines(
+        self, pos: PointOfSaleRef, purchase_amount: int, basket: tuple[BasketLine, ...], purchase_ms: int
+    ) -> tuple[list[EarnLine], int, RankArgs | None, int]:
+        """What a sale earns: (lines, rule set version, rank program, qualifying amount); with no
+        rule set published, one base line at the configured rate."""
+        rule_set = self._rule_set()
+        if self.rules is None or not rule_set.version:
+            base = EarnLine(BASE_RULE, self.policy.points_for(purchase_amount), "R", self.policy.expire_ms(purchase_ms))
+            return [base], 0, None, purchase_amount
+        purchase = self.rules.purchase(pos, purchase_amount, basket, purchase_ms)
+        return (
+            self.rules.lines(rule_set, purchase),
+            rule_set.version,
+            self.rules.rank_args(rule_set),
+            earning_amount(purchase),
+        )
 
     def _rule_set(self) -> RuleSet:
         return self.rules.current if self.rules is not None else RuleSet(version=0)
@@ -205,11 +235,22 @@ class PointsService:
             birthday=result.bd,
             rank_id=result.rank,
             spend=result.spend,
+            coupons=tuple((c.coupon_id, c.campaign_id, c.expire_ms) for c in result.coupons),
         )
         rule_set = self._rule_set()
         if self.rules is not None and result.rules and result.rules != rule_set.version:
             rule_set = await self.rules.get(result.rules)
         return receipt.lines(rule_set, facts, self.policy.zone, result.now or self.clock.now_ms())
+
+    async def use_coupon(
+        self, card_number: str, coupon_id: str, *, pos: PointOfSaleRef, request_id: str, fingerprint: str
+    ) -> tuple[str, CouponEntry]:
+        """(the account, the coupon as used)."""
+        self.check_point_of_sale(pos)
+        account, result = await self.ledger.use_coupon(
+            card_number, coupon_id, pos=pos, request_id=request_id, fingerprint=fingerprint
+        )
+        return account, result.coupons[0]
 
     async def check_in(
         self, card_number: str, *, visit_ms: int, pos: PointOfSaleRef, request_id: str, fingerprint: str
@@ -297,7 +338,7 @@ class PointsService:
                 room = max(line.budget - await self.ledger.budget_spent(line.rule), 0)
                 if points > room:
                     points, note = room, NOTE_BUDGET
-            out.append(EarnLineEntry(line.rule, points, 0, note))
+            out.append(EarnLineEntry(line.rule, 0 if line.coupon else points, 0, note))
         return rule_set.version, out
 
     async def authorize(
@@ -321,17 +362,40 @@ class PointsService:
     # Capture and void act at the hold's own point of sale, checked when it was authorized.
 
     async def capture(
-        self, account_id: str, hold_seq: int, *, points: int | None, request_id: str, fingerprint: str
+        self,
+        account_id: str,
+        hold_seq: int,
+        *,
+        points: int | None,
+        request_id: str,
+        fingerprint: str,
+        sale: tuple[int, tuple[BasketLine, ...], int] | None = None,
     ) -> OpResult:
-        try:
-            return await self.ledger.capture(
+        """A capture; with `sale` (purchase amount, basket, purchase ms), also the earn for the
+        sale it completes, in the same call, at the hold's point of sale."""
+
+        async def capture_with(lines: list[EarnLine], earn: SaleEarn | None) -> tuple[str, OpResult]:
+            result = await self.ledger.capture(
                 account_id,
                 hold_seq,
                 points=points,
                 request_id=request_id,
                 fingerprint=fingerprint,
                 receipt_horizon_ms=self.receipt_horizon_ms(),
+                sale=None if earn is None else dataclasses.replace(earn, lines=lines),
             )
+            return account_id, result
+
+        try:
+            if sale is None:
+                return (await capture_with([], None))[1]
+            record = await self.ledger.transaction(account_id, hold_seq)
+            if record is None or record.type != "HOLD":
+                raise not_found(ErrorReason.HOLD_NOT_FOUND, f"no hold {account_id}.{hold_seq}")
+            amount, basket, purchase_ms = sale
+            lines, version, ranks, qualifying = self.sale_lines(record.pos, amount, basket, purchase_ms)
+            earn = SaleEarn(lines, version, ranks, qualifying, amount, purchase_ms)
+            return (await self._within_budgets(lines, lambda chosen: capture_with(chosen, earn)))[1]
         except LedgerRefusal as refusal:
             raise _unknown_hold(refusal, account_id, hold_seq) from None
 
