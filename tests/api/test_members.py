@@ -331,3 +331,19 @@ async def test_a_home_company_must_be_in_the_group_directory(client: PointsClien
             {"field": "profile.home_company_id"},
         )
     assert await redis_snapshot(redis) == before
+
+
+async def test_a_retried_profile_update_answers_with_the_account_as_it_first_did(
+    client: PointsClient, member: str
+) -> None:
+    rid = new_request_id()
+    first = await client.update_profile(
+        "member-1", mpb.MemberProfile(home_company_id="acme"), ["home_company_id"], request_id=rid
+    )
+    await client.update_profile("member-1", mpb.MemberProfile(birth_month=1, birth_day=2), ["birth_month", "birth_day"])
+    again = await client.update_profile(
+        "member-1", mpb.MemberProfile(home_company_id="acme"), ["home_company_id"], request_id=rid
+    )
+    assert again == first
+    assert (again.profile.home_company_id, again.profile.birth_month) == ("acme", 0)
+    assert (again.balance.available_points, [c.card_number for c in again.cards]) == (1000, [CARD])

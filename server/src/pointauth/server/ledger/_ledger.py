@@ -325,9 +325,10 @@ class Ledger:
 
     async def update_profile(
         self, account_id: str, change: ProfileChange, *, request_id: str, fingerprint: str
-    ) -> OpResult:
+    ) -> AccountView:
+        """The account as the update leaves it (a retry gets the same)."""
         args = {"rid": request_id, **change.args()}
-        return await self._call("update_profile", account_id, args, request_id, fingerprint)
+        return _account_view(account_id, await self._call("update_profile", account_id, args, request_id, fingerprint))
 
     async def close(self, account_id: str, *, request_id: str, fingerprint: str) -> OpResult:
         return await self._call("close", account_id, {"rid": request_id}, request_id, fingerprint)

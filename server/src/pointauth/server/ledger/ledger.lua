@@ -624,10 +624,17 @@ function OPS.reissue()
   return finish({card = card_text(c), new_card = card_text(new)})
 end
 
+-- Its answer is the account hash as the update leaves it (as OPS.account's), so that a retry
+-- gets the account as the first answer showed it.
 function OPS.update_profile()
   set_profile()
   emit(event_base('PROFILE_UPDATED', {pts = 0, lots = {}, profile = profile_now()}))
-  return finish({})
+  local raw = redis.call('HGETALL', K_ACCOUNT)
+  local fields = {}
+  for i = 1, #raw, 2 do fields[raw[i]] = raw[i + 1] end
+  for f, v in pairs(A.fields) do fields[f] = v ~= '' and v or nil end
+  fields.seq = fmt(A.seq)
+  return finish({fields = fields})
 end
 
 -- Closing forfeits every lot's points (breakage of their issuers); refused while holds are open.

@@ -29,8 +29,7 @@ class MembersService:
         self, account_id: str, change: ProfileChange, *, request_id: str, fingerprint: str
     ) -> AccountView:
         self.check_profile(change)
-        await self.ledger.update_profile(account_id, change, request_id=request_id, fingerprint=fingerprint)
-        return await self.ledger.account(account_id)
+        return await self.ledger.update_profile(account_id, change, request_id=request_id, fingerprint=fingerprint)
 
     async def close(self, account_id: str, *, request_id: str, fingerprint: str) -> OpResult:
         return await self.ledger.close(account_id, request_id=request_id, fingerprint=fingerprint)
