@@ -94,3 +94,14 @@ async def test_a_member_gets_as_many_coupons_as_the_cap_and_uses_each_once(
     )
     assert sum(1 for o in outcomes if isinstance(o, pb.Coupon)) == 1
     assert {o.reason for o in outcomes if isinstance(o, PointauthError)} == {"COUPON_ALREADY_USED"}
+
+
+async def test_simulate_earn_says_which_campaigns_would_issue_a_coupon(
+    client: PointsClient, shopper: str, clock: ManualClock
+) -> None:
+    would = await client.simulate_earn(STORE, 6_000, at(clock.now_ms()), card_number=shopper)
+    assert (list(would.coupon_campaign_ids), would.earned_points) == (["thanks"], 60)
+    for _ in range(2):
+        await client.earn_points(shopper, STORE, 6_000, at(clock.now_ms()))
+    capped = await client.simulate_earn(STORE, 6_000, at(clock.now_ms()), card_number=shopper)
+    assert (list(capped.coupon_campaign_ids), [b.note for b in capped.breakdown]) == ([], ["", "member_cap"])

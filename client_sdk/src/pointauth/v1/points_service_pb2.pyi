@@ -616,6 +616,7 @@ class SimulateEarnResponse(_message.Message):
     EARNED_POINTS_FIELD_NUMBER: _builtins.int
     BREAKDOWN_FIELD_NUMBER: _builtins.int
     RULE_SET_VERSION_FIELD_NUMBER: _builtins.int
+    COUPON_CAMPAIGN_IDS_FIELD_NUMBER: _builtins.int
     earned_points: _builtins.int
     """Points in all."""
     rule_set_version: _builtins.int
@@ -624,16 +625,21 @@ class SimulateEarnResponse(_message.Message):
     def breakdown(self) -> _containers.RepeatedCompositeFieldContainer[Global___RulePoints]:
         """What each rule would give (lot ids are empty: nothing is written)."""
 
+    @_builtins.property
+    def coupon_campaign_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The campaigns that would issue the member a coupon."""
+
     def __init__(
         self,
         *,
         earned_points: _builtins.int = ...,
         breakdown: _abc.Iterable[Global___RulePoints] | None = ...,
         rule_set_version: _builtins.int = ...,
+        coupon_campaign_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["breakdown", b"breakdown", "earned_points", b"earned_points", "rule_set_version", b"rule_set_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breakdown", b"breakdown", "coupon_campaign_ids", b"coupon_campaign_ids", "earned_points", b"earned_points", "rule_set_version", b"rule_set_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -128,13 +128,14 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
         basket = v.basket(request.basket, request.purchase_amount)
         v.raise_if_any()
         assert pos is not None
-        version, lines = await self.points.simulate(
+        version, lines, coupons = await self.points.simulate(
             card, purchase_amount=request.purchase_amount, purchase_ms=purchase_ms, pos=pos, basket=basket
         )
         return pb.SimulateEarnResponse(
             earned_points=sum(line.points for line in lines),
             breakdown=convert.breakdown(lines, []),
             rule_set_version=version,
+            coupon_campaign_ids=coupons,
         )
 
     async def AuthorizeHold(self, request: pb.AuthorizeHoldRequest, context: Context) -> pb.AuthorizeHoldResponse:

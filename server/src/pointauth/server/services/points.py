@@ -298,14 +298,15 @@ class PointsService:
         purchase_ms: int,
         pos: PointOfSaleRef,
         basket: tuple[BasketLine, ...] = (),
-    ) -> tuple[int, list[EarnLineEntry]]:
-        """(rule set version, what each rule would give now), writing nothing: the member's
-        guards and caps as they stand (when a card is given), budgets as they stand."""
+    ) -> tuple[int, list[EarnLineEntry], list[str]]:
+        """(rule set version, what each rule would give now, the campaigns that would issue a
+        coupon), writing nothing: the member's guards and caps as they stand (when a card is
+        given), budgets as they stand."""
         self.check_point_of_sale(pos)
         rule_set = self.rules.current if self.rules is not None else RuleSet(version=0)
         if self.rules is None or not rule_set.version:
             points = self.policy.points_for(purchase_amount)
-            return 0, [EarnLineEntry(BASE_RULE, points, 0)]
+            return 0, [EarnLineEntry(BASE_RULE, points, 0)], []
         purchase = self.rules.purchase(pos, purchase_amount, basket, purchase_ms)
         lines = self.rules.lines(rule_set, purchase)
         member = (await self.ledger.account_by_card(card_number)).stored if card_number else None
@@ -339,7 +340,8 @@ class PointsService:
                 if points > room:
                     points, note = room, NOTE_BUDGET
             out.append(EarnLineEntry(line.rule, 0 if line.coupon else points, 0, note))
-        return rule_set.version, out
+        coupons = [line.rule for line, entry in zip(lines, out, strict=True) if line.coupon and not entry.note]
+        return rule_set.version, out, coupons
 
     async def authorize(
         self, card_number: str, *, points: int, ttl_ms: int, pos: PointOfSaleRef, request_id: str, fingerprint: str
