@@ -150,7 +150,7 @@ class Coupon(_message.Message):
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     USE_TIME_FIELD_NUMBER: _builtins.int
     coupon_id: _builtins.str
-    """Its id, unique within the member's account."""
+    """Its id ("<account id>.<seq>.<line>" of the earn that issued it), kept when the account merges."""
     campaign_id: _builtins.str
     """The campaign that issued it."""
     @_builtins.property

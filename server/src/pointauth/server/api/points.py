@@ -106,8 +106,8 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
         v = Violations()
         request_id = v.request_id(request.request_id)
         card = v.card_number("card_number", request.card_number)
-        if not 1 <= len(request.coupon_id) <= 64:
-            v.add("coupon_id", "is required: a coupon id of the member's (at most 64 characters)")
+        if not 1 <= len(request.coupon_id) <= 100:
+            v.add("coupon_id", "is required: a coupon id of the member's (at most 100 characters)")
         pos = v.point_of_sale(request.point_of_sale if request.HasField("point_of_sale") else None)
         v.raise_if_any()
         assert pos is not None

@@ -1,8 +1,8 @@
 """What one account's events make of the PostgreSQL projections: its lots, its transaction records
 (holds among them, earns' lines under the rules, visits, and earns' qualifying amounts under a
 rank program), its cards, its accounts row (status, profile, merge, rule counts, first earn,
-rank, visit limits), the merges it took part in, and the points each campaign gave and had
-refunded (campaign_points), those drawn on its budget among them.
+rank, visit limits), its coupons, the merges it took part in, and the points each campaign gave
+and had refunded (campaign_points), those drawn on its budget among them.
 
 The events carry everything the ledger script derived (allocations, what a capture used and
 released, what a refund gave back and where, the balance after each event), so this module
@@ -25,12 +25,14 @@ from pointauth.server.ledger.codec import (
     AllocEntry,
     CardLink,
     CardStateCode,
+    CouponEntry,
     EarnLineEntry,
     Event,
     LotEntry,
     MemberProfile,
     TransactionRecord,
     TransactionType,
+    coupon_field,
     decode_card_link,
 )
 
@@ -103,6 +105,8 @@ class MergeOut:
     """Card number -> its field value (CardLink) as it left."""
     foreign: dict[str, str]
     """Transaction id -> refund state, the source's f: fields as they left."""
+    coupons: dict[str, str]
+    """Coupon id -> its q: field value, the source's coupons as they left."""
 
 
 @dataclass(frozen=True)
@@ -122,7 +126,8 @@ class Projector:
     collects those created or changed; `changed` names the latter. `versions`: the rule set
     version of each of those records that is an earn under the rules (loaded with them).
     `campaign_points`: what the events add to each (campaign, rule set version)'s points given
-    and refunded.
+    and refunded. `coupons`: the coupons rows the events wrote, by (account, coupon id), each as
+    the account hash's q: field has it after them; None: the row leaves (a merge moved it).
     """
 
     def __init__(
@@ -134,6 +139,7 @@ class Projector:
         self.merges_out: list[MergeOut] = []
         self.merges_landed: list[MergeLanded] = []
         self.campaign_points: dict[tuple[str, int], CampaignPoints] = defaultdict(CampaignPoints)
+        self.coupons: dict[tuple[str, str], CouponEntry | None] = {}
 
     def apply(self, state: AccountState, event: Event) -> None:
         if event.seq != state.last_seq + 1:
@@ -266,6 +272,9 @@ class Projector:
         target, merge = _carried(event, "target", event.target), _carried(event, "merge", event.merge)
         moved = _carried(event, "moved", event.moved)
         links = _links(event)
+        coupons = {c.coupon_id: coupon_field(c) for c in event.coupons or []}
+        for coupon in coupons:
+            self.coupons[(state.account_id, coupon)] = None  # they left with the move
         state.status, state.merged_into, state.merge_id, state.merged_ms = "M", target, merge, event.time
         for card in links:
             state.cards.pop(card, None)
@@ -273,7 +282,16 @@ class Projector:
             state.touched_cards.add(card)
         self.merges_out.append(
             MergeOut(
-                merge, state.account_id, target, event.time, event.actor, event.why, moved, links, event.foreign or {}
+                merge,
+                state.account_id,
+                target,
+                event.time,
+                event.actor,
+                event.why,
+                moved,
+                links,
+                event.foreign or {},
+                coupons,
             )
         )
 
@@ -289,6 +307,8 @@ class Projector:
             state.card_moves[card] = event.time
             state.touched_cards.add(card)
         self.merges_landed.append(MergeLanded(merge, source, state.account_id, event.time))
+        # The source's coupons, under the ids they landed with (the script's choice).
+        self._coupons(state, event)
         # The source's counts added to the target's (absolute, as set), its first-earn mark, and
         # the visit limits whose day it had later.
         self._rules_state(state, event)
@@ -336,6 +356,7 @@ class Projector:
             state.rank_spend = event.spend
             if event.period is not None:
                 state.rank_period = event.period
+        self._coupons(state, event)  # a coupon campaign's lines issue coupons
         if event.rules:
             self.versions[(state.account_id, event.seq)] = event.rules
         for line in event.lines or []:
@@ -361,6 +382,16 @@ class Projector:
         state.rank_id, state.rank_spend = rank[1], 0
         if event.period is not None:  # absent: a script before events carried the period
             state.rank_period = event.period
+
+    def _on_coupon_used(self, state: AccountState, event: Event) -> None:
+        # No points, no lots: the coupon as the script left it (its used time the event's).
+        for coupon in _carried(event, "coupons", event.coupons):
+            self.coupons[(state.account_id, coupon.coupon_id)] = coupon
+
+    def _coupons(self, state: AccountState, event: Event) -> None:
+        """The coupons the event carries, each as the account's q: field now has it."""
+        for coupon in event.coupons or []:
+            self.coupons[(state.account_id, coupon.coupon_id)] = coupon
 
     def _on_hold_authorized(self, state: AccountState, event: Event) -> None:
         alloc = _carried(event, "alloc", event.alloc)

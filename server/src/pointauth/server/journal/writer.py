@@ -36,6 +36,7 @@ from pointauth.server.ledger import Keyspace
 from pointauth.server.ledger.codec import (
     AllocEntry,
     CardLink,
+    CouponEntry,
     EarnLineEntry,
     LotEntry,
     MemberProfile,
@@ -53,7 +54,7 @@ JOURNAL_COLUMNS = (
     "terminal_id", "channel", "request_id", "event_time", "ref_seq", "released", "amount", "purchase_time",
     "hold_expire_ms", "card_number", "stream", "entry_id", "card_kind", "new_card", "profile", "merge_id",
     "other_account", "ref_account", "lines", "rules_version", "rule_counts", "first_earn", "rank_from", "rank_to",
-    "rank_spend", "rank_period", "qualifying_amount", "visits",
+    "rank_spend", "rank_period", "qualifying_amount", "visits", "coupons",
 )  # fmt: skip
 _COLS = ", ".join(JOURNAL_COLUMNS)
 _TX_COLUMNS = (
@@ -245,6 +246,7 @@ class JournalWriter:
             conn, [(key, projector.records[key], projector.versions.get(key)) for key in sorted(projector.changed)]
         )
         await self._write_merges(conn, projector.merges_out, projector.merges_landed)
+        await self._write_coupons(conn, projector.coupons)
         await self._write_idempotency(conn, idempotency)
         # Last but the positions: rows every worker may add to, locked for the least time.
         await journal_rules.write_campaign_points(conn, projector.campaign_points)
@@ -519,23 +521,24 @@ class JournalWriter:
             rows = [
                 (
                     m.merge_id, m.source, m.target, to_time(m.time), m.actor, m.why, _json(m.lots),
-                    _json(m.cards), _json(m.foreign),
+                    _json(m.cards), _json(m.foreign), _json(dict(sorted(m.coupons.items()))),
                 )
                 for m in out
             ]  # fmt: skip
             await conn.execute(
                 """
                 INSERT INTO merges
-                    (merge_id, source_id, target_id, merged_at, actor, reason, lots, cards, foreign_refunds)
+                    (merge_id, source_id, target_id, merged_at, actor, reason, lots, cards, foreign_refunds, coupons)
                 SELECT merge_id, source_id, target_id, merged_at, actor, reason, lots::jsonb, cards::jsonb,
-                       foreign_refunds::jsonb
+                       foreign_refunds::jsonb, coupons::jsonb
                 FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[],
-                            $7::text[], $8::text[], $9::text[])
-                    AS t(merge_id, source_id, target_id, merged_at, actor, reason, lots, cards, foreign_refunds)
+                            $7::text[], $8::text[], $9::text[], $10::text[])
+                    AS t(merge_id, source_id, target_id, merged_at, actor, reason, lots, cards, foreign_refunds,
+                         coupons)
                 ON CONFLICT (merge_id) DO UPDATE SET
                     target_id = EXCLUDED.target_id, merged_at = EXCLUDED.merged_at, actor = EXCLUDED.actor,
                     reason = EXCLUDED.reason, lots = EXCLUDED.lots, cards = EXCLUDED.cards,
-                    foreign_refunds = EXCLUDED.foreign_refunds
+                    foreign_refunds = EXCLUDED.foreign_refunds, coupons = EXCLUDED.coupons
                 """,
                 *map(list, zip(*rows, strict=True)),
             )
@@ -550,6 +553,33 @@ class JournalWriter:
                 [m.source for m in landed],
                 [m.account for m in landed],
                 [to_time(m.time) for m in landed],
+            )
+
+    async def _write_coupons(self, conn: Connection, coupons: dict[tuple[str, str], CouponEntry | None]) -> None:
+        """The coupons rows the batch's events wrote: each as the events left it (the whole
+        coupon, as its q: field has it), or deleted (moved off a merged account)."""
+        gone = [key for key, c in sorted(coupons.items()) if c is None]
+        rows = [
+            (account, c.coupon_id, c.campaign_id, to_time(c.issued_ms), to_time(c.expire_ms), _time(c.used_ms or None))
+            for (account, _), c in sorted(coupons.items())
+            if c is not None
+        ]
+        if gone:
+            await conn.execute(
+                "DELETE FROM coupons WHERE (account_id, coupon_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+                *map(list, zip(*gone, strict=True)),
+            )
+        if rows:
+            await conn.execute(
+                """
+                INSERT INTO coupons (account_id, coupon_id, campaign_id, issued_at, expire_at, used_at)
+                SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[],
+                                     $6::timestamptz[])
+                ON CONFLICT (account_id, coupon_id) DO UPDATE SET
+                    campaign_id = EXCLUDED.campaign_id, issued_at = EXCLUDED.issued_at,
+                    expire_at = EXCLUDED.expire_at, used_at = EXCLUDED.used_at
+                """,
+                *map(list, zip(*rows, strict=True)),
             )
 
     async def _write_idempotency(self, conn: Connection, rows: Sequence[IdempotencyRow]) -> None:
@@ -616,7 +646,7 @@ def journal_row(d: Delivered) -> tuple[Any, ...]:
         e.kind, e.new_card, _json(e.profile), e.merge, other, e.racct, _json(e.lines), e.rules,
         _json(dict(sorted(e.counts.items()))) if e.counts else None, e.first, e.rank[0] if e.rank else None,
         e.rank[-1] if e.rank else None, e.spend, e.period, e.qual,
-        _json(dict(sorted(e.visits.items()))) if e.visits else None,
+        _json(dict(sorted(e.visits.items()))) if e.visits else None, _json(e.coupons),
     )  # fmt: skip
 
 
@@ -667,6 +697,26 @@ def record_from_row(r: Record) -> TransactionRecord:
     )
 
 
+# -- coupons, as rehydrate and reconcile read them -----------------------------------------------
+
+_COUPONS = """
+SELECT account_id, coupon_id, campaign_id, issued_at, expire_at, used_at FROM coupons
+WHERE account_id = ANY($1::text[]) ORDER BY account_id, coupon_id
+"""
+
+
+async def account_coupons(conn: Connection, accounts: list[str]) -> dict[str, dict[str, CouponEntry]]:
+    """The coupons of each of these accounts (its hash's q:<coupon id> fields), by coupon id."""
+    out: dict[str, dict[str, CouponEntry]] = defaultdict(dict)
+    for r in await conn.fetch(_COUPONS, accounts):
+        used = r["used_at"]
+        out[r["account_id"]][r["coupon_id"]] = CouponEntry(
+            r["coupon_id"], r["campaign_id"], to_ms(r["issued_at"]), to_ms(r["expire_at"]),
+            0 if used is None else to_ms(used),
+        )  # fmt: skip
+    return dict(out)
+
+
 # -- merges, as rehydrate and reconcile read them ------------------------------------------------
 
 _MERGE_HISTORY = """
@@ -683,10 +733,12 @@ async def merge_histories(conn: Connection, accounts: list[str]) -> dict[str, di
 
 
 # The source's rule counts, first-earn mark and visit limits went with the move too: they are its
-# accounts row's, which no event changes after its MERGED_OUT.
+# accounts row's, which no event changes after its MERGED_OUT. Its coupons left it: the merges row
+# keeps them (NULL: a merge journaled before coupons, which had none).
 _MERGE_MOVES = """
 SELECT m.merge_id, m.source_id, m.target_id, m.merged_at, m.lots::text AS lots, m.cards::text AS cards,
-       m.foreign_refunds::text AS foreign_refunds, m.landed_on, a.rule_counts::text AS rule_counts,
+       m.foreign_refunds::text AS foreign_refunds, m.coupons::text AS coupons, m.landed_on,
+       a.rule_counts::text AS rule_counts,
        a.first_earn_at IS NOT NULL AS earned, a.visits::text AS visits
 FROM merges AS m LEFT JOIN accounts AS a ON a.account_id = m.source_id
 WHERE m.source_id = ANY($1::text[]) AND m.lots IS NOT NULL
@@ -702,6 +754,7 @@ async def merge_moves(conn: Connection, sources: list[str]) -> dict[str, tuple[M
         foreign = msgspec.json.decode(r["foreign_refunds"], type=dict[str, str])
         counts = rule_counts_from_row(r["rule_counts"])
         visits = visits_from_row(r["visits"])
+        coupons = msgspec.json.decode(r["coupons"], type=dict[str, str]) if r["coupons"] is not None else {}
         move = MergeMove(
             merge=r["merge_id"],
             source=r["source_id"],
@@ -715,6 +768,7 @@ async def merge_moves(conn: Connection, sources: list[str]) -> dict[str, tuple[M
             counts={rule: str(n) for rule, n in counts.items()} or None,
             earned=bool(r["earned"]),
             visits={key: str(day) for key, day in visits.items()} or None,
+            coupons=dict(sorted(coupons.items())) or None,
         )
         out[r["source_id"]] = (move, r["landed_on"] is None)
     return out

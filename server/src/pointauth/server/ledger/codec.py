@@ -73,9 +73,10 @@ class EarnLineEntry(msgspec.Struct, array_like=True, frozen=True):
 
 
 class CouponEntry(msgspec.Struct, array_like=True, frozen=True):
-    """A coupon of a member's: [id (unique within the account: "<seq>.<line>" of the earn that
-    issued it), campaign, issued ms, valid-before ms, used ms (0: not yet)]. The account hash
-    keeps it as q:<id> = "<campaign>|<issued>|<valid before>|<used>"."""
+    """A coupon of a member's: [id ("<account>.<seq>.<line>" of the earn that issued it: unique in
+    the group, and kept when the account merges into another), campaign, issued ms, valid-before
+    ms, used ms (0: not yet)]. The account hash keeps it as q:<id> =
+    "<campaign>|<issued>|<valid before>|<used>"."""
 
     coupon_id: str
     campaign_id: str

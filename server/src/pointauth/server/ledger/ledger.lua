@@ -763,21 +763,13 @@ function OPS.merge_in()
       visits[key] = tonumber(day)
     end
   end
-  -- The coupons keep their ids where the target has none of that id and will never issue one
-  -- (ids are "<seq>.<line>" of the earn that issued them: one of a seq before this event's);
-  -- the others are numbered "<this event's seq>.<k>" (k from 1, in id order), which no earn of
-  -- the target's will ever issue. `coupons`: each as it landed, for the journal.
-  local coupons, renamed = nil, 0
+  -- The coupons keep their ids: each names the account and earn that issued it, so no other
+  -- account's can be the same. `coupons`: each as it landed, for the journal.
+  local coupons
   for _, id in ipairs(sorted_keys(ARGS.coupons or {})) do
-    local seq = tonumber(string.match(id, '^(%d+)%.%d+$') or '')
-    local here = id
-    if not seq or seq > A.seq or redis.call('HEXISTS', K_ACCOUNT, 'q:' .. id) == 1 then
-      renamed = renamed + 1
-      here = fmt(A.seq + 1) .. '.' .. fmt(renamed)
-    end
-    A.fields['q:' .. here] = ARGS.coupons[id]
+    A.fields['q:' .. id] = ARGS.coupons[id]
     coupons = coupons or {}
-    coupons[#coupons + 1] = coupon_entry(here, ARGS.coupons[id])
+    coupons[#coupons + 1] = coupon_entry(id, ARGS.coupons[id])
   end
   if ARGS.earned and redis.call('HEXISTS', K_ACCOUNT, 'fe') == 0 then
     A.fields.fe, first = fmt(NOW), true
@@ -966,7 +958,7 @@ local function earn_body()
       -- A coupon campaign's line issues one coupon (q:<id> = "<rule>|<issued>|<until>|<used>",
       -- codec.py, CouponEntry), valid until the line's expiry; it gives no points.
       if granted[i] > 0 then
-        local id = fmt(A.seq + 1) .. '.' .. fmt(i)
+        local id = ACCOUNT .. '.' .. fmt(A.seq + 1) .. '.' .. fmt(i) -- unique in the group
         A.fields['q:' .. id] = l.r .. '|' .. fmt(NOW) .. '|' .. fmt(l.e) .. '|0'
         coupons = coupons or {}
         coupons[#coupons + 1] = {id, l.r, NOW, l.e, 0}

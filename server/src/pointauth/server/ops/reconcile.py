@@ -1,7 +1,7 @@
 """Proves Redis and PostgreSQL agree, per account: the state Redis stores (sequence, lots, open
 holds, cards and their states, status, profile, merge, merge history, refund states of merged
-accounts' transactions, rule counts and first earn, rank and visit limits, hold index, card
-index) equals the PostgreSQL
+accounts' transactions, rule counts and first earn, rank and visit limits, coupons, hold index,
+card index) equals the PostgreSQL
 projection of the journal; and the journal itself is complete, holding the account's events
 1..last_seq once each, which add up to the points Redis holds. And beside the accounts: the group
 directory, the published rule sets (and the current version) and the campaigns' budget counts
@@ -32,6 +32,7 @@ from pointauth.server.journal.pg import Connection, Record, connection
 from pointauth.server.journal.writer import (
     ACCOUNT_MEMBER_COLUMNS,
     CARD_ROW_COLUMNS,
+    account_coupons,
     card_from_row,
     foreign_refunds,
     merge_histories,
@@ -93,7 +94,7 @@ class ReconcileReport:
 #   gives back what a capture or redemption spent, or takes back what an earn gave (its lot
 #   effects' sign says which, on whichever account it lands); a visit (check-in) adds like an
 #   earn; holds move points between available and held, so add nothing, and neither do opening
-#   the account, the events of its cards and profile, and rank reviews;
+#   the account, the events of its cards and profile, rank reviews and using a coupon;
 # - the unheld points, Redis's lots: the sum of the lot effects;
 # - the held points, Redis's holds: each hold authorized, less each captured (with what its
 #   capture released), voided or expired.
@@ -101,6 +102,7 @@ _EVENT_TYPES = (
     "ACCOUNT_OPENED", "EARN", "GRANT", "HOLD_AUTHORIZED", "HOLD_CAPTURED", "HOLD_VOIDED", "HOLD_EXPIRED",
     "REDEEMED", "REFUNDED", "LOTS_EXPIRED", "CARD_LINKED", "CARD_UNLINKED", "CARD_BLOCKED", "CARD_UNBLOCKED",
     "CARD_REISSUED", "PROFILE_UPDATED", "ACCOUNT_CLOSED", "MERGED_OUT", "MERGED_IN", "VISIT", "RANK_REVIEWED",
+    "COUPON_USED",
 )  # fmt: skip
 _BALANCE = """CASE type
     WHEN 'EARN' THEN points WHEN 'GRANT' THEN points WHEN 'VISIT' THEN points
@@ -207,6 +209,8 @@ class _Side:
     rank_period: int | None = None
     visits: dict[str, int] = field(default_factory=dict)
     """The day each visit limit key last gave points (its v:<key> fields)."""
+    coupons: dict[str, codec.CouponEntry] = field(default_factory=dict)
+    """The member's coupons (its q:<coupon id> fields)."""
     unindexed: set[int] = field(default_factory=set)
     """Open holds missing from the hold index (so the sweeper would never expire them)."""
     card_owners: dict[str, str | None] = field(default_factory=dict)
@@ -408,6 +412,8 @@ async def _postgres_sides(conn: Connection, accounts: list[str]) -> dict[str, _S
         sides[account].merges_in = history
     for account, states in (await foreign_refunds(conn, known)).items():
         sides[account].foreign_refunds = states
+    for account, coupons in (await account_coupons(conn, known)).items():
+        sides[account].coupons = coupons
     return sides
 
 
@@ -477,6 +483,7 @@ def _parse_account(
         rank_spend=account.rank_spend,
         rank_period=account.rank_period,
         visits=account.visits,
+        coupons=account.coupons,
     )
 
 
@@ -553,6 +560,11 @@ def _differences(account: str, rd: _Side | None, pg: _Side | None) -> Iterable[D
         r_v, p_v = rd.visits.get(key), pg.visits.get(key)
         if r_v != p_v:
             yield Difference(account, f"visit limit {key}", _count(r_v), _count(p_v))
+    # The member's coupons (q:<coupon id>): which the script lets the member use, and when.
+    for coupon in sorted(rd.coupons.keys() | pg.coupons.keys()):
+        r_q, p_q = rd.coupons.get(coupon), pg.coupons.get(coupon)
+        if r_q != p_q:
+            yield Difference(account, f"coupon {coupon}", _coupon(r_q), _coupon(p_q))
     # Accounts opened before the account hash kept the opening time have none in Redis.
     if rd.opened_ms is not None and rd.opened_ms != pg.opened_ms:
         yield Difference(
@@ -564,6 +576,11 @@ def _differences(account: str, rd: _Side | None, pg: _Side | None) -> Iterable[D
 
 def _count(value: int | None) -> str:
     return "absent" if value is None else str(value)
+
+
+def _coupon(coupon: codec.CouponEntry | None) -> str:
+    """A coupon as its q: field keeps it: <campaign>|<issued ms>|<valid-before ms>|<used ms>."""
+    return "absent" if coupon is None else codec.coupon_field(coupon)
 
 
 def _rank(side: _Side) -> str:

@@ -23,6 +23,9 @@ And ranks and visits: each member's rank, qualifying spend and rank period (rk, 
 limits (v:<key>), and the records' qualifying amounts and rank periods (qual, rp), which refunds
 read to lower the spend.
 
+And coupons: each member's coupons (q:<coupon id>, used or not), from the coupons table, and a
+merged member's coupons in its move record (the merges row's), which step 2 brings to the target.
+
 What PostgreSQL had not yet received when Redis was lost (the worker's lag, about a second of
 traffic) cannot come back; the tills' retries with the same request ids redo those requests.
 """
@@ -45,6 +48,7 @@ from pointauth.server.journal.status import stream_backlogs
 from pointauth.server.journal.writer import (
     ACCOUNT_MEMBER_COLUMNS,
     CARD_ROW_COLUMNS,
+    account_coupons,
     card_from_row,
     foreign_refunds,
     merge_histories,
@@ -142,6 +146,7 @@ async def rehydrate(
             cards = await conn.fetch(f"SELECT {CARD_ROW_COLUMNS} FROM cards WHERE account_id = ANY($1::text[])", ids)
             history = await merge_histories(conn, ids)
             foreign = await foreign_refunds(conn, ids)
+            coupons = await account_coupons(conn, ids)
             moves = await merge_moves(conn, [r["account_id"] for r in accounts if r["status"] == "M"])
             hashes = {
                 # x0: where the script's pruning of old transaction records resumes; the first
@@ -164,6 +169,7 @@ async def rehydrate(
                     rank_spend=r["rank_spend"],
                     rank_period=r["rank_period"],
                     visits=visits_from_row(r["visits"]),
+                    coupons=coupons.get(r["account_id"], {}),
                 )
                 for r in accounts
             }
@@ -205,6 +211,7 @@ async def rehydrate(
                         rule_counts=stored.rule_counts,
                         first_earn_ms=stored.first_earn_ms,
                         visits=stored.visits,
+                        coupons=stored.coupons,
                     )
                     # rk, rs and rp as the accounts row has them (rs is written with rk).
                     restored.rank_id, restored.rank_spend = stored.rank_id, stored.rank_spend
