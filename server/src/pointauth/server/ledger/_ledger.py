@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any, Literal, NamedTuple
 
+import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
@@ -653,7 +654,10 @@ class Ledger:
         args: dict[str, Any] = {"limit": limit}
         if after is not None:
             args["after"] = [codec.lot_score(after.expire_ms, after.kind), after.lot_id]
-        return await self._call("balance", account_id, _via(args, card))
+        result = await self._call("balance", account_id, _via(args, card))
+        page = result.page
+        lots = [codec.decode_lot(page[i].encode(), float(page[i + 1])) for i in range(0, len(page), 2)]
+        return msgspec.structs.replace(result, lots=lots, page=[])
 
     async def transaction(self, account_id: str, seq: int) -> TransactionRecord | None:
         raw = await self.redis.hget(self.keyspace.account(account_id).transactions, codec.record_field(seq))

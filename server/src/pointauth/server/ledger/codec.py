@@ -914,6 +914,9 @@ class OpResult(msgspec.Struct, frozen=True):
     """merge_out: the cards moved."""
     more: bool = False
     """balance: more lots follow the page."""
+    page: list[str] = []
+    """balance: the page's lots as the lots' set stores them: member, score, member, score...
+    (Ledger.balance turns them into `lots` with decode_lot)."""
     lines: list[EarnLineEntry] = []
     """earn under the rules: each rule's part; refund of one: the shares taken back."""
     rank: str = ""
