@@ -21,6 +21,7 @@ from hdrh.histogram import HdrHistogram
 
 from loadtest import earn_rules
 from loadtest.population import Population
+from pointauth.client import ClientTLS
 from pointauth.server.ops.seed_group import SeedGroup
 from pointauth.v1 import common_pb2, points_service_pb2_grpc
 from pointauth.v1 import points_service_pb2 as pb
@@ -58,6 +59,10 @@ class Step:
     channels: int = 4
     echo_payload: bytes = b""
     seed: int = 0
+    tls: ClientTLS | None = None
+    """None: plaintext."""
+    api_key: str = ""
+    """Sent on every call (TLS only)."""
 
 
 @dataclass
@@ -177,7 +182,12 @@ async def run_step(step: Step) -> StepResult:
     # A local subchannel pool gives each channel its own connection, so SO_REUSEPORT spreads
     # this process's load over the server processes.
     options = [("grpc.use_local_subchannel_pool", 1)]
-    channels = [grpc.aio.insecure_channel(step.target, options=options) for _ in range(max(1, step.channels))]
+    channels = [
+        grpc.aio.insecure_channel(step.target, options=options)
+        if step.tls is None
+        else grpc.aio.secure_channel(step.target, step.tls.channel_credentials(step.api_key), options=options)
+        for _ in range(max(1, step.channels))
+    ]
     try:
         await asyncio.gather(*(channel.channel_ready() for channel in channels))
         op = _Scenarios(channels, step).op()

@@ -20,6 +20,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -28,7 +29,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from locust import User, between, events, task
 from locust.env import Environment
 
-from pointauth.client import error_from_rpc
+from pointauth.client import ClientTLS, error_from_rpc
 from pointauth.server.ops.seed_group import SeedGroup
 from pointauth.v1 import common_pb2, points_service_pb2_grpc
 from pointauth.v1 import points_service_pb2 as pb
@@ -60,6 +61,14 @@ def _arguments(parser: Any) -> None:
     parser.add_argument("--companies", type=int, env_var="POINTAUTH_COMPANIES", default=defaults.companies)
     parser.add_argument("--stores", type=int, env_var="POINTAUTH_STORES", default=defaults.stores)
     parser.add_argument("--terminals", type=int, env_var="POINTAUTH_TERMINALS", default=defaults.terminals)
+    # TLS when a CA is given (a client certificate too for mTLS); the key from a file, never argv.
+    # (Locust's own --tls-cert/--tls-key are its web UI's.)
+    parser.add_argument("--pointauth-ca", env_var="POINTAUTH_CA_FILE", default="", help="server CA (PEM): use TLS")
+    parser.add_argument("--pointauth-cert", env_var="POINTAUTH_CERT_FILE", default="", help="client certificate (mTLS)")
+    parser.add_argument("--pointauth-key", env_var="POINTAUTH_KEY_FILE", default="", help="client certificate's key")
+    parser.add_argument(
+        "--pointauth-api-key-file", env_var="POINTAUTH_API_KEY_FILE", default="", help="file holding an API key"
+    )
 
 
 _listen: Callable[[Callable[[Any], None]], object] = events.init_command_line_parser.add_listener
@@ -129,6 +138,15 @@ class LocustInterceptor(grpc.UnaryUnaryClientInterceptor):
         return response
 
 
+def _channel(target: str, options: Any) -> grpc.Channel:
+    if options is None or not options.pointauth_ca:
+        return grpc.insecure_channel(target)
+    tls = ClientTLS.from_files(options.pointauth_ca, options.pointauth_cert or None, options.pointauth_key or None)
+    key_file = options.pointauth_api_key_file
+    api_key = Path(key_file).read_text().strip() if key_file else None
+    return grpc.secure_channel(target, tls.channel_credentials(api_key))
+
+
 class PointauthUser(User):
     """A gRPC user on the SDK's stubs; `host` is host:port (no scheme)."""
 
@@ -141,7 +159,9 @@ class PointauthUser(User):
         target = self.host.split("://", 1)[-1]
         self.members = Members.from_options(environment.parsed_options)
         self.rng = random.Random()
-        self._channel = grpc.intercept_channel(grpc.insecure_channel(target), LocustInterceptor(environment))
+        self._channel = grpc.intercept_channel(
+            _channel(target, environment.parsed_options), LocustInterceptor(environment)
+        )
         self.points = points_service_pb2_grpc.PointsServiceStub(self._channel)
 
     def on_stop(self) -> None:

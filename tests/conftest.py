@@ -18,7 +18,15 @@ from redis.asyncio import Redis
 from pointauth.client import Channel, PointOfSale, PointsClient
 from pointauth.server.app import PointauthServer
 from pointauth.server.clock import ManualClock
-from pointauth.server.config import LedgerSettings, PostgresSettings, RedisSettings, ServerSettings, Settings
+from pointauth.server.config import (
+    AuthSettings,
+    LedgerSettings,
+    PostgresSettings,
+    RedisSettings,
+    ServerSettings,
+    Settings,
+    TLSSettings,
+)
 from pointauth.server.devstack.stack import EmbeddedStack
 from pointauth.server.domain.group import Company, Entry, Refusal, Store, Terminal
 from pointauth.server.journal import migrate
@@ -72,11 +80,16 @@ def ledger(redis: Redis, clock: ManualClock, keyspace: Keyspace, ledger_settings
 
 @pytest.fixture
 def settings(stack: EmbeddedStack, ledger_settings: LedgerSettings) -> Settings:
+    """Plaintext and no auth: these tests are about what calls do, and their one client acts as
+    till and operator at once, which no credential may. Access control is tested over TLS and
+    mTLS in tests/api/test_access.py, with a server of its own (`secured_settings`)."""
     return Settings(
         server=ServerSettings(port=0, grace_seconds=2.0),
         redis=RedisSettings(url=stack.redis.url),
         postgres=PostgresSettings(dsn=stack.postgres.dsn),
         ledger=ledger_settings,
+        tls=TLSSettings(plaintext=True),
+        auth=AuthSettings(enabled=False),
     )
 
 
@@ -118,7 +131,7 @@ async def server(
 
 @pytest.fixture
 async def client(server: PointauthServer) -> AsyncIterator[PointsClient]:
-    async with PointsClient(f"127.0.0.1:{server.port}") as connected:
+    async with PointsClient(f"127.0.0.1:{server.port}", plaintext=True) as connected:
         yield connected
 
 

@@ -119,8 +119,17 @@ async def test_python_block_runs_against_a_server(block: Block, server: Pointaut
     assert README_ADDRESS in block.text, f"{block} does not use {README_ADDRESS}"
     code = block.text.replace(README_ADDRESS, f"127.0.0.1:{server.port}")
     # A subprocess, not exec(): the block runs its own event loop, and this server needs ours.
+    # This server is plaintext without auth, as README.md says to run `pointauth dev` for these
+    # examples (each acts as till and operator at once); the SDK reads POINTAUTH_PLAINTEXT.
+    env = {**os.environ, "POINTAUTH_PLAINTEXT": "1"}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", code, cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        sys.executable,
+        "-c",
+        code,
+        cwd=tmp_path,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
     assert proc.returncode == 0, f"{block}:\n{err.decode()}"

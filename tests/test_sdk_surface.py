@@ -18,6 +18,7 @@ def test_client_exports_exactly_its_public_names() -> None:
     assert set(pointauth.client.__all__) == public
     assert set(pointauth.client.__all__) == {
         "Channel",
+        "ClientTLS",
         "ConflictError",
         "ErrorReason",
         "InternalError",
@@ -25,11 +26,13 @@ def test_client_exports_exactly_its_public_names() -> None:
         "LotKind",
         "NotFoundError",
         "OverloadedError",
+        "PermissionDeniedError",
         "PointOfSale",
         "PointauthError",
         "PointsClient",
         "RefusedError",
         "RetryableError",
+        "UnauthenticatedError",
         "UnavailableError",
         "error_from_rpc",
         "new_request_id",

@@ -61,7 +61,7 @@ async def test_reflection_v1_is_served_beside_v1alpha(server: PointauthServer) -
 async def test_graceful_stop_reports_not_serving_and_finishes_in_flight_calls(
     server: PointauthServer, member: str, redis: Redis, keyspace: Keyspace
 ) -> None:
-    async with PointsClient(f"127.0.0.1:{server.port}") as client:
+    async with PointsClient(f"127.0.0.1:{server.port}", plaintext=True) as client:
         # Redis holds every write for a moment, so the calls are surely in flight when the stop begins.
         await redis.client_pause(700, all=False)
         in_flight = [asyncio.create_task(client.redeem_points(member, STORE, 1)) for _ in range(50)]
@@ -82,11 +82,14 @@ async def test_graceful_stop_reports_not_serving_and_finishes_in_flight_calls(
 def serve_env(stack: EmbeddedStack) -> dict[str, str]:
     env = dict(os.environ)
     env.update({"POINTAUTH__REDIS__URL": stack.redis.url, "POINTAUTH__LEDGER__SHARDS": "16"})
+    # What these tests check is the process's life, not its security (tests/api/test_access.py).
+    env.update({"POINTAUTH__TLS__PLAINTEXT": "true", "POINTAUTH__AUTH__ENABLED": "false"})
     return env
 
 
-def _wait_serving(port: int, proc: subprocess.Popen[bytes]) -> None:
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+def _wait_serving(port: int, proc: subprocess.Popen[bytes], tls: grpc.ChannelCredentials | None = None) -> None:
+    target = f"127.0.0.1:{port}"
+    with grpc.insecure_channel(target) if tls is None else grpc.secure_channel(target, tls) as channel:
         for _ in range(200):
             assert proc.poll() is None, "server exited while starting"
             try:
@@ -110,16 +113,18 @@ def _child_kind(pid: int) -> str:
 
 
 @contextlib.asynccontextmanager
-async def serving(env: dict[str, str], log: Path, *flags: str) -> AsyncIterator[tuple[int, subprocess.Popen[bytes]]]:
-    """`pointauth serve` as operators run it, on a free port, once it answers; killed at exit
-    if the test left it running."""
+async def serving(
+    env: dict[str, str], log: Path, *flags: str, tls: grpc.ChannelCredentials | None = None
+) -> AsyncIterator[tuple[int, subprocess.Popen[bytes]]]:
+    """`pointauth serve` as operators run it, on a free port, once it answers (its health, over
+    `tls` if given); killed at exit if the test left it running."""
     port = free_port()
     with log.open("wb") as out:
         proc = subprocess.Popen(  # noqa: ASYNC220 (started once, then awaited in threads)
             [PYTHON, "-m", "pointauth.server.cli", "serve", "--port", str(port), *flags], env=env, stderr=out
         )
     try:
-        await asyncio.to_thread(_wait_serving, port, proc)
+        await asyncio.to_thread(_wait_serving, port, proc, tls)
         yield port, proc
     finally:
         if proc.poll() is None:
@@ -132,7 +137,7 @@ async def test_serve_runs_workers_and_stops_on_sigterm(
     serve_env: dict[str, str], workers: int, client: PointsClient, member: str, tmp_path: Path
 ) -> None:
     async with serving(serve_env, tmp_path / "serve.log", "--workers", str(workers)) as (port, proc):
-        async with PointsClient(f"127.0.0.1:{port}") as remote:
+        async with PointsClient(f"127.0.0.1:{port}", plaintext=True) as remote:
             balances = await asyncio.gather(*(remote.get_balance(member) for _ in range(20)))
         assert {b.balance.available_points for b in balances} == {1000}
         pgrep = ["pgrep", "-P", str(proc.pid)]
@@ -153,7 +158,9 @@ async def test_sigterm_lets_a_burst_in_flight_finish_on_every_process(
         serving(env, tmp_path / "serve.log", "--workers", "2") as (port, proc),
         contextlib.AsyncExitStack() as tills_open,
     ):
-        tills = [await tills_open.enter_async_context(PointsClient(f"127.0.0.1:{port}")) for _ in range(8)]
+        tills = [
+            await tills_open.enter_async_context(PointsClient(f"127.0.0.1:{port}", plaintext=True)) for _ in range(8)
+        ]
         for till in tills:  # 8 connections over both processes
             await till.get_balance(member)
         # Writes wait 1.5 s: the 100 redeems are surely in flight when SIGTERM arrives.
@@ -177,7 +184,7 @@ async def test_a_second_sigterm_stops_at_once(
     try:
         async with (
             serving(env, tmp_path / "serve.log") as (port, proc),
-            PointsClient(f"127.0.0.1:{port}") as till,
+            PointsClient(f"127.0.0.1:{port}", plaintext=True) as till,
         ):
             await redis.client_pause(20_000, all=False)  # the drain would wait for this call
             stuck = asyncio.create_task(till.redeem_points(member, STORE, 1))

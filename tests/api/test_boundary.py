@@ -81,7 +81,7 @@ async def tuned(
     )
     async with (
         PointauthServer(tuned, clock, sweeper=False) as server,
-        PointsClient(f"127.0.0.1:{server.port}") as client,
+        PointsClient(f"127.0.0.1:{server.port}", plaintext=True) as client,
     ):
         yield client
 
@@ -165,7 +165,7 @@ class _Faulty:
 @pytest.fixture
 async def faulty_port() -> AsyncIterator[int]:
     faulty = _Faulty()
-    server = grpc.aio.server(interceptors=[ErrorBoundary(max_in_flight=10, retry_delay_ms=100)])
+    server = grpc.aio.server(interceptors=[ErrorBoundary(max_in_flight=10, retry_delay_ms=100, max_message_bytes=1024)])
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(method, request_deserializer=bytes, response_serializer=bytes)
         for name, method in (("Crash", faulty.crash), ("LoseRedis", faulty.lose_redis))

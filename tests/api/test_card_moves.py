@@ -42,7 +42,7 @@ async def test_a_card_moved_under_a_till_process_never_earns_on_the_wrong_accoun
     desk = client  # the service desk's server process moves the card
     async with (
         PointauthServer(settings, clock, sweeper=False) as till_process,
-        PointsClient(f"127.0.0.1:{till_process.port}") as till,
+        PointsClient(f"127.0.0.1:{till_process.port}", plaintext=True) as till,
     ):
         await desk.create_account("first", CARD)
         await desk.create_account("second", "4000000000000902")
@@ -107,7 +107,7 @@ async def test_a_blocked_card_stops_at_once_in_a_process_that_has_it_cached(
     await client.create_account("member-1", CARD)
     async with (
         PointauthServer(settings, clock, sweeper=False) as till_process,
-        PointsClient(f"127.0.0.1:{till_process.port}") as till,
+        PointsClient(f"127.0.0.1:{till_process.port}", plaintext=True) as till,
     ):
         assert (await till.earn_points(CARD, STORE, 1_000, at(clock.now_ms()))).earned_points == 10
         assert till_process.ledger._cards[CARD] == "member-1"

@@ -86,8 +86,9 @@ async def raw_call(server: PointauthServer, method: str, request: Message | byte
 
 
 async def test_registered_entries_are_listed_by_id(client: PointsClient) -> None:
-    company = await client.register_company("zeta", display_name="Zeta Mart")
+    company = await client.register_company("zeta", display_name="Zeta Mart", point_value=(50, 100))
     assert (company.company_id, company.display_name) == ("zeta", "Zeta Mart")
+    assert (company.point_value.yen, company.point_value.points) == (50, 100)
     store = await client.register_store("z-02", company_id="zeta", region_id="tohoku", display_name="Zeta Sendai")
     assert (store.store_id, store.company_id, store.region_id, store.display_name) == (
         "z-02", "zeta", "tohoku", "Zeta Sendai",
@@ -98,8 +99,8 @@ async def test_registered_entries_are_listed_by_id(client: PointsClient) -> None
     await client.register_terminal("z-01", "kiosk-1")
 
     companies = await client.list_companies()
-    assert [(c.company_id, c.display_name) for c in companies] == [
-        ("acme", "Acme Retail"), ("partner", "Partner Foods"), ("zeta", "Zeta Mart"),
+    assert [(c.company_id, c.display_name, c.point_value.yen, c.point_value.points) for c in companies] == [
+        ("acme", "Acme Retail", 1, 1), ("partner", "Partner Foods", 1, 1), ("zeta", "Zeta Mart", 50, 100),
     ]  # fmt: skip
     every = await client.list_stores()
     assert [(s.store_id, s.company_id, s.region_id) for s in every.stores] == [
@@ -248,6 +249,22 @@ BAD_INPUT = [
         "RegisterCompany",
         gpb.RegisterCompanyRequest(company=gpb.Company(company_id="c-1", display_name="x" * 201)),
         {"company.display_name"},
+    ),
+    (
+        "point value per 10 points, and negative",
+        "RegisterCompany",
+        gpb.RegisterCompanyRequest(
+            company=gpb.Company(company_id="c-1", point_value=gpb.PointValue(yen=-1, points=10))
+        ),
+        {"company.point_value.yen", "company.point_value.points"},
+    ),
+    (
+        "point value over a million yen",
+        "RegisterCompany",
+        gpb.RegisterCompanyRequest(
+            company=gpb.Company(company_id="c-1", point_value=gpb.PointValue(yen=1_000_001, points=1))
+        ),
+        {"company.point_value.yen"},
     ),
     (
         "store id, company and region bad",
@@ -450,7 +467,7 @@ async def test_with_checks_off_any_point_of_sale_is_accepted(
     unchecked = msgspec.structs.replace(settings, group=GroupSettings(check_points_of_sale=check))
     async with (
         PointauthServer(unchecked, clock, sweeper=False) as server,
-        PointsClient(f"127.0.0.1:{server.port}") as client,
+        PointsClient(f"127.0.0.1:{server.port}", plaintext=True) as client,
     ):
         await client.create_account("member-1", CARD)
         granted = await client.grant_points(CARD, 100, at(START_MS + DAY_MS), pos("nobody", "nowhere", "none-1"))
@@ -482,8 +499,8 @@ async def test_a_change_made_through_one_process_reaches_another_within_its_refr
     async with (
         PointauthServer(quick, clock, sweeper=False) as other,
         PointauthServer(slow, clock, sweeper=False) as stale,
-        PointsClient(f"127.0.0.1:{other.port}") as other_till,
-        PointsClient(f"127.0.0.1:{stale.port}") as stale_till,
+        PointsClient(f"127.0.0.1:{other.port}", plaintext=True) as other_till,
+        PointsClient(f"127.0.0.1:{stale.port}", plaintext=True) as stale_till,
     ):
         assert (await refusal(other_till.redeem_points(member, where, 1))).reason == "STORE_NOT_FOUND"
         await client.register_store("store-5", company_id="acme", region_id="kanto")
@@ -509,7 +526,7 @@ async def test_a_process_s_tills_use_its_copy_until_it_refreshes(
     where = pos("acme", "store-6", "till-1")
     async with (
         PointauthServer(slow, clock, sweeper=False) as stale,
-        PointsClient(f"127.0.0.1:{stale.port}") as stale_till,
+        PointsClient(f"127.0.0.1:{stale.port}", plaintext=True) as stale_till,
     ):
         await client.register_store("store-6", company_id="acme", region_id="kanto")
         await client.register_terminal("store-6", "till-1")

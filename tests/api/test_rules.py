@@ -250,7 +250,7 @@ async def test_a_rule_set_changed_while_tills_earn_applies_whole_to_each_earn(
     one = await publish(client, rates=[rpb.BaseRate(company_id="acme", points=1, per_amount=100)])
     async with (
         PointauthServer(settings, clock, sweeper=False) as other,
-        PointsClient(f"127.0.0.1:{other.port}") as till,
+        PointsClient(f"127.0.0.1:{other.port}", plaintext=True) as till,
     ):
         stop = asyncio.Event()
         answers: list[pb.EarnPointsResponse] = []

@@ -15,6 +15,7 @@ from pointauth.server.clock import ManualClock
 from pointauth.server.config import LedgerSettings, PostgresSettings, RedisSettings, Settings
 from pointauth.server.devstack.stack import EmbeddedStack
 from pointauth.server.domain.group import Company, Store, Terminal
+from pointauth.server.domain.settlement import PointValue
 from pointauth.server.journal.events import EntryId, StreamEntry
 from pointauth.server.journal.pg import connection
 from pointauth.server.journal.writer import JournalWriter
@@ -26,7 +27,7 @@ from tests.conftest import START_MS
 from tests.journal.support import DAY_MS, TILL, fingerprint, running_worker
 
 ENTRIES = (
-    Company("acme", "Acme Retail"),
+    Company("acme", "Acme Retail", PointValue(50, 100)),
     Store("store-7", "acme", "kanto", "Acme Ikebukuro"),
     Terminal("store-7", "till-3", "Till 3"),
     Terminal("store-7", "till-4"),
@@ -40,11 +41,12 @@ async def _register(store: DirectoryStore, *entries: Company | Store | Terminal)
 
 async def _tables(dsn: str) -> dict[str, list[tuple[Any, ...]]]:
     queries = {
-        "companies": "SELECT company_id, display_name, version, updated_at FROM companies ORDER BY 1",
+        "companies": "SELECT company_id, display_name, point_value_yen, point_value_points, version, updated_at"
+        " FROM companies ORDER BY 1",
         "stores": "SELECT store_id, company_id, region_id, display_name, version, updated_at FROM stores ORDER BY 1",
         "terminals": "SELECT store_id, terminal_id, display_name, version, updated_at FROM terminals ORDER BY 1, 2",
     }
-    columns = {"companies": 4, "stores": 6, "terminals": 5}
+    columns = {"companies": 6, "stores": 6, "terminals": 5}
     async with connection(dsn) as conn:
         return {
             table: [tuple(r[i] for i in range(columns[table])) for r in await conn.fetch(query)]
@@ -92,7 +94,7 @@ async def test_the_worker_copies_each_change_with_its_version_beside_the_events(
         assert (worker.applied_total, worker.directory_changes_applied) == (2, 5)
 
     assert await _tables(dsn) == {
-        "companies": [("acme", "Acme Retail", 1, _at(START_MS))],
+        "companies": [("acme", "Acme Retail", 50, 100, 1, _at(START_MS))],
         "stores": [("store-7", "acme", "kansai", "Acme Namba", 5, _at(START_MS + 60_000))],
         "terminals": [
             ("store-7", "till-3", "Till 3", 3, _at(START_MS)),
@@ -132,7 +134,7 @@ async def test_a_redelivered_or_late_change_never_undoes_a_newer_one(keyspace: K
         await writer.apply(conn, [], directory=[delivered(1, company), delivered(2, old), delivered(3, new)])
         await writer.apply(conn, [], directory=[delivered(2, old)])
     assert await _tables(dsn) == {
-        "companies": [("acme", "Acme", 1, _at(START_MS))],
+        "companies": [("acme", "Acme", 1, 1, 1, _at(START_MS))],
         "stores": [("store-1", "acme", "kanto", "new name", 3, _at(START_MS + 1000))],
         "terminals": [],
     }
@@ -178,10 +180,14 @@ async def test_reconcile_names_each_directory_entry_that_differs(
     )
     async with connection(dsn) as conn:
         await conn.execute("INSERT INTO companies VALUES ('ghost', 'Ghost Co', 9, now())")
+        await conn.execute("UPDATE companies SET point_value_yen = 1 WHERE company_id = 'acme'")
 
     report = await reconcile(redis, dsn, keyspace, settle_seconds=0)
     assert report.directory == [
-        DirectoryDifference("company ghost", "missing", "name 'Ghost Co'"),
+        DirectoryDifference(
+            "company acme", "name 'Acme Retail', 50 yen per 100 points", "name 'Acme Retail', 1 yen per 100 points"
+        ),
+        DirectoryDifference("company ghost", "missing", "name 'Ghost Co', 1 yen per point"),
         DirectoryDifference(
             "store store-7",
             "company acme, region kanto, name 'renamed'",
@@ -197,13 +203,15 @@ async def test_reconcile_names_each_directory_entry_that_differs(
     out = io.StringIO()
     assert await asyncio.to_thread(reconcile_command, settings, 0.0, out) == 1
     lines = out.getvalue().splitlines()
-    assert lines[:3] == [
-        "group directory: company ghost: Redis missing, PostgreSQL name 'Ghost Co'",
+    assert lines[:4] == [
+        "group directory: company acme: Redis name 'Acme Retail', 50 yen per 100 points, "
+        "PostgreSQL name 'Acme Retail', 1 yen per 100 points",
+        "group directory: company ghost: Redis missing, PostgreSQL name 'Ghost Co', 1 yen per point",
         "group directory: store store-7: Redis company acme, region kanto, name 'renamed', "
         "PostgreSQL company acme, region kanto, name 'Acme Ikebukuro'",
         "group directory: terminal store-7/till-4: Redis missing, PostgreSQL name ''",
     ]
-    assert lines[3].endswith("Redis and PostgreSQL DIFFER for 3 group directory entries")
+    assert lines[4].endswith("Redis and PostgreSQL DIFFER for 4 group directory entries")
 
 
 async def test_reconcile_waits_for_changes_on_their_way(

@@ -74,7 +74,7 @@ async def test_headless_run_moves_balances_without_failures(
     # The system clock, not the tests' manual one: the users stamp purchases with the real time.
     async with (
         PointauthServer(settings, sweeper=False) as server,
-        PointsClient(f"127.0.0.1:{server.port}") as client,
+        PointsClient(f"127.0.0.1:{server.port}", plaintext=True) as client,
     ):
         desk = PointOfSale(company_id="acme", store_id="hq", terminal_id="admin", channel=Channel.CHANNEL_STORE)
         # The desk's point of sale and the tills' (a small seeded group, as the run is told).

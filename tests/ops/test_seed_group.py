@@ -11,7 +11,15 @@ from redis.asyncio import Redis
 from pointauth.client import Channel, PointOfSale, PointsClient
 from pointauth.server.app import PointauthServer
 from pointauth.server.clock import ManualClock as Clock
-from pointauth.server.config import LedgerSettings, PostgresSettings, RedisSettings, ServerSettings, Settings
+from pointauth.server.config import (
+    AuthSettings,
+    LedgerSettings,
+    PostgresSettings,
+    RedisSettings,
+    ServerSettings,
+    Settings,
+    TLSSettings,
+)
 from pointauth.server.devstack.stack import EmbeddedStack
 from pointauth.server.domain.group import Company, Store, Terminal
 from pointauth.server.journal.pg import connection
@@ -55,6 +63,8 @@ async def test_seed_registers_the_group_in_both_stores_once(
         redis=RedisSettings(url=stack.redis.url),
         postgres=PostgresSettings(dsn=dsn),
         ledger=LedgerSettings(shards=16),
+        tls=TLSSettings(plaintext=True),
+        auth=AuthSettings(enabled=False),
     )
     group = SeedGroup(companies=3, stores=10, terminals=2)
     out = io.StringIO()
@@ -79,7 +89,7 @@ async def test_seed_registers_the_group_in_both_stores_once(
     # A server on the seeded data takes a seeded member's call at any seeded point of sale.
     async with (
         PointauthServer(settings, sweeper=False) as server,
-        PointsClient(f"127.0.0.1:{server.port}") as till,
+        PointsClient(f"127.0.0.1:{server.port}", plaintext=True) as till,
     ):
         for n in (0, 7, 19):
             company, store, terminal = group.point_of_sale(n)

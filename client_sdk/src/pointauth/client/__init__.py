@@ -7,17 +7,21 @@ from pointauth.client._errors import (
     InvalidArgumentError,
     NotFoundError,
     OverloadedError,
+    PermissionDeniedError,
     PointauthError,
     RefusedError,
     RetryableError,
+    UnauthenticatedError,
     UnavailableError,
     error_from_rpc,
 )
+from pointauth.client._security import ClientTLS
 from pointauth.v1.common_pb2 import Channel, LotKind, PointOfSale
 from pointauth.v1.error_reason_pb2 import ErrorReason
 
 __all__ = [
     "Channel",
+    "ClientTLS",
     "ConflictError",
     "ErrorReason",
     "InternalError",
@@ -25,11 +29,13 @@ __all__ = [
     "LotKind",
     "NotFoundError",
     "OverloadedError",
+    "PermissionDeniedError",
     "PointOfSale",
     "PointauthError",
     "PointsClient",
     "RefusedError",
     "RetryableError",
+    "UnauthenticatedError",
     "UnavailableError",
     "error_from_rpc",
     "new_request_id",

@@ -14,6 +14,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from pointauth.client._errors import error_from_rpc
+from pointauth.client._security import ClientTLS, security_from
 from pointauth.v1 import (
     admin_service_pb2 as admin_pb,
 )
@@ -24,6 +25,7 @@ from pointauth.v1 import (
     members_service_pb2_grpc,
     points_service_pb2_grpc,
     rules_service_pb2_grpc,
+    settlement_service_pb2_grpc,
 )
 from pointauth.v1 import (
     group_service_pb2 as group_pb,
@@ -36,6 +38,9 @@ from pointauth.v1 import (
 )
 from pointauth.v1 import (
     rules_service_pb2 as rules_pb,
+)
+from pointauth.v1 import (
+    settlement_service_pb2 as settlement_pb,
 )
 
 T = TypeVar("T")
@@ -67,24 +72,49 @@ class PointsClient:
     it once and answers as the first time. Registering a group entry is create-or-update by id
     (safe to repeat); publishing a rule set again makes another version with the same rules.
     Failures raise `PointauthError` subclasses with the server's reason and field violations.
+
+    Security: `tls` (the server's CA, and a client certificate for mTLS) and `api_key` (sent as
+    `authorization: Bearer <key>` on every call); `plaintext=True` for a server without TLS.
+    What they leave open comes from POINTAUTH_CA_FILE, POINTAUTH_CERT_FILE, POINTAUTH_KEY_FILE,
+    POINTAUTH_API_KEY(_FILE) and POINTAUTH_PLAINTEXT; with none of them, TLS against the system's
+    CAs. Ignored when a `channel` is given, except the API key.
     """
 
-    def __init__(self, target: str, *, timeout: float = 5.0, channel: grpc.aio.Channel | None = None) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = 5.0,
+        channel: grpc.aio.Channel | None = None,
+        tls: ClientTLS | None = None,
+        api_key: str | None = None,
+        plaintext: bool = False,
+    ) -> None:
         self._target = target
         self._timeout = timeout
         self._channel = channel
+        self._security = security_from(tls, api_key, plaintext)
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {self._security.api_key}"),) if self._security.api_key else ()
+        )
         self._state = _State.UNOPENED
 
     async def __aenter__(self) -> Self:
         if self._state is not _State.UNOPENED:
             raise RuntimeError("a PointsClient can be opened only once")
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self._target)
+            tls = self._security.tls
+            self._channel = (
+                grpc.aio.insecure_channel(self._target)
+                if tls is None
+                else grpc.aio.secure_channel(self._target, tls.channel_credentials())
+            )
         self._points = points_service_pb2_grpc.PointsServiceStub(self._channel)
         self._admin = admin_service_pb2_grpc.AdminServiceStub(self._channel)
         self._members = members_service_pb2_grpc.MembersServiceStub(self._channel)
         self._group = group_service_pb2_grpc.GroupServiceStub(self._channel)
         self._rules = rules_service_pb2_grpc.RulesServiceStub(self._channel)
+        self._settlement = settlement_service_pb2_grpc.SettlementServiceStub(self._channel)
         self._state = _State.OPENED
         return self
 
@@ -99,7 +129,7 @@ class PointsClient:
         if self._state is not _State.OPENED:
             raise RuntimeError("use the client inside `async with PointsClient(...)`")
         try:
-            return await call(request, timeout=self._timeout)
+            return await call(request, timeout=self._timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc.code(), exc.details() or "", exc.trailing_metadata()) from None
 
@@ -391,10 +421,15 @@ class PointsClient:
 
     # -- the group directory (GroupService): registering is create-or-update, safe to retry -----
 
-    async def register_company(self, company_id: str, *, display_name: str = "") -> group_pb.Company:
-        request = group_pb.RegisterCompanyRequest(
-            company=group_pb.Company(company_id=company_id, display_name=display_name)
-        )
+    async def register_company(
+        self, company_id: str, *, display_name: str = "", point_value: tuple[int, int] | None = None
+    ) -> group_pb.Company:
+        """`point_value`: (yen, per points: 1 or 100) one of its points is worth in settlement;
+        None: 1 yen per point."""
+        company = group_pb.Company(company_id=company_id, display_name=display_name)
+        if point_value is not None:
+            company.point_value.CopyFrom(group_pb.PointValue(yen=point_value[0], points=point_value[1]))
+        request = group_pb.RegisterCompanyRequest(company=company)
         return (await self._call(self._group.RegisterCompany, request)).company
 
     async def register_store(
@@ -429,3 +464,30 @@ class PointsClient:
     async def list_terminals(self, store_id: str) -> list[group_pb.Terminal]:
         response = await self._call(self._group.ListTerminals, group_pb.ListTerminalsRequest(store_id=store_id))
         return list(response.terminals)
+
+    async def settle(
+        self, period: str, *, close: bool = False, company_id: str = "", include_stores: bool = False
+    ) -> settlement_pb.Statement:
+        """The statement of a period (YYYY-MM) between group companies; with `close`, stored for
+        good (refused until every event of the period is in the journal)."""
+        request = settlement_pb.SettleRequest(
+            period=period, close=close, company_id=company_id, include_stores=include_stores
+        )
+        return (await self._call(self._settlement.Settle, request)).statement
+
+    async def get_statement(
+        self, period: str, *, company_id: str = "", include_stores: bool = False
+    ) -> settlement_pb.Statement:
+        """A closed period's statement."""
+        request = settlement_pb.GetStatementRequest(period=period, company_id=company_id, include_stores=include_stores)
+        return (await self._call(self._settlement.GetStatement, request)).statement
+
+    async def list_statements(self, company_id: str = "") -> list[settlement_pb.Statement]:
+        """The closed periods' headers, newest first."""
+        request = settlement_pb.ListStatementsRequest(company_id=company_id)
+        return list((await self._call(self._settlement.ListStatements, request)).statements)
+
+    async def export_statement(self, period: str, *, company_id: str = "") -> str:
+        """A closed period's statement as CSV."""
+        request = settlement_pb.ExportStatementRequest(period=period, company_id=company_id)
+        return (await self._call(self._settlement.ExportStatement, request)).csv

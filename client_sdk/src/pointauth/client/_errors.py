@@ -5,9 +5,12 @@ PointauthError                 any error answer (code, reason, message, metadata
 ├── NotFoundError              unknown card, hold or transaction
 ├── RefusedError               a business refusal (INSUFFICIENT_POINTS, HOLD_EXPIRED, ...)
 ├── ConflictError              ALREADY_EXISTS: request_id reused for other content, ...
+├── UnauthenticatedError       UNAUTHENTICATED: credentials missing, unknown or revoked
+├── PermissionDeniedError      PERMISSION_DENIED: the credential may not make this call
 ├── RetryableError             a retry with the same request_id can succeed; `retry_delay` (s)
 │   ├── UnavailableError       the server or its store (BACKEND_UNAVAILABLE) is unreachable
-│   └── OverloadedError        RESOURCE_EXHAUSTED (SERVER_OVERLOADED): the server shed the call
+│   └── OverloadedError        RESOURCE_EXHAUSTED: the server shed the call (SERVER_OVERLOADED), or
+│                              this credential's rate was exceeded (RATE_LIMITED)
 └── InternalError              a server fault; the server logged it
 """
 
@@ -65,6 +68,14 @@ class ConflictError(PointauthError):
     pass
 
 
+class UnauthenticatedError(PointauthError):
+    pass
+
+
+class PermissionDeniedError(PointauthError):
+    pass
+
+
 class RetryableError(PointauthError):
     pass
 
@@ -86,6 +97,8 @@ _CLASSES: dict[grpc.StatusCode, type[PointauthError]] = {
     grpc.StatusCode.NOT_FOUND: NotFoundError,
     grpc.StatusCode.FAILED_PRECONDITION: RefusedError,
     grpc.StatusCode.ALREADY_EXISTS: ConflictError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: OverloadedError,
     grpc.StatusCode.INTERNAL: InternalError,

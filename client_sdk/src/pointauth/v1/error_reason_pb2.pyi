@@ -30,6 +30,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """INVALID_ARGUMENT: the body is not a valid protobuf message of the method's request type
     (corrupt wire format, a string that is not UTF-8).
     """
+    REQUEST_TOO_LARGE: _ErrorReason.ValueType  # 3
+    """INVALID_ARGUMENT: the body is larger than the server accepts (metadata: max_bytes)."""
     CARD_NOT_FOUND: _ErrorReason.ValueType  # 10
     """NOT_FOUND: no account has this card."""
     ACCOUNT_NOT_FOUND: _ErrorReason.ValueType  # 11
@@ -107,6 +109,48 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """UNAVAILABLE: a store the server needs is unreachable; retry with the same request_id."""
     INTERNAL_ERROR: _ErrorReason.ValueType  # 52
     """INTERNAL: a fault in the server, logged there; the message says nothing more."""
+    RATE_LIMITED: _ErrorReason.ValueType  # 53
+    """RESOURCE_EXHAUSTED: this credential made more calls than its rate allows; retry after
+    RetryInfo's delay with the same request_id.
+    """
+    DEADLINE_PASSED: _ErrorReason.ValueType  # 54
+    """DEADLINE_EXCEEDED: the call's deadline had passed before the server could start it; nothing
+    was done.
+    """
+    CREDENTIALS_MISSING: _ErrorReason.ValueType  # 60
+    """UNAUTHENTICATED: the call carries no credentials: no `authorization: Bearer <key>` metadata,
+    and no client certificate (which counts only on a server that requires them, mTLS).
+    """
+    CREDENTIALS_INVALID: _ErrorReason.ValueType  # 61
+    """UNAUTHENTICATED: the API key, or the client certificate's identity, matches no credential."""
+    CREDENTIAL_REVOKED: _ErrorReason.ValueType  # 62
+    """UNAUTHENTICATED: the credential has been revoked."""
+    METHOD_NOT_ALLOWED: _ErrorReason.ValueType  # 63
+    """PERMISSION_DENIED: the credential's role (or partner scope) does not grant this RPC
+    (metadata: role, method). Decided before anything is looked up.
+    """
+    COMPANY_NOT_ALLOWED: _ErrorReason.ValueType  # 64
+    """PERMISSION_DENIED: the point of sale is of another company than the credential's
+    (metadata: field, company_id: the credential's).
+    """
+    PERIOD_NOT_ENDED: _ErrorReason.ValueType  # 70
+    """FAILED_PRECONDITION: the settlement period asked to be closed has not ended yet (metadata:
+    period, ends_at).
+    """
+    JOURNAL_BEHIND: _ErrorReason.ValueType  # 71
+    """UNAVAILABLE: the write-behind has not yet applied every event of the period to the journal
+    (metadata: period, unapplied: entries, streams); retry once it has caught up.
+    """
+    JOURNAL_HAS_DEAD_LETTERS: _ErrorReason.ValueType  # 72
+    """FAILED_PRECONDITION: events of the period are in dead_letters, so the journal lacks them
+    (metadata: period, dead_letters); resolve them first.
+    """
+    STATEMENT_DOES_NOT_TIE_OUT: _ErrorReason.ValueType  # 73
+    """FAILED_PRECONDITION: the period's point flows do not equal the journal's totals (metadata:
+    period, mismatches); nothing was closed.
+    """
+    STATEMENT_NOT_FOUND: _ErrorReason.ValueType  # 74
+    """NOT_FOUND: no statement of that period has been closed (metadata: period)."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists every reason pointauth puts in the `google.rpc.ErrorInfo` of an error
@@ -123,6 +167,8 @@ MALFORMED_REQUEST: ErrorReason.ValueType  # 2
 """INVALID_ARGUMENT: the body is not a valid protobuf message of the method's request type
 (corrupt wire format, a string that is not UTF-8).
 """
+REQUEST_TOO_LARGE: ErrorReason.ValueType  # 3
+"""INVALID_ARGUMENT: the body is larger than the server accepts (metadata: max_bytes)."""
 CARD_NOT_FOUND: ErrorReason.ValueType  # 10
 """NOT_FOUND: no account has this card."""
 ACCOUNT_NOT_FOUND: ErrorReason.ValueType  # 11
@@ -200,4 +246,46 @@ BACKEND_UNAVAILABLE: ErrorReason.ValueType  # 51
 """UNAVAILABLE: a store the server needs is unreachable; retry with the same request_id."""
 INTERNAL_ERROR: ErrorReason.ValueType  # 52
 """INTERNAL: a fault in the server, logged there; the message says nothing more."""
+RATE_LIMITED: ErrorReason.ValueType  # 53
+"""RESOURCE_EXHAUSTED: this credential made more calls than its rate allows; retry after
+RetryInfo's delay with the same request_id.
+"""
+DEADLINE_PASSED: ErrorReason.ValueType  # 54
+"""DEADLINE_EXCEEDED: the call's deadline had passed before the server could start it; nothing
+was done.
+"""
+CREDENTIALS_MISSING: ErrorReason.ValueType  # 60
+"""UNAUTHENTICATED: the call carries no credentials: no `authorization: Bearer <key>` metadata,
+and no client certificate (which counts only on a server that requires them, mTLS).
+"""
+CREDENTIALS_INVALID: ErrorReason.ValueType  # 61
+"""UNAUTHENTICATED: the API key, or the client certificate's identity, matches no credential."""
+CREDENTIAL_REVOKED: ErrorReason.ValueType  # 62
+"""UNAUTHENTICATED: the credential has been revoked."""
+METHOD_NOT_ALLOWED: ErrorReason.ValueType  # 63
+"""PERMISSION_DENIED: the credential's role (or partner scope) does not grant this RPC
+(metadata: role, method). Decided before anything is looked up.
+"""
+COMPANY_NOT_ALLOWED: ErrorReason.ValueType  # 64
+"""PERMISSION_DENIED: the point of sale is of another company than the credential's
+(metadata: field, company_id: the credential's).
+"""
+PERIOD_NOT_ENDED: ErrorReason.ValueType  # 70
+"""FAILED_PRECONDITION: the settlement period asked to be closed has not ended yet (metadata:
+period, ends_at).
+"""
+JOURNAL_BEHIND: ErrorReason.ValueType  # 71
+"""UNAVAILABLE: the write-behind has not yet applied every event of the period to the journal
+(metadata: period, unapplied: entries, streams); retry once it has caught up.
+"""
+JOURNAL_HAS_DEAD_LETTERS: ErrorReason.ValueType  # 72
+"""FAILED_PRECONDITION: events of the period are in dead_letters, so the journal lacks them
+(metadata: period, dead_letters); resolve them first.
+"""
+STATEMENT_DOES_NOT_TIE_OUT: ErrorReason.ValueType  # 73
+"""FAILED_PRECONDITION: the period's point flows do not equal the journal's totals (metadata:
+period, mismatches); nothing was closed.
+"""
+STATEMENT_NOT_FOUND: ErrorReason.ValueType  # 74
+"""NOT_FOUND: no statement of that period has been closed (metadata: period)."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

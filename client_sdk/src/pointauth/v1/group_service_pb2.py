@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n pointauth/v1/group_service.proto\x12\x0cpointauth.v1\"3\n\x07\x43ompany\x12\x12\n\ncompany_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\"V\n\x05Store\x12\x10\n\x08store_id\x18\x01 \x01(\t\x12\x12\n\ncompany_id\x18\x02 \x01(\t\x12\x11\n\tregion_id\x18\x03 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x04 \x01(\t\"G\n\x08Terminal\x12\x10\n\x08store_id\x18\x01 \x01(\t\x12\x13\n\x0bterminal_id\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\"@\n\x16RegisterCompanyRequest\x12&\n\x07\x63ompany\x18\x01 \x01(\x0b\x32\x15.pointauth.v1.Company\"A\n\x17RegisterCompanyResponse\x12&\n\x07\x63ompany\x18\x01 \x01(\x0b\x32\x15.pointauth.v1.Company\":\n\x14RegisterStoreRequest\x12\"\n\x05store\x18\x01 \x01(\x0b\x32\x13.pointauth.v1.Store\";\n\x15RegisterStoreResponse\x12\"\n\x05store\x18\x01 \x01(\x0b\x32\x13.pointauth.v1.Store\"C\n\x17RegisterTerminalRequest\x12(\n\x08terminal\x18\x01 \x01(\x0b\x32\x16.pointauth.v1.Terminal\"D\n\x18RegisterTerminalResponse\x12(\n\x08terminal\x18\x01 \x01(\x0b\x32\x16.pointauth.v1.Terminal\"\x16\n\x14ListCompaniesRequest\"A\n\x15ListCompaniesResponse\x12(\n\tcompanies\x18\x01 \x03(\x0b\x32\x15.pointauth.v1.Company\"N\n\x11ListStoresRequest\x12\x12\n\ncompany_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"R\n\x12ListStoresResponse\x12#\n\x06stores\x18\x01 \x03(\x0b\x32\x13.pointauth.v1.Store\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"(\n\x14ListTerminalsRequest\x12\x10\n\x08store_id\x18\x01 \x01(\t\"B\n\x15ListTerminalsResponse\x12)\n\tterminals\x18\x01 \x03(\x0b\x32\x16.pointauth.v1.Terminal2\xb0\x04\n\x0cGroupService\x12^\n\x0fRegisterCompany\x12$.pointauth.v1.RegisterCompanyRequest\x1a%.pointauth.v1.RegisterCompanyResponse\x12X\n\rRegisterStore\x12\".pointauth.v1.RegisterStoreRequest\x1a#.pointauth.v1.RegisterStoreResponse\x12\x61\n\x10RegisterTerminal\x12%.pointauth.v1.RegisterTerminalRequest\x1a&.pointauth.v1.RegisterTerminalResponse\x12X\n\rListCompanies\x12\".pointauth.v1.ListCompaniesRequest\x1a#.pointauth.v1.ListCompaniesResponse\x12O\n\nListStores\x12\x1f.pointauth.v1.ListStoresRequest\x1a .pointauth.v1.ListStoresResponse\x12X\n\rListTerminals\x12\".pointauth.v1.ListTerminalsRequest\x1a#.pointauth.v1.ListTerminalsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n pointauth/v1/group_service.proto\x12\x0cpointauth.v1\"b\n\x07\x43ompany\x12\x12\n\ncompany_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12-\n\x0bpoint_value\x18\x03 \x01(\x0b\x32\x18.pointauth.v1.PointValue\")\n\nPointValue\x12\x0b\n\x03yen\x18\x01 \x01(\x03\x12\x0e\n\x06points\x18\x02 \x01(\x03\"V\n\x05Store\x12\x10\n\x08store_id\x18\x01 \x01(\t\x12\x12\n\ncompany_id\x18\x02 \x01(\t\x12\x11\n\tregion_id\x18\x03 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x04 \x01(\t\"G\n\x08Terminal\x12\x10\n\x08store_id\x18\x01 \x01(\t\x12\x13\n\x0bterminal_id\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\"@\n\x16RegisterCompanyRequest\x12&\n\x07\x63ompany\x18\x01 \x01(\x0b\x32\x15.pointauth.v1.Company\"A\n\x17RegisterCompanyResponse\x12&\n\x07\x63ompany\x18\x01 \x01(\x0b\x32\x15.pointauth.v1.Company\":\n\x14RegisterStoreRequest\x12\"\n\x05store\x18\x01 \x01(\x0b\x32\x13.pointauth.v1.Store\";\n\x15RegisterStoreResponse\x12\"\n\x05store\x18\x01 \x01(\x0b\x32\x13.pointauth.v1.Store\"C\n\x17RegisterTerminalRequest\x12(\n\x08terminal\x18\x01 \x01(\x0b\x32\x16.pointauth.v1.Terminal\"D\n\x18RegisterTerminalResponse\x12(\n\x08terminal\x18\x01 \x01(\x0b\x32\x16.pointauth.v1.Terminal\"\x16\n\x14ListCompaniesRequest\"A\n\x15ListCompaniesResponse\x12(\n\tcompanies\x18\x01 \x03(\x0b\x32\x15.pointauth.v1.Company\"N\n\x11ListStoresRequest\x12\x12\n\ncompany_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"R\n\x12ListStoresResponse\x12#\n\x06stores\x18\x01 \x03(\x0b\x32\x13.pointauth.v1.Store\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"(\n\x14ListTerminalsRequest\x12\x10\n\x08store_id\x18\x01 \x01(\t\"B\n\x15ListTerminalsResponse\x12)\n\tterminals\x18\x01 \x03(\x0b\x32\x16.pointauth.v1.Terminal2\xb0\x04\n\x0cGroupService\x12^\n\x0fRegisterCompany\x12$.pointauth.v1.RegisterCompanyRequest\x1a%.pointauth.v1.RegisterCompanyResponse\x12X\n\rRegisterStore\x12\".pointauth.v1.RegisterStoreRequest\x1a#.pointauth.v1.RegisterStoreResponse\x12\x61\n\x10RegisterTerminal\x12%.pointauth.v1.RegisterTerminalRequest\x1a&.pointauth.v1.RegisterTerminalResponse\x12X\n\rListCompanies\x12\".pointauth.v1.ListCompaniesRequest\x1a#.pointauth.v1.ListCompaniesResponse\x12O\n\nListStores\x12\x1f.pointauth.v1.ListStoresRequest\x1a .pointauth.v1.ListStoresResponse\x12X\n\rListTerminals\x12\".pointauth.v1.ListTerminalsRequest\x1a#.pointauth.v1.ListTerminalsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,35 +32,37 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pointauth.v1.group_service_
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_COMPANY']._serialized_start=50
-  _globals['_COMPANY']._serialized_end=101
-  _globals['_STORE']._serialized_start=103
-  _globals['_STORE']._serialized_end=189
-  _globals['_TERMINAL']._serialized_start=191
-  _globals['_TERMINAL']._serialized_end=262
-  _globals['_REGISTERCOMPANYREQUEST']._serialized_start=264
-  _globals['_REGISTERCOMPANYREQUEST']._serialized_end=328
-  _globals['_REGISTERCOMPANYRESPONSE']._serialized_start=330
-  _globals['_REGISTERCOMPANYRESPONSE']._serialized_end=395
-  _globals['_REGISTERSTOREREQUEST']._serialized_start=397
-  _globals['_REGISTERSTOREREQUEST']._serialized_end=455
-  _globals['_REGISTERSTORERESPONSE']._serialized_start=457
-  _globals['_REGISTERSTORERESPONSE']._serialized_end=516
-  _globals['_REGISTERTERMINALREQUEST']._serialized_start=518
-  _globals['_REGISTERTERMINALREQUEST']._serialized_end=585
-  _globals['_REGISTERTERMINALRESPONSE']._serialized_start=587
-  _globals['_REGISTERTERMINALRESPONSE']._serialized_end=655
-  _globals['_LISTCOMPANIESREQUEST']._serialized_start=657
-  _globals['_LISTCOMPANIESREQUEST']._serialized_end=679
-  _globals['_LISTCOMPANIESRESPONSE']._serialized_start=681
-  _globals['_LISTCOMPANIESRESPONSE']._serialized_end=746
-  _globals['_LISTSTORESREQUEST']._serialized_start=748
-  _globals['_LISTSTORESREQUEST']._serialized_end=826
-  _globals['_LISTSTORESRESPONSE']._serialized_start=828
-  _globals['_LISTSTORESRESPONSE']._serialized_end=910
-  _globals['_LISTTERMINALSREQUEST']._serialized_start=912
-  _globals['_LISTTERMINALSREQUEST']._serialized_end=952
-  _globals['_LISTTERMINALSRESPONSE']._serialized_start=954
-  _globals['_LISTTERMINALSRESPONSE']._serialized_end=1020
-  _globals['_GROUPSERVICE']._serialized_start=1023
-  _globals['_GROUPSERVICE']._serialized_end=1583
+  _globals['_COMPANY']._serialized_end=148
+  _globals['_POINTVALUE']._serialized_start=150
+  _globals['_POINTVALUE']._serialized_end=191
+  _globals['_STORE']._serialized_start=193
+  _globals['_STORE']._serialized_end=279
+  _globals['_TERMINAL']._serialized_start=281
+  _globals['_TERMINAL']._serialized_end=352
+  _globals['_REGISTERCOMPANYREQUEST']._serialized_start=354
+  _globals['_REGISTERCOMPANYREQUEST']._serialized_end=418
+  _globals['_REGISTERCOMPANYRESPONSE']._serialized_start=420
+  _globals['_REGISTERCOMPANYRESPONSE']._serialized_end=485
+  _globals['_REGISTERSTOREREQUEST']._serialized_start=487
+  _globals['_REGISTERSTOREREQUEST']._serialized_end=545
+  _globals['_REGISTERSTORERESPONSE']._serialized_start=547
+  _globals['_REGISTERSTORERESPONSE']._serialized_end=606
+  _globals['_REGISTERTERMINALREQUEST']._serialized_start=608
+  _globals['_REGISTERTERMINALREQUEST']._serialized_end=675
+  _globals['_REGISTERTERMINALRESPONSE']._serialized_start=677
+  _globals['_REGISTERTERMINALRESPONSE']._serialized_end=745
+  _globals['_LISTCOMPANIESREQUEST']._serialized_start=747
+  _globals['_LISTCOMPANIESREQUEST']._serialized_end=769
+  _globals['_LISTCOMPANIESRESPONSE']._serialized_start=771
+  _globals['_LISTCOMPANIESRESPONSE']._serialized_end=836
+  _globals['_LISTSTORESREQUEST']._serialized_start=838
+  _globals['_LISTSTORESREQUEST']._serialized_end=916
+  _globals['_LISTSTORESRESPONSE']._serialized_start=918
+  _globals['_LISTSTORESRESPONSE']._serialized_end=1000
+  _globals['_LISTTERMINALSREQUEST']._serialized_start=1002
+  _globals['_LISTTERMINALSREQUEST']._serialized_end=1042
+  _globals['_LISTTERMINALSRESPONSE']._serialized_start=1044
+  _globals['_LISTTERMINALSRESPONSE']._serialized_end=1110
+  _globals['_GROUPSERVICE']._serialized_start=1113
+  _globals['_GROUPSERVICE']._serialized_end=1673
 # @@protoc_insertion_point(module_scope)

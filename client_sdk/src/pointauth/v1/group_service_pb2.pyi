@@ -26,23 +26,57 @@ class Company(_message.Message):
 
     COMPANY_ID_FIELD_NUMBER: _builtins.int
     DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    POINT_VALUE_FIELD_NUMBER: _builtins.int
     company_id: _builtins.str
     """The company's id (PointOfSale.company_id)."""
     display_name: _builtins.str
     """Its name, for reports: up to 200 characters."""
+    @_builtins.property
+    def point_value(self) -> Global___PointValue:
+        """What one of its points is worth when it pays another company for it (settlement). Unset:
+        1 yen per point. A change applies to statements closed after it.
+        """
+
     def __init__(
         self,
         *,
         company_id: _builtins.str = ...,
         display_name: _builtins.str = ...,
+        point_value: Global___PointValue | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["point_value", b"point_value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["company_id", b"company_id", "display_name", b"display_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["company_id", b"company_id", "display_name", b"display_name", "point_value", b"point_value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Company: _TypeAlias = Company  # noqa: Y015
+
+@_typing.final
+class PointValue(_message.Message):
+    """PointValue is `yen` yen per `points` points."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    YEN_FIELD_NUMBER: _builtins.int
+    POINTS_FIELD_NUMBER: _builtins.int
+    yen: _builtins.int
+    """Whole yen, 0 to 1,000,000."""
+    points: _builtins.int
+    """1 (yen per point) or 100 (yen per 100 points)."""
+    def __init__(
+        self,
+        *,
+        yen: _builtins.int = ...,
+        points: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["points", b"points", "yen", b"yen"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PointValue: _TypeAlias = PointValue  # noqa: Y015
 
 @_typing.final
 class Store(_message.Message):

@@ -86,7 +86,7 @@ class GroupServiceServicer:
     """
 
     def RegisterCompany(self, request, context):
-        """RegisterCompany creates a company or updates its name.
+        """RegisterCompany creates a company or updates its name and point value.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

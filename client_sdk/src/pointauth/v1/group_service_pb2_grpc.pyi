@@ -42,7 +42,7 @@ class GroupServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> GroupServiceAsyncStub: ...
     RegisterCompany: _grpc.UnaryUnaryMultiCallable[_group_service_pb2.RegisterCompanyRequest, _group_service_pb2.RegisterCompanyResponse]
-    """RegisterCompany creates a company or updates its name."""
+    """RegisterCompany creates a company or updates its name and point value."""
     RegisterStore: _grpc.UnaryUnaryMultiCallable[_group_service_pb2.RegisterStoreRequest, _group_service_pb2.RegisterStoreResponse]
     """RegisterStore creates a store of a registered company or updates its name and region.
     A store never changes company (settlement history depends on it).
@@ -72,7 +72,7 @@ class GroupServiceAsyncStub(GroupServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     RegisterCompany: _aio.UnaryUnaryMultiCallable[_group_service_pb2.RegisterCompanyRequest, _group_service_pb2.RegisterCompanyResponse]  # type: ignore[assignment]
-    """RegisterCompany creates a company or updates its name."""
+    """RegisterCompany creates a company or updates its name and point value."""
     RegisterStore: _aio.UnaryUnaryMultiCallable[_group_service_pb2.RegisterStoreRequest, _group_service_pb2.RegisterStoreResponse]  # type: ignore[assignment]
     """RegisterStore creates a store of a registered company or updates its name and region.
     A store never changes company (settlement history depends on it).
@@ -105,7 +105,7 @@ class GroupServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _group_service_pb2.RegisterCompanyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_group_service_pb2.RegisterCompanyResponse, _abc.Awaitable[_group_service_pb2.RegisterCompanyResponse]]:
-        """RegisterCompany creates a company or updates its name."""
+        """RegisterCompany creates a company or updates its name and point value."""
 
     @_abc_1.abstractmethod
     def RegisterStore(

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from pathlib import Path
 from types import TracebackType
 from typing import Self
 
@@ -14,14 +15,18 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from pointauth.server.api.access import AccessGuard
 from pointauth.server.api.admin import AdminServicer
 from pointauth.server.api.boundary import ErrorBoundary
+from pointauth.server.api.credentials import CredentialStore
 from pointauth.server.api.group import GroupServicer
 from pointauth.server.api.members import MembersServicer
 from pointauth.server.api.points import PointsServicer
 from pointauth.server.api.rules import RulesServicer
+from pointauth.server.api.settlement import SettlementServicer
 from pointauth.server.clock import Clock, SystemClock
-from pointauth.server.config import Settings
+from pointauth.server.config import ConfigError, Settings
+from pointauth.server.domain.credentials import CredentialsError
 from pointauth.server.ledger import Keyspace, Ledger, connect
 from pointauth.server.ledger.directory import DirectoryStore
 from pointauth.server.ledger.pipeline import TickPipeline
@@ -32,6 +37,8 @@ from pointauth.server.services.directory import DirectoryService
 from pointauth.server.services.members import MembersService
 from pointauth.server.services.points import PointsService
 from pointauth.server.services.rules import RulesService
+from pointauth.server.services.settlement import SettlementService
+from pointauth.server.transport import check_security, server_credentials
 from pointauth.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
@@ -43,6 +50,8 @@ from pointauth.v1 import (
     points_service_pb2_grpc,
     rules_service_pb2,
     rules_service_pb2_grpc,
+    settlement_service_pb2,
+    settlement_service_pb2_grpc,
 )
 
 log = logging.getLogger(__name__)
@@ -57,6 +66,7 @@ SERVICE_NAMES = (
     members_service_pb2.DESCRIPTOR.services_by_name["MembersService"].full_name,
     group_service_pb2.DESCRIPTOR.services_by_name["GroupService"].full_name,
     rules_service_pb2.DESCRIPTOR.services_by_name["RulesService"].full_name,
+    settlement_service_pb2.DESCRIPTOR.services_by_name["SettlementService"].full_name,
 )
 
 
@@ -90,15 +100,20 @@ class PointauthServer:
         self.points = PointsService(self.ledger, policy, self.clock, self.directory, self.rules)
         self.accounts = AccountsService(self.ledger, self.points)
         self.members = MembersService(self.ledger, self.directory)
+        self.settlement = SettlementService(
+            settings.postgres.dsn, self.redis, self.ledger.keyspace, self.clock, settings.earn.timezone
+        )
         self.health = health.aio.HealthServicer()
         self._reuse_port = reuse_port
         self._run_sweeper = sweeper
         self._sweeper: asyncio.Task[None] | None = None
         self.server: grpc.aio.Server | None = None
+        self.credentials: CredentialStore | None = None
         self.port = 0
         self._stopped = False
 
     async def start(self) -> None:
+        check_security(self.settings)
         await self.redis.ping()
         # Loaded before serving, so that a Redis without Functions stops the start and the
         # first calls need no reload; several processes starting at once all succeed.
@@ -113,13 +128,37 @@ class PointauthServer:
         self.boundary = ErrorBoundary(
             max_in_flight=self.settings.server.max_in_flight,
             retry_delay_ms=self.settings.server.overload_retry_ms,
+            max_message_bytes=self.settings.server.max_message_bytes,
         )
+        # The access guard goes first (outermost): a caller without credentials learns nothing,
+        # not even whether its body parsed, and is refused before it counts as in flight.
+        interceptors: list[grpc.aio.ServerInterceptor] = [self.boundary]
+        if self.settings.auth.enabled:
+            self.credentials = CredentialStore(
+                Path(self.settings.auth.credentials_file), self.settings.auth.reload_seconds
+            )
+            try:
+                await self.credentials.start()
+            except CredentialsError as exc:
+                raise ConfigError(f"auth.credentials_file: {exc}") from exc
+            interceptors.insert(
+                0,
+                AccessGuard(
+                    self.credentials,
+                    mtls=bool(self.settings.tls.client_ca_file),
+                    rate_per_second=self.settings.auth.rate_per_second,
+                    burst=self.settings.auth.burst,
+                ),
+            )
         server = grpc.aio.server(
-            interceptors=[self.boundary],
+            interceptors=interceptors,
             options=[
                 # Several processes share the port only when asked; otherwise a busy port is an error.
                 ("grpc.so_reuseport", 1 if self._reuse_port else 0),
                 ("grpc.max_concurrent_streams", 1000),
+                # Bodies up to 4x the limit reach the boundary, which refuses them with an
+                # ErrorInfo; beyond that gRPC drops them before reading them in full.
+                ("grpc.max_receive_message_length", 4 * self.settings.server.max_message_bytes),
             ],
         )
         points_service_pb2_grpc.add_PointsServiceServicer_to_server(
@@ -129,17 +168,28 @@ class PointauthServer:
         members_service_pb2_grpc.add_MembersServiceServicer_to_server(MembersServicer(self.members), server)
         group_service_pb2_grpc.add_GroupServiceServicer_to_server(GroupServicer(self.directory), server)
         rules_service_pb2_grpc.add_RulesServiceServicer_to_server(RulesServicer(self.rules), server)
+        settlement_service_pb2_grpc.add_SettlementServiceServicer_to_server(SettlementServicer(self.settlement), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         _serve_reflection(server)
         address = f"{self.settings.server.host}:{self.settings.server.port}"
-        self.port = server.add_insecure_port(address)
+        credentials = server_credentials(self.settings.tls)
+        if credentials is None:
+            self.port = server.add_insecure_port(address)
+        else:
+            self.port = server.add_secure_port(address, credentials)
         await server.start()
         self.server = server
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self._run_sweeper:
             self._sweeper = asyncio.create_task(self._sweep_forever())
-        log.info("pointauth listening on %s:%d", self.settings.server.host, self.port)
+        log.info(
+            "pointauth listening on %s:%d (%s, auth %s)",
+            self.settings.server.host,
+            self.port,
+            "plaintext" if credentials is None else "mTLS" if self.settings.tls.client_ca_file else "TLS",
+            "on" if self.credentials is not None else "off",
+        )
 
     async def _sweep_forever(self) -> None:
         """Releases holds nobody touches after their TTL (reads already see them as expired), and
@@ -172,6 +222,8 @@ class PointauthServer:
             await self.server.stop(self.settings.server.grace_seconds if grace is None else grace)
         await self.directory.stop()
         await self.rules.stop()
+        if self.credentials is not None:
+            await self.credentials.stop()
         await self.redis.aclose()
 
     async def wait(self) -> None:

@@ -20,16 +20,18 @@ Redis and PostgreSQL agree, and the latest events journaled in PostgreSQL:
   uv run pointauth --config {config} reconcile
   {psql} {pg_dsn} -c 'SELECT event_id, type, points, store_id FROM journal ORDER BY event_time DESC LIMIT 10'
 
+{security}
+
 Try it with buf curl (server reflection is on):
-  uv run buf curl --protocol grpc --http2-prior-knowledge -d '{{"card_number": "{card}"}}' \\
-    http://{address}/pointauth.v1.PointsService/GetBalance
-  uv run buf curl --protocol grpc --http2-prior-knowledge -d '{{"request_id": "'$(cat /proc/sys/kernel/random/uuid)'",
+  uv run buf curl --protocol grpc {tls_flags} -d '{{"card_number": "{card}"}}' \\
+    {scheme}://{address}/pointauth.v1.PointsService/GetBalance
+  uv run buf curl --protocol grpc {tls_flags} -d '{{"request_id": "'$(cat /proc/sys/kernel/random/uuid)'",
     "card_number": "{card}", "points": 100, "point_of_sale": {{"company_id": "demo-retail",
     "store_id": "store-001", "terminal_id": "till-1", "channel": "CHANNEL_STORE"}}}}' \\
-    http://{address}/pointauth.v1.PointsService/AuthorizeHold
+    {scheme}://{address}/pointauth.v1.PointsService/AuthorizeHold
 
 Or from Python with the SDK (client_sdk/examples/get_balance.py):
-  uv run python client_sdk/examples/get_balance.py {address} {card}
+  uv run python client_sdk/examples/get_balance.py {sdk_flags} {address} {card}
 
 Demo cards: {cards}. Ctrl-C stops everything (data stays in {data_dir}).
 """
@@ -108,12 +110,48 @@ def _cmd_ranks_review(args: argparse.Namespace) -> int:
     return ranks_review_command(_settings(args))
 
 
+def _cmd_credentials_issue(args: argparse.Namespace) -> int:
+    from pointauth.server.ops.credentials import issue_command
+
+    return issue_command(
+        _settings(args),
+        args.id,
+        args.role,
+        company=args.company,
+        scope=args.scope,
+        certificate=args.certificate,
+        rate_per_second=args.rate_per_second,
+    )
+
+
+def _cmd_credentials_revoke(args: argparse.Namespace) -> int:
+    from pointauth.server.ops.credentials import revoke_command
+
+    return revoke_command(_settings(args), args.id)
+
+
+def _cmd_credentials_list(args: argparse.Namespace) -> int:
+    from pointauth.server.ops.credentials import list_command
+
+    return list_command(_settings(args))
+
+
 def _cmd_seed(args: argparse.Namespace) -> int:
     from pointauth.server.ops.seed import seed_command
     from pointauth.server.ops.seed_group import SeedGroup
 
     group = SeedGroup(companies=args.companies, stores=args.stores, terminals=args.terminals)
     return seed_command(_settings(args), args.accounts, group=group)
+
+
+def _cmd_settle(args: argparse.Namespace) -> int:
+    from pointauth.server.ops.settle import settle_command
+
+    if not args.list and not args.period:
+        print("pointauth settle: give --period YYYY-MM (or --list)", file=sys.stderr)
+        return 2
+    options = {"close": args.close, "listing": args.list, "company": args.company or "", "stores": args.stores}
+    return settle_command(_settings(args), args.period or "", csv_path=args.csv, **options)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,6 +196,37 @@ def build_parser() -> argparse.ArgumentParser:
     ranks.add_parser(
         "review", help="the rank period's review of every account (downgrades per the rank program)"
     ).set_defaults(func=_cmd_ranks_review)
+
+    settle = sub.add_parser(
+        "settle", help="settlement between group companies: a period's statement; --close stores it for good"
+    )
+    settle.add_argument("--period", help="the month, YYYY-MM, in the program's time zone (earn.timezone)")
+    settle.add_argument("--close", action="store_true", help="close the period: store its statement for good")
+    settle.add_argument("--list", action="store_true", help="list the closed periods")
+    settle.add_argument("--company", help="only the lines naming this company")
+    settle.add_argument("--stores", action="store_true", help="also the per-store lines of the using side")
+    settle.add_argument("--csv", metavar="FILE", help="write the statement as CSV to FILE ('-': standard output)")
+    settle.set_defaults(func=_cmd_settle)
+
+    credentials = sub.add_parser(
+        "credentials", help="who may call the server: auth.credentials_file, re-read by running servers"
+    ).add_subparsers(dest="credentials_command", required=True)
+    issue = credentials.add_parser("issue", help="add a credential; prints its API key once")
+    issue.add_argument("id", help="the credential's id (never reused)")
+    issue.add_argument("--role", required=True, choices=["till", "kiosk", "partner", "operator", "auditor"])
+    issue.add_argument("--company", default="", help="its points of sale must be this company's (tills: required)")
+    issue.add_argument(
+        "--scope", nargs="+", default=[], metavar="RPC", help="partner: the RPCs it may call (PointsService/GetBalance)"
+    )
+    issue.add_argument(
+        "--certificate", default="", help="identify it by this mTLS client certificate identity instead of a key"
+    )
+    issue.add_argument("--rate-per-second", type=int, default=0, help="its own rate limit (0: auth.rate_per_second)")
+    issue.set_defaults(func=_cmd_credentials_issue)
+    revoke = credentials.add_parser("revoke", help="refuse a credential from now on (within auth.reload_seconds)")
+    revoke.add_argument("id")
+    revoke.set_defaults(func=_cmd_credentials_revoke)
+    credentials.add_parser("list", help="the credentials, without secrets").set_defaults(func=_cmd_credentials_list)
 
     seed = sub.add_parser("seed", help="bulk-load a load-test population into Redis and PostgreSQL")
     seed.add_argument("--accounts", type=int, required=True, help="accounts a00000000 .. (N-1)")

@@ -45,6 +45,10 @@ class ServerSettings(_Section):
     (SERVER_OVERLOADED) and a retry delay, instead of queueing past any till's deadline."""
     overload_retry_ms: Positive = 200
     """Retry delay suggested to callers refused for overload or an unavailable store."""
+    max_message_bytes: Annotated[int, Meta(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
+    """Largest request body a call may carry; larger ones are refused (INVALID_ARGUMENT,
+    REQUEST_TOO_LARGE) before they are parsed. gRPC itself drops bodies past 4 times this
+    before reading them in full (RESOURCE_EXHAUSTED, without ErrorInfo)."""
 
 
 class RedisSettings(_Section):
@@ -158,6 +162,43 @@ class RulesSettings(_Section):
     and so how long a publication made through another process takes to apply here."""
 
 
+class TLSSettings(_Section):
+    """Encryption of the gRPC port. Paths name PEM files (readable by the server alone for the
+    key); the server reads them at start and logs their paths, never their contents."""
+
+    cert_file: str = ""
+    """The server's certificate chain."""
+    key_file: str = ""
+    """The server certificate's private key."""
+    client_ca_file: str = ""
+    """mTLS: CA certificates that sign client certificates. When set, every client must present
+    a certificate signed by one of them, and a credential may name its identity (`auth`)."""
+    plaintext: bool = False
+    """Serve without TLS (a closed test machine, or TLS ended by a proxy on the same host). The
+    server refuses to start with neither this nor cert_file and key_file."""
+
+
+class AuthSettings(_Section):
+    """Who may call what: every call is authenticated against the credentials file and checked
+    against its role (see api/permissions.py)."""
+
+    enabled: bool = True
+    """false: every caller may call every RPC without credentials (tests, benchmarks on a
+    closed machine); never for a port others can reach."""
+    credentials_file: str = ""
+    """The credentials (TOML, `pointauth credentials issue|revoke` edit it): id, role,
+    company, scope, an API key's SHA-256 or a certificate identity, revoked. Re-read when it
+    changes, so credentials are added and revoked without a restart."""
+    reload_seconds: Seconds = 2.0
+    """How often each server process looks at the credentials file's modification time (a
+    revocation takes effect within this)."""
+    rate_per_second: Positive = 500
+    """Calls a credential may make per second in each server process, unless its entry says
+    otherwise; more are refused with RESOURCE_EXHAUSTED (RATE_LIMITED) and a retry delay."""
+    burst: Positive = 1000
+    """Calls a credential may make at once after being idle (the token bucket's size)."""
+
+
 class Settings(_Section):
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     redis: RedisSettings = msgspec.field(default_factory=RedisSettings)
@@ -167,6 +208,8 @@ class Settings(_Section):
     earn: EarnSettings = msgspec.field(default_factory=EarnSettings)
     group: GroupSettings = msgspec.field(default_factory=GroupSettings)
     rules: RulesSettings = msgspec.field(default_factory=RulesSettings)
+    tls: TLSSettings = msgspec.field(default_factory=TLSSettings)
+    auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
 
 
 def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import uvloop
 from pointauth.server.app import PointauthServer
 from pointauth.server.config import Settings
 from pointauth.server.signals import STOP_SIGNALS, on_stop_signals
+from pointauth.server.transport import check_security
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ def _worker_main(settings: Settings, index: int) -> None:
 
 
 def serve(settings: Settings) -> int:
+    check_security(settings)  # before any process starts: the field is named once, not per process
     workers = settings.server.workers
     if workers == 1:
         uvloop.run(serve_until_signalled(settings, reuse_port=False, sweeper=True))

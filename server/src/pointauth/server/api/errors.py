@@ -81,6 +81,23 @@ def malformed_request() -> ApiError:
     )
 
 
+def request_too_large(max_bytes: int) -> ApiError:
+    return ApiError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ErrorReason.REQUEST_TOO_LARGE,
+        f"the request body is larger than the server accepts ({max_bytes} bytes)",
+        {"max_bytes": str(max_bytes)},
+    )
+
+
+def deadline_passed() -> ApiError:
+    return ApiError(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        ErrorReason.DEADLINE_PASSED,
+        "the call's deadline passed before the server could start it; nothing was done",
+    )
+
+
 def overloaded(what: str, retry_delay_ms: int) -> ApiError:
     return ApiError(
         grpc.StatusCode.RESOURCE_EXHAUSTED,

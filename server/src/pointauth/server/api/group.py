@@ -12,6 +12,7 @@ import msgspec
 from pointauth.server.api.validation import Violations
 from pointauth.server.domain import ids
 from pointauth.server.domain.group import MAX_DISPLAY_NAME, Company, Store, Terminal
+from pointauth.server.domain.settlement import DEFAULT_POINT_VALUE, MAX_POINT_VALUE_YEN, PointValue
 from pointauth.server.services.directory import DirectoryService
 from pointauth.v1 import group_service_pb2 as pb
 from pointauth.v1 import group_service_pb2_grpc
@@ -60,7 +61,20 @@ def _display_name(v: Violations, field: str, value: str) -> str:
 
 
 def _company(c: Company) -> pb.Company:
-    return pb.Company(company_id=c.company_id, display_name=c.display_name)
+    value = pb.PointValue(yen=c.point_value.yen, points=c.point_value.points)
+    return pb.Company(company_id=c.company_id, display_name=c.display_name, point_value=value)
+
+
+def _point_value(v: Violations, c: pb.Company) -> PointValue:
+    if not c.HasField("point_value"):
+        return DEFAULT_POINT_VALUE
+    yen, points = c.point_value.yen, c.point_value.points
+    yen_ok, points_ok = 0 <= yen <= MAX_POINT_VALUE_YEN, points in (1, 100)
+    if not yen_ok:
+        v.add("company.point_value.yen", f"must be 0 to {MAX_POINT_VALUE_YEN:,} yen")
+    if not points_ok:
+        v.add("company.point_value.points", "must be 1 (yen per point) or 100 (yen per 100 points)")
+    return PointValue(yen, points) if yen_ok and points_ok else DEFAULT_POINT_VALUE
 
 
 def _store(s: Store) -> pb.Store:
@@ -83,6 +97,7 @@ class GroupServicer(group_service_pb2_grpc.GroupServiceServicer):
         company = Company(
             company_id=v.identifier("company.company_id", c.company_id),
             display_name=_display_name(v, "company.display_name", c.display_name),
+            point_value=_point_value(v, c),
         )
         v.raise_if_any()
         registered = await self.directory.register(company)

@@ -15,10 +15,13 @@ import msgspec
 import uvloop
 from redis.asyncio import Redis
 
+from pointauth.server.api.credentials import write_credentials_atomically
 from pointauth.server.app import PointauthServer
 from pointauth.server.config import Settings
+from pointauth.server.devstack.certificates import Pki, ensure_pki
 from pointauth.server.devstack.demo import load_demo_members
 from pointauth.server.devstack.stack import EmbeddedStack, postgres_bindir
+from pointauth.server.domain.credentials import Credential, Role, encode_credentials
 from pointauth.server.journal import WriteBehindWorker, migrate
 from pointauth.server.journal.status import stream_backlogs
 from pointauth.server.ledger import Keyspace
@@ -28,6 +31,16 @@ from pointauth.server.signals import on_stop_signals
 log = logging.getLogger(__name__)
 
 SETTINGS_FILE = "pointauth.toml"
+CREDENTIALS_FILE = "credentials.toml"
+TLS_DIR = "tls"
+# One client certificate per role; the till is the demo's demo-retail, whose points of sale the
+# usage hint's calls name.
+DEV_CREDENTIALS = (
+    Credential(id="dev-till", role=Role.TILL, company="demo-retail", certificate="dev-till"),
+    Credential(id="dev-kiosk", role=Role.KIOSK, certificate="dev-kiosk"),
+    Credential(id="dev-operator", role=Role.OPERATOR, certificate="dev-operator"),
+    Credential(id="dev-auditor", role=Role.AUDITOR, certificate="dev-auditor"),
+)
 DRAIN_SECONDS = 30.0
 """How long the worker may take, once the server has stopped, to journal what is left. What it
 has not written by then stays in the Redis streams (on disk) for the next start."""
@@ -42,8 +55,26 @@ def run_dev(settings: Settings, data_dir: Path, hint: str) -> int:
             redis=msgspec.structs.replace(settings.redis, url=stack.redis.url),
             postgres=msgspec.structs.replace(settings.postgres, dsn=stack.postgres.dsn),
         )
+        settings = secure_dev_settings(settings, data_dir.resolve())
         uvloop.run(_serve(settings, hint, data_dir / SETTINGS_FILE))
     return 0
+
+
+def secure_dev_settings(settings: Settings, data_dir: Path) -> Settings:
+    """mTLS with the dev PKI and auth with the dev credentials, as a deployment would run,
+    unless the settings chose otherwise (tls.plaintext, their own certificates, auth off)."""
+    tls, auth = settings.tls, settings.auth
+    if not tls.plaintext and not tls.cert_file:
+        pki = ensure_pki(data_dir / TLS_DIR, [c.id for c in DEV_CREDENTIALS])
+        tls = msgspec.structs.replace(
+            tls, cert_file=str(pki.server_cert), key_file=str(pki.server_key), client_ca_file=str(pki.ca_cert)
+        )
+    if auth.enabled and not auth.credentials_file:
+        path = data_dir / CREDENTIALS_FILE
+        if not path.exists():  # kept across restarts: credentials issued or revoked since stay so
+            write_credentials_atomically(path, encode_credentials(list(DEV_CREDENTIALS)))
+        auth = msgspec.structs.replace(auth, credentials_file=str(path))
+    return msgspec.structs.replace(settings, tls=tls, auth=auth)
 
 
 async def _serve(settings: Settings, hint: str, settings_file: Path) -> None:
@@ -97,7 +128,19 @@ async def _drain(redis: Redis, keyspace: Keyspace, writing: asyncio.Task[None]) 
 def hint_fields(settings: Settings, settings_file: Path, cards: list[str]) -> dict[str, str]:
     """What USAGE_HINT names: every command in it must work when pasted."""
     psql = shutil.which("psql") or str(postgres_bindir() / "psql")
+    pki = Pki(settings_file.parent.resolve() / TLS_DIR)  # what secure_dev_settings made
+    if settings.tls.plaintext:
+        connect = {"tls_flags": "--http2-prior-knowledge", "scheme": "http", "sdk_flags": "--plaintext"}
+    else:
+        till_cert = f"--cert {pki.client_cert('dev-till')} --key {pki.client_key('dev-till')}"
+        connect = {
+            "tls_flags": f"--cacert {pki.ca_cert} {till_cert}",
+            "scheme": "https",
+            "sdk_flags": f"--ca {pki.ca_cert} {till_cert}",
+        }
     return {
+        **connect,
+        "security": security_hint(settings, pki),
         "address": f"{settings.server.host}:{settings.server.port}",
         "redis_url": settings.redis.url,
         "pg_dsn": settings.postgres.dsn,
@@ -107,6 +150,22 @@ def hint_fields(settings: Settings, settings_file: Path, cards: list[str]) -> di
         "card": cards[0],
         "cards": ", ".join(cards),
     }
+
+
+def security_hint(settings: Settings, pki: Pki) -> str:
+    tls = (
+        "Plaintext (tls.plaintext = true)"
+        if settings.tls.plaintext
+        else f"mTLS: the dev CA, and a client certificate per credential, are in {pki.directory}"
+    )
+    auth = (
+        f"auth is on: callers authenticate with a client certificate or an API key; the credentials\n"
+        f"(dev-till of demo-retail, dev-kiosk, dev-operator, dev-auditor) are in {settings.auth.credentials_file}\n"
+        "(`pointauth credentials issue|revoke|list`). The commands below act as dev-till."
+        if settings.auth.enabled
+        else "auth is off (auth.enabled = false): whoever reaches the port may call anything."
+    )
+    return f"{tls};\n{auth}"
 
 
 def settings_toml(settings: Settings) -> str:

@@ -16,6 +16,7 @@ from typing import Literal, TypeAlias
 
 from pointauth.server.domain import reasons
 from pointauth.server.domain.reasons import ErrorReason, Reason
+from pointauth.server.domain.settlement import DEFAULT_POINT_VALUE, PointValue
 
 MAX_DISPLAY_NAME = 200
 """Characters of a company's, store's or terminal's display name."""
@@ -27,6 +28,8 @@ class Company:
 
     company_id: str
     display_name: str = ""
+    point_value: PointValue = DEFAULT_POINT_VALUE
+    """What one of its points is worth when it pays another company for it (settlement)."""
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ async def write_changes(conn: Connection, changes: Sequence[codec.DirectoryChang
     for change in _newest(changes):
         entry, when = change.entry, _time(change.time)
         if isinstance(entry, codec.CompanyEntry):
-            companies.append((entry.company_id, entry.name, change.version, when))
+            companies.append((entry.company_id, entry.name, entry.yen, entry.per, change.version, when))
         elif isinstance(entry, codec.StoreEntry):
             stores.append((entry.store_id, entry.company_id, entry.region_id, entry.name, change.version, when))
         else:
@@ -44,10 +44,13 @@ async def write_changes(conn: Connection, changes: Sequence[codec.DirectoryChang
     if companies:
         await conn.execute(
             """
-            INSERT INTO companies AS c (company_id, display_name, version, updated_at)
-            SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::timestamptz[])
+            INSERT INTO companies AS c (company_id, display_name, point_value_yen, point_value_points, version,
+                                        updated_at)
+            SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::int[], $5::bigint[], $6::timestamptz[])
             ON CONFLICT (company_id) DO UPDATE SET
-                display_name = EXCLUDED.display_name, version = EXCLUDED.version, updated_at = EXCLUDED.updated_at
+                display_name = EXCLUDED.display_name, point_value_yen = EXCLUDED.point_value_yen,
+                point_value_points = EXCLUDED.point_value_points, version = EXCLUDED.version,
+                updated_at = EXCLUDED.updated_at
             WHERE c.version < EXCLUDED.version
             """,
             *map(list, zip(*companies, strict=True)),
@@ -90,9 +93,9 @@ async def add_missing(
     when = _time(time_ms)
     if companies:
         await conn.executemany(
-            "INSERT INTO companies (company_id, display_name, version, updated_at) VALUES ($1, $2, $3, $4)"
-            " ON CONFLICT DO NOTHING",
-            [(c.company_id, c.name, version, when) for c in companies],
+            "INSERT INTO companies (company_id, display_name, point_value_yen, point_value_points, version,"
+            " updated_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+            [(c.company_id, c.name, c.yen, c.per, version, when) for c in companies],
         )
     if stores:
         await conn.executemany(
@@ -123,7 +126,10 @@ class JournaledDirectory:
 
 async def read(conn: Connection) -> JournaledDirectory:
     """The whole directory, as of one snapshot (run it in a transaction for one)."""
-    companies = await conn.fetch("SELECT company_id, display_name, version FROM companies ORDER BY company_id")
+    companies = await conn.fetch(
+        "SELECT company_id, display_name, point_value_yen, point_value_points, version FROM companies"
+        " ORDER BY company_id"
+    )
     stores = await conn.fetch(
         "SELECT store_id, company_id, region_id, display_name, version FROM stores ORDER BY store_id"
     )
@@ -132,7 +138,10 @@ async def read(conn: Connection) -> JournaledDirectory:
     )
     return JournaledDirectory(
         version=max((r["version"] for rows in (companies, stores, terminals) for r in rows), default=0),
-        companies=[codec.CompanyEntry(r["company_id"], r["display_name"]) for r in companies],
+        companies=[
+            codec.CompanyEntry(r["company_id"], r["display_name"], r["point_value_yen"], r["point_value_points"])
+            for r in companies
+        ],
         stores=[codec.StoreEntry(r["store_id"], r["company_id"], r["region_id"], r["display_name"]) for r in stores],
         terminals=[codec.TerminalEntry(r["store_id"], r["terminal_id"], r["display_name"]) for r in terminals],
     )

@@ -20,6 +20,7 @@ import msgspec
 from msgspec.structs import replace
 
 from pointauth.server.domain.earning import BASE_RULE
+from pointauth.server.journal.flows import FlowRow, point_flows
 from pointauth.server.ledger.codec import (
     AccountStatusCode,
     AllocEntry,
@@ -128,6 +129,7 @@ class Projector:
     `campaign_points`: what the events add to each (campaign, rule set version)'s points given
     and refunded. `coupons`: the coupons rows the events wrote, by (account, coupon id), each as
     the account hash's q: field has it after them; None: the row leaves (a merge moved it).
+    `flows`: the point flows of the events applied (journal/flows.py), for settlement.
     """
 
     def __init__(
@@ -140,6 +142,7 @@ class Projector:
         self.merges_landed: list[MergeLanded] = []
         self.campaign_points: dict[tuple[str, int], CampaignPoints] = defaultdict(CampaignPoints)
         self.coupons: dict[tuple[str, str], CouponEntry | None] = {}
+        self.flows: list[FlowRow] = []
 
     def apply(self, state: AccountState, event: Event) -> None:
         if event.seq != state.last_seq + 1:
@@ -149,6 +152,12 @@ class Projector:
         if handler is None:
             raise ProjectionError(f"event {event.event_id} has unknown type {event.type}")
         handler(state, event)
+        # A refund's original was checked by its handler (and is the same after it, but for its
+        # refunded figures, which flows do not read).
+        original = (
+            self.records.get((event.racct or state.account_id, event.ref or 0)) if event.type == "REFUNDED" else None
+        )
+        self.flows.extend(point_flows(event, original))
         state.last_seq = event.seq
 
     def _apply_lots(self, state: AccountState, event: Event) -> None:

@@ -22,6 +22,7 @@ from pointauth.server.domain.ids import transaction_id
 from pointauth.server.journal import directory as journal_directory
 from pointauth.server.journal import rules as journal_rules
 from pointauth.server.journal.events import DirectoryChange, EntryId, Event, RuleSetPublished, StreamEntry
+from pointauth.server.journal.flows import FLOW_COLUMNS, FlowRow
 from pointauth.server.journal.pg import Connection, Record
 from pointauth.server.journal.projection import (
     AccountState,
@@ -162,9 +163,10 @@ class JournalWriter:
 
     async def prepare(self, conn: Connection) -> None:
         """Per connection: the staging table COPY writes into."""
-        await conn.execute(
-            "CREATE TEMP TABLE IF NOT EXISTS journal_stage (LIKE journal INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
-        )
+        for table in ("journal", "point_flows"):
+            await conn.execute(
+                f"CREATE TEMP TABLE IF NOT EXISTS {table}_stage (LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+            )
 
     async def apply(
         self,
@@ -240,6 +242,7 @@ class JournalWriter:
         applied = outcome.applied
         await self._write_accounts(conn, states, {d.event.account for d in applied})
         await self._write_journal(conn, applied)
+        await self._write_flows(conn, projector.flows)
         await self._write_cards(conn, states)
         await self._write_lots(conn, states)
         await self._write_records(
@@ -464,6 +467,18 @@ class JournalWriter:
         # ON CONFLICT: a redelivered event that slipped past the sequence check is written once.
         await conn.execute(f"INSERT INTO journal ({_COLS}) SELECT {_COLS} FROM journal_stage ON CONFLICT DO NOTHING")
 
+    async def _write_flows(self, conn: Connection, flows: list[FlowRow]) -> None:
+        if not flows:
+            return
+        await conn.copy_records_to_table(
+            "point_flows_stage", records=[flow_row(f) for f in flows], columns=FLOW_COLUMNS
+        )
+        columns = ", ".join(FLOW_COLUMNS)
+        # ON CONFLICT: as the journal's rows (an event's flows are written with its journal row).
+        await conn.execute(
+            f"INSERT INTO point_flows ({columns}) SELECT {columns} FROM point_flows_stage ON CONFLICT DO NOTHING"
+        )
+
     async def _write_lots(self, conn: Connection, states: dict[str, AccountState]) -> None:
         upsert: list[tuple[str, int, int, int, str, str]] = []
         gone: list[tuple[str, int]] = []
@@ -648,6 +663,11 @@ def journal_row(d: Delivered) -> tuple[Any, ...]:
         e.rank[-1] if e.rank else None, e.spend, e.period, e.qual,
         _json(dict(sorted(e.visits.items()))) if e.visits else None, _json(e.coupons),
     )  # fmt: skip
+
+
+def flow_row(f: FlowRow) -> tuple[Any, ...]:
+    """A point_flows row (FLOW_COLUMNS) of a flow."""
+    return (to_time(f.time_ms), *f[1:-1], _time(f.ref_time_ms))
 
 
 def _link_order(link: CardLink, moved_ms: int | None) -> tuple[int, int]:

@@ -806,6 +806,9 @@ DIRECTORY_FIELD = b"g"
 class CompanyEntry(msgspec.Struct, frozen=True, tag="company"):
     company_id: str
     name: str = ""
+    yen: int = 1
+    """Its point value: `yen` yen per `per` points (domain/settlement.py, PointValue)."""
+    per: int = 1
 
 
 class StoreEntry(msgspec.Struct, frozen=True, tag="store"):

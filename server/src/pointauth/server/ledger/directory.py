@@ -26,6 +26,7 @@ from pointauth.server.domain.group import (
     Terminal,
     check_registration,
 )
+from pointauth.server.domain.settlement import PointValue
 from pointauth.server.ledger import codec
 from pointauth.server.ledger.keys import DirectoryKeys, Keyspace
 
@@ -41,7 +42,8 @@ class Registered:
 
 def to_stored(entry: Entry) -> codec.DirectoryEntry:
     if isinstance(entry, Company):
-        return codec.CompanyEntry(entry.company_id, entry.display_name)
+        value = entry.point_value
+        return codec.CompanyEntry(entry.company_id, entry.display_name, value.yen, value.points)
     if isinstance(entry, Store):
         return codec.StoreEntry(entry.store_id, entry.company_id, entry.region_id, entry.display_name)
     return codec.TerminalEntry(entry.store_id, entry.terminal_id, entry.display_name)
@@ -55,7 +57,7 @@ def directory_of(
 ) -> Directory:
     return Directory(
         version=version,
-        companies={c.company_id: Company(c.company_id, c.name) for c in companies},
+        companies={c.company_id: _company(c) for c in companies},
         stores={s.store_id: Store(s.store_id, s.company_id, s.region_id, s.name) for s in stores},
         terminals={(t.store_id, t.terminal_id): Terminal(t.store_id, t.terminal_id, t.name) for t in terminals},
     )
@@ -220,7 +222,7 @@ class DirectoryStore:
 
 
 def _company(entry: codec.CompanyEntry) -> Company:
-    return Company(entry.company_id, entry.name)
+    return Company(entry.company_id, entry.name, PointValue(entry.yen, entry.per))
 
 
 def _store(entry: codec.StoreEntry) -> Store:

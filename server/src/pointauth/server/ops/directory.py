@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from pointauth.server.clock import SystemClock
+from pointauth.server.domain.settlement import PointValue
 from pointauth.server.journal import directory as journaled
 from pointauth.server.journal.pg import Connection
 from pointauth.server.ledger import Keyspace, codec
@@ -61,9 +62,11 @@ def _key(entry: codec.DirectoryEntry) -> str:
 
 
 def _fmt(entry: codec.DirectoryEntry | None) -> str:
-    """company: name; store: company/region/name; terminal: name (names quoted)."""
+    """company: name and point value; store: company/region/name; terminal: name (names quoted)."""
     if entry is None:
         return "missing"
     if isinstance(entry, codec.StoreEntry):
         return f"company {entry.company_id}, region {entry.region_id}, name {entry.name!r}"
+    if isinstance(entry, codec.CompanyEntry):
+        return f"name {entry.name!r}, {PointValue(entry.yen, entry.per)}"
     return f"name {entry.name!r}"
