@@ -9,7 +9,10 @@ once). Then, from a pool of client processes:
   `earn_rules` (EarnPoints with a basket under a published rule set, loadtest/earn_rules.py) runs
   after every other step, so that they all run as before any rule set (the flat `earn` above all);
 - AuthorizeHold at fixed rates (`--rates`): latency measured from when each call was due, not
-  when it was sent (no coordinated omission), with how busy the machine was meanwhile.
+  when it was sent (no coordinated omission), with how busy the machine was meanwhile;
+- the same AuthorizeHold steps (closed loops, then each rate) against a second and third
+  `pointauth serve` with TLS and API-key authentication, and with mTLS and client-certificate
+  authentication (`--security`), in the same run: the cost of TLS and auth per call.
 
 Each step runs `--repeat` times; the table shows the median and the spread (min-max). Latencies
 are HDR histograms (µs). CPU is counted for every process group: server, references, Redis,
@@ -45,8 +48,11 @@ from loadtest.driver import POS, Step, StepResult, new_histogram
 from loadtest.lag import LagSampler, wait_until_drained
 from loadtest.population import CARD_FORMAT, Population
 from loadtest.procs import ClientPool, CpuMeter, Service, named
-from pointauth.client import NotFoundError, PointsClient
+from pointauth.client import ClientTLS, NotFoundError, PointsClient
+from pointauth.server.api.credentials import write_credentials_atomically
+from pointauth.server.devstack.certificates import ensure_pki
 from pointauth.server.devstack.stack import EmbeddedStack, free_port
+from pointauth.server.domain.credentials import Credential, Role, encode_credentials, key_sha256, new_api_key
 from pointauth.server.ledger import Keyspace, codec
 from pointauth.server.ops.progress import ProgressBar
 from pointauth.server.ops.seed_group import SeedGroup, load_group
@@ -61,6 +67,8 @@ LABELS = {
     "earn": "EarnPoints",
     "earn_rules": "EarnPoints (rules)",
     "balance": "GetBalance",
+    "authorize_tls": "AuthorizeHold TLS+key",
+    "authorize_mtls": "AuthorizeHold mTLS",
 }
 # RPCs per unit operation: the ratios to the references compare calls with calls.
 RPCS_PER_OP = {
@@ -71,7 +79,12 @@ RPCS_PER_OP = {
     "earn": 1,
     "earn_rules": 1,
     "balance": 1,
+    "authorize_tls": 1,
+    "authorize_mtls": 1,
 }
+SECURED = {"tls": "authorize_tls", "mtls": "authorize_mtls"}
+"""The secured servers (--security) and their rows: AuthorizeHold, the driver's `authorize`."""
+BENCH_TILL = "bench-till"
 REFERENCES = ("echo", "echo_redis")
 UNDER_RULES = ("earn_rules",)
 """Scenarios that need the bench's rule set: they run after every other step, which all run as
@@ -229,6 +242,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--settle",
         action="store_true",
         help="before measuring: VACUUM ANALYZE and CHECKPOINT PostgreSQL, and let a Redis AOF rewrite finish",
+    )
+    p.add_argument(
+        "--security",
+        default="tls,mtls",
+        help="also AuthorizeHold against servers with TLS + API keys (tls) and mTLS + client certificates (mtls),"
+        " each with authentication on; '' for neither",
     )
     p.add_argument("--json", type=Path, help="also write the results here")
     return p.parse_args(argv)
@@ -431,6 +450,16 @@ def run(args: argparse.Namespace, out: contextlib.ExitStack) -> dict[str, Any]:
             log_dir / "server.log",
         ),
     }
+    secured = [s.strip() for s in args.security.split(",") if s.strip()]
+    if unknown := [s for s in secured if s not in SECURED]:
+        raise SystemExit(f"--security: {unknown} are neither tls nor mtls")
+    secured_by_mode = secured_servers(log_dir, env, secured)
+    for security, secure in secured_by_mode.items():
+        port = free_port()
+        services[f"server_{security}"] = Service(
+            f"pointauth serve ({security})", [*serve, "--workers", workers, "--port", str(port)], port, secure.env,
+            log_dir / f"server-{security}.log",
+        )  # fmt: skip
     for service in services.values():
         out.enter_context(service)
     command = worker_command(args)
@@ -452,15 +481,20 @@ def run(args: argparse.Namespace, out: contextlib.ExitStack) -> dict[str, Any]:
     payload = pb.AuthorizeHoldRequest(
         request_id="0b8f6d3e-3a4c-4b8e-9a51-5f2c7d9e1a20", card_number=population.card(0), point_of_sale=POS, points=1
     ).SerializeToString()
-    steps_planned = (len(REFERENCES) + len(scenarios) + len(plan.rates)) * plan.repeat
+    steps_planned = (len(REFERENCES) + len(scenarios) + (1 + len(secured)) * len(plan.rates)) * plan.repeat
+    steps_planned += len(secured) * plan.repeat
     rows: list[Row] = []
 
-    def step(scenario: str, loops: int, rate: float = 0.0) -> Row:
-        target = services[scenario if scenario in REFERENCES else "server"].target
+    def step(scenario: str, loops: int, rate: float = 0.0, security: str = "") -> Row:
+        target = services[scenario if scenario in REFERENCES else f"server_{security}" if security else "server"].target
+        secure = secured_by_mode.get(security)
+        tls, api_key = (secure.tls, secure.api_key) if secure else (None, "")
         shares = split(loops, pool.size)
         steps = [
             Step(
                 scenario=scenario,
+                tls=tls,
+                api_key=api_key,
                 target=target,
                 loops=share,
                 warmup_s=plan.warmup_s,
@@ -480,7 +514,8 @@ def run(args: argparse.Namespace, out: contextlib.ExitStack) -> dict[str, Any]:
         meter.start()
         results = pool.run(steps)
         cpu = meter.stop()
-        row = merge(scenario, loops, f"{rate:.0f}/s" if rate else "closed", plan.duration_s, results)
+        label = SECURED[security] if security else scenario
+        row = merge(label, loops, f"{rate:.0f}/s" if rate else "closed", plan.duration_s, results)
         row.cpu_cores, row.busy = cpu, meter.busy
         row.lag_max_ms = max(lag.samples_ms[sampled:], default=0)
         rows.append(row)
@@ -497,6 +532,12 @@ def run(args: argparse.Namespace, out: contextlib.ExitStack) -> dict[str, Any]:
         for rate in plan.rates:
             wait_until_drained(redis_url, keyspace)
             step("authorize", max(64, plan.concurrency), rate=rate)
+        # The same calls through TLS and authentication, in the same run as without.
+        for security in secured:
+            step("authorize", plan.concurrency, security=security)
+            for rate in plan.rates:
+                wait_until_drained(redis_url, keyspace)
+                step("authorize", max(64, plan.concurrency), rate=rate, security=security)
     if ruled:
         # Last: once published, a rule set applies to every earn that follows.
         rules = publish_rules(services["server"].target, SeedGroup())
@@ -509,10 +550,10 @@ def run(args: argparse.Namespace, out: contextlib.ExitStack) -> dict[str, Any]:
     for row in rows:
         groups_of_rows.setdefault((row.scenario, row.concurrency, row.mode), []).append(row)
     # The table in the scenarios' order (earn_rules beside earn, though it ran last), paced steps after.
-    order = [*REFERENCES, *scenarios]
+    order = [*REFERENCES, *scenarios, *(SECURED[s] for s in secured)]
     summaries = sorted(
         (summarize(group) for group in groups_of_rows.values()),
-        key=lambda s: (1, 0) if s.mode != "closed" else (0, order.index(s.scenario)),
+        key=lambda s: (1, order.index(s.scenario)) if s.mode != "closed" else (0, order.index(s.scenario)),
     )
     ceilings = {
         ref: next(s.rpcs_per_s for s in summaries if s.scenario == ref and s.mode == "closed") for ref in REFERENCES
@@ -555,6 +596,44 @@ def run(args: argparse.Namespace, out: contextlib.ExitStack) -> dict[str, Any]:
         "write_behind_lag": lag_figures,
         "earn_rules": rules,
     }
+
+
+def secured_servers(directory: Path, env: dict[str, str], modes: list[str]) -> dict[str, SecuredServer]:
+    """Per mode, a server's environment with TLS (mTLS for "mtls") and authentication on, and how
+    the load generator connects to it: as one till credential, by API key (tls) or by its client
+    certificate (mtls), with a rate limit far above any step's."""
+    pki = ensure_pki(directory / "pki", [BENCH_TILL])
+    key = new_api_key(BENCH_TILL)
+    credential = Credential(
+        id=BENCH_TILL, role=Role.TILL, company=POS.company_id, key_sha256=key_sha256(key), certificate=BENCH_TILL,
+        rate_per_second=10_000_000,
+    )  # fmt: skip
+    credentials = directory / "bench-credentials.toml"
+    write_credentials_atomically(credentials, encode_credentials([credential]))
+    servers = {}
+    for mode in modes:
+        server_env = {
+            **env,
+            "POINTAUTH__TLS__PLAINTEXT": "false",
+            "POINTAUTH__TLS__CERT_FILE": str(pki.server_cert),
+            "POINTAUTH__TLS__KEY_FILE": str(pki.server_key),
+            "POINTAUTH__TLS__CLIENT_CA_FILE": str(pki.ca_cert) if mode == "mtls" else "",
+            "POINTAUTH__AUTH__ENABLED": "true",
+            "POINTAUTH__AUTH__CREDENTIALS_FILE": str(credentials),
+        }
+        if mode == "mtls":
+            tls = ClientTLS.from_files(pki.ca_cert, pki.client_cert(BENCH_TILL), pki.client_key(BENCH_TILL))
+            servers[mode] = SecuredServer(server_env, tls, "")
+        else:
+            servers[mode] = SecuredServer(server_env, ClientTLS.from_files(pki.ca_cert), key)
+    return servers
+
+
+@dataclass(frozen=True)
+class SecuredServer:
+    env: dict[str, str]
+    tls: ClientTLS
+    api_key: str
 
 
 def _cpu_model() -> str:
@@ -600,6 +679,35 @@ def progress_line(step: int, steps: int, row: Row) -> str:
     )
 
 
+def security_cost(summary: list[dict[str, Any]]) -> list[str]:
+    """AuthorizeHold without and with TLS and auth, side by side: closed-loop calls/s, the server
+    processes' CPU per call, and p50/p99 at each fixed rate."""
+    modes = {
+        "authorize": ("plaintext", "server"),
+        "authorize_tls": ("TLS + API key", "server_tls"),
+        "authorize_mtls": ("mTLS + certificate", "server_mtls"),
+    }
+    rows = [s for s in summary if s["scenario"] in modes]
+    if len({s["scenario"] for s in rows}) < 2:
+        return []
+    lines = ["AuthorizeHold without and with TLS and authentication (same run):"]
+    for scenario, (name, group) in modes.items():
+        closed = next((s for s in rows if s["scenario"] == scenario and s["mode"] == "closed"), None)
+        if closed is None:
+            continue
+        cpu_us = closed["cpu_cores"].get(group, 0.0) * 1e6 / closed["rpcs_per_s"] if closed["rpcs_per_s"] else 0.0
+        paced = [
+            f"{s['mode']} p50 {s['latency_ms']['op']['p50']:.2f} / p99 {s['latency_ms']['op']['p99']:.2f} ms"
+            for s in rows
+            if s["scenario"] == scenario and s["mode"] != "closed"
+        ]
+        lines.append(
+            f"  {name:<20} {closed['rpcs_per_s']:>7,.0f} calls/s closed, server CPU {cpu_us:,.0f} µs/call; "
+            + "; ".join(paced)
+        )
+    return lines
+
+
 def report(result: dict[str, Any]) -> str:
     cfg, machine = result["config"], result["machine"]
     lines = [
@@ -623,6 +731,7 @@ def report(result: dict[str, Any]) -> str:
     lines.append(
         f"references: bare echo {ceilings['echo']:,.0f} rpc/s, echo + 1 Redis call {ceilings['echo_redis']:,.0f} rpc/s"
     )
+    lines.extend(security_cost(result["summary"]))
     rules = result.get("earn_rules") or {}
     if rules:
         lines.append(

@@ -7,14 +7,13 @@ import contextlib
 import multiprocessing
 import os
 import signal
+import socket
 import subprocess
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 from types import TracebackType
 from typing import Self
-
-import grpc
 
 from loadtest.driver import Step, StepResult, client_main
 
@@ -127,14 +126,19 @@ class Service:
             return "(no log)"
 
     def _wait_listening(self) -> None:
-        with grpc.insecure_channel(self.target) as channel:
+        # A TCP connection, not a gRPC channel: the same wait for a plaintext server and a TLS one.
+        deadline = time.monotonic() + 30
+        while True:
             try:
-                grpc.channel_ready_future(channel).result(timeout=30)
-            except grpc.FutureTimeoutError:
-                self.__exit__(None, None, None)
-                raise RuntimeError(
-                    f"{self.name} did not listen on {self.target} within 30 s:\n{self.log_tail()}"
-                ) from None
+                socket.create_connection(("127.0.0.1", self.port or 0), timeout=1).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.__exit__(None, None, None)
+                    raise RuntimeError(
+                        f"{self.name} did not listen on {self.target} within 30 s:\n{self.log_tail()}"
+                    ) from None
+                time.sleep(0.05)
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

@@ -33,9 +33,14 @@ def test_quick_bench_reports_ordered_percentiles_and_no_errors(
     result = json.loads(out.read_text())
     closed = {row["scenario"]: row for row in result["summary"] if row["mode"] == "closed"}
     paced = [row for row in result["summary"] if row["mode"] != "closed"]
-    assert set(closed) == {"echo", "echo_redis", "authorize", "authorize_capture", "earn", "earn_rules", "balance"}
-    assert [(row["scenario"], row["mode"]) for row in paced] == [("authorize", "50/s")]
-    assert len(result["rows"]) == 8  # quick: one run of each step
+    assert set(closed) == {
+        "echo", "echo_redis", "authorize", "authorize_capture", "earn", "earn_rules", "balance", "authorize_tls",
+        "authorize_mtls",
+    }  # fmt: skip
+    assert [(row["scenario"], row["mode"]) for row in paced] == [
+        ("authorize", "50/s"), ("authorize_tls", "50/s"), ("authorize_mtls", "50/s"),
+    ]  # fmt: skip
+    assert len(result["rows"]) == 12  # quick: one run of each step
     # earn_rules runs last, under the rule set published just before it; every step before it ran
     # without one. The drivers counted as errors (none, below) any flat earn answered under a rule
     # set, and any earn_rules answer without one or lacking the base line or an always-on campaign.
@@ -54,6 +59,12 @@ def test_quick_bench_reports_ordered_percentiles_and_no_errors(
     assert closed["authorize"]["ratios"]["echo"] == round(
         closed["authorize"]["rpcs_per_s"] / closed["echo"]["rpcs_per_s"], 3
     )
+    # AuthorizeHold through TLS and authentication ran against servers of their own (as one till
+    # credential, by API key and by client certificate), side by side with plaintext in the report.
+    assert closed["authorize_tls"]["cpu_cores"]["server_tls"] > 0
+    assert closed["authorize_mtls"]["cpu_cores"]["server_mtls"] > 0
+    report = run.stdout[run.stdout.index("AuthorizeHold without and with TLS") :].splitlines()
+    assert [line.split()[0] for line in report[1:4]] == ["plaintext", "TLS", "mTLS"]
     # Every process group's CPU is counted, the stores' included.
     assert {"server", "echo", "echo_redis", "worker", "redis", "postgres", "clients"} <= set(
         closed["authorize"]["cpu_cores"]
@@ -68,7 +79,8 @@ def test_quick_bench_reports_ordered_percentiles_and_no_errors(
     table = run.stdout.split(HEADER, 1)[1].split("\n\n", 1)[0].splitlines()[1:]
     assert [line[:22].strip() for line in table] == [
         "echo (bare grpc.aio)", "echo + 1 Redis call", "AuthorizeHold", "Authorize+Capture",
-        "AuthorizeHold", "CaptureHold", "EarnPoints", "EarnPoints (rules)", "GetBalance", "AuthorizeHold",
+        "AuthorizeHold", "CaptureHold", "EarnPoints", "EarnPoints (rules)", "GetBalance", "AuthorizeHold TLS+key",
+        "AuthorizeHold mTLS", "AuthorizeHold", "AuthorizeHold TLS+key", "AuthorizeHold mTLS",
     ], table  # fmt: skip
     assert "EarnPoints (rules): a 5-line basket under rule set version 1" in run.stdout
     echo_column = slice(22 + HEADER.index("÷echo") - 1, 22 + HEADER.index("÷echo") + 5)

@@ -11,10 +11,13 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
+import msgspec
 import pytest
 from redis.asyncio import Redis
 
@@ -24,7 +27,9 @@ from pointauth.server.clock import ManualClock
 from pointauth.server.config import Settings
 from pointauth.server.devstack.stack import EmbeddedStack
 from pointauth.server.journal.pg import connection
+from pointauth.server.journal.status import stream_backlogs
 from pointauth.server.ledger import Keyspace
+from pointauth.server.ledger.codec import AUDIT_FIELD, AuditRecord
 from pointauth.server.ops.settle import settle_command
 from pointauth.v1 import common_pb2
 from pointauth.v1 import settlement_service_pb2 as spb
@@ -59,6 +64,18 @@ class Group:
 
     async def applied(self) -> None:
         await wait_until_applied(self.redis, self.dsn, self.keyspace, ACCOUNTS)
+        await drained(self.redis, self.keyspace)
+
+
+async def drained(redis: Redis, keyspace: Keyspace) -> None:
+    """Until the write-behind applied every stream entry: events, and the audit trail's records
+    (each Settle call is one), which closing waits for like any other entry."""
+    streams = [keyspace.events(shard) for shard in range(keyspace.shards)]
+    for _ in range(500):
+        if not any(s.backlog for s in await stream_backlogs(redis, streams)):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the write-behind did not apply every stream entry")
 
 
 @pytest.fixture
@@ -147,6 +164,7 @@ async def test_a_small_group_settles_november_and_december_as_computed_by_hand(g
     assert not preview.HasField("close_time")
 
     g.clock.set(DECEMBER_3)
+    await g.applied()
     nov = await c.settle("2026-11", close=True, include_stores=True)
     assert nov.HasField("close_time")
     assert nov.closed_by.startswith("rpc:")
@@ -219,6 +237,7 @@ async def test_a_small_group_settles_november_and_december_as_computed_by_hand(g
 
     # Listing and CSV.
     g.clock.set(JANUARY_2)
+    await g.applied()  # the audit trail's records of the calls above, from before December's end
     await c.settle("2026-12", close=True)
     assert [s.period for s in await c.list_statements()] == ["2026-12", "2026-11"]
     assert [s.period for s in await c.list_statements("cafe")] == ["2026-12", "2026-11"]
@@ -268,8 +287,9 @@ async def test_closing_waits_for_the_write_behind_and_refuses_with_a_reason(
         with pytest.raises(PointauthError) as behind:
             await c.settle("2026-11", close=True)
         assert refusal(behind.value) == (grpc.StatusCode.UNAVAILABLE, "JOURNAL_BEHIND")
-        # The company, store and terminal registered, ACCOUNT_OPENED and GRANT.
-        assert behind.value.metadata["unapplied"] == "5"
+        # The company, store and terminal registered, ACCOUNT_OPENED and GRANT, and the audit
+        # trail's records of those five operator actions.
+        assert behind.value.metadata["unapplied"] == "10"
         for bad in ("2026-13", "26-11", "2026-1", ""):
             with pytest.raises(PointauthError) as invalid:
                 await c.settle(bad)
@@ -282,11 +302,13 @@ async def test_closing_waits_for_the_write_behind_and_refuses_with_a_reason(
 
         async with running_worker(stack.redis.url, dsn, keyspace):
             await wait_until_applied(redis, dsn, keyspace, ["m1"])
+            await drained(redis, keyspace)
             # Closed at once by three callers: one statement, which all three get.
             closes = await asyncio.gather(*(c.settle("2026-10", close=True) for _ in range(3)))
             assert closes[0] == closes[1] == closes[2]
             assert closes[0].flows == 0
             # The CLI says the same, and closes once the journal has everything.
+            await drained(redis, keyspace)
             out = io.StringIO()
             code = await asyncio.to_thread(settle_command, settings, "2026-11", close=True, clock=clock, out=out)
         assert code == 0
@@ -294,6 +316,12 @@ async def test_closing_waits_for_the_write_behind_and_refuses_with_a_reason(
         assert "Settlement 2026-11 (Asia/Tokyo: 2026-11-01T00:00:00+09:00 to 2026-12-01T00:00:00+09:00)" in text
         assert "tie-out to the journal: every total equal" in text
         assert (await c.get_statement("2026-11")).closed_by == "cli"
+        # Closing from the command line is in the audit trail, as an RPC's would be.
+        entries: Any = await redis.xrange(keyspace.events(0))
+        audits = [msgspec.msgpack.decode(f[AUDIT_FIELD], type=AuditRecord) for _, f in entries if AUDIT_FIELD in f]
+        assert [(a.method, a.code, json.loads(a.request)) for a in audits if a.method.startswith("cli:")] == [
+            ("cli:settle", "OK", {"period": "2026-11", "close": True})
+        ]
         async with connection(dsn) as conn:
             assert await conn.fetchval("SELECT array_agg(period ORDER BY period) FROM settlement_statements") == [
                 "2026-10", "2026-11",
@@ -306,10 +334,13 @@ async def test_closing_waits_for_the_write_behind_and_refuses_with_a_reason(
                 f"{START_MS + 20 * DAY_MS}-0",
             )
         clock.set(JANUARY_2)
-        with pytest.raises(PointauthError) as dead:
-            await c.settle("2026-12", close=True)
-        assert refusal(dead.value) == (grpc.StatusCode.FAILED_PRECONDITION, "JOURNAL_HAS_DEAD_LETTERS")
-        assert dead.value.metadata["dead_letters"] == "1"
-        err = io.StringIO()
-        code = await asyncio.to_thread(settle_command, settings, "2026-12", close=True, clock=clock, out=err)
+        async with running_worker(stack.redis.url, dsn, keyspace):
+            await drained(redis, keyspace)  # the audit trail's record of the CLI's close
+            with pytest.raises(PointauthError) as dead:
+                await c.settle("2026-12", close=True)
+            assert refusal(dead.value) == (grpc.StatusCode.FAILED_PRECONDITION, "JOURNAL_HAS_DEAD_LETTERS")
+            assert dead.value.metadata["dead_letters"] == "1"
+            await drained(redis, keyspace)
+            err = io.StringIO()
+            code = await asyncio.to_thread(settle_command, settings, "2026-12", close=True, clock=clock, out=err)
         assert code == 1

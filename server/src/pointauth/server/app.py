@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from pointauth.server.api.access import AccessGuard
 from pointauth.server.api.admin import AdminServicer
+from pointauth.server.api.audit import AuditTrail
 from pointauth.server.api.boundary import ErrorBoundary
 from pointauth.server.api.credentials import CredentialStore
 from pointauth.server.api.group import GroupServicer
@@ -33,6 +34,7 @@ from pointauth.server.ledger.pipeline import TickPipeline
 from pointauth.server.ledger.rulebook import RuleBook
 from pointauth.server.rules.earn_policy import EarnPolicy
 from pointauth.server.services.accounts import AccountsService
+from pointauth.server.services.audit import Auditor
 from pointauth.server.services.directory import DirectoryService
 from pointauth.server.services.members import MembersService
 from pointauth.server.services.points import PointsService
@@ -133,6 +135,7 @@ class PointauthServer:
         # The access guard goes first (outermost): a caller without credentials learns nothing,
         # not even whether its body parsed, and is refused before it counts as in flight.
         interceptors: list[grpc.aio.ServerInterceptor] = [self.boundary]
+        guard: AccessGuard | None = None
         if self.settings.auth.enabled:
             self.credentials = CredentialStore(
                 Path(self.settings.auth.credentials_file), self.settings.auth.reload_seconds
@@ -141,15 +144,21 @@ class PointauthServer:
                 await self.credentials.start()
             except CredentialsError as exc:
                 raise ConfigError(f"auth.credentials_file: {exc}") from exc
-            interceptors.insert(
-                0,
-                AccessGuard(
-                    self.credentials,
-                    mtls=bool(self.settings.tls.client_ca_file),
-                    rate_per_second=self.settings.auth.rate_per_second,
-                    burst=self.settings.auth.burst,
-                ),
+            guard = AccessGuard(
+                self.credentials,
+                mtls=bool(self.settings.tls.client_ca_file),
+                rate_per_second=self.settings.auth.rate_per_second,
+                burst=self.settings.auth.burst,
             )
+            interceptors.insert(0, guard)
+        # Outermost: it sees the guard's refusals, and every operator action however it ends.
+        auditor = Auditor(
+            self.redis,
+            self.ledger.keyspace,
+            self.clock,
+            refusals_per_second=self.settings.auth.audit_refusals_per_second,
+        )
+        interceptors.insert(0, AuditTrail(auditor, guard.identify if guard else None))
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[

@@ -144,6 +144,26 @@ def _cmd_seed(args: argparse.Namespace) -> int:
     return seed_command(_settings(args), args.accounts, group=group)
 
 
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from pointauth.server.journal.audit import AuditQuery
+    from pointauth.server.ops.audit import audit_command
+
+    try:
+        since = datetime.fromisoformat(args.since) if args.since else None
+    except ValueError:
+        print(
+            f"pointauth audit: --since {args.since!r} is not an ISO time (e.g. 2026-11-24T09:00+09:00)", file=sys.stderr
+        )
+        return 2
+    if since is not None and since.tzinfo is None:
+        print("pointauth audit: --since needs a time zone (e.g. 2026-11-24T09:00+09:00)", file=sys.stderr)
+        return 2
+    q = AuditQuery(since, args.actor or "", args.method or "", args.refusals, args.limit)
+    return audit_command(_settings(args), q, show_requests=args.requests)
+
+
 def _cmd_settle(args: argparse.Namespace) -> int:
     from pointauth.server.ops.settle import settle_command
 
@@ -196,6 +216,15 @@ def build_parser() -> argparse.ArgumentParser:
     ranks.add_parser(
         "review", help="the rank period's review of every account (downgrades per the rank program)"
     ).set_defaults(func=_cmd_ranks_review)
+
+    audit = sub.add_parser("audit", help="the audit trail: operator actions and refused calls, newest first")
+    audit.add_argument("--since", help="from this time on (ISO 8601 with a zone, e.g. 2026-11-24T09:00+09:00)")
+    audit.add_argument("--actor", help="only this credential's records")
+    audit.add_argument("--method", help="only methods containing this (e.g. MergeAccounts, cli:settle)")
+    audit.add_argument("--refusals", action="store_true", help="only calls that did not succeed")
+    audit.add_argument("--limit", type=int, default=100, help="at most this many records (default 100)")
+    audit.add_argument("--requests", action="store_true", help="print each record's request (JSON)")
+    audit.set_defaults(func=_cmd_audit)
 
     settle = sub.add_parser(
         "settle", help="settlement between group companies: a period's statement; --close stores it for good"

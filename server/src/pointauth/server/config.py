@@ -197,6 +197,10 @@ class AuthSettings(_Section):
     otherwise; more are refused with RESOURCE_EXHAUSTED (RATE_LIMITED) and a retry delay."""
     burst: Positive = 1000
     """Calls a credential may make at once after being idle (the token bucket's size)."""
+    audit_refusals_per_second: Positive = 50
+    """Calls refused for their credentials or permissions that each server process records in
+    the audit trail per second (twice that at once); more are counted in the next record's
+    `suppressed`, so a flood of refused calls does not become a flood of writes."""
 
 
 class Settings(_Section):

@@ -23,6 +23,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -41,6 +42,18 @@ if TYPE_CHECKING:  # grpc's runtime classes are not generic; only the stubs are
     Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]
 
 _BEARER = "bearer "
+_CALLER: ContextVar[Credential | None] = ContextVar("pointauth_caller", default=None)
+
+
+def caller_company() -> str | None:
+    """The company the call's credential acts for (a till's), for handlers whose request alone
+    does not say whose something is: a capture, void, refund or receipt names a hold or
+    transaction (`<account>.<seq>`), not a point of sale, so only the record can tell whether it
+    is the caller's company's. None when it acts for none (an operator, a kiosk) or the server
+    runs without auth: then nothing is limited to a company. gRPC runs each call in a context of
+    its own, so the guard's value is seen by that call's handler alone."""
+    credential = _CALLER.get()
+    return credential.company if credential is not None and credential.company else None
 
 
 class TokenBucket:
@@ -153,6 +166,13 @@ class AccessGuard(grpc.aio.ServerInterceptor):
         return None
 
     def authenticate(self, context: Context) -> Credential:
+        credential = self._authenticate_reloading(context)
+        # For the call's handler (caller_company); set before the guard decides: a call it
+        # refuses ends here, its context with it.
+        _CALLER.set(credential)
+        return credential
+
+    def _authenticate_reloading(self, context: Context) -> Credential:
         try:
             return self._authenticate(context)
         except ApiError as refused:
@@ -188,3 +208,17 @@ class AccessGuard(grpc.aio.ServerInterceptor):
         if credential.revoked:
             raise _unauthenticated(ErrorReason.CREDENTIAL_REVOKED, f"credential {credential.id!r} has been revoked")
         return credential
+
+    def identify(self, context: Context) -> tuple[str, str]:
+        """Who the call is from, as the audit trail names them: (credential id, role); for a
+        caller without a valid credential, what it presented (`key:<id>`, `certificate:<identity>`,
+        or "") and no role."""
+        try:
+            credential = self._authenticate(context)
+        except ApiError:
+            key = bearer_key(context.invocation_metadata())
+            if key is not None:
+                return f"key:{credential_id_of_key(key)}", ""
+            identities = [i.decode(errors="replace") for i in context.peer_identities() or ()] if self.mtls else []
+            return (f"certificate:{identities[0]}" if identities else ""), ""
+        return credential.id, credential.role.value

@@ -8,6 +8,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from pointauth.server.api import convert
+from pointauth.server.api.access import caller_company
 from pointauth.server.api.convert import fingerprint
 from pointauth.server.api.validation import MAX_AMOUNT, Violations
 from pointauth.server.config import LedgerSettings
@@ -186,6 +187,7 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
             points=points,
             request_id=request_id,
             fingerprint=fingerprint("CaptureHold", request),
+            company=caller_company(),
             sale=sale,
         )
         return pb.CaptureHoldResponse(
@@ -216,7 +218,11 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
         account, hold = v.transaction("hold_id", request.hold_id)
         v.raise_if_any()
         result = await self.points.void(
-            account, hold, request_id=request_id, fingerprint=fingerprint("VoidHold", request)
+            account,
+            hold,
+            request_id=request_id,
+            fingerprint=fingerprint("VoidHold", request),
+            company=caller_company(),
         )
         return pb.VoidHoldResponse(released_points=result.released, balance=convert.balance(result))
 
@@ -254,6 +260,7 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
             pos=pos,
             request_id=request_id,
             fingerprint=fingerprint("RefundTransaction", request),
+            company=caller_company(),
         )
         return pb.RefundTransactionResponse(
             transaction_id=transaction_id(landed, result.tx),
@@ -288,7 +295,7 @@ class PointsServicer(points_service_pb2_grpc.PointsServiceServicer):
         v = Violations()
         account, seq = v.transaction("transaction_id", request.transaction_id)
         v.raise_if_any()
-        record = await self.points.receipt(account, seq)
+        record = await self.points.receipt(account, seq, company=caller_company())
         return pb.GetReceiptResponse(receipt=self._receipt(account, seq, record))
 
     def _receipt(self, account: str, seq: int, record: TransactionRecord) -> pb.Receipt:

@@ -25,6 +25,8 @@ MAX_AMOUNT = 10**15
 MAX_TIMESTAMP_SECONDS = 253_402_300_799
 MAX_BASKET_LINES = 500
 MAX_LABEL = 64
+MAX_REPORTED_VIOLATIONS = 20
+"""Field violations an INVALID_ARGUMENT names at most (metadata `violations` counts them all)."""
 
 
 class Violations:
@@ -38,12 +40,16 @@ class Violations:
 
     def raise_if_any(self) -> None:
         if self.items:
-            fields = ", ".join(field for field, _ in self.items)
+            # The answer travels in trailers, which clients cap (16 KiB by default in gRPC): a
+            # request with hundreds of bad fields is told the first ones and how many more.
+            shown, omitted = self.items[:MAX_REPORTED_VIOLATIONS], len(self.items) - MAX_REPORTED_VIOLATIONS
+            fields = ", ".join(field for field, _ in shown) + (f" and {omitted} more" if omitted > 0 else "")
             raise ApiError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 ErrorReason.INVALID_ARGUMENT,
                 f"invalid request: {fields}",
-                violations=self.items,
+                {"violations": str(len(self.items))} if omitted > 0 else None,
+                violations=shown,
             )
 
     def request_id(self, value: str) -> str:

@@ -8,6 +8,7 @@ from typing import NamedTuple
 import msgspec
 
 from pointauth.server.ledger.codec import (
+    AuditRecord,
     DirectoryChange,
     Event,
     IdempotencyNote,
@@ -17,6 +18,7 @@ from pointauth.server.ledger.codec import (
 )
 
 __all__ = [
+    "AuditRecord",
     "DirectoryChange",
     "EntryId",
     "Event",
@@ -56,15 +58,15 @@ class StreamEntry(NamedTuple):
 
 
 class UndecodableEntry(ValueError):
-    """An entry that is neither an event, an idempotency note, a group directory change nor a
-    rule set publication: it can never be applied.
+    """An entry that is neither an event, an idempotency note, a group directory change, a rule
+    set publication nor an audit record: it can never be applied.
 
     So is an event from a ledger script older than the one whose events carry what it derived
     (the balance after each, allocations): upgrade the worker after the servers, once `pointauth
     status` shows no backlog of events the older servers wrote."""
 
 
-def decode(entry: StreamEntry) -> Event | IdempotencyNote | DirectoryChange | RuleSetPublished:
+def decode(entry: StreamEntry) -> Event | IdempotencyNote | DirectoryChange | RuleSetPublished | AuditRecord:
     try:
         return decode_stream_entry(entry.fields)
     except msgspec.DecodeError as exc:

@@ -35,6 +35,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from pointauth.server.journal.events import (
+    AuditRecord,
     DirectoryChange,
     EntryId,
     Event,
@@ -133,6 +134,8 @@ class WriteBehindWorker:
         self.directory_changes_applied = 0
         """Group directory changes copied (delivered again after a crash: counted again)."""
         self.rule_sets_applied = 0
+        self.audit_records_applied = 0
+        """Audit records copied (delivered again after a crash: counted again)."""
         """Rule set publications copied (delivered again after a crash: counted again)."""
         self._conn: Connection | None = None
         self._batch: list[StreamEntry] | None = None
@@ -418,6 +421,7 @@ class WriteBehindWorker:
         notes: list[tuple[StreamEntry, IdempotencyNote]] = []
         directory: list[tuple[StreamEntry, DirectoryChange]] = []
         rule_sets: list[tuple[StreamEntry, RuleSetPublished]] = []
+        audits: list[tuple[StreamEntry, AuditRecord]] = []
         undecodable: list[tuple[StreamEntry, str]] = []
         for entry in entries:
             try:
@@ -431,23 +435,26 @@ class WriteBehindWorker:
                 directory.append((entry, decoded))
             elif isinstance(decoded, RuleSetPublished):
                 rule_sets.append((entry, decoded))
+            elif isinstance(decoded, AuditRecord):
+                audits.append((entry, decoded))
             else:
                 notes.append((entry, decoded))
         idempotency = await self._idempotency_rows(deliveries, notes)
         await self._ensure_partitions(deliveries)
         conn = await self._connection()
-        outcome = await self.writer.apply(conn, deliveries, idempotency, directory, rule_sets)
+        outcome = await self.writer.apply(conn, deliveries, idempotency, directory, rule_sets, audits)
         dead = [(e, reason, 1) for e, reason in undecodable]
         dead += await self._exhausted(outcome)
         if dead:
             await self._dead_letter(conn, dead)
         await self._ack(
             [d.entry for d in outcome.acknowledged] + [e for e, _ in notes] + [e for e, _ in directory]
-            + [e for e, _ in rule_sets] + [e for e, _, _ in dead]
+            + [e for e, _ in rule_sets] + [e for e, _ in audits] + [e for e, _, _ in dead]
         )  # fmt: skip
         self.applied_total += len(outcome.applied)
         self.directory_changes_applied += len(directory)
         self.rule_sets_applied += len(rule_sets)
+        self.audit_records_applied += len(audits)
 
     async def _idempotency_rows(
         self, deliveries: list[Delivered], notes: list[tuple[StreamEntry, IdempotencyNote]]

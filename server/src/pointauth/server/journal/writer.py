@@ -19,9 +19,10 @@ from typing import Any, NamedTuple
 import msgspec
 
 from pointauth.server.domain.ids import transaction_id
+from pointauth.server.journal import audit as journal_audit
 from pointauth.server.journal import directory as journal_directory
 from pointauth.server.journal import rules as journal_rules
-from pointauth.server.journal.events import DirectoryChange, EntryId, Event, RuleSetPublished, StreamEntry
+from pointauth.server.journal.events import AuditRecord, DirectoryChange, EntryId, Event, RuleSetPublished, StreamEntry
 from pointauth.server.journal.flows import FLOW_COLUMNS, FlowRow
 from pointauth.server.journal.pg import Connection, Record
 from pointauth.server.journal.projection import (
@@ -175,9 +176,10 @@ class JournalWriter:
         idempotency: Sequence[IdempotencyRow] = (),
         directory: Sequence[tuple[StreamEntry, DirectoryChange]] = (),
         rule_sets: Sequence[tuple[StreamEntry, RuleSetPublished]] = (),
+        audits: Sequence[tuple[StreamEntry, AuditRecord]] = (),
     ) -> BatchOutcome:
-        """`directory`, `rule_sets`: the batch's group directory changes and rule set
-        publications, copied in the same transaction."""
+        """`directory`, `rule_sets`, `audits`: the batch's group directory changes, rule set
+        publications and audit records, copied in the same transaction."""
         blocked: dict[str, tuple[int, str]] = {}
         while True:
             try:
@@ -187,8 +189,9 @@ class JournalWriter:
                         await journal_directory.write_changes(conn, [change for _, change in directory])
                     if rule_sets:
                         await journal_rules.write_published(conn, [published for _, published in rule_sets])
-                    if directory or rule_sets:
-                        others = [entry for entry, _ in directory] + [entry for entry, _ in rule_sets]
+                    await journal_audit.write_records(conn, audits)
+                    if directory or rule_sets or audits:
+                        others = [entry for entry, _ in (*directory, *rule_sets, *audits)]
                         await self._write_positions(conn, (), others)
                     return outcome
             except _Retry:

@@ -550,18 +550,23 @@ class Ledger:
         fingerprint: str,
         receipt_horizon_ms: int | None = None,
         sale: SaleEarn | None = None,
+        company: str | None = None,
     ) -> OpResult:
         """`receipt_horizon_ms`: also answer the receipt's facts (lots expiring within it...);
-        `sale`: also earn for the sale the capture completes, in the same call."""
+        `sale`: also earn for the sale the capture completes, in the same call; `company`: the
+        caller's (see _company)."""
         args: dict[str, Any] = {"hold": hold_seq, "pts": -1 if points is None else points, "rid": request_id}
         if receipt_horizon_ms is not None:
             args["soon"] = receipt_horizon_ms
         if sale is not None:
             args |= sale.args()
-        return await self._call("capture", account_id, args, request_id, fingerprint)
+        return await self._call("capture", account_id, _company(args, company), request_id, fingerprint)
 
-    async def void(self, account_id: str, hold_seq: int, *, request_id: str, fingerprint: str) -> OpResult:
-        return await self._call("void", account_id, {"hold": hold_seq, "rid": request_id}, request_id, fingerprint)
+    async def void(
+        self, account_id: str, hold_seq: int, *, request_id: str, fingerprint: str, company: str | None = None
+    ) -> OpResult:
+        args = _company({"hold": hold_seq, "rid": request_id}, company)
+        return await self._call("void", account_id, args, request_id, fingerprint)
 
     async def redeem(
         self,
@@ -587,9 +592,11 @@ class Ledger:
         fingerprint: str,
         foreign: tuple[str, bytes] | None = None,
         ranks: RankArgs | None = None,
+        company: str | None = None,
     ) -> OpResult:
         """A refund on this account; `foreign`: (the account, the record) of a transaction of an
-        account merged into this one; `ranks`: a refunded earn lowers the qualifying spend."""
+        account merged into this one; `ranks`: a refunded earn lowers the qualifying spend;
+        `company`: the caller's (see _company)."""
         args: dict[str, Any] = {
             "orig": original_seq,
             "pts": -1 if points is None else points,
@@ -601,7 +608,12 @@ class Ledger:
         if ranks is not None:
             args["ranks"] = ranks.arg()
         return await self._call(
-            "refund", account_id, args, request_id, fingerprint, blob=None if foreign is None else foreign[1]
+            "refund",
+            account_id,
+            _company(args, company),
+            request_id,
+            fingerprint,
+            blob=None if foreign is None else foreign[1],
         )
 
     async def refund_following(
@@ -614,9 +626,12 @@ class Ledger:
         request_id: str,
         fingerprint: str,
         ranks: RankArgs | None = None,
+        company: str | None = None,
     ) -> tuple[str, OpResult]:
         """(the account the refund landed on, answer): a transaction of an account since merged
-        is refunded on the account it was merged into (following merges), with its record."""
+        is refunded on the account it was merged into (following merges), with its record. A
+        caller of another `company` than the transaction's is refused on the first account, as
+        for an unknown id: before it could learn that the account was merged."""
         on, foreign = account_id, None
         for _ in range(MAX_MERGE_HOPS + 1):
             try:
@@ -629,6 +644,7 @@ class Ledger:
                     fingerprint=fingerprint,
                     foreign=foreign,
                     ranks=ranks,
+                    company=company,
                 )
                 return on, result
             except LedgerRefusal as refusal:
@@ -841,6 +857,16 @@ def _runs(shards: list[int]) -> list[range]:
         else:
             runs.append(range(shard, shard + 1))
     return runs
+
+
+def _company(args: dict[str, Any], company: str | None) -> dict[str, Any]:
+    """A capture, void or refund for a caller bound to a company names it: the script answers a
+    hold or transaction of another company's point of sale as it answers an unknown id, before
+    its replay check and writing nothing (ledger.lua, CO_SCOPED). None: no check (an operator,
+    or auth off)."""
+    if company is not None:
+        args["co"] = company
+    return args
 
 
 def _via(args: dict[str, Any], card: str | None) -> dict[str, Any]:

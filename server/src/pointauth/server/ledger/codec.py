@@ -762,9 +762,9 @@ def encode_note(note: IdempotencyNote) -> bytes:
 
 def decode_stream_entry(
     fields: Mapping[bytes, bytes],
-) -> Event | IdempotencyNote | DirectoryChange | RuleSetPublished:
-    """A stream entry's fields: the event, the note, the group directory's change or the rule set
-    publication (shard 0's stream, see "rule sets") it carries."""
+) -> Event | IdempotencyNote | DirectoryChange | RuleSetPublished | AuditRecord:
+    """A stream entry's fields: the event, the note, the group directory's change, the rule set
+    publication (shard 0's stream, see "rule sets") or the audit record (shard 0's too) it carries."""
     if EVENT_FIELD in fields:
         return _decode_event(fields[EVENT_FIELD])
     if NOTE_FIELD in fields:
@@ -773,9 +773,11 @@ def decode_stream_entry(
         return _decode_directory_change(fields[DIRECTORY_FIELD])
     if RULE_SET_FIELD in fields:
         return _decode_published(fields[RULE_SET_FIELD])
+    if AUDIT_FIELD in fields:
+        return _decode_audit(fields[AUDIT_FIELD])
     raise msgspec.DecodeError(
-        f"a stream entry has field {EVENT_FIELD!r}, {NOTE_FIELD!r}, {DIRECTORY_FIELD!r} or {RULE_SET_FIELD!r},"
-        f" not {sorted(fields)}"
+        f"a stream entry has field {EVENT_FIELD!r}, {NOTE_FIELD!r}, {DIRECTORY_FIELD!r}, {RULE_SET_FIELD!r} or"
+        f" {AUDIT_FIELD!r}, not {sorted(fields)}"
     )
 
 
@@ -1040,3 +1042,45 @@ def encode_rule_set_published(published: RuleSetPublished) -> bytes:
 
 def decode_rule_set_published(raw: bytes) -> RuleSetPublished:
     return _decode_published(raw)
+
+
+# -- the audit trail ----------------------------------------------------------------------------
+# Operator actions and refused calls (api/audit.py) go to shard 0's stream as entries with one
+# field `a`, from where the write-behind copies them to audit_log (journal/audit.py): in Redis
+# (appendfsync always) before the call is answered, so an answered action always has its record.
+
+AUDIT_FIELD = b"a"
+
+
+class AuditRecord(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Who did what, when, from where, and how it ended."""
+
+    time: int
+    """Unix ms."""
+    method: str
+    """The gRPC method (/pointauth.v1.Service/Method), or `cli:<command>` for an operator command."""
+    actor: str
+    """The credential's id; for a caller refused as unauthenticated, what it presented (`key:<id>`,
+    `certificate:<identity>`, or ""); "" with authentication off."""
+    role: str
+    """The credential's role ("" if none)."""
+    peer: str
+    """Where the call came from (gRPC's peer: ipv4:host:port), or the operator's host for a command."""
+    code: str
+    """OK, or the status code's name."""
+    reason: str = ""
+    """The ErrorInfo reason of a refusal."""
+    request: str = ""
+    """The request, as protobuf's JSON (at most AUDIT_REQUEST_MAX characters; longer is cut)."""
+    suppressed: int = 0
+    """Refusals of this process not recorded since its previous record (a flood beyond the
+    refusals' recording rate: they are counted, never silently dropped)."""
+
+
+AUDIT_REQUEST_MAX = 16_384
+_decode_audit = msgspec.msgpack.Decoder(AuditRecord).decode
+
+
+def audit_entry(record: AuditRecord) -> dict[bytes, bytes]:
+    """The stream entry's fields of an audit record."""
+    return {AUDIT_FIELD: _encode(record)}

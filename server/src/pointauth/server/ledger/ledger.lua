@@ -59,6 +59,36 @@ local BATCH = 1000
 
 local function fmt(n) return string.format('%d', n) end
 
+-- A caller bound to a company (ARGS.co: a till's, from its credential) may capture, void or
+-- refund only holds and transactions made at its own company's points of sale (the record's
+-- pos); the request names only an id, which anyone can guess. Another company's is answered
+-- exactly as an unknown id is, so nothing can be probed: before the replay check (a stranger
+-- replaying an owner's request id gets neither its answer nor IDEMPOTENCY_KEY_REUSED) and
+-- writing nothing at all, not even an idempotency record. A record that is not there is left to
+-- the op, which answers it as it always has. No ARGS.co (an operator, auth off): no check.
+-- The record read here is kept for tx_get: the check costs no second read.
+local CO_SCOPED = {capture = 'hold', void = 'hold', refund = 'orig'}
+local NAMED_TX = {}
+if ARGS.co and CO_SCOPED[OP] then
+  local seq = ARGS[CO_SCOPED[OP]]
+  local rec
+  if ARGS.facct then
+    rec = cmsgpack.unpack(BLOB) -- a merged account's transaction: its record comes with the call
+  else
+    local raw = redis.call('HGET', K_TX, fmt(seq))
+    rec = raw and cmsgpack.unpack(raw) or false
+    NAMED_TX[seq] = rec
+  end
+  if rec and not (rec.pos and rec.pos[1] == ARGS.co) then
+    if OP == 'refund' then
+      return cmsgpack.pack({code = 'NOT_FOUND', reason = 'TRANSACTION_NOT_FOUND',
+        message = 'no refundable transaction ' .. (ARGS.facct or ACCOUNT) .. '.' .. fmt(seq)})
+    end
+    return cmsgpack.pack({code = 'NOT_FOUND', reason = 'HOLD_NOT_FOUND', message = 'no hold ' .. ACCOUNT .. '.'
+      .. fmt(seq)})
+  end
+end
+
 -- Replay: same request id and fingerprint returns the stored result byte for byte.
 -- Idempotency record: "<fingerprint><packed result>" (codec.py, idempotency_record).
 if K_IDEM then
@@ -93,8 +123,8 @@ end
 -- totals as this call changes them; `expired`: the part of `lp` in lots past their expiry.
 -- `fields`: account hash fields to set at commit ('' removes one).
 local A = {seq = 0, x0 = 1, lp = 0, hp = 0, expired = 0, lots = {}, buckets = {}, scores = {},
-  dirty_lots = {}, events = {}, tx = {}, dirty_tx = {}, open_add = {}, open_rem = {}, hold_add = {}, hold_rem = {},
-  fields = {}, exists = false}
+  dirty_lots = {}, events = {}, tx = NAMED_TX, dirty_tx = {}, open_add = {}, open_rem = {}, hold_add = {},
+  hold_rem = {}, fields = {}, exists = false}
 
 -- The account hash: codec.py, StoredAccount (written in commit()).
 local function load()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ from pointauth.server.clock import Clock, SystemClock
 from pointauth.server.config import Settings
 from pointauth.server.domain.settlement import Flow, Statement
 from pointauth.server.ledger import Keyspace, LedgerRefusal
+from pointauth.server.services.audit import Auditor
 from pointauth.server.services.settlement import SettlementService, statement_csv
 
 
@@ -68,7 +70,18 @@ async def _settle(
     try:
         if listing:
             return await service.statements(company)
-        return await service.settle(service.period(period_name), close=close, actor="cli")
+        period = service.period(period_name)
+        if not close:
+            return await service.settle(period, close=False, actor="cli")
+        # Closing is an operator action: the audit trail has it, refused or not.
+        auditor, request = Auditor(redis, service.keyspace, clock), json.dumps({"period": period.name, "close": True})
+        try:
+            statement = await service.settle(period, close=True, actor="cli")
+        except LedgerRefusal as refusal:
+            await auditor.command("settle", request, refusal.result.code, refusal.result.reason)
+            raise
+        await auditor.command("settle", request)
+        return statement
     finally:
         await redis.aclose()
 

@@ -362,6 +362,9 @@ class PointsService:
         return Outcome(account, result)
 
     # Capture and void act at the hold's own point of sale, checked when it was authorized.
+    # Capture, void, refund and receipt name a hold or transaction by id only: `company`, the
+    # caller's (None: bound to none), limits them to its own company's, and one of another
+    # company is refused as an unknown id is (the ledger's script decides, in the same call).
 
     async def capture(
         self,
@@ -371,6 +374,7 @@ class PointsService:
         points: int | None,
         request_id: str,
         fingerprint: str,
+        company: str | None,
         sale: tuple[int, tuple[BasketLine, ...], int] | None = None,
     ) -> OpResult:
         """A capture; with `sale` (purchase amount, basket, purchase ms), also the earn for the
@@ -385,6 +389,7 @@ class PointsService:
                 fingerprint=fingerprint,
                 receipt_horizon_ms=self.receipt_horizon_ms(),
                 sale=None if earn is None else dataclasses.replace(earn, lines=lines),
+                company=company,
             )
             return account_id, result
 
@@ -392,7 +397,8 @@ class PointsService:
             if sale is None:
                 return (await capture_with([], None))[1]
             record = await self.ledger.transaction(account_id, hold_seq)
-            if record is None or record.type != "HOLD":
+            # Another company's hold is refused here too, before its budgets are reserved.
+            if record is None or record.type != "HOLD" or not _company_may_see(record, company):
                 raise not_found(ErrorReason.HOLD_NOT_FOUND, f"no hold {account_id}.{hold_seq}")
             amount, basket, purchase_ms = sale
             lines, version, ranks, qualifying = self.sale_lines(record.pos, amount, basket, purchase_ms)
@@ -401,9 +407,13 @@ class PointsService:
         except LedgerRefusal as refusal:
             raise _unknown_hold(refusal, account_id, hold_seq) from None
 
-    async def void(self, account_id: str, hold_seq: int, *, request_id: str, fingerprint: str) -> OpResult:
+    async def void(
+        self, account_id: str, hold_seq: int, *, request_id: str, fingerprint: str, company: str | None
+    ) -> OpResult:
         try:
-            return await self.ledger.void(account_id, hold_seq, request_id=request_id, fingerprint=fingerprint)
+            return await self.ledger.void(
+                account_id, hold_seq, request_id=request_id, fingerprint=fingerprint, company=company
+            )
         except LedgerRefusal as refusal:
             raise _unknown_hold(refusal, account_id, hold_seq) from None
 
@@ -428,6 +438,7 @@ class PointsService:
         pos: PointOfSaleRef | None,
         request_id: str,
         fingerprint: str,
+        company: str | None,
     ) -> Outcome:
         """Lands on the account the transaction's account was merged into, if it was."""
         if pos is not None:
@@ -441,6 +452,7 @@ class PointsService:
                 request_id=request_id,
                 fingerprint=fingerprint,
                 ranks=self.rules.rank_args(self.rules.current) if self.rules is not None else None,
+                company=company,
             )
         except LedgerRefusal as refusal:
             message = f"no refundable transaction {account_id}.{original_seq}"
@@ -465,15 +477,21 @@ class PointsService:
         )
         return Outcome(account, result), read_ms
 
-    async def receipt(self, account_id: str, seq: int) -> TransactionRecord:
+    async def receipt(self, account_id: str, seq: int, *, company: str | None) -> TransactionRecord:
         record = await self.ledger.transaction(account_id, seq)
-        if record is None:
+        if record is None or not _company_may_see(record, company):
             raise not_found(ErrorReason.TRANSACTION_NOT_FOUND, f"no transaction {account_id}.{seq}")
         return record
 
     def hold_state(self, record: TransactionRecord) -> str:
         """A hold past its TTL is expired even if no sweeper has written it down yet."""
         return "EXPIRED" if record.state == "HELD" and record.exp <= self.clock.now_ms() else record.state
+
+
+def _company_may_see(record: TransactionRecord, company: str | None) -> bool:
+    """Whether a caller bound to `company` (None: to none) may know of this hold or transaction:
+    only if it was made at one of its company's points of sale (as ledger.lua's CO_SCOPED)."""
+    return company is None or record.pos.company_id == company
 
 
 def _unknown_hold(refusal: LedgerRefusal, account_id: str, hold_seq: int) -> LedgerRefusal:
