@@ -64,6 +64,12 @@ def test_a_refund_adjusts_the_pair_and_period_of_the_transaction_it_refunds() ->
     assert point_flows(event("REFUNDED", [lot(1, 5, "east")], ref=4, racct="m3"), use)[0].ref_account == "m3"
     with pytest.raises(ValueError, match="original"):
         point_flows(back, None)
+    # What no flow maps, or a lot effect of the wrong sign, stops the event (held back by the
+    # write-behind as diverged) rather than being counted as something it is not.
+    with pytest.raises(ValueError, match="of a HOLD, which no flow maps"):
+        point_flows(back, record("HOLD", AT_WEST, T - 5))
+    with pytest.raises(ValueError, match="a USED flow with a lot effect of 5"):
+        point_flows(event("REDEEMED", [lot(1, -10, "east"), lot(2, 5, "east")], pos=AT_WEST), None)
 
 
 @pytest.mark.parametrize(

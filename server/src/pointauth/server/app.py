@@ -111,6 +111,7 @@ class PointauthServer:
         self._sweeper: asyncio.Task[None] | None = None
         self.server: grpc.aio.Server | None = None
         self.credentials: CredentialStore | None = None
+        self.audit_trail: AuditTrail | None = None
         self.port = 0
         self._stopped = False
 
@@ -158,7 +159,8 @@ class PointauthServer:
             self.clock,
             refusals_per_second=self.settings.auth.audit_refusals_per_second,
         )
-        interceptors.insert(0, AuditTrail(auditor, guard.identify if guard else None))
+        self.audit_trail = AuditTrail(auditor, guard.identify if guard else None)
+        interceptors.insert(0, self.audit_trail)
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[
@@ -233,6 +235,9 @@ class PointauthServer:
         await self.rules.stop()
         if self.credentials is not None:
             await self.credentials.stop()
+        if self.audit_trail is not None:
+            # Records of calls cancelled by the stop, then no more: Redis closes next.
+            await self.audit_trail.close()
         await self.redis.aclose()
 
     async def wait(self) -> None:

@@ -45,6 +45,12 @@ _BEARER = "bearer "
 _CALLER: ContextVar[Credential | None] = ContextVar("pointauth_caller", default=None)
 
 
+def caller_id() -> str | None:
+    """The id of the call's credential (None: the server runs without auth)."""
+    credential = _CALLER.get()
+    return credential.id if credential is not None else None
+
+
 def caller_company() -> str | None:
     """The company the call's credential acts for (a till's), for handlers whose request alone
     does not say whose something is: a capture, void, refund or receipt names a hold or
@@ -131,8 +137,10 @@ class AccessGuard(grpc.aio.ServerInterceptor):
         self, method: str, behavior: Callable[[Any, Context], Awaitable[Any]]
     ) -> Callable[[Any, Context], Awaitable[Any]]:
         async def guarded(request: Any, context: Context) -> Any:
-            error = self.check(method, request, context)
+            credential, error = self._check(method, request, context)
             if error is None:
+                # For the call's handler (caller_company): this call's task alone sees it.
+                _CALLER.set(credential)
                 return await behavior(request, context)
             await context.abort_with_status(error.to_status())
             raise AssertionError("abort_with_status returned")  # pragma: no cover
@@ -141,15 +149,19 @@ class AccessGuard(grpc.aio.ServerInterceptor):
 
     def check(self, method: str, request: Any, context: Context) -> ApiError | None:
         """None if the call may go on; otherwise the refusal to answer with."""
+        return self._check(method, request, context)[1]
+
+    def _check(self, method: str, request: Any, context: Context) -> tuple[Credential | None, ApiError | None]:
+        """The caller's credential, and None if it may go on or the refusal to answer with."""
         try:
             credential = self.authenticate(context)
         except ApiError as refused:
             log.info("%s refused: %s (peer %s)", method, refused, context.peer())
-            return refused
+            return None, refused
         denied = decide(credential, method, request)
         if denied is not None:
             log.info("%s refused to %s: %s", method, credential.id, denied)
-            return denied
+            return credential, denied
         rate = credential.rate_per_second or self.rate_per_second
         bucket = self._buckets.get((credential.id, rate))
         now = self.monotonic()
@@ -157,22 +169,15 @@ class AccessGuard(grpc.aio.ServerInterceptor):
             bucket = self._buckets[credential.id, rate] = TokenBucket(rate, max(self.burst, 1), now)
         wait = bucket.take(now)
         if wait > 0:
-            return ApiError(
+            return credential, ApiError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 ErrorReason.RATE_LIMITED,
                 f"credential {credential.id!r} is limited to {rate} calls a second; retry with the same request_id",
                 retry_delay_ms=max(1, math.ceil(wait * 1000)),
             )
-        return None
+        return credential, None
 
     def authenticate(self, context: Context) -> Credential:
-        credential = self._authenticate_reloading(context)
-        # For the call's handler (caller_company); set before the guard decides: a call it
-        # refuses ends here, its context with it.
-        _CALLER.set(credential)
-        return credential
-
-    def _authenticate_reloading(self, context: Context) -> Credential:
         try:
             return self._authenticate(context)
         except ApiError as refused:

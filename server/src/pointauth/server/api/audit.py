@@ -5,6 +5,7 @@ services/audit.py's Auditor, before the call is answered."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -85,6 +86,7 @@ class AuditTrail(grpc.aio.ServerInterceptor):
         self.auditor = auditor
         self.identify = identify or _anonymous
         self._handlers: dict[str, Handler] = {}
+        self._pending: set[asyncio.Task[None]] = set()
 
     async def intercept_service(self, continuation: Continuation, details: grpc.HandlerCallDetails) -> Handler | None:
         method: str = details.method
@@ -118,11 +120,27 @@ class AuditTrail(grpc.aio.ServerInterceptor):
                     record = self._record(method, context, request, name, refusal_reason(context))
                     await (self.auditor.action(record) if action else self.auditor.refusal(record))
                 raise
+            except asyncio.CancelledError:
+                # The caller went away (or its deadline passed) while the action ran: it may have
+                # been done all the same, so it is recorded, in a task of its own that the
+                # cancellation of this one does not stop.
+                if action:
+                    record = self._record(method, context, request, "CANCELLED", "")
+                    task = asyncio.create_task(self.auditor.action(record))
+                    self._pending.add(task)
+                    task.add_done_callback(self._pending.discard)
+                raise
             if action:
                 await self.auditor.action(self._record(method, context, request, "OK", ""))
             return response
 
         return recorded
+
+    async def close(self) -> None:
+        """Waits for the records of cancelled calls; records nothing after (the server's Redis
+        client closes next: a write then would open a connection nobody closes)."""
+        await asyncio.gather(*self._pending, return_exceptions=True)
+        self.auditor.closed = True
 
     def _record(self, method: str, context: Context, request: object, code: str, reason: str) -> AuditRecord:
         actor, role = self.identify(context)

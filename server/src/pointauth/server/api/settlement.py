@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 
 from pointauth.server.api import convert
+from pointauth.server.api.access import caller_id
 from pointauth.server.api.validation import Violations
 from pointauth.server.domain.settlement import Flow, PairLine, Period, Statement
 from pointauth.server.journal.writer import to_ms
@@ -120,5 +121,5 @@ class SettlementServicer(settlement_service_pb2_grpc.SettlementServiceServicer):
 
 
 def _caller(context: Context) -> str:
-    """Who closes a statement: the caller's address until credentials say who (issue #12)."""
-    return f"rpc:{context.peer()}"
+    """Who closes a statement: the caller's credential; with auth off, where the call came from."""
+    return caller_id() or f"rpc:{context.peer()}"

@@ -68,6 +68,15 @@ TIE_OUTS = (
 )
 
 
+MOVES_NO_POINTS = (
+    "ACCOUNT_OPENED", "CARD_LINKED", "CARD_UNLINKED", "CARD_BLOCKED", "CARD_UNBLOCKED", "CARD_REISSUED",
+    "PROFILE_UPDATED", "COUPON_USED", "RANK_REVIEWED", "HOLD_AUTHORIZED", "HOLD_VOIDED", "HOLD_EXPIRED",
+)  # fmt: skip
+"""Event types with no flow: a hold's points stay the member's until a capture spends them."""
+UNCLASSIFIED = "unclassified_events"
+"""The tie-out line that counts the period's events of a type neither TIE_OUTS nor MOVES_NO_POINTS
+knows (a newer ledger's): it must be (0, 0), or their points went uncounted."""
+
 _PERIOD = re.compile(r"(\d{4})-(0[1-9]|1[0-2])")
 
 

@@ -3,12 +3,32 @@ operators' query of them (`pointauth audit`)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from pointauth.server.journal.events import AuditRecord, StreamEntry
 from pointauth.server.journal.pg import Connection, Record
+
+
+def jsonb_text(text: str) -> str:
+    """JSON that PostgreSQL's jsonb accepts: it refuses the NUL character (\\u0000), which a
+    request's strings may hold (a caller's junk must not stop the write-behind): it becomes U+FFFD."""
+    if "\\u0000" not in text:
+        return text
+    return json.dumps(_without_nul(json.loads(text)), ensure_ascii=False)
+
+
+def _without_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, list):
+        return [_without_nul(v) for v in value]
+    if isinstance(value, dict):
+        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
+    return value
 
 
 async def write_records(conn: Connection, records: Sequence[tuple[StreamEntry, AuditRecord]]) -> None:
@@ -26,7 +46,7 @@ async def write_records(conn: Connection, records: Sequence[tuple[StreamEntry, A
             r.peer,
             r.code,
             r.reason,
-            r.request or None,
+            jsonb_text(r.request) if r.request else None,
             r.suppressed,
         )
         for entry, r in records

@@ -157,7 +157,10 @@ class Projector:
         original = (
             self.records.get((event.racct or state.account_id, event.ref or 0)) if event.type == "REFUNDED" else None
         )
-        self.flows.extend(point_flows(event, original))
+        try:
+            self.flows.extend(point_flows(event, original))
+        except ValueError as exc:
+            raise ProjectionError(str(exc)) from None
         state.last_seq = event.seq
 
     def _apply_lots(self, state: AccountState, event: Event) -> None:

@@ -14,7 +14,9 @@ import msgspec
 
 from pointauth.server.domain.settlement import (
     DEFAULT_POINT_VALUE,
+    MOVES_NO_POINTS,
     TIE_OUTS,
+    UNCLASSIFIED,
     USE_FLOWS,
     Adjustment,
     Flow,
@@ -70,16 +72,15 @@ async def compute(conn: Connection, period: Period) -> Statement:
             ends,
         )
     ]
-    journal = {
-        r["type"]: r["points"]
-        for r in await conn.fetch(
-            "SELECT type, sum(points)::bigint AS points FROM journal"
-            " WHERE event_time >= $1 AND event_time < $2 AND type = ANY($3::text[]) GROUP BY type",
-            starts,
-            ends,
-            sorted({t for check in TIE_OUTS for t in check.event_types}),
-        )
-    }
+    by_type = await conn.fetch(
+        "SELECT type, sum(points)::bigint AS points, count(*) AS n FROM journal"
+        " WHERE event_time >= $1 AND event_time < $2 GROUP BY type",
+        starts,
+        ends,
+    )
+    journal = {r["type"]: r["points"] for r in by_type}
+    known = {t for check in TIE_OUTS for t in check.event_types} | set(MOVES_NO_POINTS)
+    unclassified = sum(r["n"] for r in by_type if r["type"] not in known)
     tie_out = {
         check.name: (
             sum(line.totals[f] for line in issuers.values() for f in check.flows),
@@ -87,6 +88,7 @@ async def compute(conn: Connection, period: Period) -> Statement:
         )
         for check in TIE_OUTS
     }
+    tie_out[UNCLASSIFIED] = (0, unclassified)
     return Statement(
         period=period,
         issuers=[issuers[i] for i in sorted(issuers)],
@@ -107,10 +109,14 @@ def _adjustment(r: Record, ref_period: str) -> Adjustment:
     )  # fmt: skip
 
 
-async def dead_letters_before(conn: Connection, ends_ms: int) -> int:
-    """Dead letters whose entry (its id is Redis's time in ms) was written before `ends_ms`."""
+async def dead_letters_between(conn: Connection, starts_ms: int, ends_ms: int) -> int:
+    """Dead letters whose entry (its id is Redis's time in ms) was written in [starts_ms, ends_ms):
+    those of an earlier period are that period's concern."""
     count: int = await conn.fetchval(
-        "SELECT count(*) FROM dead_letters WHERE split_part(entry_id, '-', 1)::bigint < $1", ends_ms
+        "SELECT count(*) FROM dead_letters WHERE split_part(entry_id, '-', 1)::bigint >= $1"
+        " AND split_part(entry_id, '-', 1)::bigint < $2",
+        starts_ms,
+        ends_ms,
     )
     return count
 
@@ -216,7 +222,7 @@ async def load(conn: Connection, period: Period) -> Statement | None:
     ]
     # In TIE_OUTS' order, as computed (jsonb keeps its keys in an order of its own).
     checked = msgspec.json.decode(head["tie_out"], type=dict[str, tuple[int, int]])
-    tie_out = {check.name: checked[check.name] for check in TIE_OUTS if check.name in checked}
+    tie_out = {name: checked[name] for name in (*(check.name for check in TIE_OUTS), UNCLASSIFIED) if name in checked}
     return Statement(
         period=stored_period,
         issuers=issuers,

@@ -134,9 +134,9 @@ class WriteBehindWorker:
         self.directory_changes_applied = 0
         """Group directory changes copied (delivered again after a crash: counted again)."""
         self.rule_sets_applied = 0
+        """Rule set publications copied (delivered again after a crash: counted again)."""
         self.audit_records_applied = 0
         """Audit records copied (delivered again after a crash: counted again)."""
-        """Rule set publications copied (delivered again after a crash: counted again)."""
         self._conn: Connection | None = None
         self._batch: list[StreamEntry] | None = None
         # Streams whose own pending entries are still to be read again, and from which id: set at

@@ -473,6 +473,16 @@ class JournalWriter:
     async def _write_flows(self, conn: Connection, flows: list[FlowRow]) -> None:
         if not flows:
             return
+        # Closing a period assumes no event of it can come later (services/settlement.py): a
+        # server clock far behind Redis's could still make one. It is journaled all the same, and
+        # said loudly, as no statement will count it.
+        closed_until = await conn.fetchval("SELECT max(ends_at) FROM settlement_statements")
+        if closed_until is not None and (late := [f for f in flows if to_time(f.time_ms) < closed_until]):
+            events = ", ".join(sorted({transaction_id(f.account_id, f.seq) for f in late}))
+            log.error(
+                "write-behind: %d point flows fall in a closed settlement period (before %s), in no statement: %s",
+                len(late), closed_until.isoformat(), events,
+            )  # fmt: skip
         await conn.copy_records_to_table(
             "point_flows_stage", records=[flow_row(f) for f in flows], columns=FLOW_COLUMNS
         )

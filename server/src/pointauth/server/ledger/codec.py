@@ -1047,7 +1047,8 @@ def decode_rule_set_published(raw: bytes) -> RuleSetPublished:
 # -- the audit trail ----------------------------------------------------------------------------
 # Operator actions and refused calls (api/audit.py) go to shard 0's stream as entries with one
 # field `a`, from where the write-behind copies them to audit_log (journal/audit.py): in Redis
-# (appendfsync always) before the call is answered, so an answered action always has its record.
+# (appendfsync always) before the call is answered, so an answered action has its record, unless
+# Redis failed just then (the server logs the record's method, actor and peer instead).
 
 AUDIT_FIELD = b"a"
 
@@ -1073,8 +1074,8 @@ class AuditRecord(msgspec.Struct, frozen=True, omit_defaults=True):
     request: str = ""
     """The request, as protobuf's JSON (at most AUDIT_REQUEST_MAX characters; longer is cut)."""
     suppressed: int = 0
-    """Refusals of this process not recorded since its previous record (a flood beyond the
-    refusals' recording rate: they are counted, never silently dropped)."""
+    """Refusals of this caller (actor and peer) in this process not recorded since its previous
+    record: a flood beyond the refusals' recording rate is counted, not written one by one."""
 
 
 AUDIT_REQUEST_MAX = 16_384

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import getpass
 import json
 import sys
 from collections.abc import Sequence
@@ -72,11 +73,11 @@ async def _settle(
             return await service.statements(company)
         period = service.period(period_name)
         if not close:
-            return await service.settle(period, close=False, actor="cli")
+            return await service.settle(period, close=False, actor=f"cli:{getpass.getuser()}")
         # Closing is an operator action: the audit trail has it, refused or not.
         auditor, request = Auditor(redis, service.keyspace, clock), json.dumps({"period": period.name, "close": True})
         try:
-            statement = await service.settle(period, close=True, actor="cli")
+            statement = await service.settle(period, close=True, actor=f"cli:{getpass.getuser()}")
         except LedgerRefusal as refusal:
             await auditor.command("settle", request, refusal.result.code, refusal.result.reason)
             raise

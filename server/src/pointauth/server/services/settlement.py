@@ -4,8 +4,10 @@ closed ones back, and export them as CSV.
 
 A period can be closed only once every event of it is in the journal: it has ended (with a
 margin for the clocks of servers and Redis), the write-behind has applied every stream entry
-written before that, and none of those is a dead letter. Then no event of the period can arrive
-later, so a closed statement is final, and computing it again gives the same numbers.
+written before that, and none of those is a dead letter. Then, as long as every server's clock is
+within CLOCK_MARGIN_MS of Redis's (an event's time is its server's, an entry's id Redis's), no
+event of the period can arrive later, so a closed statement is final, and computing it again
+gives the same numbers. (One that does is journaled, and the write-behind logs it as an ERROR.)
 """
 
 from __future__ import annotations
@@ -75,8 +77,10 @@ class SettlementService:
                     statement.closed_by = actor
                     await stored.store(conn, statement)
                 return statement
-            except asyncpg.UniqueViolationError:
-                pass  # closed meanwhile by another caller: theirs is the statement
+            except asyncpg.UniqueViolationError as exc:
+                if exc.constraint_name != "settlement_statements_pkey":
+                    raise
+                # Closed meanwhile by another caller: theirs is the statement.
         return await self.statement(period)
 
     async def statement(self, period: Period) -> Statement:
@@ -116,7 +120,8 @@ class SettlementService:
                 f" in {len(behind)} streams); retry once `pointauth status` shows it caught up",
                 period=period.name, unapplied=str(unapplied), streams=str(len(behind)),
             )  # fmt: skip
-        dead = await stored.dead_letters_before(conn, ends_ms + CLOCK_MARGIN_MS)
+        starts_ms = to_ms(period.starts)
+        dead = await stored.dead_letters_between(conn, starts_ms - CLOCK_MARGIN_MS, ends_ms + CLOCK_MARGIN_MS)
         if dead:
             raise _refusal(
                 "FAILED_PRECONDITION", ErrorReason.JOURNAL_HAS_DEAD_LETTERS,
