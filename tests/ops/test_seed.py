@@ -11,10 +11,12 @@ from redis.asyncio import Redis
 from pointauth.server.clock import SystemClock
 from pointauth.server.config import LedgerSettings, PostgresSettings, RedisSettings, Settings
 from pointauth.server.devstack.stack import EmbeddedStack
+from pointauth.server.domain.settlement import Flow, Period
+from pointauth.server.journal import settlement
 from pointauth.server.journal.pg import connection
 from pointauth.server.ledger import Keyspace, Ledger, OpResult, PointOfSaleRef
 from pointauth.server.ops import reconcile
-from pointauth.server.ops.seed import account_id, primary_card, seed_account, seed_command
+from pointauth.server.ops.seed import SEED_ISSUER, account_id, primary_card, seed_account, seed_command
 from tests.journal.support import running_worker
 
 ACCOUNTS = 300
@@ -45,6 +47,13 @@ async def test_seed_loads_both_stores_idempotently(
     lots = sum(len(lot) for _, _, lot in expected)
     assert await _pg_counts(dsn) == (ACCOUNTS, cards, lots, lots)
     assert {len(c) for _, c, _ in expected} == {1, 2, 3}
+    # The seed month settles like any other: each seeded lot is the seed issuer's, issued.
+    async with connection(dsn) as conn:
+        period = Period.of(await conn.fetchval("SELECT min(event_time) FROM journal"), "Asia/Tokyo")
+        statement = await settlement.compute(conn, period)
+    assert statement.ties_out, statement.mismatches()
+    seeded_points = sum(points for _, _, lot in expected for _, points, _, _ in lot)
+    assert [(i.issuer_id, i.totals[Flow.ISSUED]) for i in statement.issuers] == [(SEED_ISSUER.decode(), seeded_points)]
     assert {kind for _, _, lot in expected for *_, kind in lot} == {b"R", b"L"}
 
     ledger = Ledger(redis, keyspace, SystemClock(), settings.ledger)

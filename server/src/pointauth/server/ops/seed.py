@@ -187,10 +187,14 @@ _JOURNAL_COLUMNS = (
 )  # fmt: skip
 
 
+_FLOW_COLUMNS = ("event_time", "account_id", "seq", "flow", "issuer_id", "company_id", "points")
+
+
 def postgres_chunk(start: int, count: int, anchor_ms: int, keyspace: Keyspace) -> dict[str, bytes]:
     """COPY text rows for accounts, cards, lots and the journal. Each seeded lot is a GRANT event
-    in the journal, so the journal still holds every account's events 1..last_seq."""
-    rows: dict[str, list[bytes]] = {"accounts": [], "cards": [], "lots": [], "journal": []}
+    in the journal, so the journal still holds every account's events 1..last_seq, with its point
+    flow (ISSUED by the seed issuer), so the seed month settles and ties out as any other."""
+    rows: dict[str, list[bytes]] = {"accounts": [], "cards": [], "lots": [], "journal": [], "point_flows": []}
     opened = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(anchor_ms // 1000)).encode()
     crc = zlib.crc32
     for n in range(start, start + count):
@@ -204,6 +208,9 @@ def postgres_chunk(start: int, count: int, anchor_ms: int, keyspace: Keyspace) -
             rows["journal"].append(
                 b"%s.%d\t%s\t%d\tGRANT\t%d\t%s\t%s\t%s\t%s\tseed\tseed\n"
                 % (account, lot_id, account, lot_id, points, effect, SEED_ISSUER, SEED_ISSUER, opened)
+            )
+            rows["point_flows"].append(
+                b"%s\t%s\t%d\tISSUED\t%s\t%s\t%d\n" % (opened, account, lot_id, SEED_ISSUER, SEED_ISSUER, points)
             )
     return {table: b"".join(lines) for table, lines in rows.items()}
 
@@ -219,7 +226,7 @@ async def load_postgres(
     account it already holds, so a seed interrupted or grown later picks up where it stopped."""
     columns = {"accounts": _ACCOUNT_COLUMNS, "cards": ("card_number", "account_id"),
                "lots": ("account_id", "lot_id", "points", "expire_ms", "kind", "issuer_id"),
-               "journal": _JOURNAL_COLUMNS}  # fmt: skip
+               "journal": _JOURNAL_COLUMNS, "point_flows": _FLOW_COLUMNS}  # fmt: skip
     async with connection(dsn) as conn:
         # The seed month's journal partition must exist before the rows arrive.
         await conn.execute("SELECT journal_create_partitions(to_timestamp($1::bigint / 1000.0), 1)", anchor_ms)
