@@ -27,6 +27,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from pointauth.server.clock import to_ms
 from pointauth.server.config import LedgerSettings, PostgresSettings, RedisSettings, Settings
 from pointauth.server.devstack.stack import EmbeddedStack
 from pointauth.server.domain.settlement import Period
@@ -34,7 +35,7 @@ from pointauth.server.journal.events import EntryId, StreamEntry
 from pointauth.server.journal.flows import FLOW_COLUMNS, point_flows
 from pointauth.server.journal.migrate import create_partitions, migrate
 from pointauth.server.journal.pg import Connection, connection
-from pointauth.server.journal.writer import JOURNAL_COLUMNS, Delivered, flow_row, journal_row, to_ms
+from pointauth.server.journal.writer import JOURNAL_COLUMNS, Delivered, flow_row, journal_row
 from pointauth.server.ledger.codec import AllocEntry, Event, LotEntry, PointOfSaleRef, TransactionRecord
 from pointauth.server.ops.settle import settle_command
 

@@ -11,10 +11,10 @@ from redis.asyncio import Redis
 
 from pointauth.client import PointsClient
 from pointauth.server.app import PointauthServer
-from pointauth.server.clock import ManualClock
+from pointauth.server.clock import ManualClock, to_time
 from pointauth.server.devstack.stack import EmbeddedStack
 from pointauth.server.journal.pg import connection
-from pointauth.server.journal.writer import account_coupons, to_time
+from pointauth.server.journal.writer import account_coupons
 from pointauth.server.ledger import Keyspace, codec
 from pointauth.v1 import rules_service_pb2 as rpb
 from tests.conftest import STORE, at

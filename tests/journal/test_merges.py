@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from pointauth.server.clock import ManualClock
+from pointauth.server.clock import ManualClock, to_time
 from pointauth.server.devstack.stack import EmbeddedStack
 from pointauth.server.journal.events import EntryId, StreamEntry
 from pointauth.server.journal.pg import Connection, connection
-from pointauth.server.journal.writer import Delivered, JournalWriter, to_time
+from pointauth.server.journal.writer import Delivered, JournalWriter
 from pointauth.server.ledger import Keyspace, Ledger, codec
 from pointauth.server.ops import reconcile
 from tests.journal.support import DAY_MS, MERGED, merged_pair, running_worker, wait_until_applied

@@ -12,13 +12,13 @@ import msgspec
 from redis.asyncio import Redis
 
 from pointauth.client import PointsClient
-from pointauth.server.clock import ManualClock
+from pointauth.server.clock import ManualClock, to_time
 from pointauth.server.devstack.stack import EmbeddedStack
 from pointauth.server.domain.earning import Campaign, Conditions, Effect, Rate, RuleSet
 from pointauth.server.journal import rules as journal_rules
 from pointauth.server.journal.events import EntryId, StreamEntry
 from pointauth.server.journal.pg import connection
-from pointauth.server.journal.writer import JournalWriter, record_from_row, to_time
+from pointauth.server.journal.writer import JournalWriter, record_from_row
 from pointauth.server.ledger import Keyspace, Ledger, codec
 from pointauth.server.ledger.rulebook import RuleBook
 from tests.conftest import START_MS

@@ -11,10 +11,9 @@ from typing import Any
 import msgspec
 from redis.asyncio import Redis
 
-from pointauth.server.clock import ManualClock
+from pointauth.server.clock import ManualClock, to_time
 from pointauth.server.devstack.stack import EmbeddedStack
 from pointauth.server.journal.pg import connection
-from pointauth.server.journal.writer import to_time
 from pointauth.server.ledger import AccountView, Keyspace, Ledger, codec
 from pointauth.server.ops import reconcile, rehydrate
 from tests.helpers import stream_events

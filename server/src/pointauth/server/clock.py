@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 
@@ -33,3 +34,16 @@ class ManualClock:
 
     def set(self, now_ms: int) -> None:
         self._now = now_ms
+
+
+def to_time(ms: int) -> datetime:
+    """The UTC datetime of Unix ms (PostgreSQL's timestamptz, in and out)."""
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def to_ms(time: datetime) -> int:
+    """The Unix ms of a time to_time made (exactly: no float on the way)."""
+    return (time - _EPOCH) // timedelta(milliseconds=1)

@@ -10,8 +10,8 @@ import grpc
 from pointauth.server.api import convert
 from pointauth.server.api.access import caller_id
 from pointauth.server.api.validation import Violations
+from pointauth.server.clock import to_ms
 from pointauth.server.domain.settlement import Flow, PairLine, Period, Statement
-from pointauth.server.journal.writer import to_ms
 from pointauth.server.services.settlement import SettlementService, statement_csv
 from pointauth.v1 import settlement_service_pb2 as pb
 from pointauth.v1 import settlement_service_pb2_grpc

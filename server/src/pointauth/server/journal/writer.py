@@ -13,11 +13,12 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any, NamedTuple
 
 import msgspec
 
+from pointauth.server.clock import to_ms, to_time
 from pointauth.server.domain.ids import transaction_id
 from pointauth.server.journal import audit as journal_audit
 from pointauth.server.journal import directory as journal_directory
@@ -91,18 +92,6 @@ class BatchOutcome:
     @property
     def acknowledged(self) -> list[Delivered]:
         return self.applied + self.duplicates
-
-
-def to_time(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC)
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def to_ms(time: datetime) -> int:
-    """The Unix ms of a time to_time made (exactly: no float on the way)."""
-    return (time - _EPOCH) // timedelta(milliseconds=1)
 
 
 def _ms(time: datetime | None) -> int | None:

@@ -28,6 +28,7 @@ from typing import Any
 import msgspec
 from redis.asyncio import Redis
 
+from pointauth.server.clock import to_ms
 from pointauth.server.journal.pg import Connection, Record, connection
 from pointauth.server.journal.writer import (
     ACCOUNT_MEMBER_COLUMNS,
@@ -38,7 +39,6 @@ from pointauth.server.journal.writer import (
     merge_histories,
     profile_from_row,
     rule_counts_from_row,
-    to_ms,
     visits_from_row,
 )
 from pointauth.server.ledger import Keyspace, codec

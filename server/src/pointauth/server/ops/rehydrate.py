@@ -40,6 +40,7 @@ from datetime import UTC, datetime
 import msgspec
 from redis.asyncio import Redis
 
+from pointauth.server.clock import to_ms
 from pointauth.server.domain.earning import BASE_RULE
 from pointauth.server.domain.ids import transaction_id
 from pointauth.server.journal import rules as journal_rules
@@ -56,7 +57,6 @@ from pointauth.server.journal.writer import (
     profile_from_row,
     record_from_row,
     rule_counts_from_row,
-    to_ms,
     visits_from_row,
 )
 from pointauth.server.ledger import Keyspace, codec

@@ -20,14 +20,13 @@ from contextlib import asynccontextmanager
 import asyncpg
 from redis.asyncio import Redis
 
-from pointauth.server.clock import Clock
+from pointauth.server.clock import Clock, to_ms, to_time
 from pointauth.server.domain import reasons
 from pointauth.server.domain.reasons import ErrorReason, Reason
 from pointauth.server.domain.settlement import Flow, Period, Statement
 from pointauth.server.journal import settlement as stored
 from pointauth.server.journal.pg import Connection, connection, is_transient
 from pointauth.server.journal.status import stream_backlogs
-from pointauth.server.journal.writer import to_ms, to_time
 from pointauth.server.ledger import Keyspace, LedgerRefusal, OpResult
 
 CLOCK_MARGIN_MS = 60_000
