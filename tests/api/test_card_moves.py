@@ -60,7 +60,7 @@ async def test_a_card_moved_under_a_till_process_never_earns_on_the_wrong_accoun
         owner = "first"
         # The till process learns the card's account, and caches it.
         earned.append((await till.earn_points(CARD, STORE, 1_000, at(clock.now_ms()))).transaction_id)
-        assert till_process.ledger._cards[CARD] == "first"
+        assert till_process.ledger.cards.get(CARD) == "first"
         tills = [asyncio.create_task(till_loop()) for _ in range(TILLS)]
         for _ in range(MOVES):
             other = ACCOUNTS[1 - ACCOUNTS.index(owner)]
@@ -74,14 +74,14 @@ async def test_a_card_moved_under_a_till_process_never_earns_on_the_wrong_accoun
         # Deterministically stale: the till process caches the owner, the desk moves the card,
         # and the till's next earn still lands on the account that has it now.
         earned.append((await till.earn_points(CARD, STORE, 1_000, at(clock.now_ms()))).transaction_id)
-        assert till_process.ledger._cards[CARD] == owner
+        assert till_process.ledger.cards.get(CARD) == owner
         other = ACCOUNTS[1 - ACCOUNTS.index(owner)]
         await desk.unlink_card(owner, CARD)
         await desk.link_card(other, CARD)
         last = await till.earn_points(CARD, STORE, 1_000, at(clock.now_ms()))
         earned.append(last.transaction_id)
         assert last.transaction_id.startswith(f"{other}.")
-        assert till_process.ledger._cards[CARD] == other
+        assert till_process.ledger.cards.get(CARD) == other
 
     per_account = dict.fromkeys(ACCOUNTS, 0)
     for transaction in earned:
@@ -110,10 +110,25 @@ async def test_a_blocked_card_stops_at_once_in_a_process_that_has_it_cached(
         PointsClient(f"127.0.0.1:{till_process.port}", plaintext=True) as till,
     ):
         assert (await till.earn_points(CARD, STORE, 1_000, at(clock.now_ms()))).earned_points == 10
-        assert till_process.ledger._cards[CARD] == "member-1"
+        assert till_process.ledger.cards.get(CARD) == "member-1"
         await client.block_card(CARD)  # through the other process
         with pytest.raises(RefusedError) as caught:
             await till.earn_points(CARD, STORE, 1_000, at(clock.now_ms()))
         assert caught.value.reason == "CARD_BLOCKED"
         await client.unblock_card(CARD)
         assert (await till.earn_points(CARD, STORE, 1_000, at(clock.now_ms()))).balance.available_points == 20
+
+
+async def test_a_process_started_after_the_card_was_linked_serves_it_in_one_round_trip(
+    settings: Settings, clock: ManualClock, client: PointsClient
+) -> None:
+    """The snapshot of the card index a process reads as it starts (ledger.card_index_snapshot)."""
+    await client.create_account("member-1", CARD)
+    async with (
+        PointauthServer(settings, clock, sweeper=False) as till_process,
+        PointsClient(f"127.0.0.1:{till_process.port}", plaintext=True) as till,
+    ):
+        assert till_process.ledger.cards.get(CARD) == "member-1"
+        batches = till_process.ledger.pipeline.batches_sent
+        assert (await till.earn_points(CARD, STORE, 1_000, at(clock.now_ms()))).earned_points == 10
+        assert till_process.ledger.pipeline.batches_sent == batches + 1

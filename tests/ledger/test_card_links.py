@@ -17,6 +17,7 @@ from pointauth.server.devstack.stack import EmbeddedStack
 from pointauth.server.domain import reasons
 from pointauth.server.domain.reasons import ErrorReason
 from pointauth.server.ledger import Keyspace, Ledger, LedgerRefusal, PointOfSaleRef, codec
+from pointauth.server.ledger.keys import CARD_BUCKETS, card_bucket_number
 from pointauth.server.rules.earn_policy import EarnPolicy
 from pointauth.server.services.points import PointsService
 from tests.journal.support import fingerprint
@@ -137,7 +138,7 @@ async def test_a_stale_cached_link_never_moves_points_on_the_wrong_account(
     # Server A caches CARD -> old-owner with a successful earn.
     account, result = await earn_on(ledger, CARD, 10, "earn-0")
     assert (account, result.available) == ("old-owner", 510)
-    assert ledger._cards[CARD] == "old-owner"
+    assert ledger.cards.get(CARD) == "old-owner"
     # Another server (or #9's relink) moves the card to new-owner; A's cache still names old-owner.
     await relink(redis, keyspace, CARD, "old-owner", "new-owner")
     before = await snapshot(redis, keyspace, "old-owner")
@@ -151,7 +152,7 @@ async def test_a_stale_cached_link_never_moves_points_on_the_wrong_account(
     assert (await other.balance("old-owner")).available == 510
     for rid in ("earn-1", "redeem-1"):
         assert not await redis.exists(keyspace.idempotency("old-owner", rid))
-    assert ledger._cards[CARD] == "new-owner"
+    assert ledger.cards.get(CARD) == "new-owner"
     # A retry of an earlier success on the old link still answers as it did (the replay check
     # comes first), whichever server the till reaches.
     retry = await ledger.earn(
@@ -177,7 +178,7 @@ async def test_a_card_no_account_has_is_refused_and_changes_nothing(
         with pytest.raises(LedgerRefusal) as refused:
             await redeem_on(server, CARD, 5, "redeem-1")
         assert refused.value.result.reason == CARD_NOT_FOUND
-        assert CARD not in server._cards
+        assert server.cards.get(CARD) is None
     assert await snapshot(redis, keyspace, "gone-owner") == before
     assert not await redis.exists(keyspace.idempotency("gone-owner", "earn-1"))
 
@@ -196,3 +197,83 @@ async def test_the_function_refuses_a_card_the_account_lacks_before_anything_els
         "checked", points=10, ttl_ms=60_000, pos=TILL, request_id="h", fingerprint=fingerprint("h"), card=CARD
     )
     assert (ok.code, ok.available, ok.held) == ("OK", 490, 10)
+
+
+async def loaded(ledger: Ledger) -> int:
+    """Loads `ledger`'s snapshot of the card index, as a server process does when it starts."""
+    return (await ledger.cards.load_snapshot(ledger.redis, ledger.keyspace)).cards
+
+
+async def test_with_the_snapshot_a_first_call_on_any_card_is_one_round_trip(
+    ledger: Ledger, other: Ledger, redis: Redis
+) -> None:
+    for n in range(3):
+        await open_account(ledger, f"member-{n}", f"400000000000710{n}", 1000)
+    assert await loaded(other) == 3
+    await redis.config_resetstat()
+    await other.authorize(
+        "member-1", points=100, ttl_ms=600_000, pos=TILL, request_id="h", fingerprint=fingerprint("h")
+    )
+    direct = await command_counts(redis)
+    points = PointsService(other, EarnPolicy(EarnSettings()), other.clock)
+    await redis.config_resetstat()
+    batches = other.pipeline.batches_sent
+    outcome = await points.authorize(
+        "4000000000007102", points=100, ttl_ms=600_000, pos=TILL, request_id="h", fingerprint=fingerprint("h")
+    )
+    assert (outcome.account_id, outcome.result.available) == ("member-2", 900)
+    assert other.pipeline.batches_sent == batches + 1
+    # What a direct call runs, and the function's check of the card: no read of the card index.
+    via_card = await command_counts(redis)
+    assert via_card.pop("cmdstat_hget") == direct.pop("cmdstat_hget", 0) + 1
+    assert via_card == direct
+
+
+@pytest.mark.parametrize("scan_below", [CARD_BUCKETS, 0], ids=["buckets-scanned-for", "every-bucket-asked"])
+async def test_the_snapshot_reads_every_bucket_of_the_index(
+    other: Ledger, redis: Redis, keyspace: Keyspace, scan_below: int
+) -> None:
+    owners = {f"C{n:07d}": f"owner-{n % 997}" for n in range(5_000)}
+    # Cards in the first and the last bucket, where a reader's rounds begin and end.
+    for wanted in (0, CARD_BUCKETS - 1):
+        owners[next(c for n in range(10**7) if card_bucket_number(c := f"E{n}") == wanted)] = f"edge-{wanted}"
+    async with redis.pipeline(transaction=False) as pipe:
+        for card, owner in owners.items():
+            pipe.hset(keyspace.card_bucket(card), card, codec.card_owner_value(owner))
+        await pipe.execute()
+
+    read = await other.cards.load_snapshot(redis, keyspace, scan_below=scan_below)
+    assert read.cards == len(owners) == 5_002
+    assert read.bytes == sum(len(f"\n{card}\t{owner}") for card, owner in owners.items())
+    assert {card: other.cards.get(card) for card in owners} == owners
+    assert other.cards.get("C0005000") is None
+    assert other.cards.get("C000000") is None  # a prefix of a card in the index is not that card
+
+
+async def test_a_snapshot_gone_stale_never_moves_points_and_is_not_used_again(
+    ledger: Ledger, other: Ledger, redis: Redis, keyspace: Keyspace
+) -> None:
+    await open_account(ledger, "old-owner", CARD, 500)
+    await open_account(ledger, "new-owner", "4000000000007002", 500)
+    await open_account(ledger, "leaving", "4000000000007003", 500)
+    assert await loaded(other) == 3
+    # After the snapshot: CARD moves to new-owner, 7003 is unlinked, 7004 is linked.
+    await relink(redis, keyspace, CARD, "old-owner", "new-owner")
+    await relink(redis, keyspace, "4000000000007003", "leaving", None)
+    await ledger.link_card("new-owner", "4000000000007004", "P", request_id="link-4", fingerprint=fingerprint("link-4"))
+    old, leaving = await snapshot(redis, keyspace, "old-owner"), await snapshot(redis, keyspace, "leaving")
+
+    assert other.cards.get(CARD) == "old-owner"  # the snapshot's (stale) hint
+    account, result = await earn_on(other, CARD, 20, "earn-1")
+    assert (account, result.available) == ("new-owner", 520)
+    assert other.cards.get(CARD) == "new-owner"
+    account, result = await earn_on(other, "4000000000007004", 5, "earn-4")
+    assert (account, result.available) == ("new-owner", 525)
+    for attempt in range(2):
+        batches = other.pipeline.batches_sent
+        with pytest.raises(LedgerRefusal) as refused:
+            await earn_on(other, "4000000000007003", 20, f"earn-3-{attempt}")
+        assert refused.value.result.reason == CARD_NOT_FOUND
+        # The first attempt tries the snapshot's hint, then the index; the second, the index only.
+        assert other.pipeline.batches_sent == batches + (2 if attempt == 0 else 1)
+    assert (await snapshot(redis, keyspace, "old-owner"), await snapshot(redis, keyspace, "leaving")) == (old, leaving)

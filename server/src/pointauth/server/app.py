@@ -127,6 +127,12 @@ class PointauthServer:
         if finished := await self.ledger.finish_merges():
             log.warning("finished %d merges left half-done", finished)
         await self.directory.start()  # before serving: the first calls are checked against it
+        if self.settings.ledger.card_index_snapshot:
+            read = await self.ledger.cards.load_snapshot(self.redis, self.ledger.keyspace)
+            log.info(
+                "card index snapshot: %d cards, %d bytes, %d round trips, %.1f s",
+                read.cards, read.bytes, read.rounds, read.seconds,
+            )  # fmt: skip
         await self.rules.start()
         self.boundary = ErrorBoundary(
             max_in_flight=self.settings.server.max_in_flight,

@@ -93,12 +93,17 @@ class LedgerSettings(_Section):
     """At most this many accounts' expired holds are written down per sweep, so that a burst of
     expiries (a till network outage) is spread over several ticks instead of one long stall;
     the rest wait for the next tick."""
+    card_index_snapshot: bool = True
+    """Read the whole card index when the process starts, before it serves, so that a till call
+    on any card is one Redis round trip (the ledger function call; without it, a card this
+    process has not seen yet costs a card lookup first). Its entries are only hints (the ledger
+    function checks the account still has the card, and the server looks it up again if not),
+    so cards linked or moved later cost a lookup, never a wrong account. About 30 bytes a card
+    per process, and a few seconds a million cards at start-up (README, "Performance")."""
     card_cache_size: Annotated[int, Meta(ge=0)] = 500_000
-    """Card-to-account links cached per server process (0: none), so that a till call on a
-    cached card is one Redis round trip. An entry is only a hint (the ledger script checks the
-    account still has the card, and the server looks it up again if not), so a stale one costs
-    a lookup, never a wrong account: the size is bounded by memory alone, about 160 bytes an
-    entry (500,000: some 80 MB per process, the cards active at a large retailer's tills)."""
+    """Card-to-account links learned per server process (0: none), newest kept, ahead of the
+    snapshot: cards looked up, moved or linked since the start. Hints too, so the size is bounded
+    by memory alone, about 160 bytes an entry (500,000: some 80 MB per process)."""
 
     def __post_init__(self) -> None:
         if not self.hold_ttl_min_seconds <= self.hold_ttl_seconds <= self.hold_ttl_max_seconds:

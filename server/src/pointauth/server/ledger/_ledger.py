@@ -20,6 +20,7 @@ from pointauth.server.domain.earning import EarnLine, LotKindCode, RankProgram
 from pointauth.server.domain.ids import transaction_id
 from pointauth.server.domain.reasons import ErrorReason
 from pointauth.server.ledger import codec
+from pointauth.server.ledger.card_hints import CardHints
 from pointauth.server.ledger.codec import (
     CardKindCode,
     LotEntry,
@@ -155,11 +156,9 @@ class Ledger:
         self._ledger_function = library.ledger_function
         self._release_card_function = library.release_card_function
         self._move_card_function = library.move_card_function
-        # card -> account, so that a till call on a known card is one round trip (the FCALL).
-        # Safe however stale: every call made for a card names it, and the script refuses
-        # (CARD_NOT_FOUND, writing nothing) unless the account still has it; on_card then
-        # looks the card up again. Nothing has to invalidate it when a card moves.
-        self._cards: dict[str, str] = {}
+        # card -> account, so that a till call on a card is one round trip (the FCALL); safe
+        # however stale (card_hints.py).
+        self.cards = CardHints(settings.card_cache_size)
         self._sweep_cursor = 0
 
     async def _call(
@@ -192,36 +191,28 @@ class Ledger:
         return result
 
     async def account_for_card(self, card_number: str) -> str | None:
-        """The account the cache or the card index names (a hint: see on_card)."""
-        account = self._cards.get(card_number)
+        """The account the hints or the card index name (a hint: see on_card)."""
+        account = self.cards.get(card_number)
         return account if account is not None else await self._index_lookup(card_number)
 
     async def _index_lookup(self, card_number: str) -> str | None:
         owner = await self.pipeline.execute("HGET", self.keyspace.card_bucket(card_number), card_number)
         account = codec.decode_card_owner(owner)
-        if account is not None:
-            self._cache(card_number, account)
+        self.cards.learn(card_number, account or "")
         return account
-
-    def _cache(self, card_number: str, account: str) -> None:
-        if not self.settings.card_cache_size or self._cards.get(card_number) == account:
-            return
-        if len(self._cards) >= self.settings.card_cache_size:
-            del self._cards[next(iter(self._cards))]  # the oldest entry: FIFO is enough here
-        self._cards[card_number] = account
 
     async def on_card(self, card_number: str, call: Callable[[str], Awaitable[OpResult]]) -> tuple[str, OpResult]:
         """(account, answer) of `call(account)` for the account that has the card; `call` makes
         one ledger call naming the card (`card=`), which the script refuses with CARD_NOT_FOUND
-        (writing nothing) unless the account has it. A cached account so refused is forgotten,
-        the index read again, and the call made once more on the account it names. A cache hit
-        is one round trip; a stale entry costs two more, and never moves points elsewhere."""
-        account = self._cards.get(card_number)
-        from_cache = account is not None
+        (writing nothing) unless the account has it. A hinted account so refused is forgotten,
+        the index read again, and the call made once more on the account it names. A hinted
+        card is one round trip; a stale hint costs two more, and never moves points elsewhere."""
+        account = self.cards.get(card_number)
+        hinted = account is not None
         hops = 0
         while True:
             if account is None:
-                account, from_cache = await self._index_lookup(card_number), False
+                account, hinted = await self._index_lookup(card_number), False
                 if account is None:
                     raise _card_not_found(card_number)
             try:
@@ -233,16 +224,16 @@ class Ledger:
                     # crash left it half-done), then follow.
                     hops += 1
                     await self.finish_merge(account)
-                    account, from_cache = target, True
+                    account, hinted = target, True
                     continue
                 if refusal.result.reason != _CARD_NOT_FOUND:
                     raise
-                self._cards.pop(card_number, None)
-                if not from_cache:  # the index itself named an account without the card
+                self.cards.learn(card_number, "")  # forgotten, the snapshot's entry included
+                if not hinted:  # the index itself named an account without the card
                     raise _card_not_found(card_number) from None
                 account = None
                 continue
-            self._cache(card_number, account)
+            self.cards.learn(card_number, account)
             return account, result
 
     async def create_account(
@@ -405,8 +396,8 @@ class Ledger:
         for card in sorted(cards):
             bucket = self.keyspace.card_bucket(card)
             await self._fcall(self._move_card_function, [bucket], [card, source, on])
-            if self._cards.get(card) == source:
-                self._cards[card] = on
+            if self.cards.get(card) == source:
+                self.cards.learn(card, on)
         await self.redis.zrem(keys.merges, source)
         return True
 

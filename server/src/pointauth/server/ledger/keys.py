@@ -12,6 +12,11 @@ from typing import NamedTuple
 CARD_BUCKETS = 1 << 18
 
 
+def card_bucket_number(card_number: str | bytes) -> int:
+    """The card index bucket that holds the card (Keyspace.card_bucket)."""
+    return zlib.crc32(card_number.encode() if isinstance(card_number, str) else card_number) % CARD_BUCKETS
+
+
 class AccountKeys(NamedTuple):
     """The keys one ledger script call may touch, in the order of the script's KEYS."""
 
@@ -104,7 +109,14 @@ class Keyspace:
         return f"{self.prefix}:{{s{shard}}}:merges"
 
     def card_bucket(self, card_number: str) -> str:
-        return f"{self.prefix}:card:{zlib.crc32(card_number.encode()) % CARD_BUCKETS}"
+        return self.card_bucket_key(card_bucket_number(card_number))
+
+    def card_bucket_key(self, number: int) -> str:
+        return f"{self.prefix}:card:{number}"
+
+    def card_bucket_pattern(self) -> str:
+        """SCAN's MATCH for every card index bucket (start-up, never the hot path)."""
+        return f"{self.prefix}:card:*"
 
     def directory(self) -> DirectoryKeys:
         tag = f"{self.prefix}:{{s0}}"

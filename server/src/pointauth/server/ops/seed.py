@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 from pointauth.server.config import Settings
 from pointauth.server.journal.pg import connection
 from pointauth.server.ledger import codec
-from pointauth.server.ledger.keys import CARD_BUCKETS, Keyspace
+from pointauth.server.ledger.keys import Keyspace, card_bucket_number
 from pointauth.server.ops.progress import ProgressBar
 from pointauth.server.ops.seed_group import SeedGroup, load_group
 
@@ -72,7 +72,6 @@ def _bulk(value: bytes) -> bytes:
 def redis_chunk(start: int, count: int, anchor_ms: int, keyspace: Keyspace) -> bytes:
     """RESP commands writing accounts [start, start+count) as the ledger script would."""
     tags = [f"{keyspace.prefix}:{{s{s}}}:".encode() for s in range(keyspace.shards)]
-    card_prefix = f"{keyspace.prefix}:card:".encode()
     seq_field, lot_points_field = _bulk(codec.SEQ_FIELD), _bulk(codec.LOT_POINTS_FIELD)
     held_points = _bulk(codec.HELD_POINTS_FIELD) + _bulk(b"0")
     card_on_account = _bulk(codec.encode_card_link(codec.CardLink()))
@@ -96,7 +95,7 @@ def redis_chunk(start: int, count: int, anchor_ms: int, keyspace: Keyspace) -> b
             out.append(_bulk(codec.lot_member_of(lot_id, points, SEED_ISSUER)))
         owner = _bulk(codec.card_owner_value(account.decode()))
         for card in cards:
-            bucket = card_prefix + b"%d" % (crc(card) % CARD_BUCKETS)
+            bucket = keyspace.card_bucket_key(card_bucket_number(card)).encode()
             out.append(b"*4\r\n$6\r\nHSETNX\r\n%s%s%s" % (_bulk(bucket), _bulk(card), owner))
     return b"".join(out)
 
