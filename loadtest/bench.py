@@ -50,6 +50,7 @@ from loadtest.population import CARD_FORMAT, Population
 from loadtest.procs import ClientPool, CpuMeter, Service, named
 from pointauth.client import ClientTLS, NotFoundError, PointsClient
 from pointauth.server.api.credentials import write_credentials_atomically
+from pointauth.server.app import LISTENING
 from pointauth.server.devstack.certificates import ensure_pki
 from pointauth.server.devstack.stack import EmbeddedStack, free_port
 from pointauth.server.domain.credentials import Credential, Role, encode_credentials, key_sha256, new_api_key
@@ -448,6 +449,7 @@ def run(args: argparse.Namespace, out: contextlib.ExitStack) -> dict[str, Any]:
             server_port,
             env,
             log_dir / "server.log",
+            ready=(LISTENING, args.workers),
         ),
     }
     secured = [s.strip() for s in args.security.split(",") if s.strip()]
@@ -458,7 +460,7 @@ def run(args: argparse.Namespace, out: contextlib.ExitStack) -> dict[str, Any]:
         port = free_port()
         services[f"server_{security}"] = Service(
             f"pointauth serve ({security})", [*serve, "--workers", workers, "--port", str(port)], port, secure.env,
-            log_dir / f"server-{security}.log",
+            log_dir / f"server-{security}.log", ready=(LISTENING, args.workers),
         )  # fmt: skip
     for service in services.values():
         out.enter_context(service)

@@ -18,6 +18,9 @@ from typing import Self
 from loadtest.driver import Step, StepResult, client_main
 
 TICKS = os.sysconf("SC_CLK_TCK")
+READY_WITHIN_S = 300
+"""How long a service may take to serve: a pointauth process reads its snapshot of the card index
+before it listens (seconds at ten million cards)."""
 
 
 def _children(pid: int) -> list[int]:
@@ -95,9 +98,20 @@ class CpuMeter:
 class Service:
     """A server command run for the benchmark; `with` starts it and waits for it to answer."""
 
-    def __init__(self, name: str, command: list[str], port: int | None, env: dict[str, str], log: Path) -> None:
-        """`port`: where it answers gRPC once ready; None for a process that serves nothing."""
+    def __init__(
+        self,
+        name: str,
+        command: list[str],
+        port: int | None,
+        env: dict[str, str],
+        log: Path,
+        ready: tuple[str, int] | None = None,
+    ) -> None:
+        """`port`: where it answers gRPC once ready; None for a process that serves nothing.
+        `ready`: (a line its processes log once serving, how many must have): a process that
+        reads a snapshot first (pointauth's card index) listens later than its siblings."""
         self.name, self.command, self.port, self.env, self.log = name, command, port, env, log
+        self.ready = ready
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -109,11 +123,15 @@ class Service:
 
     def __enter__(self) -> Self:
         with self.log.open("ab") as log:
+            self._log_start = log.tell()  # the log may hold an earlier run's lines
             self.proc = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=log)
         if self.port is not None:
             self._wait_listening()
-        # The first process to listen answered; give its siblings (SO_REUSEPORT) time to join.
-        time.sleep(1.0)
+        if self.ready is not None:
+            self._wait_logged(*self.ready)
+        else:
+            # The first process to listen answered; give its siblings (SO_REUSEPORT) time to join.
+            time.sleep(1.0)
         if self.proc.poll() is not None:
             raise RuntimeError(f"{self.name} exited with code {self.proc.returncode}:\n{self.log_tail()}")
         return self
@@ -125,9 +143,22 @@ class Service:
         except OSError:
             return "(no log)"
 
+    def _wait_logged(self, line: str, count: int) -> None:
+        deadline = time.monotonic() + READY_WITHIN_S
+        while self._logged_since_start().count(line) < count:
+            if (self.proc is not None and self.proc.poll() is not None) or time.monotonic() > deadline:
+                self.__exit__(None, None, None)
+                raise RuntimeError(f"{self.name}: not {count}x {line!r} within {READY_WITHIN_S} s:\n{self.log_tail()}")
+            time.sleep(0.2)
+
+    def _logged_since_start(self) -> str:
+        with self.log.open("rb") as log:
+            log.seek(self._log_start)
+            return log.read().decode(errors="replace")
+
     def _wait_listening(self) -> None:
         # A TCP connection, not a gRPC channel: the same wait for a plaintext server and a TLS one.
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + READY_WITHIN_S
         while True:
             try:
                 socket.create_connection(("127.0.0.1", self.port or 0), timeout=1).close()
@@ -136,7 +167,7 @@ class Service:
                 if time.monotonic() > deadline:
                     self.__exit__(None, None, None)
                     raise RuntimeError(
-                        f"{self.name} did not listen on {self.target} within 30 s:\n{self.log_tail()}"
+                        f"{self.name} did not listen on {self.target} within {READY_WITHIN_S} s:\n{self.log_tail()}"
                     ) from None
                 time.sleep(0.05)
 

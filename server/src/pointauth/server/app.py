@@ -57,6 +57,8 @@ from pointauth.v1 import (
 )
 
 log = logging.getLogger(__name__)
+LISTENING = "pointauth listening on"
+"""What each server process logs once it serves (the benchmark waits for every process's)."""
 
 # How often (and after how long) the sweeper finishes merges left half-done by a process that
 # died; a merge in progress takes milliseconds.
@@ -201,7 +203,7 @@ class PointauthServer:
         if self._run_sweeper:
             self._sweeper = asyncio.create_task(self._sweep_forever())
         log.info(
-            "pointauth listening on %s:%d (%s, auth %s)",
+            f"{LISTENING} %s:%d (%s, auth %s)",
             self.settings.server.host,
             self.port,
             "plaintext" if credentials is None else "mTLS" if self.settings.tls.client_ca_file else "TLS",
