@@ -433,6 +433,9 @@ def run(args: argparse.Namespace, out: contextlib.ExitStack) -> dict[str, Any]:
     workers = str(args.workers)
     serve = [python, "-m", "pointauth.server.cli", "--log-level", "WARNING", "serve"]
     echo_port, echo_redis_port, server_port = free_port(), free_port(), free_port()
+    # Serving processes log LISTENING (at INFO, whatever --log-level says); one process alone
+    # listens only once it serves, so its port is enough.
+    ready = (LISTENING, args.workers) if args.workers > 1 else None
     echo_command = [python, "-m", "loadtest.echo_server", "--workers", workers, "--port"]
     services = {
         "echo": Service("echo server", [*echo_command, str(echo_port)], echo_port, env, log_dir / "echo.log"),
@@ -449,7 +452,7 @@ def run(args: argparse.Namespace, out: contextlib.ExitStack) -> dict[str, Any]:
             server_port,
             env,
             log_dir / "server.log",
-            ready=(LISTENING, args.workers),
+            ready=ready,
         ),
     }
     secured = [s.strip() for s in args.security.split(",") if s.strip()]
@@ -460,7 +463,7 @@ def run(args: argparse.Namespace, out: contextlib.ExitStack) -> dict[str, Any]:
         port = free_port()
         services[f"server_{security}"] = Service(
             f"pointauth serve ({security})", [*serve, "--workers", workers, "--port", str(port)], port, secure.env,
-            log_dir / f"server-{security}.log", ready=(LISTENING, args.workers),
+            log_dir / f"server-{security}.log", ready=ready,
         )  # fmt: skip
     for service in services.values():
         out.enter_context(service)

@@ -50,15 +50,23 @@ def _popen(args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
     return subprocess.Popen(args, start_new_session=True, preexec_fn=_die_with_parent, **kwargs)
 
 
-def _wait_for(check: Callable[[], bool], what: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+def _wait_for(
+    check: Callable[[], bool | None], what: str, proc: subprocess.Popen[bytes], timeout: float = 30.0
+) -> None:
+    """Until `check()` is True. None means busy getting ready (Redis loading its data, which
+    takes minutes at ten million accounts): the `timeout` counts from the last such answer."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:
         if proc.poll() is not None:
             raise StackError(f"{what} exited with code {proc.returncode} while starting")
-        if check():
+        ready = check()
+        if ready:
             return
+        if ready is None:
+            deadline = time.monotonic() + timeout
+        elif time.monotonic() > deadline:
+            raise StackError(f"{what} did not become ready within {timeout:.0f} s")
         time.sleep(0.05)
-    raise StackError(f"{what} did not become ready within {timeout:.0f} s")
 
 
 def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 20.0) -> None:
@@ -100,13 +108,14 @@ class RedisServer:
         _wait_for(self._pong, "redis-server", self.proc)
         return self
 
-    def _pong(self) -> bool:
+    def _pong(self) -> bool | None:
         try:
             with socket.create_connection((LOOPBACK, self.port), timeout=0.5) as sock:
                 sock.sendall(b"PING\r\n")
-                return sock.recv(64).startswith(b"+PONG")
+                reply = sock.recv(64)
         except OSError:
             return False
+        return True if reply.startswith(b"+PONG") else None if reply.startswith(b"-LOADING") else False
 
     def kill(self) -> None:
         """SIGKILL, as a crash: what was acknowledged must be in the AOF."""
