@@ -27,13 +27,14 @@ def available_migrations() -> list[tuple[str, str]]:
     return sorted(found)
 
 
-async def migrate(dsn: str) -> list[str]:
-    """Applies the pending migrations and creates journal partitions ahead; returns the versions applied."""
+async def migrate(dsn: str, today: datetime | None = None) -> list[str]:
+    """Applies the pending migrations and creates journal partitions ahead of `today` (default:
+    the real date); returns the versions applied."""
     async with connection(dsn) as conn:
         await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
         try:
             applied = await _apply_pending(conn)
-            await create_partitions(conn, datetime.now(UTC), PARTITIONS_AHEAD)
+            await create_partitions(conn, today or datetime.now(UTC), PARTITIONS_AHEAD)
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
     return applied
