@@ -58,6 +58,7 @@ from pointauth.v1 import (
 
 log = logging.getLogger(__name__)
 STREAMS_PER_IN_FLIGHT = 4
+"""HTTP/2 streams one connection may carry, per call of server.max_in_flight (see start())."""
 LISTENING = "pointauth listening on"
 """What each server process logs once it serves (the benchmark waits for every process's)."""
 

@@ -101,9 +101,10 @@ class LedgerSettings(_Section):
     so cards linked or moved later cost a lookup, never a wrong account. About 30 bytes a card
     per process, and a few seconds a million cards at start-up (README, "Performance")."""
     card_cache_size: Annotated[int, Meta(ge=0)] = 500_000
-    """Card-to-account links learned per server process (0: none), newest kept, ahead of the
-    snapshot: cards looked up, moved or linked since the start. Hints too, so the size is bounded
-    by memory alone, about 160 bytes an entry (500,000: some 80 MB per process)."""
+    """Card-to-account links learned per server process, newest kept, ahead of the snapshot:
+    cards looked up, moved or linked since the start. Hints too, so the size is bounded by memory
+    alone, about 160 bytes an entry (500,000: some 80 MB per process). 0 learns nothing: a card
+    moved since the snapshot then costs a refused call and a lookup every time."""
 
     def __post_init__(self) -> None:
         if not self.hold_ttl_min_seconds <= self.hold_ttl_seconds <= self.hold_ttl_max_seconds:
