@@ -45,8 +45,7 @@
 -- variables below, every one of them set anew by ledger() as the call begins, so nothing survives
 -- from one call to the next (defining the ~90 functions inside the callback, as before, cost
 -- some 25 us of Redis time per call: a closure each).
--- The call's arguments: ARGV op, now_ms, account_id, fingerprint, idempotency_ttl_s,
--- tx_retention_ms, msgpack args (ARGS), and a refund's foreign record (BLOB); the KEYS above.
+-- The call's ARGV and KEYS, as listed above (ARGS: the msgpack args; BLOB: a foreign record).
 local OP, NOW, ACCOUNT, FINGERPRINT, IDEM_TTL, TX_RETENTION, ARGS, BLOB
 local K_ACCOUNT, K_TX, K_LOTS, K_OPEN, K_HOLDS, K_EVENTS, K_MERGES, K_IDEM
 -- NAMED_TX: the record the company check read (kept for tx_get); VIA_CARD: the `c:` field of the
