@@ -35,7 +35,7 @@ from pointauth.server.clock import SystemClock
 from pointauth.server.config import LedgerSettings
 from pointauth.server.devstack.stack import EmbeddedStack
 from pointauth.server.journal import migrate
-from pointauth.server.journal.pg import connection
+from pointauth.server.journal.pg import Connection, connection
 from pointauth.server.ledger import Keyspace, Ledger, LedgerRefusal, PointOfSaleRef
 
 TILL = PointOfSaleRef("acme", "store-1", "till-1", 1)
@@ -127,10 +127,9 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def applied_events(dsn: str) -> int:
-    async with connection(dsn) as conn:
-        value = await conn.fetchval("SELECT coalesce(sum(applied_events), 0) FROM stream_positions")
-        return int(value)
+async def applied_events(conn: Connection) -> int:
+    value = await conn.fetchval("SELECT coalesce(sum(applied_events), 0) FROM stream_positions")
+    return int(value)
 
 
 async def heartbeat_seen(dsn: str) -> bool:
@@ -177,14 +176,17 @@ async def run(args: argparse.Namespace, stack: EmbeddedStack, work: Path) -> dic
         pg_pids = tree(stack.postgres.proc.pid) if stack.postgres.proc else []
         redis_pids = tree(stack.redis.proc.pid) if stack.redis.proc else []
         cpu0 = (cpu_seconds(tree(worker.pid)), cpu_seconds(pg_pids), cpu_seconds(redis_pids))
-        t0 = time.monotonic()
-        stop = asyncio.Event()
-        drain_task = asyncio.create_task(probe(ledger, args.accounts, args.probe_rate, stop))
-        while await applied_events(dsn) < events:
-            if worker.poll() is not None:
-                raise RuntimeError(f"the worker exited with {worker.returncode}; see {work / 'worker.log'}")
-            await asyncio.sleep(0.1)
-        elapsed = time.monotonic() - t0
+        # One connection for the whole drain: a connection per look would cost PostgreSQL a
+        # process start each time, and this process's event loop (the probe's) its set-up.
+        async with connection(dsn) as conn:
+            t0 = time.monotonic()
+            stop = asyncio.Event()
+            drain_task = asyncio.create_task(probe(ledger, args.accounts, args.probe_rate, stop))
+            while await applied_events(conn) < events:
+                if worker.poll() is not None:
+                    raise RuntimeError(f"the worker exited with {worker.returncode}; see {work / 'worker.log'}")
+                await asyncio.sleep(0.1)
+            elapsed = time.monotonic() - t0
         cpu1 = (cpu_seconds(tree(worker.pid)), cpu_seconds(pg_pids), cpu_seconds(redis_pids))
         stop.set()
         during = await drain_task

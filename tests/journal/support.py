@@ -18,7 +18,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from pointauth.server.clock import ManualClock
 from pointauth.server.journal import WorkerConfig, WriteBehindWorker
+from pointauth.server.journal.events import EntryId, StreamEntry
 from pointauth.server.journal.pg import connection
+from pointauth.server.journal.writer import Delivered
 from pointauth.server.ledger import Keyspace, Ledger, LedgerRefusal, OpResult, PointOfSaleRef, ProfileChange, codec
 
 DAY_MS = 86_400_000
@@ -300,6 +302,19 @@ async def merged_pair(ledger: Ledger, clock: ManualClock) -> None:
     await ledger.refund_following("S", 6, points=110, pos=None, **rid("refund-after-merge"))
     at(13)
     await ledger.set_card_state("S-CARD1", "B", **rid("block-s1"))  # T 5
+
+
+async def deliveries(redis: Redis, keyspace: Keyspace, account: str) -> list[Delivered]:
+    """The account's events as the worker receives them from its shard's stream."""
+    stream = keyspace.account(account).events
+    entries: list[tuple[bytes, dict[bytes, bytes]]] = await redis.xrange(stream)  # type: ignore[assignment]
+    out = []
+    for entry_id, fields in entries:
+        event = codec.decode_stream_entry(fields)
+        if isinstance(event, codec.Event) and event.account == account:
+            entry = StreamEntry(stream, keyspace.shard_of(account), EntryId.parse(entry_id), fields)
+            out.append(Delivered(entry, event))
+    return out
 
 
 async def redis_seqs(redis: Redis, keyspace: Keyspace, accounts: list[str]) -> dict[str, int]:

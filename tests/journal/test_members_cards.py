@@ -14,14 +14,14 @@ from redis.asyncio import Redis
 
 from pointauth.server.clock import ManualClock, to_time
 from pointauth.server.devstack.stack import EmbeddedStack
-from pointauth.server.journal.events import EntryId, StreamEntry
 from pointauth.server.journal.pg import Connection, Record, connection
-from pointauth.server.journal.writer import Delivered, JournalWriter
-from pointauth.server.ledger import Keyspace, Ledger, codec
+from pointauth.server.journal.writer import JournalWriter
+from pointauth.server.ledger import Keyspace, Ledger
 from pointauth.server.ops import reconcile
 from tests.journal.support import (
     DAY_MS,
     MEMBERS,
+    deliveries,
     fingerprint,
     members_and_cards,
     request_ids,
@@ -111,19 +111,6 @@ async def test_member_and_card_events_are_projected_as_the_account_hash_has_them
     assert (await reconcile(redis, dsn, keyspace, settle_seconds=0)).differences == []
 
 
-async def _deliveries(redis: Redis, keyspace: Keyspace, account: str) -> list[Delivered]:
-    """The account's events as the worker receives them from its shard's stream."""
-    stream = keyspace.account(account).events
-    entries: list[tuple[bytes, dict[bytes, bytes]]] = await redis.xrange(stream)  # type: ignore[assignment]
-    out = []
-    for entry_id, fields in entries:
-        event = codec.decode_stream_entry(fields)
-        if isinstance(event, codec.Event) and event.account == account:
-            entry = StreamEntry(stream, keyspace.shard_of(account), EntryId.parse(entry_id), fields)
-            out.append(Delivered(entry, event))
-    return out
-
-
 @pytest.mark.parametrize("carol_first", [False, True], ids=["alice-link-then-carol", "carol-then-alice"])
 async def test_a_moved_card_stays_on_its_new_account_whichever_account_is_applied_first(
     redis: Redis, ledger: Ledger, clock: ManualClock, keyspace: Keyspace, dsn: str, carol_first: bool
@@ -142,7 +129,7 @@ async def test_a_moved_card_stays_on_its_new_account_whichever_account_is_applie
     await ledger.create_account("carol", "CARD-C1", "open-carol", fingerprint("open-carol"))  # 1
     clock.set(t0 + 5000)
     await ledger.link_card("carol", "CARD-X", "A", **rid("link-x-carol"))  # 2
-    alice, carol = await _deliveries(redis, keyspace, "alice"), await _deliveries(redis, keyspace, "carol")
+    alice, carol = await deliveries(redis, keyspace, "alice"), await deliveries(redis, keyspace, "carol")
     assert [d.event.type for d in alice] == ["ACCOUNT_OPENED", "CARD_LINKED", "CARD_BLOCKED", "CARD_UNLINKED"]
 
     # Alice's stream is behind: carol's events (a batch of their own) are applied after alice's
@@ -181,10 +168,10 @@ async def test_a_card_moved_within_one_batch_ends_on_its_new_account(
     async with connection(dsn) as conn:
         await conn.execute("SELECT journal_create_partitions(to_timestamp($1::bigint / 1000.0), 1)", t0)
         await writer.prepare(conn)
-        alice = await _deliveries(redis, keyspace, "alice")
+        alice = await deliveries(redis, keyspace, "alice")
         assert len((await writer.apply(conn, alice[:2])).applied) == 2
         # Carol's opening with the card and alice's unlink of it in one batch, carol's first.
-        batch = [*await _deliveries(redis, keyspace, "carol"), *alice[2:]]
+        batch = [*await deliveries(redis, keyspace, "carol"), *alice[2:]]
         assert [d.event.type for d in batch] == ["ACCOUNT_OPENED", "CARD_UNLINKED"]
         assert len((await writer.apply(conn, batch)).applied) == 2
         assert await _cards(conn) == [

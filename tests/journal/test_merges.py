@@ -14,12 +14,11 @@ from redis.asyncio import Redis
 
 from pointauth.server.clock import ManualClock, to_time
 from pointauth.server.devstack.stack import EmbeddedStack
-from pointauth.server.journal.events import EntryId, StreamEntry
 from pointauth.server.journal.pg import Connection, connection
 from pointauth.server.journal.writer import Delivered, JournalWriter
 from pointauth.server.ledger import Keyspace, Ledger, codec
 from pointauth.server.ops import reconcile
-from tests.journal.support import DAY_MS, MERGED, merged_pair, running_worker, wait_until_applied
+from tests.journal.support import DAY_MS, MERGED, deliveries, merged_pair, running_worker, wait_until_applied
 
 EXTRA = codec.EXTRA_LOT_ID_STEP
 
@@ -130,26 +129,13 @@ async def test_a_merge_and_a_refund_after_it_are_projected_as_redis_has_them(
     assert (await reconcile(redis, dsn, keyspace, settle_seconds=0)).differences == []
 
 
-async def _deliveries(redis: Redis, keyspace: Keyspace, account: str) -> list[Delivered]:
-    """The account's events as the worker receives them from its shard's stream."""
-    stream = keyspace.account(account).events
-    entries: list[tuple[bytes, dict[bytes, bytes]]] = await redis.xrange(stream)  # type: ignore[assignment]
-    out = []
-    for entry_id, fields in entries:
-        event = codec.decode_stream_entry(fields)
-        if isinstance(event, codec.Event) and event.account == account:
-            entry = StreamEntry(stream, keyspace.shard_of(account), EntryId.parse(entry_id), fields)
-            out.append(Delivered(entry, event))
-    return out
-
-
 @pytest.mark.parametrize("order", ["source-first", "target-first", "target-first-source-in-two", "source-behind"])
 async def test_the_rows_end_the_same_whichever_account_is_applied_first(
     redis: Redis, ledger: Ledger, clock: ManualClock, keyspace: Keyspace, dsn: str, order: str
 ) -> None:
     t0 = clock.now_ms()
     await merged_pair(ledger, clock)
-    s, t = await _deliveries(redis, keyspace, "S"), await _deliveries(redis, keyspace, "T")
+    s, t = await deliveries(redis, keyspace, "S"), await deliveries(redis, keyspace, "T")
     assert [d.event.type for d in t] == ["ACCOUNT_OPENED", "EARN", "MERGED_IN", "REFUNDED", "CARD_BLOCKED"]
     waiting = "waiting: event T.4 refunds S.6, not in PostgreSQL yet"
     # (batch, events applied, reasons of those held back)

@@ -4,15 +4,27 @@ lot effects, and the PostgreSQL balances equal the ledger's."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
+import pytest
 from redis.asyncio import Redis
 
 from pointauth.server.clock import ManualClock
 from pointauth.server.devstack.stack import EmbeddedStack
 from pointauth.server.journal import migrate, worker_status
+from pointauth.server.journal.flows import FLOW_COLUMNS
 from pointauth.server.journal.migrate import available_migrations
 from pointauth.server.journal.pg import connection
+from pointauth.server.journal.projection import AccountState, Projector
+from pointauth.server.journal.writer import (
+    JOURNAL_COLUMNS,
+    TRANSACTION_COLUMNS,
+    JournalWriter,
+    flow_row,
+    journal_row,
+    record_row,
+)
 from pointauth.server.ledger import Keyspace, Ledger
 from pointauth.server.ops import reconcile
 from tests.journal.support import (
@@ -22,6 +34,7 @@ from tests.journal.support import (
     assert_acknowledged_journaled,
     assert_balances_match,
     assert_journal_complete,
+    deliveries,
     fingerprint,
     redis_seqs,
     running_worker,
@@ -169,3 +182,65 @@ async def test_status_shows_lag_and_throughput(
     assert [w.consumer for w in status.workers] == ["test-worker"]
     assert status.workers[0].applied_total == status.applied_events
     assert "write-behind lag: 0 ms" in status.render()
+
+
+@pytest.mark.parametrize("there_already", [None, "journal", "point_flows", "transactions"])
+async def test_a_row_already_in_postgres_is_kept_and_its_batch_applies(
+    redis: Redis,
+    ledger: Ledger,
+    clock: ManualClock,
+    keyspace: Keyspace,
+    dsn: str,
+    there_already: str | None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The writer COPYs an event's rows straight into their tables. A row there already (restored
+    by hand: past its account's last_seq) fails that COPY; the batch is then written again, once,
+    keeping the row, rather than stopping the write-behind."""
+    await ledger.create_account("alice", "card-alice", "open-alice", fingerprint("open-alice"))
+    await ledger.earn(
+        "alice", points=300, expire_ms=clock.now_ms() + 30 * DAY_MS, kind="R", pos=TILL,
+        request_id="e1", fingerprint=fingerprint("e1"), purchase_amount=30_000, purchase_ms=clock.now_ms(),
+    )  # fmt: skip
+    hold = await ledger.authorize("alice", points=100, ttl_ms=60_000, pos=TILL, request_id="h1", fingerprint="f" * 32)
+    await ledger.capture("alice", hold.tx, points=60, request_id="c1", fingerprint="f" * 32)
+    batch = await deliveries(redis, keyspace, "alice")
+    # The earn's rows (seq 2), worked out as the writer does.
+    projector, state = Projector({}), AccountState("alice")
+    for d in batch:
+        projector.apply(state, d.event)
+    assert projector.flows[0].seq == 2
+    rows = {
+        "journal": (JOURNAL_COLUMNS, journal_row(batch[1])),
+        "point_flows": (FLOW_COLUMNS, flow_row(projector.flows[0])),
+        "transactions": (TRANSACTION_COLUMNS, record_row(("alice", 2), projector.records[("alice", 2)])),
+    }
+    writer = JournalWriter(keyspace)
+    async with connection(dsn) as conn:
+        await conn.execute("SELECT journal_create_partitions(to_timestamp($1::bigint / 1000.0), 1)", clock.now_ms())
+        await writer.prepare(conn)
+        assert len((await writer.apply(conn, batch[:1])).applied) == 1  # the opening: alice's row
+        if there_already:
+            columns, row = rows[there_already]
+            await conn.copy_records_to_table(there_already, records=[row], columns=columns)
+        with caplog.at_level(logging.WARNING, logger="pointauth.server.journal.writer"):
+            outcome = await writer.apply(conn, batch[1:])
+        journal = await conn.fetch("SELECT seq, type FROM journal WHERE account_id = 'alice' ORDER BY seq")
+        flows = await conn.fetch("SELECT seq, flow, points FROM point_flows WHERE account_id = 'alice' ORDER BY seq")
+        records = await conn.fetch(
+            "SELECT seq, type, state, captured FROM transactions WHERE account_id = 'alice' ORDER BY seq"
+        )
+        last_seq = await conn.fetchval("SELECT last_seq FROM accounts WHERE account_id = 'alice'")
+    assert len(outcome.applied) == 3
+    assert [(r["seq"], r["type"]) for r in journal] == [
+        (1, "ACCOUNT_OPENED"), (2, "EARN"), (3, "HOLD_AUTHORIZED"), (4, "HOLD_CAPTURED"),
+    ]  # fmt: skip
+    assert [(r["seq"], r["flow"], r["points"]) for r in flows] == [(2, "ISSUED", 300), (4, "USED", 60)]
+    assert [(r["seq"], r["type"], r["state"], r["captured"]) for r in records] == [
+        (2, "EARN", None, 0), (3, "HOLD", "CAPTURED", 60), (4, "CAPTURE", None, 0),
+    ]  # fmt: skip
+    assert last_seq == 4
+    warned = [r.getMessage() for r in caplog.records if "there already" in r.getMessage()]
+    assert len(warned) == (1 if there_already else 0)
+    await assert_balances_match(ledger, dsn, ["alice"])
+    assert (await reconcile(redis, dsn, keyspace, settle_seconds=0)).differences == []

@@ -46,6 +46,7 @@ class Connection(Protocol):
 
 
 PostgresError: type[Exception] = asyncpg.PostgresError
+UniqueViolation: type[Exception] = asyncpg.UniqueViolationError
 
 # Errors after which the same work succeeds on a new connection once the server is back: it is
 # down, restarting, recovering or shutting down, the connection broke, or the transaction lost a

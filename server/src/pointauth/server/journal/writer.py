@@ -1,10 +1,16 @@
-"""Applies a batch of stream events to PostgreSQL in one transaction: journal rows (COPY into a
-staging table, then merged with ON CONFLICT DO NOTHING) and the projections they change.
+"""Applies a batch of stream events to PostgreSQL in one transaction: journal rows and point flows
+(COPY) and the projections they change.
 
 Per account, events apply strictly in sequence: an event at or below the account's `last_seq`
 is a redelivery (skipped, and acknowledged), the next one applies, and one beyond it means an
 earlier event has not arrived yet (a gap): it and the account's later events are held back,
 unacknowledged, to be delivered again.
+
+The rows of an event (its journal row, its flows, the transaction record it creates) are COPYed
+straight into their tables: under the account's row lock, an event past `last_seq` has none yet,
+as both are written in one transaction. A database where that does not hold (rows restored by
+hand) makes the COPY fail on a key; the batch is then written again through staging tables that
+keep the rows already there (ON CONFLICT), at about twice the PostgreSQL cost.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from pointauth.server.journal import directory as journal_directory
 from pointauth.server.journal import rules as journal_rules
 from pointauth.server.journal.events import AuditRecord, DirectoryChange, EntryId, Event, RuleSetPublished, StreamEntry
 from pointauth.server.journal.flows import FLOW_COLUMNS, FlowRow
-from pointauth.server.journal.pg import Connection, Record
+from pointauth.server.journal.pg import Connection, Record, UniqueViolation
 from pointauth.server.journal.projection import (
     AccountState,
     MergeLanded,
@@ -59,13 +65,12 @@ JOURNAL_COLUMNS = (
     "other_account", "ref_account", "lines", "rules_version", "rule_counts", "first_earn", "rank_from", "rank_to",
     "rank_spend", "rank_period", "qualifying_amount", "visits", "coupons",
 )  # fmt: skip
-_COLS = ", ".join(JOURNAL_COLUMNS)
-_TX_COLUMNS = (
+TRANSACTION_COLUMNS = (
     "account_id", "seq", "type", "time_ms", "points", "refunded", "available", "held", "pos", "lots", "alloc",
     "ref_seq", "state", "expire_ms", "captured", "released", "capture_seq", "amount", "ref_account", "lines",
     "rules_version", "qual", "rank_period",
 )  # fmt: skip
-_JSON_TX_COLUMNS = {"pos", "lots", "alloc", "lines"}
+_JSON_TRANSACTION_COLUMNS = {"pos", "lots", "alloc", "lines"}
 
 
 class IdempotencyRow(NamedTuple):
@@ -170,10 +175,11 @@ class JournalWriter:
         """`directory`, `rule_sets`, `audits`: the batch's group directory changes, rule set
         publications and audit records, copied in the same transaction."""
         blocked: dict[str, tuple[int, str]] = {}
+        tolerant = False
         while True:
             try:
                 async with conn.transaction():
-                    outcome = await self._apply_once(conn, batch, idempotency, blocked)
+                    outcome = await self._apply_once(conn, batch, idempotency, blocked, tolerant)
                     if directory:
                         await journal_directory.write_changes(conn, [change for _, change in directory])
                     if rule_sets:
@@ -185,6 +191,13 @@ class JournalWriter:
                     return outcome
             except _Retry:
                 continue
+            except UniqueViolation as exc:
+                if tolerant:
+                    raise
+                log.warning(
+                    "write-behind: a row of this batch is there already (%s); writing the batch again, keeping it", exc
+                )
+                tolerant = True
 
     async def _apply_once(
         self,
@@ -192,7 +205,9 @@ class JournalWriter:
         batch: Sequence[Delivered],
         idempotency: Sequence[IdempotencyRow],
         blocked: dict[str, tuple[int, str]],
+        tolerant: bool,
     ) -> BatchOutcome:
+        """`tolerant`: rows already there are kept (ON CONFLICT), not a failure (see above)."""
         by_account: dict[str, list[Delivered]] = defaultdict(list)
         for item in batch:
             by_account[item.event.account].append(item)
@@ -202,7 +217,9 @@ class JournalWriter:
         states = await self._load_states(conn, accounts)
         # A refund of a merged account's transaction refers to that account's record.
         refs = {(d.event.racct or d.event.account, d.event.ref) for d in batch if d.event.ref is not None}
-        projector = Projector(*await self._load_records(conn, refs))
+        records, versions = await self._load_records(conn, refs)
+        stored = set(records)
+        projector = Projector(records, versions)
 
         outcome = BatchOutcome()
         for account in accounts:
@@ -233,12 +250,16 @@ class JournalWriter:
             await self._verify_duplicates(conn, outcome)
         applied = outcome.applied
         await self._write_accounts(conn, states, {d.event.account for d in applied})
-        await self._write_journal(conn, applied)
-        await self._write_flows(conn, projector.flows)
+        await self._write_journal(conn, applied, tolerant)
+        await self._write_flows(conn, projector.flows, tolerant)
         await self._write_cards(conn, states)
         await self._write_lots(conn, states)
+        changed = sorted(projector.changed)
         await self._write_records(
-            conn, [(key, projector.records[key], projector.versions.get(key)) for key in sorted(projector.changed)]
+            conn,
+            [(key, projector.records[key], projector.versions.get(key)) for key in changed if key in stored],
+            [(key, projector.records[key], projector.versions.get(key)) for key in changed if key not in stored],
+            tolerant,
         )
         await self._write_merges(conn, projector.merges_out, projector.merges_landed)
         await self._write_coupons(conn, projector.coupons)
@@ -328,7 +349,7 @@ class JournalWriter:
         # account's transaction, on the account it was merged into), which must not overwrite
         # what this batch writes, nor this batch what it wrote.
         rows = await conn.fetch(
-            f"SELECT {', '.join(_TX_COLUMNS)} FROM transactions"
+            f"SELECT {', '.join(TRANSACTION_COLUMNS)} FROM transactions"
             " WHERE (account_id, seq) IN (SELECT * FROM unnest($1::text[], $2::bigint[]))"
             " ORDER BY account_id, seq FOR UPDATE",
             accounts,
@@ -450,16 +471,11 @@ class JournalWriter:
                 *map(list, zip(*rows, strict=True)),
             )
 
-    async def _write_journal(self, conn: Connection, applied: list[Delivered]) -> None:
-        if not applied:
-            return
-        await conn.copy_records_to_table(
-            "journal_stage", records=[journal_row(d) for d in applied], columns=JOURNAL_COLUMNS
-        )
-        # ON CONFLICT: a redelivered event that slipped past the sequence check is written once.
-        await conn.execute(f"INSERT INTO journal ({_COLS}) SELECT {_COLS} FROM journal_stage ON CONFLICT DO NOTHING")
+    async def _write_journal(self, conn: Connection, applied: list[Delivered], tolerant: bool) -> None:
+        if applied:
+            await _copy(conn, "journal", [journal_row(d) for d in applied], JOURNAL_COLUMNS, tolerant)
 
-    async def _write_flows(self, conn: Connection, flows: list[FlowRow]) -> None:
+    async def _write_flows(self, conn: Connection, flows: list[FlowRow], tolerant: bool) -> None:
         if not flows:
             return
         # Closing a period assumes no event of it can come later (services/settlement.py): a
@@ -472,14 +488,7 @@ class JournalWriter:
                 "write-behind: %d point flows fall in a closed settlement period (before %s), in no statement: %s",
                 len(late), closed_until.isoformat(), events,
             )  # fmt: skip
-        await conn.copy_records_to_table(
-            "point_flows_stage", records=[flow_row(f) for f in flows], columns=FLOW_COLUMNS
-        )
-        columns = ", ".join(FLOW_COLUMNS)
-        # ON CONFLICT: as the journal's rows (an event's flows are written with its journal row).
-        await conn.execute(
-            f"INSERT INTO point_flows ({columns}) SELECT {columns} FROM point_flows_stage ON CONFLICT DO NOTHING"
-        )
+        await _copy(conn, "point_flows", [flow_row(f) for f in flows], FLOW_COLUMNS, tolerant)
 
     async def _write_lots(self, conn: Connection, states: dict[str, AccountState]) -> None:
         upsert: list[tuple[str, int, int, int, str, str]] = []
@@ -507,27 +516,39 @@ class JournalWriter:
             )
 
     async def _write_records(
-        self, conn: Connection, records: list[tuple[RecordKey, TransactionRecord, int | None]]
+        self,
+        conn: Connection,
+        stored: list[tuple[RecordKey, TransactionRecord, int | None]],
+        new: list[tuple[RecordKey, TransactionRecord, int | None]],
+        tolerant: bool,
     ) -> None:
-        """(key, record, its rule set version if an earn under the rules)."""
-        if not records:
+        """(key, record, its rule set version if an earn under the rules): `stored`, records read
+        from the table and changed; `new`, the records of this batch's events, COPYed (upserted
+        with the others when `tolerant`)."""
+        if tolerant:
+            stored, new = stored + new, []
+        if new:
+            await conn.copy_records_to_table(
+                "transactions", records=[record_row(*r) for r in new], columns=TRANSACTION_COLUMNS
+            )
+        if not stored:
             return
-        rows = [record_row(key, rec, version) for key, rec, version in records]
+        rows = [record_row(key, rec, version) for key, rec, version in stored]
         types = [
             "text", "bigint", "text", "bigint", "bigint", "bigint", "bigint", "bigint", "text", "text", "text",
             "bigint", "text", "bigint", "bigint", "bigint", "bigint", "bigint", "text", "text", "bigint", "bigint",
             "bigint",
         ]  # fmt: skip
         select = ", ".join(f"${i + 1}::{t}[]" for i, t in enumerate(types))
-        casts = ", ".join(f"{c}::jsonb" if c in _JSON_TX_COLUMNS else c for c in _TX_COLUMNS)
+        casts = ", ".join(f"{c}::jsonb" if c in _JSON_TRANSACTION_COLUMNS else c for c in TRANSACTION_COLUMNS)
         # An earn's rule set version is written with it and never changes.
         updates = ", ".join(
             f"{c} = coalesce(EXCLUDED.{c}, transactions.{c})" if c == "rules_version" else f"{c} = EXCLUDED.{c}"
-            for c in _TX_COLUMNS[2:]
+            for c in TRANSACTION_COLUMNS[2:]
         )
         await conn.execute(
-            f"INSERT INTO transactions ({', '.join(_TX_COLUMNS)})"
-            f" SELECT {casts} FROM unnest({select}) AS t({', '.join(_TX_COLUMNS)})"
+            f"INSERT INTO transactions ({', '.join(TRANSACTION_COLUMNS)})"
+            f" SELECT {casts} FROM unnest({select}) AS t({', '.join(TRANSACTION_COLUMNS)})"
             f" ON CONFLICT (account_id, seq) DO UPDATE SET {updates}",
             *map(list, zip(*rows, strict=True)),
         )
@@ -646,6 +667,18 @@ class JournalWriter:
             [highest[s].seq for s in streams],
             [counts[s] for s in streams],
         )
+
+
+async def _copy(
+    conn: Connection, table: str, rows: list[tuple[Any, ...]], columns: Sequence[str], tolerant: bool
+) -> None:
+    """COPYs `rows` into `table`; `tolerant`: through its staging table, keeping rows already there."""
+    if not tolerant:
+        await conn.copy_records_to_table(table, records=rows, columns=columns)
+        return
+    await conn.copy_records_to_table(f"{table}_stage", records=rows, columns=columns)
+    names = ", ".join(columns)
+    await conn.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM {table}_stage ON CONFLICT DO NOTHING")
 
 
 def journal_row(d: Delivered) -> tuple[Any, ...]:
