@@ -10,6 +10,7 @@ Printed: events/s of the drain; worker and PostgreSQL CPU µs per event (from /p
 process, and the postmaster with its backends); Redis CPU per event; the probe's p50/p99 before
 the drain (no worker) and during it; and the slowest Redis commands of the drain (SLOWLOG at
 1 ms, reset when the worker starts; `--slowlog-us 0` shows every command's duration).
+`--split-cpus` runs the drain with the worker and its PostgreSQL backends on a CPU of their own.
 """
 
 from __future__ import annotations
@@ -171,6 +172,11 @@ async def run(args: argparse.Namespace, stack: EmbeddedStack, work: Path) -> dic
             if worker.poll() is not None:
                 raise RuntimeError(f"the worker exited with {worker.returncode}; see {work / 'worker.log'}")
             await asyncio.sleep(0.02)
+        split = (
+            await split_cpus(dsn, worker.pid, stack.redis.proc.pid if stack.redis.proc else None)
+            if args.split_cpus
+            else ""
+        )
         await redis.config_set("slowlog-log-slower-than", args.slowlog_us)
         await redis.config_set("slowlog-max-len", 1_000_000)
         await redis.slowlog_reset()
@@ -207,6 +213,7 @@ async def run(args: argparse.Namespace, stack: EmbeddedStack, work: Path) -> dic
     for e in slow:
         by_command.setdefault(_text(e["command"].split()[0]).upper(), []).append(int(e["duration"]))
     return {
+        "cpus": split or "shared",
         "events": events,
         "refusals": refused,
         "drain_s": round(elapsed, 2),
@@ -227,6 +234,25 @@ async def run(args: argparse.Namespace, stack: EmbeddedStack, work: Path) -> dic
     }
 
 
+async def split_cpus(dsn: str, worker_pid: int, redis_pid: int | None) -> str:
+    """Puts the worker and its PostgreSQL backends on the last CPU, this process (the probe) and
+    Redis on the others, as a deployment would with cpusets: the drain then never wakes a till's
+    work on a CPU the write-behind is using. Needs the right to set those processes' affinity."""
+    last = max(os.sched_getaffinity(0))
+    rest = set(os.sched_getaffinity(0)) - {last}
+    if not rest:
+        raise SystemExit("--split-cpus needs at least two CPUs")
+    async with connection(dsn) as conn:
+        backends = await conn.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+        )
+    for pid in [*tree(worker_pid), *(int(r["pid"]) for r in backends)]:
+        os.sched_setaffinity(pid, {last})
+    for pid in [os.getpid(), *([redis_pid] if redis_pid else [])]:
+        os.sched_setaffinity(pid, rest)
+    return f"worker and its PostgreSQL backends on CPU {last}, probe and Redis on {sorted(rest)}"
+
+
 def _start_worker(env: dict[str, str], log: IO[bytes]) -> subprocess.Popen[bytes]:
     """`pointauth worker` with its default settings, as operators run it."""
     command = [sys.executable, "-m", "pointauth.server.cli", "worker", "--consumer", "bench"]
@@ -245,6 +271,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64, help="ledger calls in flight while writing")
     parser.add_argument("--probe-rate", type=float, default=100.0, help="probe calls a second")
     parser.add_argument("--probe-seconds", type=float, default=3.0, help="steady probe before the drain")
+    parser.add_argument(
+        "--split-cpus", action="store_true", help="the worker and PostgreSQL's backends on a CPU of their own"
+    )
     parser.add_argument(
         "--slowlog-us", type=int, default=SLOW_US, help="SLOWLOG threshold during the drain (0: every command)"
     )
