@@ -263,8 +263,12 @@ def _text(value: bytes | str) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest.writebehind_bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--events", type=int, default=50_000)
     parser.add_argument("--accounts", type=int, default=2_000)
     parser.add_argument("--shards", type=int, default=1024)
@@ -277,7 +281,11 @@ def main() -> None:
     parser.add_argument(
         "--slowlog-us", type=int, default=SLOW_US, help="SLOWLOG threshold during the drain (0: every command)"
     )
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     work = Path(tempfile.mkdtemp(prefix="pointauth-wbbench-"))
     work.chmod(0o755)
     try:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest import bench
+from loadtest import bench, writebehind_bench
 from pointauth.server.app import PointauthServer
 from pointauth.server.cli import build_parser
 from pointauth.server.config import Settings
@@ -86,6 +86,8 @@ def test_shell_command_parses_and_names_existing_files(block: Block, argv: list[
                 assert (REPO / config).is_file(), f"{block}: {config} does not exist"
         case ["uv", "run", "python", "-m", "loadtest.bench", *args]:
             _parses(bench.parse_args, args)
+        case ["uv", "run", "python", "-m", "loadtest.writebehind_bench", *args]:
+            _parses(writebehind_bench.parse_args, args)
         case ["uv", "run", "python", "-m", module] if module.startswith("loadtest."):
             # Run with no arguments: the module must be there and be a command.
             assert callable(getattr(importlib.import_module(module), "main", None)), f"{block}: no {module}.main"
