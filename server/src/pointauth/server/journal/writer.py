@@ -533,7 +533,7 @@ class JournalWriter:
             )
         if not stored:
             return
-        rows = [record_row(key, rec, version) for key, rec, version in stored]
+        rows = [record_row(*r) for r in stored]
         types = [
             "text", "bigint", "text", "bigint", "bigint", "bigint", "bigint", "bigint", "text", "text", "text",
             "bigint", "text", "bigint", "bigint", "bigint", "bigint", "bigint", "text", "text", "bigint", "bigint",
