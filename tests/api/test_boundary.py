@@ -4,6 +4,7 @@ gets a clear status with exactly one ErrorInfo, and a refused call changes nothi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable
@@ -102,6 +103,36 @@ async def test_calls_beyond_max_in_flight_are_shed_with_a_retry_hint(
     }
     balance = await tuned.get_balance("4000000000003000")
     assert (balance.balance.available_points, balance.balance.held_points) == (950, 50)
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+async def test_a_burst_of_3000_on_one_connection_is_run_or_shed_by_the_boundary(
+    server: PointauthServer, client: PointsClient, clock: ManualClock, redis: Redis, channels: int
+) -> None:
+    """Three times max_in_flight at once on one connection (gRPC gives channels to one address one
+    connection): each call is run, or shed with SERVER_OVERLOADED and a retry hint; gRPC itself
+    refuses none (UNAVAILABLE, or CANCELLED, without an ErrorInfo), as it did past 1,000."""
+    await _open_member(client, clock, "burst-3000", "4000000000005000", 10_000)
+    async with contextlib.AsyncExitStack() as more:
+        clients = [client] + [
+            await more.enter_async_context(PointsClient(f"127.0.0.1:{server.port}", plaintext=True))
+            for _ in range(channels - 1)
+        ]
+        await redis.client_pause(1000, all=False)  # the first 1,000 calls stay in flight meanwhile
+        results = await asyncio.gather(
+            *(clients[i % channels].authorize_hold("4000000000005000", STORE, 1) for i in range(3000)),
+            return_exceptions=True,
+        )
+    outcomes = Counter(_outcome(r) for r in results)
+    assert set(outcomes) == {"OK", "SERVER_OVERLOADED"}, outcomes
+    shed = [r for r in results if isinstance(r, OverloadedError)]
+    assert len(shed) == outcomes["SERVER_OVERLOADED"]
+    assert {(e.code, e.retry_delay) for e in shed} == {(grpc.StatusCode.RESOURCE_EXHAUSTED, 0.2)}
+    balance = await client.get_balance("4000000000005000")
+    assert (balance.balance.available_points, balance.balance.held_points) == (
+        10_000 - outcomes["OK"],
+        outcomes["OK"],
+    )
 
 
 @pytest.mark.parametrize("tuned", [{"redis": {"pipeline_batches": 1, "pool_wait_seconds": 0.3}}], indirect=True)

@@ -63,6 +63,10 @@ LISTENING = "pointauth listening on"
 # How often (and after how long) the sweeper finishes merges left half-done by a process that
 # died; a merge in progress takes milliseconds.
 MERGE_RECOVERY_SECONDS = 10
+# Calls gRPC lets through to the boundary, per connection and waiting to start, per call the
+# process runs at once (server.max_in_flight): a burst on one connection of up to 4,000 calls,
+# by default, is answered by the boundary (run, or shed with SERVER_OVERLOADED), not by gRPC.
+BACKLOG_PER_IN_FLIGHT = 4
 
 SERVICE_NAMES = (
     points_service_pb2.DESCRIPTOR.services_by_name["PointsService"].full_name,
@@ -169,12 +173,20 @@ class PointauthServer:
         )
         self.audit_trail = AuditTrail(auditor, guard.identify if guard else None)
         interceptors.insert(0, self.audit_trail)
+        backlog = BACKLOG_PER_IN_FLIGHT * self.settings.server.max_in_flight
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[
                 # Several processes share the port only when asked; otherwise a busy port is an error.
                 ("grpc.so_reuseport", 1 if self._reuse_port else 0),
-                ("grpc.max_concurrent_streams", 1000),
+                # A burst must reach the boundary, which sheds what is past max_in_flight with an
+                # ErrorInfo and a RetryInfo. Below it, gRPC refuses streams past this per
+                # connection (UNAVAILABLE, no ErrorInfo) and, past its queue of calls not yet
+                # started (1,000 by default, over all connections), cancels them (CANCELLED: a
+                # code clients do not retry); both limits are set well above max_in_flight.
+                ("grpc.max_concurrent_streams", backlog),
+                ("grpc.server.max_pending_requests", backlog),
+                ("grpc.server.max_pending_requests_hard_limit", backlog),
                 # Bodies up to 4x the limit reach the boundary, which refuses them with an
                 # ErrorInfo; beyond that gRPC drops them before reading them in full.
                 ("grpc.max_receive_message_length", 4 * self.settings.server.max_message_bytes),
