@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import NoReturn
 
 import grpc
 import pytest
@@ -22,6 +23,7 @@ from pointauth.client import PointsClient, UnavailableError
 from pointauth.server.app import PointauthServer
 from pointauth.server.devstack.stack import EmbeddedStack, free_port
 from pointauth.server.ledger import Keyspace, Ledger
+from pointauth.server.serve import stop_or_exit
 from tests.conftest import STORE
 
 PYTHON = sys.executable
@@ -212,3 +214,41 @@ def test_bad_configuration_is_a_clear_error(serve_env: dict[str, str]) -> None:
     assert result.returncode == 2
     assert "$.server.port" in result.stderr
     assert "65535" in result.stderr
+
+
+class _Exited(Exception):
+    pass
+
+
+async def test_a_stop_that_hangs_ends_the_process_with_status_1(caplog: pytest.LogCaptureFixture) -> None:
+    released = asyncio.Event()
+
+    async def hanging_stop() -> None:
+        while not released.is_set():  # deaf to cancellation, as a stuck library call may be
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0.05)
+
+    exits: list[int] = []
+
+    def exit_(code: int) -> NoReturn:
+        exits.append(code)
+        raise _Exited
+
+    with pytest.raises(_Exited):
+        await stop_or_exit(hanging_stop(), 0.2, exit=exit_)
+    released.set()
+    assert exits == [1]
+    assert "the stop did not end within 0 s: exiting now" in caplog.text  # 0.2 s, as %.0f writes it
+
+
+async def test_a_stop_that_ends_in_time_ends_nothing_else() -> None:
+    stopped: list[bool] = []
+
+    async def stop() -> None:
+        stopped.append(True)
+
+    def exit_(code: int) -> NoReturn:
+        raise AssertionError(f"exit({code})")
+
+    await stop_or_exit(stop(), 0.2, exit=exit_)
+    assert stopped == [True]

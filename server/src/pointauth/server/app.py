@@ -226,7 +226,7 @@ class PointauthServer:
         """Releases holds nobody touches after their TTL (reads already see them as expired), and
         finishes merges whose process died midway."""
         next_merge_pass = time.monotonic() + MERGE_RECOVERY_SECONDS
-        while True:
+        while not self._stopped:  # as services/following.py's Follower: not only the cancellation
             try:
                 swept = await self.ledger.sweep_expired_holds(self.settings.ledger.sweep_shards_per_tick)
                 if swept:

@@ -51,6 +51,7 @@ class CredentialStore:
         self.by_certificate: dict[str, Credential] = {}
         self._version: tuple[int, int, int] | None = None
         self._poller: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def load(self) -> None:
         """Reads the file now; CredentialsError if it cannot be used."""
@@ -79,7 +80,7 @@ class CredentialStore:
         self._poller = asyncio.create_task(self._poll())
 
     async def _poll(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self.reload_seconds)
             try:
                 # A stat is cheap; the read and parse happen only when the file changed.
@@ -88,6 +89,7 @@ class CredentialStore:
                 log.exception("credentials reload failed; retrying")
 
     async def stop(self) -> None:
+        self._stopping = True  # as services/following.py's Follower: a swallowed cancellation still ends the loop
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):

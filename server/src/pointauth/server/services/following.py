@@ -20,12 +20,17 @@ class Follower:
         self.every_seconds = every_seconds
         self.refresh = refresh
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._follow())
 
     async def stop(self) -> None:
+        # The flag too, not only the cancellation: a library that swallows a cancellation (Python
+        # 3.11's asyncio.wait_for can, in a race) would otherwise keep the loop, and the stop
+        # awaiting it, going forever.
+        self._stopping = True
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -34,7 +39,7 @@ class Follower:
 
     async def _follow(self) -> None:
         failing = False
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self.every_seconds)
             try:
                 version = await self.refresh()
