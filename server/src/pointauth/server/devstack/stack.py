@@ -40,6 +40,25 @@ def free_port() -> int:
         return port
 
 
+# Starts tried when the port free_port() chose was taken by the time the server bound it (the
+# kernel may hand it out again meanwhile, as another connection's local port).
+START_ATTEMPTS = 3
+
+
+def _port_taken(log: Path, offset: int) -> bool:
+    """Whether the server's log, past `offset`, says its port was in use (both servers say so)."""
+    try:
+        with log.open("rb") as f:
+            f.seek(offset)
+            return b"Address already in use" in f.read()
+    except OSError:
+        return False
+
+
+def _log_size(log: Path) -> int:
+    return log.stat().st_size if log.exists() else 0
+
+
 def _die_with_parent() -> None:
     """Runs in the child before exec: SIGTERM when the starting thread's process dies."""
     with contextlib.suppress(OSError, AttributeError):
@@ -86,6 +105,7 @@ class RedisServer:
     def __init__(self, data_dir: Path, port: int | None = None) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
+        self._port_chosen = port is None
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -97,16 +117,25 @@ class RedisServer:
         if binary is None:
             raise StackError("redis-server not found: install it (apt-get install redis-server)")
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        args = [
-            binary,
-            "--bind", LOOPBACK, "--port", str(self.port), "--dir", str(self.data_dir),
-            "--appendonly", "yes", "--appendfsync", "always",
-            "--maxmemory-policy", "noeviction", "--save", "",
-            "--daemonize", "no", "--logfile", "redis.log",
-        ]  # fmt: skip
-        self.proc = _popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_for(self._pong, "redis-server", self.proc)
-        return self
+        log = self.data_dir / "redis.log"
+        for attempt in range(1, START_ATTEMPTS + 1):
+            offset = _log_size(log)
+            args = [
+                binary,
+                "--bind", LOOPBACK, "--port", str(self.port), "--dir", str(self.data_dir),
+                "--appendonly", "yes", "--appendfsync", "always",
+                "--maxmemory-policy", "noeviction", "--save", "",
+                "--daemonize", "no", "--logfile", log.name,
+            ]  # fmt: skip
+            self.proc = _popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                _wait_for(self._pong, "redis-server", self.proc)
+                return self
+            except StackError:
+                if not (self._port_chosen and attempt < START_ATTEMPTS and _port_taken(log, offset)):
+                    raise
+                self.port = free_port()
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _pong(self) -> bool | None:
         try:
@@ -143,6 +172,7 @@ class PostgresServer:
     def __init__(self, data_dir: Path, port: int | None = None) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
+        self._port_chosen = port is None
         self.bindir = postgres_bindir()
         self.proc: subprocess.Popen[bytes] | None = None
         self._as_user: list[str] = []
@@ -156,6 +186,33 @@ class PostgresServer:
     @property
     def dsn(self) -> str:
         return f"postgresql://{DB_USER}@{LOOPBACK}:{self.port}/{DATABASE}"
+
+    def _start_once(self, pgdata: Path, log_path: Path) -> None:
+        args = [
+            str(self.bindir / "postgres"), "-D", str(pgdata), "-p", str(self.port),
+            "-h", LOOPBACK, "-k", str(self.data_dir),
+            "-c", "fsync=on", "-c", "max_connections=200", "-c", "logging_collector=off",
+        ]  # fmt: skip
+        with log_path.open("ab") as log:
+            self.proc = _popen([*self._as_user, *args], stdout=log, stderr=log)
+        isready = str(self.bindir / "pg_isready")
+
+        def ready() -> bool:
+            probe = [
+                isready,
+                "-q",
+                "-h",
+                LOOPBACK,
+                "-p",
+                str(self.port),
+                "-d",
+                "postgres",
+                "-U",
+                DB_USER,
+            ]
+            return subprocess.run(probe, check=False).returncode == 0
+
+        _wait_for(ready, "postgres", self.proc, timeout=60)
 
     def _run(self, *args: str) -> None:
         result = subprocess.run([*self._as_user, *args], capture_output=True, text=True, check=False)
@@ -179,31 +236,16 @@ class PostgresServer:
                 str(self.bindir / "initdb"), "-D", str(pgdata), "-U", DB_USER,
                 "--auth=trust", "--encoding=UTF8", "--no-locale", "--no-sync",
             )  # fmt: skip
-        args = [
-            str(self.bindir / "postgres"), "-D", str(pgdata), "-p", str(self.port),
-            "-h", LOOPBACK, "-k", str(self.data_dir),
-            "-c", "fsync=on", "-c", "max_connections=200", "-c", "logging_collector=off",
-        ]  # fmt: skip
-        with (self.data_dir / "postgres.log").open("ab") as log:
-            self.proc = _popen([*self._as_user, *args], stdout=log, stderr=log)
-        isready = str(self.bindir / "pg_isready")
-
-        def ready() -> bool:
-            probe = [
-                isready,
-                "-q",
-                "-h",
-                LOOPBACK,
-                "-p",
-                str(self.port),
-                "-d",
-                "postgres",
-                "-U",
-                DB_USER,
-            ]
-            return subprocess.run(probe, check=False).returncode == 0
-
-        _wait_for(ready, "postgres", self.proc, timeout=60)
+        log_path = self.data_dir / "postgres.log"
+        for attempt in range(1, START_ATTEMPTS + 1):
+            offset = _log_size(log_path)
+            try:
+                self._start_once(pgdata, log_path)
+                break
+            except StackError:
+                if not (self._port_chosen and attempt < START_ATTEMPTS and _port_taken(log_path, offset)):
+                    raise
+                self.port = free_port()
         created = subprocess.run(
             [str(self.bindir / "psql"), "-h", LOOPBACK, "-p", str(self.port), "-U", DB_USER, "-d", "postgres",
              "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'"],
