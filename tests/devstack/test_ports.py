@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -28,34 +28,35 @@ def taken_port(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
         yield port
 
 
-def _redis_pong(port: int) -> bytes:
-    with socket.create_connection((LOOPBACK, port), timeout=2) as sock:
+def _redis_answers(server: RedisServer | PostgresServer) -> bool:
+    with socket.create_connection((LOOPBACK, server.port), timeout=2) as sock:
         sock.sendall(b"PING\r\n")
-        return sock.recv(64)
+        return sock.recv(64) == b"+PONG\r\n"
 
 
-def test_redis_starts_on_another_port_when_its_port_was_taken(tmp_path: Path, taken_port: int) -> None:
-    server = RedisServer(tmp_path / "redis")
+def _postgres_answers(server: RedisServer | PostgresServer) -> bool:
+    assert isinstance(server, PostgresServer)
+    isready = [str(server.bindir / "pg_isready"), "-q", "-h", LOOPBACK, "-p", str(server.port)]
+    return subprocess.run(isready, check=False).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("server_type", "answers"),
+    [(RedisServer, _redis_answers), (PostgresServer, _postgres_answers)],
+    ids=["redis", "postgres"],
+)
+def test_a_server_starts_on_another_port_when_its_port_was_taken(
+    tmp_path: Path,
+    taken_port: int,
+    server_type: type[RedisServer | PostgresServer],
+    answers: Callable[[RedisServer | PostgresServer], bool],
+) -> None:
+    server = server_type(tmp_path / "server")
     assert server.port == taken_port
     server.start()
     try:
         assert server.port != taken_port
-        assert _redis_pong(server.port) == b"+PONG\r\n"
-        assert b"Address already in use" in (tmp_path / "redis" / "redis.log").read_bytes()
-    finally:
-        server.stop()
-
-
-def test_postgres_starts_on_another_port_when_its_port_was_taken(tmp_path: Path, taken_port: int) -> None:
-    server = PostgresServer(tmp_path / "pg")
-    assert server.port == taken_port
-    server.start()
-    try:
-        assert server.port != taken_port
-        ready = subprocess.run(
-            [str(server.bindir / "pg_isready"), "-q", "-h", LOOPBACK, "-p", str(server.port)], check=False
-        )
-        assert ready.returncode == 0
+        assert answers(server)
     finally:
         server.stop()
 
