@@ -106,12 +106,13 @@ async def test_calls_beyond_max_in_flight_are_shed_with_a_retry_hint(
 
 
 @pytest.mark.parametrize("channels", [1, 4])
-async def test_a_burst_of_3000_on_one_connection_is_run_or_shed_by_the_boundary(
+async def test_a_burst_of_3000_on_one_or_four_connections_is_run_or_shed_by_the_boundary(
     server: PointauthServer, client: PointsClient, clock: ManualClock, redis: Redis, channels: int
 ) -> None:
-    """Three times max_in_flight at once on one connection (gRPC gives channels to one address one
-    connection): each call is run, or shed with SERVER_OVERLOADED and a retry hint; gRPC itself
-    refuses none (UNAVAILABLE, or CANCELLED, without an ErrorInfo), as it did past 1,000."""
+    """Three times max_in_flight at once, on one connection (past its stream limit as it was) or on
+    four (past gRPC's queue of calls not yet started, as it was): each call is run, or shed with
+    SERVER_OVERLOADED and a retry hint; gRPC itself refuses none (UNAVAILABLE, or CANCELLED,
+    without an ErrorInfo), as it did past 1,000."""
     await _open_member(client, clock, "burst-3000", "4000000000005000", 10_000)
     async with contextlib.AsyncExitStack() as more:
         clients = [client] + [

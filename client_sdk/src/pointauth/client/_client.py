@@ -104,10 +104,14 @@ class PointsClient:
             raise RuntimeError("a PointsClient can be opened only once")
         if self._channel is None:
             tls = self._security.tls
+            # A connection of its own: gRPC otherwise shares one between the channels of a
+            # process to one address, so that clients opened to spread load would all land on
+            # one server process (SO_REUSEPORT spreads connections) and one stream limit.
+            options = [("grpc.use_local_subchannel_pool", 1)]
             self._channel = (
-                grpc.aio.insecure_channel(self._target)
+                grpc.aio.insecure_channel(self._target, options=options)
                 if tls is None
-                else grpc.aio.secure_channel(self._target, tls.channel_credentials())
+                else grpc.aio.secure_channel(self._target, tls.channel_credentials(), options=options)
             )
         self._points = points_service_pb2_grpc.PointsServiceStub(self._channel)
         self._admin = admin_service_pb2_grpc.AdminServiceStub(self._channel)
