@@ -55,8 +55,20 @@ def _port_taken(log: Path, offset: int) -> bool:
         return False
 
 
-def _log_size(log: Path) -> int:
-    return log.stat().st_size if log.exists() else 0
+def _start_retrying_taken_ports(
+    start_once: Callable[[], None], log: Path, port_chosen: bool, new_port: Callable[[], None]
+) -> None:
+    """`start_once()`; if it fails because its port was taken, and the port was the stack's own
+    choice, `new_port()` and again (START_ATTEMPTS in all)."""
+    for attempt in range(1, START_ATTEMPTS + 1):
+        offset = log.stat().st_size if log.exists() else 0
+        try:
+            start_once()
+            return
+        except StackError:
+            if not (port_chosen and attempt < START_ATTEMPTS and _port_taken(log, offset)):
+                raise
+            new_port()
 
 
 def _die_with_parent() -> None:
@@ -118,8 +130,8 @@ class RedisServer:
             raise StackError("redis-server not found: install it (apt-get install redis-server)")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = self.data_dir / "redis.log"
-        for attempt in range(1, START_ATTEMPTS + 1):
-            offset = _log_size(log)
+
+        def start_once() -> None:
             args = [
                 binary,
                 "--bind", LOOPBACK, "--port", str(self.port), "--dir", str(self.data_dir),
@@ -128,14 +140,13 @@ class RedisServer:
                 "--daemonize", "no", "--logfile", log.name,
             ]  # fmt: skip
             self.proc = _popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                _wait_for(self._pong, "redis-server", self.proc)
-                return self
-            except StackError:
-                if not (self._port_chosen and attempt < START_ATTEMPTS and _port_taken(log, offset)):
-                    raise
-                self.port = free_port()
-        raise AssertionError("unreachable")  # pragma: no cover
+            _wait_for(self._pong, "redis-server", self.proc)
+
+        _start_retrying_taken_ports(start_once, log, self._port_chosen, self._new_port)
+        return self
+
+    def _new_port(self) -> None:
+        self.port = free_port()
 
     def _pong(self) -> bool | None:
         try:
@@ -214,6 +225,9 @@ class PostgresServer:
 
         _wait_for(ready, "postgres", self.proc, timeout=60)
 
+    def _new_port(self) -> None:
+        self.port = free_port()
+
     def _run(self, *args: str) -> None:
         result = subprocess.run([*self._as_user, *args], capture_output=True, text=True, check=False)
         if result.returncode != 0:
@@ -237,15 +251,9 @@ class PostgresServer:
                 "--auth=trust", "--encoding=UTF8", "--no-locale", "--no-sync",
             )  # fmt: skip
         log_path = self.data_dir / "postgres.log"
-        for attempt in range(1, START_ATTEMPTS + 1):
-            offset = _log_size(log_path)
-            try:
-                self._start_once(pgdata, log_path)
-                break
-            except StackError:
-                if not (self._port_chosen and attempt < START_ATTEMPTS and _port_taken(log_path, offset)):
-                    raise
-                self.port = free_port()
+        _start_retrying_taken_ports(
+            lambda: self._start_once(pgdata, log_path), log_path, self._port_chosen, self._new_port
+        )
         created = subprocess.run(
             [str(self.bindir / "psql"), "-h", LOOPBACK, "-p", str(self.port), "-U", DB_USER, "-d", "postgres",
              "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'"],
