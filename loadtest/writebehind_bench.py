@@ -8,8 +8,9 @@ ledger (one GetBalance-like call at a time, `--probe-rate` a second) as a till w
 
 Printed: events/s of the drain; worker and PostgreSQL CPU µs per event (from /proc: the worker
 process, and the postmaster with its backends); Redis CPU per event; the probe's p50/p99 before
-the drain (no worker) and during it; and the slowest Redis commands of the drain (SLOWLOG at
-1 ms, reset when the worker starts; `--slowlog-us 0` shows every command's duration).
+the drain (no worker), during it, and after it beside the worker idling, caught up (the tills'
+steady state in production); and the slowest Redis commands of the drain (SLOWLOG at 1 ms, reset
+when the worker starts; `--slowlog-us 0` shows every command's duration).
 `--split-cpus` runs the drain with the worker and its PostgreSQL backends on a CPU of their own.
 """
 
@@ -199,6 +200,13 @@ async def run(args: argparse.Namespace, stack: EmbeddedStack, work: Path) -> dic
         during = await drain_task
         slow: list[Any] = await redis.slowlog_get(1_000_000)
         await redis.config_set("slowlog-log-slower-than", 10_000)
+        # The tills' steady state in production: the worker running, caught up, scanning for
+        # work (the steady probe above ran with no worker at all).
+        stop = asyncio.Event()
+        idle_task = asyncio.create_task(probe(ledger, args.accounts, args.probe_rate, stop))
+        await asyncio.sleep(args.probe_seconds)
+        stop.set()
+        beside_idle_worker = await idle_task
     finally:
         worker.terminate()
         worker.wait(30)
@@ -226,6 +234,8 @@ async def run(args: argparse.Namespace, stack: EmbeddedStack, work: Path) -> dic
         "probe_drain_p50_ms": round(_pct(during, 0.5), 2),
         "probe_drain_p99_ms": round(_pct(during, 0.99), 2),
         "probe_drain_mean_ms": round(statistics.fmean(during), 2) if during else 0.0,
+        "probe_worker_idle_p50_ms": round(_pct(beside_idle_worker, 0.5), 2),
+        "probe_worker_idle_p99_ms": round(_pct(beside_idle_worker, 0.99), 2),
         f"slowlog_over_{args.slowlog_us}us": len(slow),
         "slowlog_by_command (n, p99 µs, max µs)": {
             name: (len(d), int(_pct([float(x) for x in d], 0.99)), max(d)) for name, d in sorted(by_command.items())
@@ -274,7 +284,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shards", type=int, default=1024)
     parser.add_argument("--concurrency", type=int, default=64, help="ledger calls in flight while writing")
     parser.add_argument("--probe-rate", type=float, default=100.0, help="probe calls a second")
-    parser.add_argument("--probe-seconds", type=float, default=3.0, help="steady probe before the drain")
+    parser.add_argument(
+        "--probe-seconds", type=float, default=6.0, help="each steady probe (before the drain; beside the idle worker)"
+    )
     parser.add_argument(
         "--split-cpus", action="store_true", help="the worker and PostgreSQL's backends on a CPU of their own"
     )

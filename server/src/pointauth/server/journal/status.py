@@ -5,14 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
 from pointauth.server.journal.events import EntryId
 from pointauth.server.journal.pg import connection
 from pointauth.server.ledger import Keyspace
+from pointauth.server.ledger.pipeline import in_rounds
 
 GROUP = "pointauth-writebehind"
 
@@ -87,13 +88,15 @@ async def redis_now_ms(redis: Redis) -> int:
 
 
 async def stream_backlogs(redis: Redis, streams: list[str], group: str = GROUP) -> list[StreamBacklog]:
-    """One pipeline per call; each stream is its own key, so this also works on a Redis Cluster."""
-    async with redis.pipeline(transaction=False) as pipe:
-        for stream in streams:
-            pipe.xlen(stream)
-            pipe.xinfo_groups(stream)
-            pipe.xpending(stream, group)
-        replies: list[Any] = await pipe.execute(raise_on_error=False)
+    """Pipelined in short rounds (pipeline.in_rounds); each stream is its own key, so this also
+    works on a Redis Cluster."""
+
+    def state(pipe: Pipeline, stream: str) -> None:
+        pipe.xlen(stream)
+        pipe.xinfo_groups(stream)
+        pipe.xpending(stream, group)
+
+    replies = await in_rounds(redis, streams, state, raise_on_error=False)
     found: list[tuple[str, EntryId, int, EntryId | None, int | None, int]] = []
     for i, stream in enumerate(streams):
         length, groups, pending = replies[3 * i : 3 * i + 3]
@@ -111,10 +114,13 @@ async def stream_backlogs(redis: Redis, streams: list[str], group: str = GROUP) 
         lag_count = None if lag is None else int(lag)
         found.append((stream, last, int(pending["pending"]), oldest_pending, lag_count, int(length)))
     # The first entry after what was delivered: its id is its time.
-    async with redis.pipeline(transaction=False) as pipe:
-        for stream, last, _, _, lag, _ in found:
-            pipe.xrange(stream, min=f"({last}", count=1 if lag is not None else 100_000)
-        replies = await pipe.execute(raise_on_error=False)
+    after_delivered = {stream: (last, lag) for stream, last, _, _, lag, _ in found}
+
+    def first_after(pipe: Pipeline, stream: str) -> None:
+        last, lag = after_delivered[stream]
+        pipe.xrange(stream, min=f"({last}", count=1 if lag is not None else 100_000)
+
+    replies = await in_rounds(redis, [f[0] for f in found], first_after, raise_on_error=False)
     out: list[StreamBacklog] = []
     for (stream, last, pending_count, oldest_pending, lag, length), after in zip(found, replies, strict=True):
         new = [] if isinstance(after, ResponseError) else after

@@ -29,7 +29,7 @@ from pointauth.server.ledger.codec import (
     TransactionRecord,
 )
 from pointauth.server.ledger.keys import Keyspace
-from pointauth.server.ledger.pipeline import TickPipeline
+from pointauth.server.ledger.pipeline import TickPipeline, in_rounds
 
 SCRIPT_SOURCE = files("pointauth.server.ledger").joinpath("ledger.lua").read_text()
 
@@ -405,10 +405,10 @@ class Ledger:
         """The recovery pass: finishes every merge left half-done that began at least
         `older_than_ms` ago; how many. Safe beside merges in progress: every step is idempotent."""
         latest = self.clock.now_ms() - older_than_ms
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for shard in range(self.keyspace.shards):
-                pipe.zrangebyscore(self.keyspace.merges(shard), "-inf", latest)
-            replies: list[list[bytes]] = await pipe.execute()
+        merges = [self.keyspace.merges(shard) for shard in range(self.keyspace.shards)]
+        replies: list[list[bytes]] = await in_rounds(
+            self.redis, merges, lambda pipe, key: pipe.zrangebyscore(key, "-inf", latest)
+        )
         finished = 0
         for member in (m for reply in replies for m in reply):
             finished += await self.finish_merge(member.decode())
