@@ -331,9 +331,10 @@ class WriteBehindWorker:
         1,024 streams, 20 times a second, and the tills' calls would wait behind it (their p99
         beside an idle worker was about 1 ms higher so)."""
         names, chunk = self._stream_names, self.config.scan_chunk
+        standalone = await self._standalone()
         lengths: list[int] = []
         for first in range(0, len(names), chunk):
-            if await self._standalone():
+            if standalone:
                 lengths.extend(await self._scan_script(keys=names[first : first + chunk]))
                 continue
             async with self.redis.pipeline(transaction=False) as pipe:
