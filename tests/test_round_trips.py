@@ -18,6 +18,7 @@ from redis.asyncio.client import Pipeline
 from pointauth.server.config import LedgerSettings
 from pointauth.server.devstack.stack import EmbeddedStack
 from pointauth.server.journal import WorkerConfig, WriteBehindWorker
+from pointauth.server.journal.status import COUNT_PAGE, GROUP, stream_backlogs
 from pointauth.server.ledger import Keyspace, Ledger
 from pointauth.server.ledger.pipeline import KEYS_PER_ROUND_TRIP
 from tests.journal.support import TILL, assert_journal_complete, fingerprint, wait_until_applied
@@ -136,3 +137,25 @@ async def test_the_merge_recovery_pass_reads_the_shards_in_short_round_trips(
     assert max(len(trip) for trip in reads) <= KEYS_PER_ROUND_TRIP
     read = sorted(_text(args[1]) for trip in reads for args in trip)
     assert read == sorted(keyspace.merges(shard) for shard in range(keyspace.shards))
+
+
+async def test_a_backlog_redis_cannot_count_is_counted_a_page_at_a_time(
+    monkeypatch: pytest.MonkeyPatch, redis: Redis, keyspace: Keyspace
+) -> None:
+    stream = keyspace.events(1)
+    async with redis.pipeline(transaction=False) as pipe:
+        for n in range(1_000):
+            pipe.xadd(stream, {"e": str(n)})
+        ids = await pipe.execute()
+    await redis.xgroup_create(stream, GROUP, id="0")
+    await redis.xreadgroup(GROUP, "worker", {stream: ">"}, count=100)
+    # Moved by hand without ENTRIESREAD, as an operator rewinding it would: Redis no longer
+    # knows how many entries the group has not been given.
+    await redis.xgroup_setid(stream, GROUP, id=ids[99])
+    assert (await redis.xinfo_groups(stream))[0]["lag"] is None
+    trips = record_round_trips(monkeypatch, redis)
+    [backlog] = await stream_backlogs(redis, [stream])
+    assert (backlog.undelivered, backlog.pending, backlog.length) == (900, 100, 1_000)
+    ranges = [args for trip in trips for args in trip if _text(args[0]).upper() == "XRANGE"]
+    assert max(_read_count(args) for args in ranges) == COUNT_PAGE
+    assert len(ranges) == 1 + 900 // COUNT_PAGE + 1  # the first entry, full pages, the last short one

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
@@ -16,6 +17,11 @@ from pointauth.server.ledger import Keyspace
 from pointauth.server.ledger.pipeline import in_rounds
 
 GROUP = "pointauth-writebehind"
+
+COUNT_PAGE = 200
+"""Entries per XRANGE when counting a backlog Redis cannot count itself: one XRANGE of all of
+them would hold Redis about 2.5 µs an entry (a quarter of a second for 100,000), every till's
+call waiting behind it."""
 
 
 @dataclass(frozen=True)
@@ -109,7 +115,8 @@ async def stream_backlogs(redis: Redis, streams: list[str], group: str = GROUP) 
             continue
         last = EntryId.parse(info["last-delivered-id"])
         oldest_pending = EntryId.parse(pending["min"]) if pending["pending"] else None
-        # Redis 7 counts the undelivered entries itself, except after deletions (then nil).
+        # Redis 7 counts the undelivered entries itself, except where it cannot (nil: after
+        # deletions, or a group moved by hand with XGROUP SETID): then they are counted here.
         lag = info.get("lag")
         lag_count = None if lag is None else int(lag)
         found.append((stream, last, int(pending["pending"]), oldest_pending, lag_count, int(length)))
@@ -117,8 +124,7 @@ async def stream_backlogs(redis: Redis, streams: list[str], group: str = GROUP) 
     after_delivered = {stream: (last, lag) for stream, last, _, _, lag, _ in found}
 
     def first_after(pipe: Pipeline, stream: str) -> None:
-        last, lag = after_delivered[stream]
-        pipe.xrange(stream, min=f"({last}", count=1 if lag is not None else 100_000)
+        pipe.xrange(stream, min=f"({after_delivered[stream][0]}", count=1)
 
     replies = await in_rounds(redis, [f[0] for f in found], first_after, raise_on_error=False)
     out: list[StreamBacklog] = []
@@ -130,7 +136,7 @@ async def stream_backlogs(redis: Redis, streams: list[str], group: str = GROUP) 
             StreamBacklog(
                 stream=stream,
                 pending=pending_count,
-                undelivered=lag if lag is not None else len(new),
+                undelivered=lag if lag is not None else await _count_after(redis, stream, last),
                 oldest_unapplied=min(candidates) if candidates else None,
                 last_delivered=last,
                 oldest_pending=oldest_pending,
@@ -138,6 +144,17 @@ async def stream_backlogs(redis: Redis, streams: list[str], group: str = GROUP) 
             )
         )
     return out
+
+
+async def _count_after(redis: Redis, stream: str, last: EntryId) -> int:
+    """The entries of `stream` after `last`, counted COUNT_PAGE at a time."""
+    counted, start = 0, f"({last}"
+    while True:
+        page: list[Any] = await redis.xrange(stream, min=start, count=COUNT_PAGE) or []
+        counted += len(page)
+        if len(page) < COUNT_PAGE:
+            return counted
+        start = f"({_text(page[-1][0])}"
 
 
 def _text(value: bytes | str) -> str:
