@@ -11,13 +11,13 @@ half of it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from pathlib import Path
 
 from pointauth.server.api.permissions import check_scopes
 from pointauth.server.domain.credentials import Credential, CredentialsError, parse_credentials
+from pointauth.server.services.following import Follower
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +46,11 @@ class CredentialStore:
 
     def __init__(self, path: Path, reload_seconds: float) -> None:
         self.path = path
-        self.reload_seconds = reload_seconds
         self.by_id: dict[str, Credential] = {}
         self.by_certificate: dict[str, Credential] = {}
         self._version: tuple[int, int, int] | None = None
-        self._poller: asyncio.Task[None] | None = None
-        self._stopping = False
+        self._loads = 0
+        self._follower = Follower("credentials", reload_seconds, self._reload)
 
     def load(self) -> None:
         """Reads the file now; CredentialsError if it cannot be used."""
@@ -60,6 +59,7 @@ class CredentialStore:
         self.by_id = {c.id: c for c in credentials}
         self.by_certificate = {c.certificate: c for c in credentials if c.certificate}
         self._version = version
+        self._loads += 1
         revoked = sum(c.revoked for c in credentials)
         log.info("credentials: %d from %s (%d revoked)", len(credentials), self.path, revoked)
 
@@ -77,23 +77,16 @@ class CredentialStore:
 
     async def start(self) -> None:
         self.load()
-        self._poller = asyncio.create_task(self._poll())
+        self._follower.start()
 
-    async def _poll(self) -> None:
-        while not self._stopping:
-            await asyncio.sleep(self.reload_seconds)
-            try:
-                # A stat is cheap; the read and parse happen only when the file changed.
-                await asyncio.to_thread(self.reload_if_changed)
-            except Exception:
-                log.exception("credentials reload failed; retrying")
+    async def _reload(self) -> int:
+        """For the follower: how many times the file was loaded (its version, as far as the log
+        goes). A stat is cheap; the read and parse happen only when the file changed."""
+        await asyncio.to_thread(self.reload_if_changed)
+        return self._loads
 
     async def stop(self) -> None:
-        self._stopping = True  # as services/following.py's Follower: a swallowed cancellation still ends the loop
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
+        await self._follower.stop()
 
 
 def write_credentials_atomically(path: Path, text: str) -> None:
