@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ from loadtest import earn_rules
 from loadtest.driver import POS, Step, StepResult, new_histogram
 from loadtest.lag import LagSampler, wait_until_drained
 from loadtest.population import CARD_FORMAT, Population
-from loadtest.procs import ClientPool, CpuMeter, Service, named
+from loadtest.procs import ClientPool, CpuMeter, Service, idle_cgroup, named, tree
 from pointauth.client import ClientTLS, NotFoundError, PointsClient
 from pointauth.server.api.credentials import write_credentials_atomically
 from pointauth.server.app import LISTENING
@@ -250,6 +251,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also AuthorizeHold against servers with TLS + API keys (tls) and mTLS + client certificates (mtls),"
         " each with authentication on; '' for neither",
     )
+    p.add_argument(
+        "--background-idle",
+        action="store_true",
+        help="the write-behind worker and PostgreSQL in a cgroup with cpu.idle = 1, as systemd's CPUWeight=idle"
+        " puts them (needs root, the cgroup cpu controller and the embedded stack)",
+    )
     p.add_argument("--json", type=Path, help="also write the results here")
     return p.parse_args(argv)
 
@@ -389,7 +396,10 @@ def run(args: argparse.Namespace, out: contextlib.ExitStack) -> dict[str, Any]:
     keyspace = Keyspace(args.shards)
     population = Population(args.accounts, args.card_format, hot_traffic=args.hot_traffic)
 
+    to_background: Callable[[list[int]], None] | None = None
     if args.redis_url:
+        if args.background_idle:
+            raise SystemExit("--background-idle needs the embedded stack (it moves its PostgreSQL)")
         redis_url, postgres_dsn = args.redis_url, args.postgres_dsn or ""
         log_dir = Path(tempfile.mkdtemp(prefix="pointauth-bench-logs-"))
     else:
@@ -398,6 +408,9 @@ def run(args: argparse.Namespace, out: contextlib.ExitStack) -> dict[str, Any]:
         data_dir.chmod(0o755)
         if args.data_dir is None:
             out.callback(shutil.rmtree, data_dir, ignore_errors=True)
+        if args.background_idle:
+            # Entered before the stack, so left after it: the cgroup goes once PostgreSQL stopped.
+            to_background = out.enter_context(idle_cgroup(f"pointauth-bench-{os.getpid()}"))
         stack = out.enter_context(EmbeddedStack(data_dir))
         redis_url, postgres_dsn = stack.redis.url, stack.postgres.dsn
         log_dir = data_dir
@@ -472,6 +485,9 @@ def run(args: argparse.Namespace, out: contextlib.ExitStack) -> dict[str, Any]:
         services["worker"] = out.enter_context(
             Service("write-behind worker", command, None, env, log_dir / "worker.log")
         )
+    if to_background:
+        background = [services["worker"].proc] if "worker" in services else []
+        to_background([pid for proc in [*background, stack.postgres.proc] if proc for pid in tree(proc.pid)])
     flat = [s for s in scenarios if s not in UNDER_RULES]
     ruled = [s for s in scenarios if s in UNDER_RULES]
     # AuthorizeHold, CaptureHold and GetBalance are the same under rules; EarnPoints is not.
@@ -590,6 +606,7 @@ def run(args: argparse.Namespace, out: contextlib.ExitStack) -> dict[str, Any]:
             "shards": args.shards,
             "hot_traffic": args.hot_traffic,
             "redis_appendfsync": appendfsync,
+            "background": "worker and PostgreSQL in an idle cgroup" if to_background else "worker in the idle class",
             "warmup_s": plan.warmup_s,
             "duration_s": plan.duration_s,
             "repeat": plan.repeat,

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 from types import TracebackType
@@ -63,6 +64,43 @@ def named(command: str) -> list[int]:
             if comm.read_text().strip() == command:
                 found.append(int(comm.parent.name))
     return found
+
+
+CGROUP_V1_CPU = Path("/sys/fs/cgroup/cpu")
+CGROUP_V2 = (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified"))
+
+
+def _idle_capable_root() -> Path:
+    """The cgroup hierarchy whose groups have cpu.idle: v1's cpu controller, or a v2 mount with
+    the cpu controller enabled for its children."""
+    if (CGROUP_V1_CPU / "cpu.idle").exists():
+        return CGROUP_V1_CPU
+    for root in CGROUP_V2:
+        controllers = root / "cgroup.subtree_control"
+        if controllers.exists() and "cpu" in controllers.read_text().split():
+            return root
+    raise SystemExit("no cgroup hierarchy with the cpu controller here: cannot make a group idle")
+
+
+@contextlib.contextmanager
+def idle_cgroup(name: str) -> Iterator[Callable[[list[int]], None]]:
+    """A cgroup in the kernel's idle CPU class (cpu.idle = 1), as systemd's `CPUWeight=idle`
+    makes a unit's: yields a function moving processes into it; removed on exit (its processes
+    must have ended or left by then). Needs root."""
+    group = _idle_capable_root() / name
+    group.mkdir(exist_ok=True)
+    (group / "cpu.idle").write_text("1")
+
+    def move(pids: list[int]) -> None:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, FileNotFoundError):
+                (group / "cgroup.procs").write_text(str(pid))
+
+    try:
+        yield move
+    finally:
+        with contextlib.suppress(OSError):
+            group.rmdir()
 
 
 def _machine_ticks() -> tuple[int, int]:

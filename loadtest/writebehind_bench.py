@@ -11,7 +11,9 @@ process, and the postmaster with its backends); Redis CPU per event; the probe's
 the drain (no worker), during it, and after it beside the worker idling, caught up (the tills'
 steady state in production); and the slowest Redis commands of the drain (SLOWLOG at 1 ms, reset
 when the worker starts; `--slowlog-us 0` shows every command's duration).
-`--split-cpus` runs the drain with the worker and its PostgreSQL backends on a CPU of their own.
+`--split-cpus` runs the drain with the worker and its PostgreSQL backends on a CPU of their own;
+`--background-idle` with the worker and PostgreSQL in a cgroup of the kernel's idle CPU class, as
+systemd's `CPUWeight=idle` puts them (the worker alone is in the idle class by default).
 """
 
 from __future__ import annotations
@@ -27,13 +29,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import IO, Any
 
 import uvloop
 from redis.asyncio import Redis
 
-from loadtest.procs import cpu_seconds, tree
+from loadtest.procs import cpu_seconds, idle_cgroup, tree
 from pointauth.server.clock import SystemClock
 from pointauth.server.config import LedgerSettings
 from pointauth.server.devstack.stack import EmbeddedStack
@@ -140,7 +144,9 @@ async def heartbeat_seen(dsn: str) -> bool:
         return bool(await conn.fetchval("SELECT count(*) FROM worker_heartbeats"))
 
 
-async def run(args: argparse.Namespace, stack: EmbeddedStack, work: Path) -> dict[str, Any]:
+async def run(
+    args: argparse.Namespace, stack: EmbeddedStack, work: Path, to_background: Callable[[list[int]], None] | None
+) -> dict[str, Any]:
     dsn = stack.postgres.dsn
     await migrate(dsn)
     redis = Redis.from_url(stack.redis.url)
@@ -178,6 +184,10 @@ async def run(args: argparse.Namespace, stack: EmbeddedStack, work: Path) -> dic
             if args.split_cpus
             else ""
         )
+        if to_background:
+            # After the worker's first heartbeat: its PostgreSQL backend exists by then, and
+            # backends started later inherit the postmaster's group.
+            to_background(tree(worker.pid) + (tree(stack.postgres.proc.pid) if stack.postgres.proc else []))
         await redis.config_set("slowlog-log-slower-than", args.slowlog_us)
         await redis.config_set("slowlog-max-len", 1_000_000)
         await redis.slowlog_reset()
@@ -222,6 +232,7 @@ async def run(args: argparse.Namespace, stack: EmbeddedStack, work: Path) -> dic
         by_command.setdefault(_text(e["command"].split()[0]).upper(), []).append(int(e["duration"]))
     return {
         "cpus": split or "shared",
+        "background": "worker and PostgreSQL in an idle cgroup" if to_background else "worker in the idle class",
         "events": events,
         "refusals": refused,
         "drain_s": round(elapsed, 2),
@@ -291,6 +302,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--split-cpus", action="store_true", help="the worker and PostgreSQL's backends on a CPU of their own"
     )
     parser.add_argument(
+        "--background-idle",
+        action="store_true",
+        help="the worker and PostgreSQL in a cgroup with cpu.idle = 1 (needs root and the cgroup cpu controller)",
+    )
+    parser.add_argument(
         "--slowlog-us", type=int, default=SLOW_US, help="SLOWLOG threshold during the drain (0: every command)"
     )
     return parser.parse_args(argv)
@@ -300,11 +316,13 @@ def main() -> None:
     args = parse_args()
     work = Path(tempfile.mkdtemp(prefix="pointauth-wbbench-"))
     work.chmod(0o755)
+    background = idle_cgroup(f"pointauth-wbbench-{os.getpid()}") if args.background_idle else nullcontext(None)
     try:
-        with EmbeddedStack(work / "stack") as stack:
+        # The cgroup outlives the stack: it can be removed only once PostgreSQL has stopped.
+        with background as to_background, EmbeddedStack(work / "stack") as stack:
             # uvloop, as the server: the default loop wakes a sleeping probe up to a millisecond
             # late (epoll's timeout is whole ms), which would count as latency.
-            result = uvloop.run(run(args, stack, work))
+            result = uvloop.run(run(args, stack, work, to_background))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     width = max(len(k) for k in result)

@@ -100,6 +100,11 @@ def test_dev_prints_working_commands_and_stops_in_order_on_ctrl_c(tmp_path: Path
         assert _paste(run["python"], env).startswith("member-0001: 1400 points available, 100 held\n")
         assert "agree" in _paste(run["reconcile"], env)
         assert "HOLD_AUTHORIZED" in _paste(run["psql"], env)
+        # Its worker journaled those, in the server's thread: which stays in the normal CPU class
+        # (the idle class is for `pointauth worker`, a process of its own).
+        assert {os.sched_getscheduler(int(t.name)) for t in Path(f"/proc/{proc.pid}/task").iterdir()} == {
+            os.SCHED_OTHER
+        }
 
         # One more hold, and Ctrl-C at once: the worker must still journal it before the stores stop.
         _paste(run["hold"], env)

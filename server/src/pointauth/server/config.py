@@ -119,6 +119,12 @@ class WriteBehindSettings(_Section):
     catchup_share: Annotated[float, Meta(gt=0, le=1)] = 0.5
     """While catching up a backlog, the worker works at most this share of the time (it pauses
     after each full batch), leaving the cores to the servers and Redis the rest of it."""
+    idle_cpu: bool = True
+    """`pointauth worker` runs in the kernel's idle CPU class (SCHED_IDLE) while it keeps up:
+    a till's call woken on a core it uses then preempts it at once (README, "Running it for real")."""
+    idle_cpu_max_lag_ms: Positive = 10_000
+    """Behind by more than this, the worker returns to the normal class until caught up, so that
+    tills keeping the cores busy cannot stall the journal (needs CAP_SYS_NICE or LimitNICE=+0)."""
     claim_idle_ms: Positive = 30_000
     """Entries delivered but unacknowledged this long (a crashed worker) are claimed."""
     max_deliveries: Positive = 5

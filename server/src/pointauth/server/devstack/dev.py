@@ -6,6 +6,7 @@ has journaled every event, then PostgreSQL and Redis (which Ctrl-C itself does n
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import shutil
 import time
@@ -85,9 +86,9 @@ async def _serve(settings: Settings, hint: str, settings_file: Path) -> None:
     # The worker has its own connections: the server closes its pool when it stops, and the
     # worker carries on after that until it has drained the streams.
     worker_redis = Redis.from_url(settings.redis.url)
-    worker = WriteBehindWorker(
-        worker_redis, settings.postgres.dsn, server.ledger.keyspace, worker_config(settings, consumer="dev")
-    )
+    # In the server's own thread: the idle CPU class would hold back the server's calls too.
+    config = dataclasses.replace(worker_config(settings, consumer="dev"), idle_cpu=False)
+    worker = WriteBehindWorker(worker_redis, settings.postgres.dsn, server.ledger.keyspace, config)
     worker_done = asyncio.Event()
     writing: asyncio.Task[None] | None = None
     try:

@@ -52,6 +52,7 @@ from pointauth.server.journal.events import (
 from pointauth.server.journal.migrate import PARTITIONS_AHEAD, create_partitions
 from pointauth.server.journal.outage import failed_store
 from pointauth.server.journal.pg import Connection, connect
+from pointauth.server.journal.priority import CpuClass
 from pointauth.server.journal.status import GROUP, StreamBacklog, redis_now_ms, stream_backlogs
 from pointauth.server.journal.writer import BatchOutcome, Delivered, IdempotencyRow, JournalWriter
 from pointauth.server.ledger import Keyspace
@@ -102,6 +103,12 @@ class WorkerConfig:
     """Heartbeat (throughput, lag) and the XAUTOCLAIM check run at most this often."""
     trim_s: float = 10.0
     """Stream trimming, which reads every stream's group state, runs at most this often."""
+    idle_cpu: bool = False
+    """Run in the kernel's idle CPU class while keeping up (journal/priority.py). `pointauth
+    worker` sets it from [writebehind] idle_cpu; off for a worker that shares its thread with a
+    server (`pointauth dev`), which the class would slow down too."""
+    idle_cpu_max_lag_ms: int = 10_000
+    """Behind by more than this, an idle-class worker returns to the normal class until caught up."""
     backoff_initial_s: float = 0.2
     backoff_max_s: float = 10.0
 
@@ -171,6 +178,7 @@ class WriteBehindWorker:
         self._rate_mark = (time.monotonic(), 0)
         self.events_per_second = 0.0
         self.lag_ms = 0
+        self.cpu_class = CpuClass(self.config.idle_cpu_max_lag_ms)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Applies events until `stop` is set; survives PostgreSQL and Redis outages."""
@@ -180,6 +188,8 @@ class WriteBehindWorker:
             self.config.consumer, len(self.shards), self.keyspace.shards, self.config.index, self.config.count,
         )  # fmt: skip
         ready = False
+        if self.config.idle_cpu:
+            self.cpu_class.enter()
         try:
             while not stop.is_set():
                 try:
@@ -212,6 +222,7 @@ class WriteBehindWorker:
                         ready = False
                     await _sleep(stop, delay)
         finally:
+            self.cpu_class.leave()
             await self._close_connection()
 
     async def _find_work(self) -> None:
@@ -280,6 +291,7 @@ class WriteBehindWorker:
             self._batch = None
             self.lag_ms = 0  # nothing was waiting
             self._catching_up = False
+            self.cpu_class.update(0, caught_up=True)
             await _sleep(stop, self.config.poll_ms / 1000)
             return
         # Kept until it has committed and been acknowledged: a PostgreSQL outage retries the same
@@ -299,6 +311,7 @@ class WriteBehindWorker:
             # proportion to what it took (catchup_share).
             self._catching_up = True
             self._read_after = done + (done - started) * (1 / self.config.catchup_share - 1)
+        self.cpu_class.update(self.lag_ms, caught_up=not self._catching_up)
         self._batch = None
 
     # -- reading --------------------------------------------------------------------------------

@@ -48,6 +48,8 @@ def worker_config(settings: Settings, index: int = 0, count: int = 1, consumer: 
         batch_size=wb.batch_size,
         poll_ms=wb.poll_ms,
         catchup_share=wb.catchup_share,
+        idle_cpu=wb.idle_cpu,
+        idle_cpu_max_lag_ms=wb.idle_cpu_max_lag_ms,
         claim_idle_ms=wb.claim_idle_ms,
         max_deliveries=wb.max_deliveries,
     )

@@ -1,0 +1,94 @@
+"""The write-behind's CPU class: the kernel's idle class while it keeps up, the normal one when it
+falls far behind.
+
+The tills never wait on the write-behind, but on a host they share with it they share its cores.
+Traced on the write-behind bench (`perf sched timehist`), a till's call woken on a core that the
+worker or its PostgreSQL backend was using waited until the scheduler's next tick (HZ=250: up to
+4 ms) preempted them, both running for milliseconds at a time without a system call: that is what
+lifted the tills' p99 during a catch-up to about 3x its steady value. A thread in the idle class
+(SCHED_IDLE) is preempted at once by any normal task, and runs on the CPU time they leave. The
+class counts among the tasks of one cgroup: PostgreSQL, or a worker in a cgroup of its own (a
+systemd unit), is put there by its cgroup (`CPUWeight=idle`, README "Running it for real").
+
+Its one risk: on a machine the tills keep saturated the worker would get almost no CPU, and the
+journal would fall behind for as long as that lasts. So once the lag passes `max_lag_ms` the
+worker returns to the normal class, and goes idle again when caught up. Returning needs
+CAP_SYS_NICE or an RLIMIT_NICE of at least 20 (systemd: `LimitNICE=+0`); without either, the
+worker stays idle and says so when it starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def _set(policy: int) -> None:
+    # pid 0: the calling thread, the worker's event loop (threads it starts later inherit it).
+    os.sched_setscheduler(0, policy, os.sched_param(0))
+
+
+class CpuClass:
+    """Moves the calling thread between the idle and the normal class as the worker's lag asks."""
+
+    def __init__(self, max_lag_ms: int) -> None:
+        self.max_lag_ms = max_lag_ms
+        self.idle = False
+        self.can_return = False
+        """Whether this process may leave the idle class (known once `enter` has run)."""
+        self._initial: int | None = None
+
+    def enter(self) -> None:
+        """Goes idle, and finds out whether the worker may come back: by coming back once."""
+        if not hasattr(os, "SCHED_IDLE"):
+            log.warning("write-behind: this system has no idle CPU class; the worker runs in the normal one")
+            return
+        try:
+            self._initial = os.sched_getscheduler(0)
+            _set(os.SCHED_IDLE)
+        except OSError as exc:
+            log.warning("write-behind: could not enter the idle CPU class (%s); the worker runs in the normal one", exc)
+            return
+        try:
+            _set(self._initial)
+            _set(os.SCHED_IDLE)
+            self.can_return = True
+        except PermissionError:
+            self.can_return = False
+        self.idle = True
+        if self.can_return:
+            log.info(
+                "write-behind: the worker runs in the idle CPU class; more than %.1f s behind, it returns "
+                "to the normal one until caught up", self.max_lag_ms / 1000,
+            )  # fmt: skip
+        else:
+            log.warning(
+                "write-behind: the worker runs in the idle CPU class and may not leave it (it needs "
+                "CAP_SYS_NICE or RLIMIT_NICE >= 20; systemd: LimitNICE=+0): while the tills keep this "
+                "machine's cores busy, the journal falls behind"
+            )
+
+    def update(self, lag_ms: int, caught_up: bool) -> None:
+        """After each round: `lag_ms`, the age of the oldest entry just applied; `caught_up`,
+        whether the round took the last of the backlog (a short batch, or nothing to read)."""
+        if self._initial is None or not self.can_return:
+            return
+        if self.idle and lag_ms > self.max_lag_ms:
+            _set(self._initial)
+            self.idle = False
+            log.warning(
+                "write-behind: %.1f s behind; the worker runs in the normal CPU class until caught up", lag_ms / 1000
+            )
+        elif not self.idle and caught_up and lag_ms <= self.max_lag_ms // 2:
+            # Half the bound: a steady lag just around it does not flip the class every round.
+            _set(os.SCHED_IDLE)
+            self.idle = True
+            log.info("write-behind: caught up; the worker is back in the idle CPU class")
+
+    def leave(self) -> None:
+        """Back to the class the thread had (a worker run inside another program, a test)."""
+        if self._initial is not None and self.idle and self.can_return:
+            _set(self._initial)
+            self.idle = False
