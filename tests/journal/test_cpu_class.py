@@ -139,3 +139,30 @@ def test_without_the_right_to_leave_it_the_worker_stays_idle_and_says_so() -> No
         "or RLIMIT_NICE >= 20; systemd: LimitNICE=+0): while the tills keep this machine's cores busy, the "
         "journal falls behind"
     ]
+
+
+def test_a_worker_started_in_another_class_goes_back_to_it_with_its_priority() -> None:
+    """Started under `chrt -f 10` (real-time, priority 10): idle while it keeps up, and the same
+    real-time class and priority after a long lag and after it stops."""
+    program = textwrap.dedent(
+        """
+        import os
+        from pointauth.server.journal.priority import CpuClass
+        now = lambda: (os.sched_getscheduler(0), os.sched_getparam(0).sched_priority)
+        cpu = CpuClass(max_lag_ms=1000)
+        cpu.enter()
+        seen = [now()]
+        cpu.update(lag_ms=60_000, caught_up=False)
+        seen.append(now())
+        cpu.update(lag_ms=0, caught_up=True)
+        seen.append(now())
+        cpu.leave()
+        seen.append(now())
+        print(seen)
+        """
+    )
+    done = subprocess.run(
+        ["chrt", "-f", "10", sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=True
+    )
+    idle, fifo = (os.SCHED_IDLE, 0), (os.SCHED_FIFO, 10)
+    assert done.stdout.strip() == str([idle, fifo, idle, fifo])

@@ -25,9 +25,12 @@ import os
 log = logging.getLogger(__name__)
 
 
-def _set(policy: int) -> None:
+_IDLE = (getattr(os, "SCHED_IDLE", -1), 0)
+
+
+def _set(policy: tuple[int, int]) -> None:
     # pid 0: the calling thread, the worker's event loop (threads it starts later inherit it).
-    os.sched_setscheduler(0, policy, os.sched_param(0))
+    os.sched_setscheduler(0, policy[0], os.sched_param(policy[1]))
 
 
 class CpuClass:
@@ -38,7 +41,8 @@ class CpuClass:
         self.idle = False
         self.can_return = False
         """Whether this process may leave the idle class (known once `enter` has run)."""
-        self._initial: int | None = None
+        self._initial: tuple[int, int] | None = None
+        """The thread's class and priority before `enter`: what `update` and `leave` go back to."""
 
     def enter(self) -> None:
         """Goes idle, and finds out whether the worker may come back: by coming back once."""
@@ -46,16 +50,16 @@ class CpuClass:
             log.warning("write-behind: this system has no idle CPU class; the worker runs in the normal one")
             return
         try:
-            self._initial = os.sched_getscheduler(0)
-            _set(os.SCHED_IDLE)
+            self._initial = (os.sched_getscheduler(0), os.sched_getparam(0).sched_priority)
+            _set(_IDLE)
         except OSError as exc:
             log.warning("write-behind: could not enter the idle CPU class (%s); the worker runs in the normal one", exc)
             return
         try:
             _set(self._initial)
-            _set(os.SCHED_IDLE)
+            _set(_IDLE)
             self.can_return = True
-        except PermissionError:
+        except OSError:  # EPERM, the usual reason: see the module's docstring
             self.can_return = False
         self.idle = True
         if self.can_return:
@@ -83,7 +87,7 @@ class CpuClass:
             )
         elif not self.idle and caught_up and lag_ms <= self.max_lag_ms // 2:
             # Half the bound: a steady lag just around it does not flip the class every round.
-            _set(os.SCHED_IDLE)
+            _set(_IDLE)
             self.idle = True
             log.info("write-behind: caught up; the worker is back in the idle CPU class")
 
