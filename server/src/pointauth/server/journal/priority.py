@@ -4,8 +4,8 @@ falls far behind.
 The tills never wait on the write-behind, but on a host they share with it they share its cores.
 Traced on the write-behind bench (`perf sched timehist`), a till's call woken on a core that the
 worker or its PostgreSQL backend was using waited until the scheduler's next tick (HZ=250: up to
-4 ms) preempted them, both running for milliseconds at a time without a system call: that is what
-lifted the tills' p99 during a catch-up to about 3x its steady value. A thread in the idle class
+4 ms) preempted them, both running for milliseconds at a time: that is what lifted the tills' p99
+during a catch-up to about 3x its steady value. A thread in the idle class
 (SCHED_IDLE) is preempted at once by any normal task, and runs on the CPU time they leave. The
 class counts among the tasks of one cgroup: PostgreSQL, or a worker in a cgroup of its own (a
 systemd unit), is put there by its cgroup (`CPUWeight=idle`, README "Running it for real").
