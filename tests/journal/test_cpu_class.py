@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 
 from pointauth.server.clock import ManualClock
 from pointauth.server.devstack.stack import EmbeddedStack
+from pointauth.server.journal import worker_status
 from pointauth.server.ledger import Keyspace, Ledger
 from tests.journal.support import (
     DAY_MS,
@@ -61,6 +62,10 @@ async def test_the_worker_works_in_the_idle_class_and_stops_in_the_one_it_found(
         # The worker runs in this thread (the test's event loop): the class is the thread's.
         assert os.sched_getscheduler(0) == os.SCHED_IDLE
         assert (worker.cpu_class.idle, worker.cpu_class.can_return) == (True, True)
+        await asyncio.sleep(3 * FAST.housekeeping_s)  # a heartbeat since
+        status = await worker_status(redis, dsn, keyspace)
+        assert [(w.consumer, w.cpu_class) for w in status.workers] == [("test-worker", "idle")]
+        assert ", CPU class idle, last seen " in status.render()
 
     assert os.sched_getscheduler(0) == os.SCHED_OTHER
     await assert_journal_complete(redis, dsn, keyspace, accounts)
@@ -124,6 +129,7 @@ def test_without_the_right_to_leave_it_the_worker_stays_idle_and_says_so() -> No
         cpu.enter()
         cpu.update(lag_ms=60_000, caught_up=False)
         print(cpu.idle, cpu.can_return, os.sched_getscheduler(0) == os.SCHED_IDLE)
+        print(cpu.state)
         """
     )
     done = subprocess.run(
@@ -133,7 +139,7 @@ def test_without_the_right_to_leave_it_the_worker_stays_idle_and_says_so() -> No
         timeout=60,
         check=True,
     )
-    assert done.stdout.split() == ["True", "False", "True"]
+    assert done.stdout.splitlines() == ["True False True", "idle, may not leave"]
     assert done.stderr.splitlines() == [
         "WARNING write-behind: the worker runs in the idle CPU class and may not leave it (it needs CAP_SYS_NICE "
         "or RLIMIT_NICE >= 20; systemd: LimitNICE=+0): while the tills keep this machine's cores busy, the "
@@ -148,7 +154,7 @@ def test_a_worker_started_in_another_class_goes_back_to_it_with_its_priority() -
         """
         import os
         from pointauth.server.journal.priority import CpuClass
-        now = lambda: (os.sched_getscheduler(0), os.sched_getparam(0).sched_priority)
+        now = lambda: (os.sched_getscheduler(0), os.sched_getparam(0).sched_priority, cpu.state)
         cpu = CpuClass(max_lag_ms=1000)
         cpu.enter()
         seen = [now()]
@@ -164,5 +170,6 @@ def test_a_worker_started_in_another_class_goes_back_to_it_with_its_priority() -
     done = subprocess.run(
         ["chrt", "-f", "10", sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=True
     )
-    idle, fifo = (os.SCHED_IDLE, 0), (os.SCHED_FIFO, 10)
-    assert done.stdout.strip() == str([idle, fifo, idle, fifo])
+    idle, behind = (os.SCHED_IDLE, 0, "idle"), (os.SCHED_FIFO, 10, "normal, behind")
+    stopped = (os.SCHED_FIFO, 10, "normal")
+    assert done.stdout.strip() == str([idle, behind, idle, stopped])

@@ -181,7 +181,9 @@ async def test_status_shows_lag_and_throughput(
     assert status.applied_events == await assert_journal_complete(redis, dsn, keyspace, ACCOUNTS[:6])
     assert [w.consumer for w in status.workers] == ["test-worker"]
     assert status.workers[0].applied_total == status.applied_events
+    assert status.workers[0].cpu_class == "normal"  # a worker in the test's own thread: not idle
     assert "write-behind lag: 0 ms" in status.render()
+    assert f", {keyspace.shards} shards, CPU class normal, last seen " in status.render()
 
 
 @pytest.mark.parametrize("there_already", [None, "journal", "point_flows", "transactions"])

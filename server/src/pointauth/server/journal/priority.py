@@ -43,6 +43,14 @@ class CpuClass:
         """Whether this process may leave the idle class (known once `enter` has run)."""
         self._initial: tuple[int, int] | None = None
         """The thread's class and priority before `enter`: what `update` and `leave` go back to."""
+        self._behind = False
+
+    @property
+    def state(self) -> str:
+        """What `pointauth status` shows of it (the worker's heartbeat)."""
+        if self.idle:
+            return "idle" if self.can_return else "idle, may not leave"
+        return "normal, behind" if self._behind else "normal"
 
     def enter(self) -> None:
         """Goes idle, and finds out whether the worker may come back: by coming back once."""
@@ -81,18 +89,19 @@ class CpuClass:
             return
         if self.idle and lag_ms > self.max_lag_ms:
             _set(self._initial)
-            self.idle = False
+            self.idle, self._behind = False, True
             log.warning(
                 "write-behind: %.1f s behind; the worker runs in the normal CPU class until caught up", lag_ms / 1000
             )
         elif not self.idle and caught_up and lag_ms <= self.max_lag_ms // 2:
             # Half the bound: a steady lag just around it does not flip the class every round.
             _set(_IDLE)
-            self.idle = True
+            self.idle, self._behind = True, False
             log.info("write-behind: caught up; the worker is back in the idle CPU class")
 
     def leave(self) -> None:
         """Back to the class the thread had (a worker run inside another program, a test)."""
+        self._behind = False
         if self._initial is not None and self.idle and self.can_return:
             _set(self._initial)
             self.idle = False

@@ -49,6 +49,8 @@ class WorkerHeartbeat:
     applied_total: int
     events_per_second: float
     lag_ms: int
+    cpu_class: str
+    """journal/priority.py's CpuClass.state: idle, normal, or why not."""
     last_seen: datetime
 
 
@@ -77,7 +79,8 @@ class Status:
         for w in self.workers:
             lines.append(
                 f"  worker {w.consumer}: {w.events_per_second:.0f} events/s, lag {w.lag_ms} ms, "
-                f"{w.applied_total} applied, {len(w.shards)} shards, last seen {w.last_seen:%Y-%m-%d %H:%M:%S%z}"
+                f"{w.applied_total} applied, {len(w.shards)} shards, CPU class {w.cpu_class}, "
+                f"last seen {w.last_seen:%Y-%m-%d %H:%M:%S%z}"
             )
         behind = sorted((s for s in self.streams if s.backlog), key=lambda s: -s.backlog)
         for s in behind[:20]:
@@ -167,13 +170,19 @@ async def worker_status(redis: Redis, dsn: str, keyspace: Keyspace, group: str =
     now_ms = await redis_now_ms(redis)
     async with connection(dsn) as conn:
         rows = await conn.fetch(
-            "SELECT consumer, shards, applied_total, events_per_second, lag_ms, last_seen FROM worker_heartbeats"
-            " ORDER BY consumer"
+            "SELECT consumer, shards, applied_total, events_per_second, lag_ms, cpu_class, last_seen"
+            " FROM worker_heartbeats ORDER BY consumer"
         )
         applied = await conn.fetchval("SELECT coalesce(sum(applied_events), 0) FROM stream_positions")
     workers = [
         WorkerHeartbeat(
-            r["consumer"], list(r["shards"]), r["applied_total"], r["events_per_second"], r["lag_ms"], r["last_seen"]
+            consumer=r["consumer"],
+            shards=list(r["shards"]),
+            applied_total=r["applied_total"],
+            events_per_second=r["events_per_second"],
+            lag_ms=r["lag_ms"],
+            cpu_class=r["cpu_class"],
+            last_seen=r["last_seen"],
         )
         for r in rows
     ]

@@ -673,16 +673,19 @@ class WriteBehindWorker:
     async def _heartbeat(self, conn: Connection) -> None:
         await conn.execute(
             """
-            INSERT INTO worker_heartbeats (consumer, shards, applied_total, events_per_second, lag_ms, last_seen)
-            VALUES ($1, $2, $3, $4, $5, now())
+            INSERT INTO worker_heartbeats
+                (consumer, shards, applied_total, events_per_second, lag_ms, cpu_class, last_seen)
+            VALUES ($1, $2, $3, $4, $5, $6, now())
             ON CONFLICT (consumer) DO UPDATE SET shards = EXCLUDED.shards, applied_total = EXCLUDED.applied_total,
-                events_per_second = EXCLUDED.events_per_second, lag_ms = EXCLUDED.lag_ms, last_seen = now()
+                events_per_second = EXCLUDED.events_per_second, lag_ms = EXCLUDED.lag_ms,
+                cpu_class = EXCLUDED.cpu_class, last_seen = now()
             """,
             self.config.consumer,
             self.shards,
             self.applied_total,
             self.events_per_second,
             self.lag_ms,
+            self.cpu_class.state,
         )
 
 
