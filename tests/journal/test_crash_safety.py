@@ -44,6 +44,7 @@ def worker_process(stack: EmbeddedStack, dsn: str, consumer: str, log: Path) -> 
         "POINTAUTH__LEDGER__SHARDS": "16",
         "POINTAUTH__WRITEBEHIND__BATCH_SIZE": "40",
         "POINTAUTH__WRITEBEHIND__CLAIM_IDLE_MS": "500",
+        "POINTAUTH__WRITEBEHIND__LEASE_MS": "1000",
     }
     with log.open("ab") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)

@@ -119,6 +119,9 @@ class WriteBehindSettings(_Section):
     catchup_share: Annotated[float, Meta(gt=0, le=1)] = 0.5
     """While catching up a backlog, the worker works at most this share of the time (it pauses
     after each full batch), leaving the cores to the servers and Redis the rest of it."""
+    lease_ms: Positive = 15_000
+    """A worker holds a lease on its shards, renewed every second: another worker for the same
+    shards waits until it stops, or this long after its last renewal if it died."""
     idle_cpu: bool = True
     """`pointauth worker` runs in the kernel's idle CPU class (SCHED_IDLE) while it keeps up:
     a till's call woken on a core it uses then preempts it at once (README, "Running it for real")."""

@@ -35,7 +35,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from pointauth.server.journal.events import (
     AuditRecord,
@@ -49,6 +49,7 @@ from pointauth.server.journal.events import (
     decode,
     entry_record,
 )
+from pointauth.server.journal.lease import ShardLease
 from pointauth.server.journal.migrate import PARTITIONS_AHEAD, create_partitions
 from pointauth.server.journal.outage import failed_store
 from pointauth.server.journal.pg import Connection, connect
@@ -103,6 +104,9 @@ class WorkerConfig:
     """Heartbeat (throughput, lag) and the XAUTOCLAIM check run at most this often."""
     trim_s: float = 10.0
     """Stream trimming, which reads every stream's group state, runs at most this often."""
+    lease_ms: int = 15_000
+    """The worker's lease on its shards (journal/lease.py) lapses this long after its last
+    renewal (each housekeeping): how long a worker for the same shards waits after this one dies."""
     idle_cpu: bool = False
     """Run in the kernel's idle CPU class while keeping up (journal/priority.py). `pointauth
     worker` sets it from [writebehind] idle_cpu; off for a worker that shares its thread with a
@@ -117,6 +121,10 @@ class WorkerConfig:
             raise ValueError(f"catchup_share {self.catchup_share} is not in (0, 1]")
         if not 0 <= self.index < self.count:
             raise ValueError(f"worker index {self.index} is not below worker count {self.count}")
+
+
+class LeaseLost(Exception):
+    """This worker's lease on its shards lapsed (it could not renew it in time) and another took it."""
 
 
 class _Backoff:
@@ -179,6 +187,9 @@ class WriteBehindWorker:
         self.events_per_second = 0.0
         self.lag_ms = 0
         self.cpu_class = CpuClass(self.config.idle_cpu_max_lag_ms)
+        self.lease = ShardLease(
+            redis, keyspace, self.config.index, self.config.count, self.config.consumer, self.config.lease_ms
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
         """Applies events until `stop` is set; survives PostgreSQL and Redis outages."""
@@ -194,11 +205,19 @@ class WriteBehindWorker:
             while not stop.is_set():
                 try:
                     if not ready:
+                        if not await self._take_lease(stop):
+                            break  # stopped while another worker held the shards
                         await self._ensure_groups()
                         await self._find_work()
                         ready = True
                     await self._step(stop)
                     backoff.reset()
+                except LeaseLost as exc:
+                    # Another worker applies these shards now: this one's batch is not committed,
+                    # and its entries go to that worker by XAUTOCLAIM.
+                    log.error("write-behind: %s; waiting for the shards again", exc)
+                    self._batch = None
+                    ready = False
                 except Exception as exc:
                     store = failed_store(exc)
                     if store is None:
@@ -224,6 +243,33 @@ class WriteBehindWorker:
         finally:
             self.cpu_class.leave()
             await self._close_connection()
+            await self._release_lease()  # a no-op unless this worker holds it
+
+    async def _take_lease(self, stop: asyncio.Event) -> bool:
+        """Waits until this worker holds its shards' lease (False: stopped while waiting)."""
+        told = ""
+        while not stop.is_set():
+            holder = await self.lease.take()
+            if holder is None:
+                if told:
+                    log.info("write-behind: worker %s now holds lease %s", self.config.consumer, self.lease.field)
+                return True
+            if holder.consumer != told:
+                told = holder.consumer
+                log.warning(
+                    "write-behind: worker %s (lease %s) applies some of these shards (lease %s wanted); waiting "
+                    "until it stops, or for %.1f s after its last renewal if it died",
+                    holder.consumer, holder.lease, self.lease.field, holder.remaining_ms / 1000,
+                )  # fmt: skip
+            await _sleep(stop, min(1.0, self.config.lease_ms / 3000))
+        return False
+
+    async def _release_lease(self) -> None:
+        """At a clean stop: another worker for these shards may start at once."""
+        try:
+            await self.lease.release()
+        except (RedisError, OSError) as exc:
+            log.warning("write-behind: could not give back lease %s (%s); it lapses on its own", self.lease.field, exc)
 
     async def _find_work(self) -> None:
         """At start, and after losing Redis: each stream's exact state, once. Streams with
@@ -612,6 +658,9 @@ class WriteBehindWorker:
     # -- housekeeping ---------------------------------------------------------------------------
 
     async def _housekeeping(self) -> None:
+        # First, before anything that needs PostgreSQL: an outage there must not cost the lease.
+        if not await self.lease.renew():
+            raise LeaseLost(f"lease {self.lease.field} of worker {self.config.consumer} lapsed and was taken")
         now_ms = await redis_now_ms(self.redis)
         conn = await self._connection()
         if time.monotonic() >= self._next_trim:

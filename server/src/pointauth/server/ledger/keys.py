@@ -105,6 +105,10 @@ class Keyspace:
         """That an earn's reservation, or a refund's share, was settled with the budget once."""
         return f"{self.prefix}:{{b:{campaign_id}}}:done:{transaction_id}"
 
+    def worker_leases(self) -> str:
+        """Which write-behind worker applies which shards, until when (journal/lease.py)."""
+        return f"{self.prefix}:wb:leases"
+
     def merges(self, shard: int) -> str:
         return f"{self.prefix}:{{s{shard}}}:merges"
 

@@ -48,6 +48,7 @@ def worker_config(settings: Settings, index: int = 0, count: int = 1, consumer: 
         batch_size=wb.batch_size,
         poll_ms=wb.poll_ms,
         catchup_share=wb.catchup_share,
+        lease_ms=wb.lease_ms,
         idle_cpu=wb.idle_cpu,
         idle_cpu_max_lag_ms=wb.idle_cpu_max_lag_ms,
         claim_idle_ms=wb.claim_idle_ms,
