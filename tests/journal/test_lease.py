@@ -66,6 +66,7 @@ async def test_a_second_worker_for_the_same_shards_waits_and_takes_over_when_the
     caplog.set_level(logging.INFO, logger=WORKER_LOG)
     second = dataclasses.replace(FAST, consumer="second-worker")
     async with running_worker(stack.redis.url, dsn, keyspace):
+        await holder_is(redis, keyspace, "test-worker")  # the first worker started first
         async with worker_task(stack.redis.url, dsn, keyspace, second) as (standby, _):
             await earn_on(ledger, clock, accounts, earns=40, tag="a")
             await wait_until_applied(redis, dsn, keyspace, accounts)
@@ -88,6 +89,17 @@ async def test_a_second_worker_for_the_same_shards_waits_and_takes_over_when_the
         assert taker.applied_total == 6 * 40
     assert messages(caplog, "holding back") == []
     assert await assert_journal_complete(redis, dsn, keyspace, accounts) == 6 * 81
+
+
+async def holder_is(redis: Redis, keyspace: Keyspace, consumer: str) -> None:
+    """Until lease 1/0 is `consumer`'s (a worker task takes it once it runs)."""
+    for _ in range(200):
+        value = await redis.hget(keyspace.worker_leases(), "1/0")
+        text = value.decode() if isinstance(value, bytes) else value
+        if text is not None and text.split(" ", 1)[1] == consumer:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"lease 1/0 is not {consumer}'s: {value!r}")
 
 
 async def test_a_lease_lapses_without_renewal_and_other_counts_are_refused(redis: Redis, keyspace: Keyspace) -> None:
