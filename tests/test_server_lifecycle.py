@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -214,6 +215,25 @@ def test_bad_configuration_is_a_clear_error(serve_env: dict[str, str]) -> None:
     assert result.returncode == 2
     assert "$.server.port" in result.stderr
     assert "65535" in result.stderr
+
+
+def test_a_port_in_use_is_a_clear_error(serve_env: dict[str, str]) -> None:
+    """Found trying `./scripts/dev` beside a running one: grpc's "Failed to bind" came as a
+    traceback. The port is a setting; the CLI names it, exit 2, as for any bad setting."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [PYTHON, "-m", "pointauth.server.cli", "serve", "--port", str(port)],
+            env=serve_env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"pointauth: cannot listen on 127.0.0.1:{port}: the port is in use, or the host is not an address of this "
+        "machine (settings: server.host, server.port)"
+    )
+    assert "Traceback" not in result.stderr
 
 
 class _Exited(Exception):

@@ -78,6 +78,11 @@ SERVICE_NAMES = (
 )
 
 
+class ListenError(ConfigError):
+    """The server's address cannot be listened on: a setting to change (the CLI says so, exit 2),
+    not a failure to trace."""
+
+
 class PointauthServer:
     """`async with PointauthServer(settings) as server:` serves until `stop()`."""
 
@@ -204,10 +209,16 @@ class PointauthServer:
         _serve_reflection(server)
         address = f"{self.settings.server.host}:{self.settings.server.port}"
         credentials = server_credentials(self.settings.tls)
-        if credentials is None:
-            self.port = server.add_insecure_port(address)
-        else:
-            self.port = server.add_secure_port(address, credentials)
+        try:
+            if credentials is None:
+                self.port = server.add_insecure_port(address)
+            else:
+                self.port = server.add_secure_port(address, credentials)
+        except RuntimeError as exc:  # grpc says only "Failed to bind"
+            raise ListenError(
+                f"cannot listen on {address}: the port is in use, or the host is not an address of this machine "
+                "(settings: server.host, server.port)"
+            ) from exc
         await server.start()
         self.server = server
         for name in ("", *SERVICE_NAMES):
