@@ -99,8 +99,13 @@ def idle_cgroup(name: str) -> Iterator[Callable[[list[int]], None]]:
     try:
         yield move
     finally:
-        with contextlib.suppress(OSError):
-            group.rmdir()
+        # Processes just killed may still be leaving it (EBUSY): give them a moment.
+        for _ in range(100):
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                time.sleep(0.02)
 
 
 def _machine_ticks() -> tuple[int, int]:
