@@ -14,6 +14,11 @@ value "expiry_ms consumer", Redis's clock. A worker of another `--count` would r
 same streams, whatever its index: a live lease of another count refuses it too. The same consumer
 name takes its own lease back at once, so a restart after a crash under the same name does not
 wait.
+
+The lease keeps workers from slowing each other down; it is not what keeps the journal right. A
+worker that stalls past its lease (a long PostgreSQL commit) may still commit the batch it holds
+after another has taken over: per-account sequence checks under the account's row lock
+(journal/writer.py) apply each event once and in order whoever commits it, as they always did.
 """
 
 from __future__ import annotations
