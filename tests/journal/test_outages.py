@@ -153,6 +153,9 @@ async def test_worker_survives_repeated_crashes_of_postgres_and_redis(
         finally:
             stop.set()
             await load
+        # The test's own client: its pooled connections died with Redis and it has no retry (the
+        # server's client, connect(), replaces them; the tills' traffic used to, on this pool).
+        await redis.connection_pool.disconnect()
         await wait_until_applied(redis, dsn, keyspace, ACCOUNTS, within_s=60)
         assert not task.done()
 

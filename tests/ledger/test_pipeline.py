@@ -65,13 +65,44 @@ async def test_a_redis_outage_fails_the_batch_with_a_backend_error(stack: Embedd
     client = connect(RedisSettings(url=stack.redis.url))
     pipeline = TickPipeline(client)
     try:
-        assert await pipeline.execute("PING") is True
+        assert await pipeline.execute("PING") == b"PONG"
         assert stack.redis.proc is not None
         stack.redis.proc.kill()
         stack.redis.proc.wait()
         with pytest.raises(BACKEND_ERRORS):
             await pipeline.execute("PING")
         stack.redis.start()
-        assert await pipeline.execute("PING") is True
+        assert await pipeline.execute("PING") == b"PONG"
+    finally:
+        await client.aclose()
+
+
+async def test_a_connection_redis_closed_is_replaced_and_the_batch_sent_once(stack: EmbeddedStack) -> None:
+    client = connect(RedisSettings(url=stack.redis.url))
+    pipeline = TickPipeline(client)
+    try:
+        await client.delete("once")
+        assert await pipeline.execute("INCR", "once") == 1
+        # Redis drops every connection but the killer's: the pipeline's kept one is dead.
+        async with Redis.from_url(stack.redis.url) as killer:
+            assert await killer.client_kill_filter(_type="normal", skipme=True) >= 1
+        assert await pipeline.execute("INCR", "once") == 2
+        assert await client.get("once") == b"2"
+        assert pipeline.batches_sent == 2
+    finally:
+        await client.aclose()
+
+
+async def test_the_server_client_packs_commands_as_redis_py_does(stack: EmbeddedStack) -> None:
+    client = connect(RedisSettings(url=stack.redis.url))
+    try:
+        pool, plain = client.connection_pool, Redis.from_url(stack.redis.url).connection_pool
+        ours = pool.connection_class(**pool.connection_kwargs)
+        theirs = plain.connection_class(**plain.connection_kwargs)
+        command = ("FCALL", "f", 2, "pa:{s1}:a", b"\x00\xff", "é", 10**15, -3, 1.5, memoryview(b"mv"))
+        assert b"".join(ours.pack_command(*command)) == b"".join(theirs.pack_command(*command))
+        assert type(ours).pack_command is not type(theirs).pack_command  # hiredis's packer, not the Python one
+        replies = await asyncio.gather(TickPipeline(client).execute("ECHO", "é"), client.echo(b"\x00\xff"))
+        assert list(replies) == ["é".encode(), b"\x00\xff"]
     finally:
         await client.aclose()

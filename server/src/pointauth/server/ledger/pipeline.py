@@ -11,21 +11,25 @@ of a tick costs those once per batch instead, and Redis runs them back to back.
   gave up on it.
 - Each command gets its own reply: one command's error (a refusal, a missing function) does not
   touch the others. A broken connection fails the whole batch with the connection's error, which
-  the API maps to UNAVAILABLE; redis-py retries the batch once on a fresh connection first, which
-  is safe because every mutation carries a request_id (a second run replays).
+  the API maps to UNAVAILABLE; the batch is sent once more on a fresh connection first, which is
+  safe because every mutation carries a request_id (a second run replays).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from pointauth.server.ledger.connection import PoolExhausted
+from pointauth.server.ledger.connection import BACKEND_ERRORS, PoolExhausted
 
 KEYS_PER_ROUND_TRIP = 64
 """Keys whose commands go to Redis in one pipelined round trip wherever a command is sent for
@@ -77,11 +81,13 @@ class TickPipeline:
         self._scheduled = False
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._idle: list[AbstractConnection] = []  # connections of batches not in flight
         self.batches_sent = 0
         """Batches sent so far (for tests and metrics)."""
 
     async def execute(self, *args: Any) -> Any:
-        """Sends one command with the others of this tick; its reply, or its error raised."""
+        """Sends one command with the others of this tick; its reply as Redis sent it (none of
+        redis-py's per-command conversions: PING answers b"PONG"), or its error raised."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.append((args, future, self._clock()))
         self._schedule()
@@ -114,10 +120,7 @@ class TickPipeline:
 
     async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for args, _ in batch:
-                    pipe.execute_command(*args)
-                replies: list[Any] = await pipe.execute(raise_on_error=False)
+            replies = await self._round_trip([args for args, _ in batch])
             self.batches_sent += 1
         except Exception as exc:
             for _, future in batch:
@@ -134,3 +137,45 @@ class TickPipeline:
                 future.set_exception(reply)
             else:
                 future.set_result(reply)
+
+    async def _round_trip(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """The replies to `commands`, sent as one write on a connection of this pipeline's own;
+        a reply that is an error is returned, not raised. A connection that breaks (or a Redis
+        still loading) is dropped and the batch sent once more on a fresh one.
+
+        Not redis-py's Pipeline on a pooled connection: per batch, its pool checkout and
+        release, command stack and a timeout per reply cost more than the batch's FCALLs take
+        to send (README, Performance). Each batch in flight has a connection to itself, taken
+        from the client's pool once and kept (at most `max_batches` of them; the client's
+        aclose() closes them with the rest)."""
+        pool = self.redis.connection_pool
+        connection = self._idle.pop() if self._idle else await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            try:
+                return await self._exchange(connection, commands)
+            except BACKEND_ERRORS:
+                await connection.disconnect(nowait=True)
+                return await self._exchange(connection, commands)  # once more, connected afresh
+        except BaseException:
+            # Failed or cancelled midway, replies may be left unread on it: never reuse it as is.
+            await connection.disconnect(nowait=True)
+            raise
+        finally:
+            self._idle.append(connection)
+
+    @staticmethod
+    async def _exchange(connection: AbstractConnection, commands: list[tuple[Any, ...]]) -> list[Any]:
+        await connection.connect()  # type: ignore[no-untyped-call]
+        await connection.send_packed_command(connection.pack_commands(commands), check_health=False)
+        replies: list[Any] = []
+        try:
+            # One deadline for the batch's replies, not a timeout context per reply.
+            async with asyncio.timeout(connection.socket_timeout):
+                for _ in commands:
+                    try:
+                        replies.append(await connection.read_response(timeout=math.inf))
+                    except ResponseError as error:  # this command's, not the batch's
+                        replies.append(error)
+        except TimeoutError as exc:
+            raise RedisTimeoutError(f"no reply from Redis within {connection.socket_timeout} s") from exc
+        return replies
