@@ -73,6 +73,20 @@ async def test_a_published_rule_set_is_the_current_version_and_reads_back(client
     assert (await client.get_rule_set()).version == 2
 
 
+EVERY_CHANNEL = [common_pb2.CHANNEL_STORE, common_pb2.CHANNEL_EC, common_pb2.CHANNEL_APP, common_pb2.CHANNEL_KIOSK,
+                 common_pb2.CHANNEL_PARTNER]  # fmt: skip
+
+
+def _one_bad_channel(channel: common_pb2.Channel.ValueType) -> rpb.RuleSet:
+    """A campaign on every channel, and one on a store's and `channel`."""
+    return rpb.RuleSet(
+        campaigns=[
+            campaign("every", effect=add(1), conditions=rpb.CampaignConditions(channels=EVERY_CHANNEL)),
+            campaign("bad", effect=add(1), conditions=rpb.CampaignConditions(channels=[EVERY_CHANNEL[0], channel])),
+        ]
+    )
+
+
 @pytest.mark.parametrize(
     ("rule_set", "fields"),
     [
@@ -88,6 +102,10 @@ async def test_a_published_rule_set_is_the_current_version_and_reads_back(client
         (
             rpb.RuleSet(campaigns=[campaign("bad", effect=add(1), conditions=rpb.CampaignConditions(weekdays=[8]))]),
             ["rule_set.campaigns[0].conditions.weekdays"],
+        ),
+        *(
+            (_one_bad_channel(channel), ["rule_set.campaigns[1].conditions.channels"])
+            for channel in (common_pb2.CHANNEL_UNSPECIFIED, common_pb2.Channel.ValueType(99))
         ),
         (rpb.RuleSet(campaigns=[campaign("base", effect=add(1))]), ["rule_set.campaigns[0].campaign_id"]),
     ],

@@ -61,7 +61,9 @@ class RedisSettings(_Section):
     before it is refused as SERVER_OVERLOADED."""
     pipeline_batches: Positive = 4
     """Hot-path commands of one event-loop tick go to Redis as one pipeline; at most this many
-    such batches are in flight per process (calls beyond them join the next batch)."""
+    such batches are in flight per process (calls beyond them join the next batch). Each has a
+    connection of the pool to itself, kept once taken: the rest of max_connections serves the
+    other commands."""
     command_timeout_seconds: Seconds = 5.0
     """A Redis command (or connect) taking longer is BACKEND_UNAVAILABLE."""
 

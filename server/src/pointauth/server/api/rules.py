@@ -8,7 +8,7 @@ from typing import Any
 import grpc
 
 from pointauth.server.api import convert
-from pointauth.server.api.validation import MAX_AMOUNT, Violations
+from pointauth.server.api.validation import CHANNELS, MAX_AMOUNT, Violations
 from pointauth.server.domain.earning import (
     Campaign,
     Conditions,
@@ -60,7 +60,7 @@ def _conditions(v: Violations, f: str, c: pb.CampaignConditions) -> Conditions:
     if start_ms is not None and end_ms is not None and end_ms <= start_ms:
         v.add(f"{f}.end_time", "must be after start_time")
     channels = frozenset(int(ch) for ch in c.channels)
-    if any(ch not in common_pb2.Channel.values() or ch == common_pb2.CHANNEL_UNSPECIFIED for ch in channels):
+    if not channels <= CHANNELS:
         v.add(f"{f}.channels", "must be channels other than CHANNEL_UNSPECIFIED")
     if any(not 1 <= day <= 7 for day in c.weekdays):
         v.add(f"{f}.weekdays", "must be 1 (Monday) to 7 (Sunday)")

@@ -27,6 +27,8 @@ MAX_BASKET_LINES = 500
 MAX_LABEL = 64
 MAX_REPORTED_VIOLATIONS = 20
 """Field violations an INVALID_ARGUMENT names at most (metadata `violations` counts them all)."""
+CHANNELS = frozenset(common_pb2.Channel.values()) - {common_pb2.CHANNEL_UNSPECIFIED}
+"""The channels a point of sale or a campaign may name (built once: every till call checks one)."""
 
 
 class Violations:
@@ -127,7 +129,7 @@ class Violations:
             if required:
                 self.add("point_of_sale", "is required")
             return None
-        if pos.channel == common_pb2.CHANNEL_UNSPECIFIED or pos.channel not in common_pb2.Channel.values():
+        if pos.channel not in CHANNELS:
             self.add(
                 "point_of_sale.channel",
                 "must be one of the Channel values other than CHANNEL_UNSPECIFIED",
