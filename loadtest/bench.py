@@ -48,7 +48,7 @@ from loadtest import earn_rules
 from loadtest.driver import POS, Step, StepResult, new_histogram
 from loadtest.lag import LagSampler, wait_until_drained
 from loadtest.population import CARD_FORMAT, Population
-from loadtest.procs import ClientPool, CpuMeter, Service, idle_cgroup, named, tree
+from loadtest.procs import ClientPool, CpuMeter, Service, background_label, idle_cgroup, named, tree
 from pointauth.client import ClientTLS, NotFoundError, PointsClient
 from pointauth.server.api.credentials import write_credentials_atomically
 from pointauth.server.app import LISTENING
@@ -606,7 +606,7 @@ def run(args: argparse.Namespace, out: contextlib.ExitStack) -> dict[str, Any]:
             "shards": args.shards,
             "hot_traffic": args.hot_traffic,
             "redis_appendfsync": appendfsync,
-            "background": "worker and PostgreSQL in an idle cgroup" if to_background else "worker in the idle class",
+            "background": background_label(to_background is not None),
             "warmup_s": plan.warmup_s,
             "duration_s": plan.duration_s,
             "repeat": plan.repeat,

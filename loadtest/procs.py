@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
@@ -106,6 +107,13 @@ def idle_cgroup(name: str) -> Iterator[Callable[[list[int]], None]]:
                 break
             except OSError:
                 time.sleep(0.02)
+        else:
+            print(f"could not remove cgroup {group}: processes are still in it", file=sys.stderr)
+
+
+def background_label(idle_cgroup_used: bool) -> str:
+    """How a bench's write-behind ran, as its results record it."""
+    return "worker and PostgreSQL in an idle cgroup" if idle_cgroup_used else "worker in the idle class"
 
 
 def _machine_ticks() -> tuple[int, int]:

@@ -37,7 +37,7 @@ from typing import IO, Any
 import uvloop
 from redis.asyncio import Redis
 
-from loadtest.procs import cpu_seconds, idle_cgroup, tree
+from loadtest.procs import background_label, cpu_seconds, idle_cgroup, tree
 from pointauth.server.clock import SystemClock
 from pointauth.server.config import LedgerSettings
 from pointauth.server.devstack.stack import EmbeddedStack
@@ -232,7 +232,7 @@ async def run(
         by_command.setdefault(_text(e["command"].split()[0]).upper(), []).append(int(e["duration"]))
     return {
         "cpus": split or "shared",
-        "background": "worker and PostgreSQL in an idle cgroup" if to_background else "worker in the idle class",
+        "background": background_label(to_background is not None),
         "events": events,
         "refusals": refused,
         "drain_s": round(elapsed, 2),
