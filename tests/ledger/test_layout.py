@@ -144,3 +144,39 @@ async def test_an_account_of_the_older_layout_is_refused_not_misread(
     await redis.hset(keyspace.account("old").account, mapping={"seq": "1", "l:1": "500:1800000000000:R:acme"})
     with pytest.raises(ResponseError, match="account old is stored in an older layout"):
         await ledger.balance("old")
+
+
+async def test_old_records_are_forgotten_a_few_per_commit_and_a_commit_reads_none_before_then(
+    redis: Redis, ledger: Ledger, clock: ManualClock, keyspace: Keyspace
+) -> None:
+    rid = Requests()
+    keys = keyspace.account("aging")
+    start = clock.now_ms()
+    await ledger.create_account("aging", "card-aging", **rid())  # seq 1, no record
+    for _ in range(6):  # seqs 2-7, a receipt each
+        await ledger.earn("aging", points=10, expire_ms=start + 400 * DAY_MS, kind="R", pos=TILL, grant=True, **rid())
+
+    async def kept() -> tuple[Any, Any, list[int]]:
+        """x0, the pruning hint and the seqs of the records kept."""
+        x0, hint = await redis.hmget(keys.account, [codec.X0_FIELD, codec.PRUNE_HINT_FIELD])
+        return x0, hint, sorted(int(seq) for seq in await redis.hkeys(keys.transactions))
+
+    # Record 2, the oldest, is within the refund window (90 days): a commit reads no record to
+    # find that out, and forgets none.
+    assert await kept() == (b"2", b"%d" % start, [2, 3, 4, 5, 6, 7])
+    await redis.config_resetstat()
+    await ledger.redeem("aging", points=1, pos=TILL, **rid())  # seq 8
+    ran = await commands(redis)
+    assert ("cmdstat_hget" in ran, "cmdstat_hdel" in ran) == (False, False)
+    assert await kept() == (b"2", b"%d" % start, [2, 3, 4, 5, 6, 7, 8])
+    # Past the window, each commit forgets up to four: 2-5, in one HDEL, with no hint left ...
+    clock.advance(90 * DAY_MS + 1)
+    await redis.config_resetstat()
+    await ledger.redeem("aging", points=1, pos=TILL, **rid())  # seq 9
+    ran = await commands(redis)
+    assert (ran["cmdstat_hget"], ran["cmdstat_hdel"]) == (4, 1)
+    assert await kept() == (b"6", b"0", [6, 7, 8, 9])
+    # ... then 6-8, stopping at 9 (made just now), whose time is the hint again.
+    await ledger.redeem("aging", points=1, pos=TILL, **rid())  # seq 10
+    assert await kept() == (b"9", b"%d" % clock.now_ms(), [9, 10])
+    assert (await ledger.balance("aging")).available == 57

@@ -73,12 +73,17 @@ async def test_seed_loads_both_stores_idempotently(
     assert balance.available == sum(points for _, points, _, _ in seeded_lots)
     assert (await reconcile(redis, dsn, keyspace, settle_seconds=0)).ok
 
-    # Traffic on a seeded account continues its sequence; a second seed leaves it alone.
+    # Traffic on a seeded account continues its sequence; a second seed leaves it alone. A seeded
+    # account has no transaction records, and says so (x0 past its events): its first call looks
+    # for none of them.
     pos = PointOfSaleRef("acme", "store-1", "till-1", 1)
+    await redis.config_resetstat()
     redeemed = await ledger.redeem(
         account_id(7), points=5, pos=pos, request_id="00000000-0000-4000-8000-000000000007", fingerprint="s" * 32
     )
     assert redeemed.tx == len(seeded_lots) + 1
+    stats: dict[str, dict[str, int]] = await redis.info("commandstats")
+    assert "cmdstat_hget" not in stats
     async with running_worker(stack.redis.url, dsn, keyspace) as worker:
         for _ in range(100):
             if worker.applied_total >= 1:

@@ -108,8 +108,11 @@ class AllocReturn(msgspec.Struct, array_like=True, frozen=True):
 # Three keys per account (keys.py, AccountKeys), laid out so that a script call reads only what
 # it touches, however many lots and holds the account has:
 # - the account hash: `seq` (the account's last event), `x0` (the oldest transaction record not
-#   yet pruned; absent means 1), `lp` (points in its lots) and `hp` (points on hold), which the
-#   script keeps equal to the sums of the two sets below so that no call has to add them up.
+#   yet pruned; absent means 1), `xt` (the time of record x0 when the script's pruning last
+#   stopped at it for its age: a hint that spares each commit reading that record, so not part
+#   of the account's state; absent or 0: unknown), `lp` (points in its lots) and `hp` (points on
+#   hold), which the script keeps equal to the sums of the two sets below so that no call has to
+#   add them up.
 #   Plain text: Redis keeps a small hash of short strings compactly (listpack), and this hash
 #   exists for every account. It also holds a field `c:<card number>` per card of the account
 #   (CardLink): the script reads it on every call made for a card, so a stale card -> account
@@ -128,6 +131,7 @@ class AllocReturn(msgspec.Struct, array_like=True, frozen=True):
 
 SEQ_FIELD = b"seq"
 X0_FIELD = b"x0"
+PRUNE_HINT_FIELD = b"xt"
 LOT_POINTS_FIELD = b"lp"
 HELD_POINTS_FIELD = b"hp"
 STATUS_FIELD = b"st"
@@ -264,9 +268,9 @@ class HoldEntry(msgspec.Struct, frozen=True):
 
 
 class StoredAccount(msgspec.Struct):
-    """An account's three keys, decoded. `x0` None: the field is absent (a seeded account, which
-    has no transaction records); the script reads that as 1. `lot_points`/`held_points`: the
-    hash's totals, as stored (a consistent account has them equal to its lots' and holds' sums)."""
+    """An account's three keys, decoded. `x0` None: the field is absent, which the script reads
+    as 1. `lot_points`/`held_points`: the hash's totals, as stored (a consistent account has them
+    equal to its lots' and holds' sums)."""
 
     seq: int = 0
     x0: int | None = None
@@ -536,6 +540,8 @@ def decode_account(
                 account.seq = int(value)
             elif field == X0_FIELD:
                 account.x0 = int(value)
+            elif field == PRUNE_HINT_FIELD:
+                int(value)  # a hint, not state (see the layout above): checked, not kept
             elif field == LOT_POINTS_FIELD:
                 account.lot_points = int(value)
             elif field == HELD_POINTS_FIELD:

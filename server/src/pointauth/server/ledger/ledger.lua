@@ -5,9 +5,10 @@
 -- Redis during a rolling deploy without either replacing what the other calls.
 --
 -- KEYS (all in the account's hash slot; codec.py defines each format):
---   1 account hash   fields: seq, x0, lp (points in the lots), hp (points on hold), st (status,
---                    absent while active), ot/ct (opened, closed ms), c:<card number> for each
---                    card of the account, and the member's profile (bd, jt, hc, a:<attribute>)
+--   1 account hash   fields: seq, x0, xt (see prune_transactions), lp (points in the lots), hp
+--                    (points on hold), st (status, absent while active), ot/ct (opened, closed
+--                    ms), c:<card number> for each card of the account, and the member's
+--                    profile (bd, jt, hc, a:<attribute>)
 --   2 transactions   hash: <seq> = msgpack record (for holds, refunds and receipts)
 --   3 lots           sorted set, a member "<id key>:<points>:<issuer>" per lot, scored
 --                    expiry * 2 + (0 limited-time, 1 regular): ascending is the spending order
@@ -77,7 +78,7 @@ local CO_SCOPED = {capture = 'hold', void = 'hold', refund = 'orig'}
 -- A call made for a card that is not (or no longer) this account's: NOT_FOUND CARD_NOT_FOUND,
 -- writing nothing at all (no idempotency record, no event), so that the server can look the
 -- card up again and make the same call on the account that has it. After the replay check, so
--- that a retry of an earlier success answers as before; one field read, before the load.
+-- that a retry of an earlier success answers as before; its field is read with the account (load).
 -- A merged account's cards went to the account it was merged into: ACCOUNT_MERGED naming it,
 -- writing nothing, and the server follows.
 local function merged_into(target)
@@ -85,9 +86,12 @@ local function merged_into(target)
     .. ' was merged into ' .. target, meta = {merged_into_account_id = target}})
 end
 
--- The account hash: codec.py, StoredAccount (written in commit()).
+-- The account hash: codec.py, StoredAccount (written in commit()). One read, with the `c:` field
+-- of the card the call names (VIA_CARD; false: the account has no such card).
 local function load()
-  local raw = redis.call('HMGET', K_ACCOUNT, 'seq', 'x0', 'lp', 'hp', 'st', 'mt')
+  -- (No card: `seq` a second time, unread.)
+  local raw = redis.call('HMGET', K_ACCOUNT, 'seq', 'x0', 'lp', 'hp', 'st', 'mt', 'xt',
+    ARGS.via and 'c:' .. ARGS.via or 'seq')
   A.exists = raw[1] ~= false
   A.status = raw[5] or 'A'
   A.merged_into = raw[6]
@@ -98,6 +102,8 @@ local function load()
   A.x0 = tonumber(raw[2] or 1)
   A.lp = tonumber(raw[3] or 0)
   A.hp = tonumber(raw[4] or 0)
+  A.xt = tonumber(raw[7] or 0)
+  VIA_CARD = ARGS.via and raw[8]
 end
 
 -- Transaction records: codec.py, TransactionRecord (built by new_tx()).
@@ -351,13 +357,22 @@ local function expire()
 end
 
 -- Transaction records are kept for the refund window; each commit forgets a few older ones.
+-- A.xt: the time of record x0 when pruning last stopped at it for its age (0: unknown), so that
+-- until that record ages out a commit reads nothing to find that nothing is due (a record's
+-- time never changes, and only this moves x0).
 local function prune_transactions(writes)
+  if A.xt > NOW - TX_RETENTION then return end
+  A.xt = 0
   local budget = 4
   while budget > 0 and A.x0 <= A.seq do
     local rec = tx_get(A.x0)
     if rec then
-      if rec.time > NOW - TX_RETENTION or (rec.type == 'HOLD' and rec.state == 'HELD') then break end
-      writes[#writes + 1] = A.x0
+      if rec.time > NOW - TX_RETENTION then
+        A.xt = rec.time
+        break
+      end
+      if rec.type == 'HOLD' and rec.state == 'HELD' then break end
+      writes[#writes + 1] = fmt(A.x0)
       A.tx[A.x0] = false
     end
     A.x0 = A.x0 + 1
@@ -371,7 +386,7 @@ local function commit()
   flush_lots()
   local forget = {}
   if next(A.dirty_tx) then prune_transactions(forget) end
-  redis.call('HSET', K_ACCOUNT, 'seq', fmt(A.seq), 'x0', fmt(A.x0), 'lp', fmt(A.lp), 'hp', fmt(A.hp))
+  redis.call('HSET', K_ACCOUNT, 'seq', fmt(A.seq), 'x0', fmt(A.x0), 'lp', fmt(A.lp), 'hp', fmt(A.hp), 'xt', fmt(A.xt))
   -- Cards, status and profile (codec.py, StoredAccount): set, or removed when ''.
   local set, del = {}, {}
   for _, f in ipairs(sorted_keys(A.fields)) do
@@ -383,7 +398,7 @@ local function commit()
   for _, seq in ipairs(sorted_keys(A.dirty_tx)) do
     redis.call('HSET', K_TX, fmt(seq), cmsgpack.pack(A.tx[seq]))
   end
-  for _, seq in ipairs(forget) do redis.call('HDEL', K_TX, fmt(seq)) end
+  if #forget > 0 then call_batched('HDEL', K_TX, forget) end
   if #A.open_rem > 0 then call_batched('ZREM', K_OPEN, A.open_rem) end
   if #A.open_add > 0 then call_batched('ZADD', K_OPEN, A.open_add) end
   for _, h in ipairs(A.hold_add) do redis.call('ZADD', K_HOLDS, fmt(h[2]), h[1]) end
@@ -1315,19 +1330,16 @@ local function ledger(KEYS, ARGV)
     end
   end
 
-  VIA_CARD = ARGS.via and redis.call('HGET', K_ACCOUNT, 'c:' .. ARGS.via)
-  if ARGS.via and not VIA_CARD then
-    local st = redis.call('HMGET', K_ACCOUNT, 'st', 'mt')
-    if st[1] == 'M' then return merged_into(st[2]) end
-    return cmsgpack.pack({code = 'NOT_FOUND', reason = 'CARD_NOT_FOUND', message = 'account ' .. ACCOUNT
-      .. ' has no card ' .. ARGS.via})
-  end
-
-  A = {seq = 0, x0 = 1, lp = 0, hp = 0, expired = 0, lots = {}, buckets = {}, scores = {},
+  A = {seq = 0, x0 = 1, lp = 0, hp = 0, xt = 0, expired = 0, lots = {}, buckets = {}, scores = {},
     dirty_lots = {}, events = {}, tx = NAMED_TX, dirty_tx = {}, open_add = {}, open_rem = {}, hold_add = {},
     hold_rem = {}, fields = {}, exists = false}
 
   load()
+  if ARGS.via and not VIA_CARD then
+    if A.status == 'M' then return merged_into(A.merged_into) end
+    return cmsgpack.pack({code = 'NOT_FOUND', reason = 'CARD_NOT_FOUND', message = 'account ' .. ACCOUNT
+      .. ' has no card ' .. ARGS.via})
+  end
   if A.older_layout then
     return redis.error_reply('ERR account ' .. ACCOUNT .. ' is stored in an older layout: rebuild Redis from '
       .. 'PostgreSQL (pointauth rehydrate) before serving it')

@@ -72,7 +72,7 @@ def _bulk(value: bytes) -> bytes:
 def redis_chunk(start: int, count: int, anchor_ms: int, keyspace: Keyspace) -> bytes:
     """RESP commands writing accounts [start, start+count) as the ledger script would."""
     tags = [f"{keyspace.prefix}:{{s{s}}}:".encode() for s in range(keyspace.shards)]
-    seq_field, lot_points_field = _bulk(codec.SEQ_FIELD), _bulk(codec.LOT_POINTS_FIELD)
+    seq_field, x0_field, lot_points_field = _bulk(codec.SEQ_FIELD), _bulk(codec.X0_FIELD), _bulk(codec.LOT_POINTS_FIELD)
     held_points = _bulk(codec.HELD_POINTS_FIELD) + _bulk(b"0")
     card_on_account = _bulk(codec.encode_card_link(codec.CardLink()))
     crc = zlib.crc32
@@ -81,13 +81,13 @@ def redis_chunk(start: int, count: int, anchor_ms: int, keyspace: Keyspace) -> b
         account, cards, lots = seed_account(n, anchor_ms)
         tag = tags[crc(account) % keyspace.shards]  # + "a:" or "l:" and the id: keys.py's names
         # What codec.encode_account gives, without building a StoredAccount per account (which
-        # would halve the seeding rate); no x0: a seeded account has no records to prune. The
+        # would halve the seeding rate). A seeded account has no transaction records: x0, where
+        # pruning starts, is past its events, or its first calls would look for theirs. The
         # account's cards are fields of its hash too (codec.card_field), as well as in the index.
-        hset = 8 + 2 * len(cards)
+        hset = 10 + 2 * len(cards)
         out.append(b"*%d\r\n$4\r\nHSET\r\n%s%s" % (hset, _bulk(tag + b"a:" + account), seq_field))
-        out.append(
-            _bulk(b"%d" % len(lots)) + lot_points_field + _bulk(b"%d" % sum(lot[1] for lot in lots)) + held_points
-        )
+        out.append(_bulk(b"%d" % len(lots)) + x0_field + _bulk(b"%d" % (len(lots) + 1)))
+        out.append(lot_points_field + _bulk(b"%d" % sum(lot[1] for lot in lots)) + held_points)
         out.extend(_bulk(codec.card_field(card)) + card_on_account for card in cards)
         out.append(b"*%d\r\n$4\r\nZADD\r\n%s" % (2 + 2 * len(lots), _bulk(tag + b"l:" + account)))
         for lot_id, points, expire_ms, kind in lots:
