@@ -591,7 +591,10 @@ def run(args: argparse.Namespace, out: contextlib.ExitStack) -> dict[str, Any]:
             "p50_ms": ordered[len(ordered) // 2],
             "p99_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
             "max_ms": ordered[-1],
+            "missed": lag.missed,
         }
+    elif lag.missed:
+        lag_figures = f"n/a (every sample missed: {lag.missed[0]})"
     return {
         "machine": {
             "cpus": os.cpu_count(),
@@ -777,6 +780,8 @@ def report(result: dict[str, Any]) -> str:
             f"write-behind lag: p50 {lag['p50_ms']} ms, p99 {lag['p99_ms']} ms, max {lag['max_ms']} ms "
             f"({lag['samples']} samples, 1/s)"
         )
+        if lag["missed"]:
+            lines.append(f"  {len(lag['missed'])} samples missed, the first: {lag['missed'][0]}")
     else:
         lines.append(f"write-behind lag: {lag}")
     return "\n".join(lines)

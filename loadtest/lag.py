@@ -9,6 +9,7 @@ import threading
 import time
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from pointauth.server.journal.status import stream_backlogs
 from pointauth.server.ledger import Keyspace
@@ -37,19 +38,26 @@ def wait_until_drained(redis_url: str, keyspace: Keyspace, within_s: float = 120
 
 
 class LagSampler:
-    """Samples the lag once a second in a thread while load runs; `samples_ms` keeps the figures."""
+    """Samples the lag once a second in a thread while load runs; `samples_ms` keeps the figures.
+    A sample Redis did not answer (within the client's 5 s) is missed, not a lag of 0: `missed`
+    says why, and the sampling goes on."""
 
     def __init__(self, redis_url: str, keyspace: Keyspace, interval_s: float = 1.0) -> None:
         self.redis_url = redis_url
         self.keyspace = keyspace
         self.interval_s = interval_s
         self.samples_ms: list[int] = []
+        self.missed: list[str] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            oldest = asyncio.run(_oldest_unapplied_ms(self.redis_url, self.keyspace))
+            try:
+                oldest = asyncio.run(_oldest_unapplied_ms(self.redis_url, self.keyspace))
+            except (RedisError, OSError) as exc:
+                self.missed.append(f"{time.strftime('%H:%M:%S')} {type(exc).__name__}: {exc}")
+                continue
             self.samples_ms.append(max(0, int(time.time() * 1000) - oldest) if oldest else 0)
 
     def start(self) -> None:
