@@ -181,6 +181,17 @@ async def test_a_till_sells_at_its_own_company_only(
             grant = await refused(till.grant_points(member, 10, at(clock.now_ms() + DAY_MS), STORE))
     denied(other_store, "COMPANY_NOT_ALLOWED")
     assert other_store.metadata == {"field": "point_of_sale.company_id", "company_id": "acme"}
+    # A point of sale naming no company is a request to mend, not another company's.
+    async with as_("till-acme") as till, Unchanged(redis, keyspace):
+        no_company = await refused(
+            till.redeem_points(
+                member,
+                PointOfSale(company_id="", store_id="store-1", terminal_id="till-1", channel=Channel.CHANNEL_STORE),
+                10,
+            )
+        )
+    assert (no_company.code, no_company.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+    assert no_company.message == "invalid request: point_of_sale.company_id"
     denied(grant, "METHOD_NOT_ALLOWED")
     assert grant.metadata == {"role": "till", "method": "AdminService/GrantPoints"}
 

@@ -134,6 +134,8 @@ def test_a_company_bound_credential_names_only_its_company_points_of_sale(rpc: s
     assert refused.metadata == {"field": "point_of_sale.company_id", "company_id": "acme"}
     # A credential of no company is not bound to one.
     assert decide(credential(role), f"/pointauth.v1.{rpc}", _with_point_of_sale(rpc, "partner")) is None
+    # A point of sale naming no company is no other company's: validation refuses it, naming the field.
+    assert decide(bound, f"/pointauth.v1.{rpc}", _with_point_of_sale(rpc, "")) is None
 
 
 def test_the_points_of_sale_checked_are_those_the_issue_names() -> None:

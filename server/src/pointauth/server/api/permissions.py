@@ -111,9 +111,11 @@ def decide(credential: Credential, method: str, request: Any) -> ApiError | None
             {"role": str(credential.role), "method": rpc or method},
         )
     if credential.company and isinstance(request, Message):
-        # Only a parsed request names a point of sale; a malformed body is refused further in.
+        # Only a parsed request names a point of sale; a malformed body is refused further in, and
+        # so is one naming no company (INVALID_ARGUMENT point_of_sale.company_id, like any missing
+        # field): no company is not another company.
         point_of_sale = _point_of_sale(request)
-        if point_of_sale is not None and point_of_sale.company_id != credential.company:
+        if point_of_sale is not None and point_of_sale.company_id not in ("", credential.company):
             return ApiError(
                 grpc.StatusCode.PERMISSION_DENIED,
                 ErrorReason.COMPANY_NOT_ALLOWED,
