@@ -257,6 +257,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the write-behind worker and PostgreSQL in a cgroup with cpu.idle = 1, as systemd's CPUWeight=idle"
         " puts them (needs root, the cgroup cpu controller and the embedded stack)",
     )
+    p.add_argument(
+        "--tick-reference",
+        action="store_true",
+        help="the echo + 1 Redis call reference makes its call through pointauth's tick pipeline, not redis-py's"
+        " pool (a connection per call)",
+    )
     p.add_argument("--json", type=Path, help="also write the results here")
     return p.parse_args(argv)
 
@@ -450,11 +456,12 @@ def run(args: argparse.Namespace, out: contextlib.ExitStack) -> dict[str, Any]:
     # listens only once it serves, so its port is enough.
     ready = (LISTENING, args.workers) if args.workers > 1 else None
     echo_command = [python, "-m", "loadtest.echo_server", "--workers", workers, "--port"]
+    reference_client = ["--tick-pipeline"] if args.tick_reference else []
     services = {
         "echo": Service("echo server", [*echo_command, str(echo_port)], echo_port, env, log_dir / "echo.log"),
         "echo_redis": Service(
             "echo + Redis server",
-            [*echo_command, str(echo_redis_port), "--redis-url", redis_url],
+            [*echo_command, str(echo_redis_port), "--redis-url", redis_url, *reference_client],
             echo_redis_port,
             env,
             log_dir / "echo-redis.log",
@@ -609,6 +616,7 @@ def run(args: argparse.Namespace, out: contextlib.ExitStack) -> dict[str, Any]:
             "shards": args.shards,
             "hot_traffic": args.hot_traffic,
             "redis_appendfsync": appendfsync,
+            "reference_client": "tick pipeline" if args.tick_reference else "redis-py pool",
             "background": background_label(to_background is not None),
             "warmup_s": plan.warmup_s,
             "duration_s": plan.duration_s,
@@ -755,6 +763,7 @@ def report(result: dict[str, Any]) -> str:
     ceilings = result["ceilings_rpcs_per_s"]
     lines.append(
         f"references: bare echo {ceilings['echo']:,.0f} rpc/s, echo + 1 Redis call {ceilings['echo_redis']:,.0f} rpc/s"
+        f" (through the {cfg['reference_client']})"
     )
     lines.extend(security_cost(result["summary"]))
     rules = result.get("earn_rules") or {}

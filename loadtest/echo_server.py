@@ -4,15 +4,19 @@ SO_REUSEPORT, uvloop, the same server options):
 - the bare grpc.aio ceiling: a unary echo of raw bytes, no work per call;
 - with `--redis-url`, the echo plus one Redis script call per RPC, through a pool as large as
   pointauth's: the ceiling of any design that touches Redis once per call (a write, so with
-  `appendfsync always` it pays the fsync an AuthorizeHold pays).
+  `appendfsync always` it pays the fsync an AuthorizeHold pays);
+- with `--tick-pipeline` too, that call goes the way pointauth's calls go (its Redis client, one
+  pipeline per event-loop tick), not through redis-py's pool and a connection per call: what one
+  Redis call costs a server built as pointauth is, the higher ceiling.
 
-    python -m loadtest.echo_server --port 50052 --workers 2 [--redis-url redis://127.0.0.1:6379/0]
+    python -m loadtest.echo_server --port 50052 --workers 2 [--redis-url redis://127.0.0.1:6379/0 [--tick-pipeline]]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import multiprocessing
 import random
 import signal
@@ -21,6 +25,10 @@ from collections.abc import Awaitable, Callable
 import grpc
 import uvloop
 from redis.asyncio import Redis
+
+from pointauth.server.config import RedisSettings
+from pointauth.server.ledger.connection import connect
+from pointauth.server.ledger.pipeline import TickPipeline
 
 SERVICE = "pointauth.bench.v1.EchoService"
 # One write in one shard's slot, as the ledger script's calls are.
@@ -33,18 +41,35 @@ async def _echo(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes])
     return request
 
 
+def _key() -> str:
+    return f"pa:{{s{random.randrange(1024)}}}:bench"
+
+
 def _echo_with_redis(redis_url: str) -> Handler:
     redis = Redis.from_url(redis_url, max_connections=64)
     touch = redis.register_script(_TOUCH)
 
     async def echo(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
-        await touch(keys=[f"pa:{{s{random.randrange(1024)}}}:bench"])
+        await touch(keys=[_key()])
         return request
 
     return echo
 
 
-async def serve(host: str, port: int, redis_url: str | None = None) -> None:
+async def _echo_with_tick_pipeline(redis_url: str) -> Handler:
+    redis = connect(RedisSettings(url=redis_url))
+    await redis.script_load(_TOUCH)
+    sha = hashlib.sha1(_TOUCH.encode()).hexdigest()
+    pipeline = TickPipeline(redis)
+
+    async def echo(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        await pipeline.execute("EVALSHA", sha, 1, _key())
+        return request
+
+    return echo
+
+
+async def serve(host: str, port: int, redis_url: str | None = None, tick_pipeline: bool = False) -> None:
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -52,7 +77,10 @@ async def serve(host: str, port: int, redis_url: str | None = None) -> None:
     # The options of pointauth.server.app.PointauthServer, so only the work per call differs.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_concurrent_streams", 1000)])
     # No (de)serializers: the handler sees the request's bytes, the floor of what any RPC costs.
-    echo = _echo_with_redis(redis_url) if redis_url else _echo
+    if redis_url:
+        echo = await _echo_with_tick_pipeline(redis_url) if tick_pipeline else _echo_with_redis(redis_url)
+    else:
+        echo = _echo
     handler = grpc.method_handlers_generic_handler(SERVICE, {"Echo": grpc.unary_unary_rpc_method_handler(echo)})
     server.add_generic_rpc_handlers((handler,))
     server.add_insecure_port(f"{host}:{port}")
@@ -61,8 +89,8 @@ async def serve(host: str, port: int, redis_url: str | None = None) -> None:
     await server.stop(1.0)
 
 
-def _worker(host: str, port: int, redis_url: str | None) -> None:
-    uvloop.run(serve(host, port, redis_url))
+def _worker(host: str, port: int, redis_url: str | None, tick_pipeline: bool) -> None:
+    uvloop.run(serve(host, port, redis_url, tick_pipeline))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,9 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--redis-url", help="make one Redis script call per RPC on this Redis")
+    parser.add_argument("--tick-pipeline", action="store_true", help="make that call through pointauth's tick pipeline")
     args = parser.parse_args(argv)
+    if args.tick_pipeline and not args.redis_url:
+        parser.error("--tick-pipeline needs --redis-url")
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(args.host, args.port, args.redis_url)) for _ in range(args.workers)]
+    worker_args = (args.host, args.port, args.redis_url, args.tick_pipeline)
+    procs = [ctx.Process(target=_worker, args=worker_args) for _ in range(args.workers)]
     for proc in procs:
         proc.start()
 
