@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import multiprocessing
 import random
 import signal
@@ -58,8 +57,7 @@ def _echo_with_redis(redis_url: str) -> Handler:
 
 async def _echo_with_tick_pipeline(redis_url: str) -> Handler:
     redis = connect(RedisSettings(url=redis_url))
-    await redis.script_load(_TOUCH)
-    sha = hashlib.sha1(_TOUCH.encode()).hexdigest()
+    sha = await redis.script_load(_TOUCH)
     pipeline = TickPipeline(redis)
 
     async def echo(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
