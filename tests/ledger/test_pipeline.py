@@ -7,7 +7,9 @@ import asyncio
 
 import pytest
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pointauth.server.config import RedisSettings
 from pointauth.server.devstack.stack import EmbeddedStack
@@ -29,12 +31,23 @@ async def test_each_command_gets_its_own_reply_or_error(redis: Redis) -> None:
         pipeline.execute("INCR", "a"),
         pipeline.execute("INCR", "text"),
         pipeline.execute("INCRBY", "a", 5),
+        pipeline.execute("EVALSHA", "0" * 40, 0),
         return_exceptions=True,
     )
     assert results[0] == 1
-    assert isinstance(results[1], ResponseError)
+    assert type(results[1]) is ResponseError
     assert results[2] == 6
+    assert type(results[3]) is NoScriptError  # redis-py's exception for the error, as its own client raises
     assert pipeline.batches_sent == 1
+
+
+async def test_replies_split_over_many_reads_answer_their_own_commands(redis: Redis) -> None:
+    pipeline = TickPipeline(redis, max_batch=50)
+    # 20 kB replies: a batch's replies arrive in many reads, cut anywhere.
+    values = [f"{i}:".encode() + bytes([i % 251]) * 20_000 for i in range(400)]
+    replies = await asyncio.gather(*(pipeline.execute("ECHO", value) for value in values))
+    assert replies == values
+    assert pipeline.batches_sent == 8
 
 
 async def test_commands_wait_for_a_free_batch_and_join_the_next(redis: Redis) -> None:
@@ -106,3 +119,85 @@ async def test_the_server_client_packs_commands_as_redis_py_does(stack: Embedded
         assert list(replies) == ["é".encode(), b"\x00\xff"]
     finally:
         await client.aclose()
+
+
+async def _pipeline_connection(watcher: Redis, other_than: int | None = None) -> int:
+    """The id of the pipeline's connection (one other than `other_than`), once Redis lists it."""
+    for _ in range(500):
+        ids = [int(c["id"]) for c in await watcher.client_list() if c["name"] == "tick" and int(c["id"]) != other_than]
+        if ids:
+            assert len(ids) == 1
+            return ids[0]
+        await asyncio.sleep(0.01)
+    raise AssertionError("the pipeline opened no connection within 5 s")
+
+
+async def _kill_the_pipeline_connection(watcher: Redis, other_than: int | None = None) -> int:
+    killed = await _pipeline_connection(watcher, other_than)
+    assert await watcher.client_kill_filter(_id=str(killed)) == 1
+    return killed
+
+
+async def test_a_connection_lost_mid_batch_sends_what_was_not_answered_once_more(stack: EmbeddedStack) -> None:
+    client = Redis.from_url(stack.redis.url, client_name="tick")
+    watcher = Redis.from_url(stack.redis.url)
+    pipeline = TickPipeline(client)
+    try:
+        await watcher.delete("lost")
+        await pipeline.execute("PING")  # the pipeline's connection is open
+        await watcher.client_pause(2000, all=False)  # writes wait: the INCR below stays unanswered
+        incr = asyncio.create_task(pipeline.execute("INCR", "lost"))
+        await asyncio.sleep(0.05)
+        killed = await _kill_the_pipeline_connection(watcher)  # Redis frees it without running its INCR
+        fresh = await _pipeline_connection(watcher, other_than=killed)  # its INCR waits too
+        await watcher.client_unpause()
+        assert await incr == 1  # sent once more on a fresh connection, and run once
+        assert await watcher.get("lost") == b"1"
+        assert pipeline.batches_sent == 2
+        assert await _pipeline_connection(watcher) == fresh
+    finally:
+        await watcher.client_unpause()
+        await client.aclose()
+        await watcher.aclose()
+
+
+async def test_a_connection_lost_twice_fails_the_batch_with_a_backend_error(stack: EmbeddedStack) -> None:
+    client = Redis.from_url(stack.redis.url, client_name="tick")
+    watcher = Redis.from_url(stack.redis.url)
+    pipeline = TickPipeline(client)
+    try:
+        await watcher.delete("lost")
+        await pipeline.execute("PING")
+        await watcher.client_pause(2000, all=False)
+        incr = asyncio.create_task(pipeline.execute("INCR", "lost"))
+        await asyncio.sleep(0.05)
+        first = await _kill_the_pipeline_connection(watcher)
+        await _kill_the_pipeline_connection(watcher, other_than=first)  # the one it was sent on again
+        with pytest.raises(RedisConnectionError):
+            await incr
+        await watcher.client_unpause()
+        assert await watcher.get("lost") is None  # neither connection ran it
+        assert await pipeline.execute("INCR", "lost") == 1  # and the pipeline goes on
+    finally:
+        await watcher.client_unpause()
+        await client.aclose()
+        await watcher.aclose()
+
+
+async def test_a_batch_not_answered_in_time_fails_and_its_connection_is_not_used_again(stack: EmbeddedStack) -> None:
+    client = connect(RedisSettings(url=stack.redis.url, command_timeout_seconds=0.3))
+    watcher = Redis.from_url(stack.redis.url)
+    pipeline = TickPipeline(client)
+    try:
+        await pipeline.execute("PING")
+        await watcher.client_pause(2000, all=False)
+        with pytest.raises(RedisTimeoutError):
+            await pipeline.execute("INCR", "late")
+        await watcher.client_unpause()
+        # A fresh connection: the late INCR's reply, if Redis still sends one, answers nothing.
+        assert await pipeline.execute("ECHO", "after") == b"after"
+        assert await pipeline.execute("INCRBY", "other", 7) == 7
+    finally:
+        await watcher.client_unpause()
+        await client.aclose()
+        await watcher.aclose()
