@@ -37,6 +37,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError, ResponseError
 
+from pointauth.server.config import WriteBehindSettings
 from pointauth.server.journal.events import (
     AuditRecord,
     DirectoryChange,
@@ -61,6 +62,9 @@ from pointauth.server.ledger.pipeline import in_rounds
 
 log = logging.getLogger(__name__)
 
+_SETTINGS = WriteBehindSettings()
+"""The [writebehind] settings' defaults, which are this configuration's too: written once, there."""
+
 
 @dataclass(frozen=True)
 class WorkerConfig:
@@ -70,12 +74,12 @@ class WorkerConfig:
     consumer: str = field(default_factory=socket.gethostname)
     """Consumer name in the group: keep it across restarts so a restart resumes its own entries."""
     group: str = GROUP
-    batch_size: int = 1000
+    batch_size: int = _SETTINGS.batch_size
     """Entries read per round, spread over the streams that have some."""
     catchup_factor: int = 4
     """While behind (the last round was full), rounds read this many times batch_size:
     PostgreSQL's cost per batch is then shared by more events."""
-    catchup_share: float = 0.5
+    catchup_share: float = _SETTINGS.catchup_share
     """While catching up, the worker works at most this share of the time: after each full
     batch it pauses (1/share - 1) times as long as the batch took. A backlog is then worked off
     at a bounded pace, and the worker and its PostgreSQL backend, which would otherwise keep a
@@ -94,24 +98,24 @@ class WorkerConfig:
     """Streams looked at per round trip of the scan: one call of the scan script on a standalone
     Redis, that many one-stream calls pipelined on a cluster (each stream is its own slot). About
     2 µs of Redis time per stream, so a round trip holds Redis for some 250 µs."""
-    poll_ms: int = 50
+    poll_ms: int = _SETTINGS.poll_ms
     """Pause when every stream is empty (bounds the lag added by polling)."""
-    claim_idle_ms: int = 30_000
+    claim_idle_ms: int = _SETTINGS.claim_idle_ms
     """Pending entries idle this long (a crashed or stuck consumer) are claimed."""
-    max_deliveries: int = 5
+    max_deliveries: int = _SETTINGS.max_deliveries
     """An entry not applied after this many deliveries goes to dead_letters."""
     housekeeping_s: float = 1.0
     """Heartbeat (throughput, lag) and the XAUTOCLAIM check run at most this often."""
     trim_s: float = 10.0
     """Stream trimming, which reads every stream's group state, runs at most this often."""
-    lease_ms: int = 15_000
+    lease_ms: int = _SETTINGS.lease_ms
     """The worker's lease on its shards (journal/lease.py) lapses this long after its last
     renewal (each housekeeping): how long a worker for the same shards waits after this one dies."""
     idle_cpu: bool = False
     """Run in the kernel's idle CPU class while keeping up (journal/priority.py). `pointauth
     worker` sets it from [writebehind] idle_cpu; off for a worker that shares its thread with a
     server (`pointauth dev`), which the class would slow down too."""
-    idle_cpu_max_lag_ms: int = 10_000
+    idle_cpu_max_lag_ms: int = _SETTINGS.idle_cpu_max_lag_ms
     """Behind by more than this, an idle-class worker returns to the normal class until caught up."""
     backoff_initial_s: float = 0.2
     backoff_max_s: float = 10.0
