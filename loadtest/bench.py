@@ -49,6 +49,7 @@ from loadtest.driver import POS, Step, StepResult, new_histogram
 from loadtest.lag import LagSampler, wait_until_drained
 from loadtest.population import CARD_FORMAT, Population
 from loadtest.procs import ClientPool, CpuMeter, Service, background_label, idle_cgroup, named, tree
+from loadtest.stalls import RedisStalls, describe
 from pointauth.client import ClientTLS, NotFoundError, PointsClient
 from pointauth.server.api.credentials import write_credentials_atomically
 from pointauth.server.app import LISTENING
@@ -111,6 +112,9 @@ class Row:
     """How busy the whole machine was during the step: the share of all its cores' time."""
     lag_max_ms: int = 0
     """The write-behind lag's largest 1/s sample during the step."""
+    redis_stalls: dict[str, int] = field(default_factory=dict)
+    """Redis's latency monitor over the step: each event of at least stalls.THRESHOLD_MS, its
+    longest in ms."""
     refusals: dict[str, int] = field(default_factory=dict)
     error_samples: list[str] = field(default_factory=list)
 
@@ -423,6 +427,7 @@ def run(args: argparse.Namespace, out: contextlib.ExitStack) -> dict[str, Any]:
     client = redis.Redis.from_url(redis_url)
     out.callback(client.close)
     appendfsync = client.config_get("appendfsync").get("appendfsync", "?")
+    stalls = out.enter_context(RedisStalls(client))
 
     memory: dict[str, Any] = {"accounts": args.accounts}
     if not args.no_seed:
@@ -539,6 +544,7 @@ def run(args: argparse.Namespace, out: contextlib.ExitStack) -> dict[str, Any]:
         groups.update(redis=named("redis-server"), postgres=named("postgres"), clients=pool.pids())
         meter = CpuMeter({name: pids for name, pids in groups.items() if pids})
         sampled = len(lag.samples_ms)
+        stalls.reset()
         meter.start()
         results = pool.run(steps)
         cpu = meter.stop()
@@ -546,6 +552,7 @@ def run(args: argparse.Namespace, out: contextlib.ExitStack) -> dict[str, Any]:
         row = merge(label, loops, f"{rate:.0f}/s" if rate else "closed", plan.duration_s, results)
         row.cpu_cores, row.busy = cpu, meter.busy
         row.lag_max_ms = max(lag.samples_ms[sampled:], default=0)
+        row.redis_stalls = stalls.read()
         rows.append(row)
         print(progress_line(len(rows), steps_planned, row), file=sys.stderr, flush=True)
         return row
@@ -617,6 +624,7 @@ def run(args: argparse.Namespace, out: contextlib.ExitStack) -> dict[str, Any]:
             "hot_traffic": args.hot_traffic,
             "redis_appendfsync": appendfsync,
             "reference_client": "tick pipeline" if args.tick_reference else "redis-py pool",
+            "redis_stall_threshold_ms": stalls.threshold_ms if stalls.enabled else None,
             "background": background_label(to_background is not None),
             "warmup_s": plan.warmup_s,
             "duration_s": plan.duration_s,
@@ -706,10 +714,25 @@ def format_row(row: Summary, sub: str = "op") -> str:
 def progress_line(step: int, steps: int, row: Row) -> str:
     """While the run goes on: what a step measured, briefly (the table comes at the end)."""
     p99 = row.latency_ms.get("op", {}).get("p99", 0)
+    stalled = f", Redis stalled: {describe(row.redis_stalls)}" if row.redis_stalls else ""
     return (
         f"step {step}/{steps}: {LABELS[row.scenario]}, {row.concurrency} loops {row.mode}: "
-        f"{row.ops_per_s:,.0f} ops/s, p99 {p99:.1f} ms, machine {row.busy:.0%} busy, {row.errors} errors"
+        f"{row.ops_per_s:,.0f} ops/s, p99 {p99:.1f} ms, machine {row.busy:.0%} busy, {row.errors} errors{stalled}"
     )
+
+
+def stall_lines(result: dict[str, Any]) -> list[str]:
+    """The steps during which Redis itself stalled, and on what."""
+    threshold = result["config"]["redis_stall_threshold_ms"]
+    if threshold is None:
+        return ["Redis stalls: not monitored (the Redis refused CONFIG SET latency-monitor-threshold)"]
+    stalled = [
+        f"  step {index}: {LABELS[row['scenario']]}, {row['mode']}: {describe(row['redis_stalls'])}"
+        for index, row in enumerate(result["rows"], 1)
+        if row["redis_stalls"]
+    ]
+    head = f"Redis stalls of {threshold} ms or more (its latency monitor)"
+    return [f"{head}, by step:", *stalled] if stalled else [f"{head}: none"]
 
 
 def security_cost(summary: list[dict[str, Any]]) -> list[str]:
@@ -766,6 +789,7 @@ def report(result: dict[str, Any]) -> str:
         f" (through the {cfg['reference_client']})"
     )
     lines.extend(security_cost(result["summary"]))
+    lines.extend(stall_lines(result))
     rules = result.get("earn_rules") or {}
     if rules:
         lines.append(

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from loadtest.bench import HEADER
@@ -70,6 +71,12 @@ def test_quick_bench_reports_ordered_percentiles_and_no_errors(
         closed["authorize"]["cpu_cores"]
     )
     assert result["redis_memory"]["accounts"] == 1000
+    # Redis's latency monitor was read over every step, and set back as it was once done.
+    assert result["config"]["redis_stall_threshold_ms"] == 10
+    assert all(isinstance(row["redis_stalls"], dict) for row in result["rows"])
+    assert "Redis stalls of 10 ms or more (its latency monitor)" in run.stdout
+    with SyncRedis.from_url(stack.redis.url) as plain:
+        assert plain.config_get("latency-monitor-threshold") == {"latency-monitor-threshold": "0"}
     assert result["redis_memory"]["used_memory"] > 0
 
     assert "settled in" in run.stderr  # --settle vacuumed PostgreSQL before measuring

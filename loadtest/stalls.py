@@ -1,0 +1,60 @@
+"""Redis's own stalls while the benchmark runs, from its latency monitor: which of its events
+(the AOF's fsync or write, a fork for a rewrite, a slow command, expiry or eviction cycles) took
+at least `THRESHOLD_MS` during a step, and the longest of each. A till's call waits behind any
+of them, so a step's tail can be laid to Redis, or not (Redis's event names:
+https://redis.io/docs/latest/operate/oss_and_stack/management/optimization/latency-monitor/)."""
+
+from __future__ import annotations
+
+from typing import Self
+
+import redis
+from redis.exceptions import ResponseError
+
+THRESHOLD_MS = 10
+"""Events shorter than this are not recorded: a tenth of the p99 target of #13."""
+
+
+class RedisStalls:
+    """Turns the monitor on for the bench's Redis; `reset()` before a step, `read()` after it.
+    A Redis that refuses CONFIG SET (a managed one) reports nothing: `enabled` says so."""
+
+    def __init__(self, client: redis.Redis, threshold_ms: int = THRESHOLD_MS) -> None:
+        self.client = client
+        self.threshold_ms = threshold_ms
+        self.enabled = False
+        self._before = "0"
+
+    def __enter__(self) -> Self:
+        try:
+            self._before = self.client.config_get("latency-monitor-threshold").get("latency-monitor-threshold") or "0"
+            self.client.config_set("latency-monitor-threshold", self.threshold_ms)
+        except ResponseError:
+            return self
+        self.enabled = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.client.config_set("latency-monitor-threshold", self._before)
+
+    def reset(self) -> None:
+        if self.enabled:
+            self.client.latency_reset()
+
+    def read(self) -> dict[str, int]:
+        """Each event recorded since the last reset, with its longest occurrence in ms."""
+        if not self.enabled:
+            return {}
+        # Each: [name, time of the latest, the latest ms, the longest ms since the reset].
+        latest: list[list[bytes | str | int]] = self.client.latency_latest()
+        return {_text(event[0]): int(event[3]) for event in latest}
+
+
+def _text(value: bytes | str | int) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def describe(stalls: dict[str, int]) -> str:
+    """ "aof-fsync-always 84 ms, command 12 ms": the longest first."""
+    return ", ".join(f"{event} {ms} ms" for event, ms in sorted(stalls.items(), key=lambda item: -item[1]))
