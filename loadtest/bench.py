@@ -16,7 +16,10 @@ once). Then, from a pool of client processes:
 
 Each step runs `--repeat` times; the table shows the median and the spread (min-max). Latencies
 are HDR histograms (µs). CPU is counted for every process group: server, references, Redis,
-PostgreSQL, worker and the load generator. `--json` writes every repeat for machines.
+PostgreSQL, worker and the load generator. Redis's latency monitor is read over each step
+(loadtest/stalls.py): a step during which Redis itself stalled (an fsync of the AOF, a fork, a
+slow command) is reported with the event and its length, so a tail can be laid where it belongs.
+`--json` writes every repeat for machines.
 
 The table goes to stdout once, at the end; while it runs, one progress line per step (and the
 seeding's progress bar) go to stderr.
