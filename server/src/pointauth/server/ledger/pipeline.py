@@ -121,7 +121,8 @@ class _Link(asyncio.Protocol):
 
     @property
     def is_open(self) -> bool:
-        return self._transport is not None
+        # Closing (aborted past a deadline) is not open, though connection_lost has yet to come.
+        return self._transport is not None and not self._transport.is_closing()
 
     async def open(self) -> None:
         # redis-py keeps the connection's stream writer private; its transport is what we take.
@@ -289,13 +290,12 @@ class TickPipeline:
         else:
             self._finish(link, batch, RedisConnectionError("Redis closed the connection twice"))
 
-    def _finish(self, link: _Link | None, batch: _Batch | None, error: BaseException | None) -> None:
+    def _finish(self, link: _Link | None, batch: _Batch, error: BaseException | None) -> None:
         """A batch is done with: answered (no error), or failed with `error`; its link is free."""
-        if batch is not None:
-            if batch.deadline is not None:
-                batch.deadline.cancel()
-            if error is not None:
-                batch.fail(error)
+        if batch.deadline is not None:
+            batch.deadline.cancel()
+        if error is not None:
+            batch.fail(error)
         if link is not None:
             self._idle.append(link)
         self._in_flight -= 1
