@@ -4,6 +4,9 @@ a bounded wait, and a Redis outage reported as what a retry can fix."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -138,16 +141,28 @@ async def _kill_the_pipeline_connection(watcher: Redis, other_than: int | None =
     return killed
 
 
-async def test_a_connection_lost_mid_batch_sends_what_was_not_answered_once_more(stack: EmbeddedStack) -> None:
+@contextlib.asynccontextmanager
+async def _an_incr_redis_holds(stack: EmbeddedStack) -> AsyncIterator[tuple[TickPipeline, Redis, asyncio.Task[Any]]]:
+    """A pipeline (its connections named "tick") whose INCR of "lost" Redis holds unanswered, its
+    writes paused for up to 2 s; and another client, to watch and kill connections with."""
     client = Redis.from_url(stack.redis.url, client_name="tick")
     watcher = Redis.from_url(stack.redis.url)
     pipeline = TickPipeline(client)
     try:
         await watcher.delete("lost")
         await pipeline.execute("PING")  # the pipeline's connection is open
-        await watcher.client_pause(2000, all=False)  # writes wait: the INCR below stays unanswered
+        await watcher.client_pause(2000, all=False)
         incr = asyncio.create_task(pipeline.execute("INCR", "lost"))
         await asyncio.sleep(0.05)
+        yield pipeline, watcher, incr
+    finally:
+        await watcher.client_unpause()
+        await client.aclose()
+        await watcher.aclose()
+
+
+async def test_a_connection_lost_mid_batch_sends_what_was_not_answered_once_more(stack: EmbeddedStack) -> None:
+    async with _an_incr_redis_holds(stack) as (pipeline, watcher, incr):
         killed = await _kill_the_pipeline_connection(watcher)  # Redis frees it without running its INCR
         fresh = await _pipeline_connection(watcher, other_than=killed)  # its INCR waits too
         await watcher.client_unpause()
@@ -155,22 +170,10 @@ async def test_a_connection_lost_mid_batch_sends_what_was_not_answered_once_more
         assert await watcher.get("lost") == b"1"
         assert pipeline.batches_sent == 2
         assert await _pipeline_connection(watcher) == fresh
-    finally:
-        await watcher.client_unpause()
-        await client.aclose()
-        await watcher.aclose()
 
 
 async def test_a_connection_lost_twice_fails_the_batch_with_a_backend_error(stack: EmbeddedStack) -> None:
-    client = Redis.from_url(stack.redis.url, client_name="tick")
-    watcher = Redis.from_url(stack.redis.url)
-    pipeline = TickPipeline(client)
-    try:
-        await watcher.delete("lost")
-        await pipeline.execute("PING")
-        await watcher.client_pause(2000, all=False)
-        incr = asyncio.create_task(pipeline.execute("INCR", "lost"))
-        await asyncio.sleep(0.05)
+    async with _an_incr_redis_holds(stack) as (pipeline, watcher, incr):
         first = await _kill_the_pipeline_connection(watcher)
         await _kill_the_pipeline_connection(watcher, other_than=first)  # the one it was sent on again
         with pytest.raises(RedisConnectionError):
@@ -178,10 +181,6 @@ async def test_a_connection_lost_twice_fails_the_batch_with_a_backend_error(stac
         await watcher.client_unpause()
         assert await watcher.get("lost") is None  # neither connection ran it
         assert await pipeline.execute("INCR", "lost") == 1  # and the pipeline goes on
-    finally:
-        await watcher.client_unpause()
-        await client.aclose()
-        await watcher.aclose()
 
 
 async def test_a_batch_not_answered_in_time_fails_and_its_connection_is_not_used_again(stack: EmbeddedStack) -> None:
