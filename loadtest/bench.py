@@ -118,6 +118,8 @@ class Row:
     redis_stalls: dict[str, int] = field(default_factory=dict)
     """Redis's latency monitor over the step: each event of at least stalls.THRESHOLD_MS, its
     longest in ms."""
+    redis_slow_commands: list[str] = field(default_factory=list)
+    """The commands that took that long, from Redis's SLOWLOG."""
     refusals: dict[str, int] = field(default_factory=dict)
     error_samples: list[str] = field(default_factory=list)
 
@@ -555,7 +557,7 @@ def run(args: argparse.Namespace, out: contextlib.ExitStack) -> dict[str, Any]:
         row = merge(label, loops, f"{rate:.0f}/s" if rate else "closed", plan.duration_s, results)
         row.cpu_cores, row.busy = cpu, meter.busy
         row.lag_max_ms = max(lag.samples_ms[sampled:], default=0)
-        row.redis_stalls = stalls.read()
+        row.redis_stalls, row.redis_slow_commands = stalls.read(), stalls.slow_commands()
         rows.append(row)
         print(progress_line(len(rows), steps_planned, row), file=sys.stderr, flush=True)
         return row
@@ -729,11 +731,11 @@ def stall_lines(result: dict[str, Any]) -> list[str]:
     threshold = result["config"]["redis_stall_threshold_ms"]
     if threshold is None:
         return ["Redis stalls: not monitored (the Redis refused CONFIG SET latency-monitor-threshold)"]
-    stalled = [
-        f"  step {index}: {LABELS[row['scenario']]}, {row['mode']}: {describe(row['redis_stalls'])}"
-        for index, row in enumerate(result["rows"], 1)
-        if row["redis_stalls"]
-    ]
+    stalled = []
+    for index, row in enumerate(result["rows"], 1):
+        if row["redis_stalls"]:
+            stalled.append(f"  step {index}: {LABELS[row['scenario']]}, {row['mode']}: {describe(row['redis_stalls'])}")
+            stalled.extend(f"    {command}" for command in row["redis_slow_commands"])
     head = f"Redis stalls of {threshold} ms or more (its latency monitor)"
     return [f"{head}, by step:", *stalled] if stalled else [f"{head}: none"]
 

@@ -74,9 +74,11 @@ def test_quick_bench_reports_ordered_percentiles_and_no_errors(
     # Redis's latency monitor was read over every step, and set back as it was once done.
     assert result["config"]["redis_stall_threshold_ms"] == 10
     assert all(isinstance(row["redis_stalls"], dict) for row in result["rows"])
+    assert all(isinstance(row["redis_slow_commands"], list) for row in result["rows"])
     assert "Redis stalls of 10 ms or more (its latency monitor)" in run.stdout
     with SyncRedis.from_url(stack.redis.url) as plain:
         assert plain.config_get("latency-monitor-threshold") == {"latency-monitor-threshold": "0"}
+        assert plain.config_get("slowlog-log-slower-than") == {"slowlog-log-slower-than": "10000"}
     assert result["redis_memory"]["used_memory"] > 0
 
     assert "settled in" in run.stderr  # --settle vacuumed PostgreSQL before measuring

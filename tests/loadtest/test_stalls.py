@@ -1,5 +1,6 @@
-"""The bench's reading of Redis's latency monitor, against a real Redis: a stall is named with its
-length, a reset forgets it, and the monitor's threshold is set back as it was."""
+"""The bench's reading of Redis's latency monitor and SLOWLOG, against a real Redis: a stall is
+named with its length and the command that made it, a reset forgets both, and Redis's thresholds
+are set back as they were."""
 
 from __future__ import annotations
 
@@ -24,23 +25,31 @@ return 1
 def client(stack: EmbeddedStack) -> Iterator[redis.Redis]:
     with redis.Redis.from_url(stack.redis.url) as plain:
         plain.config_set("latency-monitor-threshold", 0)
+        plain.config_set("slowlog-log-slower-than", 5000)
         plain.latency_reset()
         yield plain
+        plain.config_set("slowlog-log-slower-than", 10000)  # Redis's default
 
 
 def test_a_stall_is_named_with_its_length_and_a_reset_forgets_it(client: redis.Redis) -> None:
     with RedisStalls(client) as stalls:
         assert stalls.enabled
         assert client.config_get("latency-monitor-threshold") == {"latency-monitor-threshold": "10"}
+        assert client.config_get("slowlog-log-slower-than") == {"slowlog-log-slower-than": "10000"}
+        client.ping()  # fast: never in the SLOWLOG
         stalls.reset()
-        assert stalls.read() == {}
+        assert (stalls.read(), stalls.slow_commands()) == ({}, [])
         client.eval(_BUSY_60_MS, 0)
         read = stalls.read()
         assert list(read) == ["command"]
         assert read["command"] >= 60
+        [slow] = stalls.slow_commands()
+        assert slow.startswith("EVAL \nlocal function now()")
+        assert int(slow.rsplit("(", 1)[1].removesuffix(" ms)")) >= 60
         stalls.reset()
-        assert stalls.read() == {}
+        assert (stalls.read(), stalls.slow_commands()) == ({}, [])
     assert client.config_get("latency-monitor-threshold") == {"latency-monitor-threshold": "0"}
+    assert client.config_get("slowlog-log-slower-than") == {"slowlog-log-slower-than": "5000"}
 
 
 def test_the_longest_stall_is_described_first() -> None:
