@@ -18,7 +18,8 @@ Each step runs `--repeat` times; the table shows the median and the spread (min-
 are HDR histograms (µs). CPU is counted for every process group: server, references, Redis,
 PostgreSQL, worker and the load generator. Redis's latency monitor is read over each step
 (loadtest/stalls.py): a step during which Redis itself stalled (an fsync of the AOF, a fork, a
-slow command) is reported with the event and its length, so a tail can be laid where it belongs.
+slow command) is reported with the event, its length and the commands Redis's SLOWLOG caught, so
+a tail can be laid where it belongs.
 `--json` writes every repeat for machines.
 
 The table goes to stdout once, at the end; while it runs, one progress line per step (and the

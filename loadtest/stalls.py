@@ -74,7 +74,8 @@ class RedisStalls:
 
 
 def _text(value: bytes | str | int) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    # A slow FCALL's arguments are msgpack: shown escaped, never an error.
+    return value.decode(errors="backslashreplace") if isinstance(value, bytes) else str(value)
 
 
 def describe(stalls: dict[str, int]) -> str:

@@ -39,13 +39,15 @@ def test_a_stall_is_named_with_its_length_and_a_reset_forgets_it(client: redis.R
         client.ping()  # fast: never in the SLOWLOG
         stalls.reset()
         assert (stalls.read(), stalls.slow_commands()) == ({}, [])
-        client.eval(_BUSY_60_MS, 0)
+        sha = client.script_load(_BUSY_60_MS)
+        client.evalsha(sha, 0, b"\x81\xff")  # an argument that is no UTF-8, as an FCALL's msgpack is
         read = stalls.read()
         assert list(read) == ["command"]
         assert read["command"] >= 60
         [slow] = stalls.slow_commands()
-        assert slow.startswith("EVAL \nlocal function now()")
-        assert int(slow.rsplit("(", 1)[1].removesuffix(" ms)")) >= 60
+        command, took = slow.rsplit(" (", 1)
+        assert command == f"EVALSHA {sha} 0 \\x81\\xff"  # the bytes shown escaped
+        assert int(took.removesuffix(" ms)")) >= 60
         stalls.reset()
         assert (stalls.read(), stalls.slow_commands()) == ({}, [])
     assert client.config_get("latency-monitor-threshold") == {"latency-monitor-threshold": "0"}
