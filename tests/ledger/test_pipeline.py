@@ -200,3 +200,17 @@ async def test_a_batch_not_answered_in_time_fails_and_its_connection_is_not_used
         await watcher.client_unpause()
         await client.aclose()
         await watcher.aclose()
+
+
+async def test_a_link_never_takes_over_a_pooled_connection_redis_closed(stack: EmbeddedStack) -> None:
+    client = connect(RedisSettings(url=stack.redis.url, command_timeout_seconds=1.0))
+    try:
+        await client.client_setname("pooled")  # the pool's one connection, idle once answered
+        async with Redis.from_url(stack.redis.url) as watcher:
+            [pooled] = [c for c in await watcher.client_list() if c["name"] == "pooled"]
+            assert await watcher.client_kill_filter(_id=pooled["id"]) == 1
+        await asyncio.sleep(0.1)  # redis-py's stream protocol reads the end of stream: half-open
+        # The pipeline's first link comes from that pool: connected afresh, it answers.
+        assert await TickPipeline(client).execute("PING") == b"PONG"
+    finally:
+        await client.aclose()

@@ -125,13 +125,16 @@ class _Link(asyncio.Protocol):
         return self._transport is not None and not self._transport.is_closing()
 
     async def open(self) -> None:
+        # Always connected afresh, never taken as the pool left it: a pooled connection whose
+        # Redis went away may have had its end of stream read already, by redis-py's stream
+        # protocol, which then stops reading but does not close. Taken over so, it would never
+        # answer nor report its loss (the batch would wait out its deadline). Links are opened
+        # once per process, and again only after a loss.
+        await self.connection.disconnect(nowait=True)
+        await self.connection.connect()  # type: ignore[no-untyped-call]
         # redis-py keeps the connection's stream writer private; its transport is what we take.
         writer = self.connection._writer
-        if writer is None or writer.transport.is_closing():  # never opened, or lost since
-            await self.connection.disconnect(nowait=True)  # whatever redis-py still holds of it
-            await self.connection.connect()  # type: ignore[no-untyped-call]
-            writer = self.connection._writer
-            assert writer is not None
+        assert writer is not None
         transport = writer.transport
         self._stream_protocol = transport.get_protocol()
         self._reader = _reader()  # nothing of a lost connection's partial reply is kept
