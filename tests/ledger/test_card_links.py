@@ -208,6 +208,7 @@ async def test_with_the_snapshot_a_first_call_on_any_card_is_one_round_trip(
     for n in range(3):
         await open_account(ledger, f"member-{n}", f"400000000000710{n}", 1000)
     assert await loaded(other) == 3
+    await other.pipeline.execute("PING")  # its connection open (and its handshake run), as a serving process's is
     await redis.config_resetstat()
     await other.authorize(
         "member-1", points=100, ttl_ms=600_000, pos=TILL, request_id="h", fingerprint=fingerprint("h")
