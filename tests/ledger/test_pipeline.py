@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import DataError, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pointauth.server.config import RedisSettings
@@ -214,3 +214,15 @@ async def test_a_link_never_takes_over_a_pooled_connection_redis_closed(stack: E
         assert await TickPipeline(client).execute("PING") == b"PONG"
     finally:
         await client.aclose()
+
+
+async def test_a_command_that_cannot_be_sent_fails_alone_and_the_pipeline_goes_on(redis: Redis) -> None:
+    pipeline = TickPipeline(redis, max_batches=1)
+    results = await asyncio.wait_for(
+        asyncio.gather(pipeline.execute("SET", "k", None), pipeline.execute("INCR", "n"), return_exceptions=True), 5
+    )
+    # Not packable (redis-py's DataError), so nothing of its batch was written; its batch's other
+    # command fails with it, and the one batch in flight allowed is free again.
+    assert [type(r) for r in results] == [DataError, DataError]
+    assert await redis.get("n") is None
+    assert await asyncio.wait_for(pipeline.execute("INCR", "n"), 5) == 1

@@ -142,9 +142,12 @@ class _Link(asyncio.Protocol):
         self._transport = transport  # type: ignore[assignment]
 
     def send(self, batch: _Batch) -> None:
+        """Writes the commands of `batch` not answered yet; raises (writing nothing) if one of them
+        cannot be packed (redis-py's DataError)."""
         assert self._transport is not None
+        packed = self.connection.pack_commands(batch.commands[batch.answered :])
         self.batch = batch
-        self._transport.writelines(self.connection.pack_commands(batch.commands[batch.answered :]))
+        self._transport.writelines(packed)
 
     def abort(self) -> None:
         if self._transport is not None:
@@ -263,7 +266,14 @@ class TickPipeline:
         self._send(link, batch)
 
     def _send(self, link: _Link, batch: _Batch) -> None:
-        link.send(batch)
+        try:
+            link.send(batch)
+        except Exception as exc:  # the batch fails, not the loop's callback, leaving it in flight forever
+            if link.batch is batch:  # packed, then the write itself failed: the connection is not trusted
+                link.batch = None
+                link.abort()
+            self._finish(link, batch, exc)
+            return
         # One deadline for the batch's replies, not a timeout per reply.
         timeout = link.connection.socket_timeout
         if timeout is not None:
