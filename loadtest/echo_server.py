@@ -30,8 +30,8 @@ from pointauth.server.ledger.connection import connect
 from pointauth.server.ledger.pipeline import TickPipeline
 
 SERVICE = "pointauth.bench.v1.EchoService"
-# One write in one shard's slot, as the ledger script's calls are.
-_TOUCH = "return redis.call('INCR', KEYS[1])"
+REFERENCE_SCRIPT = "return redis.call('INCR', KEYS[1])"
+"""The reference's one Redis call: a write in one shard's slot, as the ledger function's calls are."""
 
 Handler = Callable[[bytes, grpc.aio.ServicerContext[bytes, bytes]], Awaitable[bytes]]
 
@@ -40,16 +40,16 @@ async def _echo(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes])
     return request
 
 
-def _key() -> str:
+def reference_key() -> str:
     return f"pa:{{s{random.randrange(1024)}}}:bench"
 
 
 def _echo_with_redis(redis_url: str) -> Handler:
     redis = Redis.from_url(redis_url, max_connections=64)
-    touch = redis.register_script(_TOUCH)
+    touch = redis.register_script(REFERENCE_SCRIPT)
 
     async def echo(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
-        await touch(keys=[_key()])
+        await touch(keys=[reference_key()])
         return request
 
     return echo
@@ -57,11 +57,11 @@ def _echo_with_redis(redis_url: str) -> Handler:
 
 async def _echo_with_tick_pipeline(redis_url: str) -> Handler:
     redis = connect(RedisSettings(url=redis_url))
-    sha = await redis.script_load(_TOUCH)
+    sha = await redis.script_load(REFERENCE_SCRIPT)
     pipeline = TickPipeline(redis)
 
     async def echo(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
-        await pipeline.execute("EVALSHA", sha, 1, _key())
+        await pipeline.execute("EVALSHA", sha, 1, reference_key())
         return request
 
     return echo

@@ -114,10 +114,13 @@ def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 20.0) -> None:
 class RedisServer:
     """redis-server with the durability pointauth promises: AOF fsync on every write, no eviction."""
 
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+    def __init__(self, data_dir: Path, port: int | None = None, wrapper: tuple[str, ...] = ()) -> None:
+        """`wrapper`: a command redis-server runs under (valgrind, for the benchmark's instruction
+        counts)."""
         self.data_dir = data_dir
         self.port = port or free_port()
         self._port_chosen = port is None
+        self.wrapper = wrapper
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -133,7 +136,7 @@ class RedisServer:
 
         def start_once() -> None:
             args = [
-                binary,
+                *self.wrapper, binary,
                 "--bind", LOOPBACK, "--port", str(self.port), "--dir", str(self.data_dir),
                 "--appendonly", "yes", "--appendfsync", "always",
                 "--maxmemory-policy", "noeviction", "--save", "",
