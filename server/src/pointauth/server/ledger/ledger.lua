@@ -122,7 +122,10 @@ local function tx_put(seq, rec)
   A.dirty_tx[seq] = true
 end
 
+-- (A table with nothing in it, the common case on the hot path, costs no new table and no sort.)
+local NO_KEYS = {}
 local function sorted_keys(t)
+  if next(t) == nil then return NO_KEYS end
   local keys = {}
   for k in pairs(t) do keys[#keys + 1] = k end
   table.sort(keys)
@@ -215,6 +218,7 @@ end
 -- Writes the lots changed so far: a lot's member names its points, so a change replaces it; an
 -- emptied lot is removed.
 local function flush_lots()
+  if next(A.dirty_lots) == nil then return end
   local rem, add = {}, {}
   for _, id in ipairs(sorted_keys(A.dirty_lots)) do
     local l = A.lots[id]
@@ -1270,19 +1274,20 @@ function OPS.balance()
   local skip = skip_score and redis.call('ZCOUNT', K_LOTS, fmt(skip_score), fmt(skip_score)) or 0
   local raw = redis.call('ZRANGEBYSCORE', K_LOTS, fmt(low), '+inf', 'WITHSCORES', 'LIMIT', 0, limit + 1 + skip)
   -- The page goes back as the set stores it (member, score, ...): the server parses it
-  -- (codec.decode_lot), so Redis spends no time on the lots it only passes on.
-  local page, n, more = {}, 0, false
-  for i = 1, #raw, 2 do
-    if not (skip_score and tonumber(raw[i + 1]) == skip_score and parse_lot(raw[i], raw[i + 1])[1] <= skip_id) then
-      if n == limit then
-        more = true
-        break
+  -- (codec.decode_lot), so Redis spends no time on the lots it only passes on. On a first page
+  -- (nothing to skip) that is the range read's reply itself, less the lot read past the page.
+  local page = raw
+  if skip > 0 then
+    page = {}
+    for i = 1, #raw, 2 do
+      if not (tonumber(raw[i + 1]) == skip_score and parse_lot(raw[i], raw[i + 1])[1] <= skip_id) then
+        page[#page + 1] = raw[i]
+        page[#page + 1] = raw[i + 1]
       end
-      n = n + 1
-      page[#page + 1] = raw[i]
-      page[#page + 1] = raw[i + 1]
     end
   end
+  local more = #page > 2 * limit
+  for i = #page, 2 * limit + 1, -1 do page[i] = nil end
   return cmsgpack.pack({code = 'OK', page = page, more = more, available = available(), held = held()})
 end
 
