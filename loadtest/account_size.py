@@ -82,7 +82,7 @@ class Time:
         stats: dict[str, Any] = await self.redis.info("commandstats")
         entry = stats[f"cmdstat_{command}"]
         if int(entry["calls"]) != n:
-            raise AssertionError(f"{entry['calls']} {command} calls measured, {n} expected")
+            raise AssertionError(f"{entry['calls']} {command} calls counted, {n} expected")
         return int(entry["usec"]) / n
 
 
@@ -234,17 +234,22 @@ async def _run(url: str, meter_of: Callable[[Redis], Meter], calls: int) -> tupl
         await redis.aclose()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.account_size", description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, help="measured calls per account and RPC (default: 200, or 100 "
                         "with --instructions: a multiple of 50, as Redis steps Lua's garbage collector after "
                         "every 50th script call)")  # fmt: skip
     parser.add_argument("--instructions", action="store_true",
                         help="count the instructions Redis executes (valgrind's callgrind), not time")  # fmt: skip
     args = parser.parse_args(argv)
-    calls = args.calls or (100 if args.instructions else 200)
+    args.calls = args.calls or (100 if args.instructions else 200)
     if args.instructions and not (shutil.which("valgrind") and shutil.which("callgrind_control")):
         parser.error("--instructions needs valgrind (apt-get install valgrind)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="pointauth-account-size-") as tmp:
         out = Path(tmp) / "callgrind.out"
         server = RedisServer(Path(tmp) / "redis", wrapper=under_callgrind(out) if args.instructions else ()).start()
@@ -254,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             def meter_of(redis: Redis) -> Meter:
                 return Instructions(redis, pid, out) if args.instructions else Time(redis)
 
-            meter, text = asyncio.run(_run(server.url, meter_of, calls))
+            meter, text = asyncio.run(_run(server.url, meter_of, args.calls))
         finally:
             server.stop()
     if isinstance(meter, Instructions):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest import bench, writebehind_bench
+from loadtest import account_size, bench, writebehind_bench
 from pointauth.server.app import PointauthServer
 from pointauth.server.cli import build_parser
 from pointauth.server.config import Settings
@@ -88,6 +88,8 @@ def test_shell_command_parses_and_names_existing_files(block: Block, argv: list[
             _parses(bench.parse_args, args)
         case ["uv", "run", "python", "-m", "loadtest.writebehind_bench", *args]:
             _parses(writebehind_bench.parse_args, args)
+        case ["uv", "run", "python", "-m", "loadtest.account_size", *args]:
+            _parses(account_size.parse_args, args)
         case ["uv", "run", "python", "-m", module] if module.startswith("loadtest."):
             # Run with no arguments: the module must be there and be a command.
             assert callable(getattr(importlib.import_module(module), "main", None)), f"{block}: no {module}.main"

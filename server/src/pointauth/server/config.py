@@ -92,9 +92,9 @@ class LedgerSettings(_Section):
     """Shards looked at per sweep, in turn (1,024 shards at 64 a second: each every 16 s).
     Reads and writes see an expired hold as expired at once; the sweep only writes it down."""
     sweep_accounts_per_tick: Positive = 100
-    """At most this many accounts' expired holds are written down per sweep, so that a burst of
-    expiries (a till network outage) is spread over several ticks instead of one long stall;
-    the rest wait for the next tick."""
+    """At most this many accounts' expired holds are written down per sweep, one ledger call (at
+    most 50 holds) each, so that a burst of expiries (a till network outage) is spread over
+    several ticks instead of one long stall; the rest wait for the next tick."""
     card_index_snapshot: bool = True
     """Read the whole card index when the process starts, before it serves, so that a till call
     on any card is one Redis round trip (the ledger function call; without it, a card this

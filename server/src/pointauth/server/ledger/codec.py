@@ -901,8 +901,15 @@ def decode_directory_version(raw: bytes | str | None) -> int:
 # -- the ledger function's arguments and answers, and idempotency records ----------------------
 
 
+EXPIRY_CONTINUES = "EXPIRY_CONTINUES"
+"""OpResult.code of a call that found more holds past their TTL than one call releases (the
+ledger script's EXPIRE_PAGE): it released that many and did nothing else, wrote no idempotency
+record, and the same call made again releases more, then runs. Never an answer to a client."""
+
+
 class OpResult(msgspec.Struct, frozen=True):
-    """What a ledger function call answered; `code` is OK or the gRPC status name of a refusal."""
+    """What a ledger function call answered; `code` is OK, EXPIRY_CONTINUES, or the gRPC status
+    name of a refusal."""
 
     code: str
     available: int = 0

@@ -62,6 +62,15 @@ local MAX_BALANCE = 1000000000000000
 local SPEND_PAGE = 8
 -- Arguments per command when writing many members at once (Lua's unpack has a stack limit).
 local BATCH = 1000
+-- Holds past their TTL released per call. Each costs Redis some 176,000 instructions (its record,
+-- its event, the lots it gives back to), and an account whose holds all expired at once (a till
+-- that never captured, a burst) would otherwise hold Redis for every other till while one call
+-- released them all: 1,000 holds, tens of ms. Past this many, a call releases them, writes that,
+-- and answers EXPIRY_CONTINUES instead of doing its op (codec.py): the server calls again.
+local EXPIRE_PAGE = 50
+-- EXPIRE_PAGE + 1 and SPEND_PAGE as text: a number passed to redis.call is printed with %.17g
+-- on every call (and a library's top level cannot call string.format).
+local EXPIRE_READ, SPEND_READ = '51', '8'
 
 local function fmt(n) return string.format('%d', n) end
 
@@ -281,7 +290,7 @@ local function take(amount, first)
   local offset = 0
   while rest > 0 do
     local raw = redis.call('ZRANGEBYSCORE', K_LOTS, '(' .. fmt(lot_score(NOW, 'R')), '+inf', 'WITHSCORES',
-      'LIMIT', offset, SPEND_PAGE)
+      'LIMIT', offset == 0 and '0' or fmt(offset), SPEND_READ)
     for i = 1, #raw, 2 do
       if rest == 0 then break end
       use(read_lot(raw[i], raw[i + 1]))
@@ -333,7 +342,11 @@ local function expire()
   -- out (available() does), as it always has.
   local raw = redis.call('ZRANGEBYSCORE', K_LOTS, '-inf', fmt(lot_score(NOW, 'R')), 'WITHSCORES')
   for i = 1, #raw, 2 do read_lot(raw[i], raw[i + 1]) end
-  local due = redis.call('ZRANGEBYSCORE', K_OPEN, '-inf', fmt(NOW))
+  local due = redis.call('ZRANGEBYSCORE', K_OPEN, '-inf', fmt(NOW), 'LIMIT', '0', EXPIRE_READ)
+  if #due > EXPIRE_PAGE then
+    A.more_expired = true
+    due[#due] = nil -- the first EXPIRE_PAGE to expire; the next call goes on from there
+  end
   local seqs = {}
   for i, member in ipairs(due) do seqs[i] = tonumber(string.match(member, '^(%d+):')) end
   table.sort(seqs) -- one event per hold, in the order of the holds
@@ -805,7 +818,7 @@ local function receipt_facts(result)
   if not ARGS.soon then return result end
   flush_lots()
   local raw = redis.call('ZRANGEBYSCORE', K_LOTS, fmt(lot_score(NOW, 'R') + 1), fmt(lot_score(NOW + ARGS.soon, 'R')),
-    'WITHSCORES', 'LIMIT', 0, 10)
+    'WITHSCORES', 'LIMIT', '0', '10')
   local soon = {}
   for i = 1, #raw, 2 do soon[#soon + 1] = parse_lot(raw[i], raw[i + 1]) end
   if #soon > 0 then result.soon = soon end
@@ -1272,7 +1285,7 @@ function OPS.balance()
   -- Lots at the page's first score up to the previous page's last one are skipped: at most one
   -- per issuer (lots of one expiry, kind and issuer are one lot).
   local skip = skip_score and redis.call('ZCOUNT', K_LOTS, fmt(skip_score), fmt(skip_score)) or 0
-  local raw = redis.call('ZRANGEBYSCORE', K_LOTS, fmt(low), '+inf', 'WITHSCORES', 'LIMIT', 0, limit + 1 + skip)
+  local raw = redis.call('ZRANGEBYSCORE', K_LOTS, fmt(low), '+inf', 'WITHSCORES', 'LIMIT', '0', fmt(limit + 1 + skip))
   -- The page goes back as the set stores it (member, score, ...): the server parses it
   -- (codec.decode_lot), so Redis spends no time on the lots it only passes on. On a first page
   -- (nothing to skip) that is the range read's reply itself, less the lot read past the page.
@@ -1367,6 +1380,13 @@ local function ledger(KEYS, ARGV)
     if c.state ~= 'A' then return card_blocked(ARGS.via, c) end
   end
   expire()
+  if A.more_expired then
+    -- What time changed so far is written, with no idempotency record: the same call again
+    -- (the same request id) releases the next holds, and once none is left over, runs its op.
+    commit()
+    return cmsgpack.pack({code = 'EXPIRY_CONTINUES', message = 'account ' .. ACCOUNT .. ' has more than '
+      .. fmt(EXPIRE_PAGE) .. ' holds past their TTL; ' .. fmt(EXPIRE_PAGE) .. ' were released'})
+  end
   return OPS[OP]()
 end
 
