@@ -68,7 +68,7 @@ local BATCH = 1000
 -- released them all: 1,000 holds, tens of ms. Past this many, a call releases them, writes that,
 -- and answers EXPIRY_CONTINUES instead of doing its op (codec.py): the server calls again.
 local EXPIRE_PAGE = 50
--- EXPIRE_PAGE + 1 and SPEND_PAGE as text: a number passed to redis.call is printed with %.17g
+-- EXPIRE_PAGE + 1 and SPEND_PAGE as text: a number passed to redis.call is turned into text
 -- on every call (and a library's top level cannot call string.format).
 local EXPIRE_READ, SPEND_READ = '51', '8'
 
