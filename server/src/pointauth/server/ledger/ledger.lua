@@ -18,7 +18,8 @@
 --   7 merges         sorted set of the shard's accounts merged out whose merge is not yet
 --                    finished (the recovery pass's list), by merge time
 --   8 idempotency    string "<fingerprint><msgpack result>" (mutations only)
--- ARGV: op, now_ms, account_id, fingerprint, idempotency_ttl_s, tx_retention_ms, msgpack args,
+-- ARGV: op, now_ms, account_id, fingerprint, idempotency_expires_ms (Unix ms, wall clock),
+--   tx_retention_ms, msgpack args,
 --   and for a refund of a merged account's transaction, its record
 --   A call made for a card (earn, authorize, redeem, balance, account) names it in args.via: the
 --   server found the account from a cache or the card index, either of which may be stale once
@@ -47,7 +48,7 @@
 -- from one call to the next (defining the ~90 functions inside the callback, as before, cost
 -- some 25 us of Redis time per call: a closure each).
 -- The call's ARGV and KEYS, as listed above (ARGS: the msgpack args; BLOB: a foreign record).
-local OP, NOW, ACCOUNT, FINGERPRINT, IDEM_TTL, TX_RETENTION, ARGS, BLOB
+local OP, NOW, ACCOUNT, FINGERPRINT, IDEM_EXP, TX_RETENTION, ARGS, BLOB
 local K_ACCOUNT, K_TX, K_LOTS, K_OPEN, K_HOLDS, K_EVENTS, K_MERGES, K_IDEM
 -- NAMED_TX: the record the company check read (kept for tx_get); VIA_CARD: the `c:` field of the
 -- card the call was made for.
@@ -447,8 +448,7 @@ local function finish(result)
   -- it expires at: the write-behind copies it from there, not with a GET and PTTL per event.
   if K_IDEM then
     A.record = FINGERPRINT .. packed
-    local t = redis.call('TIME')
-    A.record_exp = fmt(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + IDEM_TTL * 1000)
+    A.record_exp = IDEM_EXP
     redis.call('SET', K_IDEM, A.record, 'PXAT', A.record_exp)  -- expires exactly when the entry says
   end
   if result.code == 'OK' then commit() end
@@ -1309,7 +1309,7 @@ local AFTER_MERGE = {account = true, capture = true, void = true, merge_in = tru
 
 local function ledger(KEYS, ARGV)
   OP, NOW, ACCOUNT = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-  FINGERPRINT, IDEM_TTL, TX_RETENTION = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
+  FINGERPRINT, IDEM_EXP, TX_RETENTION = ARGV[4], ARGV[5], tonumber(ARGV[6])
   ARGS = cmsgpack.unpack(ARGV[7])
   -- Bytes to pass as they are (cmsgpack reads no msgpack bin): a refund's foreign record.
   BLOB = ARGV[8]
