@@ -4,8 +4,8 @@ Issue #13 item 5: a call's Redis work must not grow with the account. This build
 of its own, accounts with 1, 100 and 1,000 lots (distinct expiries, so no two can merge) and one
 with 1,000 open holds, then measures each call inside Redis, so that neither the network nor the
 client counts. The AuthorizeHolds measured are then voided (not measured), to keep the account's
-shape for the next; GetBalance changes nothing. The echo + 1 Redis call reference's call (an INCR script) is
-measured the same way, beside them.
+shape for the next; GetBalance changes nothing. The echo + 1 Redis call reference's call (an
+INCR script) is measured the same way, beside them.
 
 Two measures:
 - by default, time: `INFO commandstats`'s usec for the call, after a CONFIG RESETSTAT. On a
