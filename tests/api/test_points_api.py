@@ -169,6 +169,20 @@ async def test_sweeper_releases_untouched_expired_holds(
     assert await server.ledger.sweep_expired_holds() == 0
 
 
+async def test_a_call_after_many_holds_expired_together_answers_with_all_of_them_released(
+    client: PointsClient, member: str, clock: ManualClock, redis: Redis, keyspace: Keyspace
+) -> None:
+    """120 holds, more than one ledger call releases (50): the till's one RPC still sees them all
+    released, and the journal gets each expiry once."""
+    for _ in range(120):
+        await client.authorize_hold(member, STORE, 2, hold_ttl=timedelta(seconds=60))
+    clock.advance(60_000)
+    hold = await client.authorize_hold(member, STORE, 30)
+    assert (hold.balance.available_points, hold.balance.held_points) == (970, 30)
+    types = [e["type"] for e in await events(redis, keyspace, "member-1")]
+    assert (types.count("HOLD_EXPIRED"), types[-1]) == (120, "HOLD_AUTHORIZED")
+
+
 async def test_hold_ttl_out_of_bounds_is_invalid(client: PointsClient, member: str) -> None:
     from pointauth.client import InvalidArgumentError
 

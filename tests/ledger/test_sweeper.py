@@ -113,3 +113,22 @@ async def test_a_sweep_releases_one_call_s_worth_of_an_account_s_holds_per_tick(
     balance = await ledger.balance("swept-in-pages")
     assert (balance.available, balance.held) == (1_000, 0)
     assert len([e for e in await _events(ledger, keyspace, "swept-in-pages") if e.type == "HOLD_EXPIRED"]) == 120
+
+
+async def test_a_server_stopped_between_two_calls_of_a_release_leaves_the_rest_to_the_next_call(
+    ledger: Ledger, clock: ManualClock, keyspace: Keyspace, ledger_settings: LedgerSettings
+) -> None:
+    """Each call's release is one atomic function call, so a server killed between two of them
+    leaves Redis with some holds released and the rest due: a restarted server's call (a new
+    Ledger, nothing carried over) goes on from there and does its own work once."""
+    holds = await _account_with_holds(ledger, clock, "cut-short", 120)
+    clock.advance(5_000)
+    await ledger.sweep_expired_holds(16)  # one call: 50 released, then the server is gone
+    restarted = Ledger(ledger.redis, keyspace, clock, ledger_settings)
+    hold = await restarted.authorize(
+        "cut-short", points=3, ttl_ms=5_000, pos=TILL, request_id="after", fingerprint=fingerprint("after")
+    )
+    assert (hold.available, hold.held) == (997, 3)
+    events = await _events(restarted, keyspace, "cut-short")
+    assert sorted(e.ref or 0 for e in events if e.type == "HOLD_EXPIRED") == holds
+    assert [e.type for e in events[-71:]] == ["HOLD_EXPIRED"] * 70 + ["HOLD_AUTHORIZED"]
