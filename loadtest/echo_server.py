@@ -2,9 +2,9 @@
 SO_REUSEPORT, uvloop, the same server options):
 
 - the bare grpc.aio ceiling: a unary echo of raw bytes, no work per call;
-- with `--redis-url`, the echo plus one Redis script call per RPC, through a pool as large as
-  pointauth's: the ceiling of any design that touches Redis once per call (a write, so with
-  `appendfsync always` it pays the fsync an AuthorizeHold pays);
+- with `--redis-url`, the echo plus one Redis script call per RPC, through redis-py's pool (a
+  connection per call in flight): the ceiling of any design that touches Redis once per call (a
+  write, so with `appendfsync always` it pays the fsync an AuthorizeHold pays);
 - with `--tick-pipeline` too, that call goes the way pointauth's calls go (its Redis client, one
   pipeline per event-loop tick), not through redis-py's pool and a connection per call: what one
   Redis call costs a server built as pointauth is, the higher ceiling.
@@ -30,6 +30,8 @@ from pointauth.server.ledger.connection import connect
 from pointauth.server.ledger.pipeline import TickPipeline
 
 SERVICE = "pointauth.bench.v1.EchoService"
+MAX_CONCURRENT_STREAMS = 1000
+"""Calls the server lets in at once on one connection (grpc.max_concurrent_streams)."""
 REFERENCE_SCRIPT = "return redis.call('INCR', KEYS[1])"
 """The reference's one Redis call: a write in one shard's slot, as the ledger function's calls are."""
 
@@ -45,7 +47,11 @@ def reference_key() -> str:
 
 
 def _echo_with_redis(redis_url: str) -> Handler:
-    redis = Redis.from_url(redis_url, max_connections=64)
+    # redis-py's plain pool fails a call past its size (MaxConnectionsError) instead of waiting:
+    # at 64 connections, a burst of more calls in flight met that. Sized to what one client
+    # connection may have in flight, far more than any bench step has, it opens a connection per
+    # call in flight (in the bench's steps as many as before, when none failed).
+    redis = Redis.from_url(redis_url, max_connections=MAX_CONCURRENT_STREAMS)
     touch = redis.register_script(REFERENCE_SCRIPT)
 
     async def echo(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
@@ -73,7 +79,9 @@ async def serve(host: str, port: int, redis_url: str | None = None, tick_pipelin
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     # The options of pointauth.server.app.PointauthServer, so only the work per call differs.
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_concurrent_streams", 1000)])
+    server = grpc.aio.server(
+        options=[("grpc.so_reuseport", 1), ("grpc.max_concurrent_streams", MAX_CONCURRENT_STREAMS)]
+    )
     # No (de)serializers: the handler sees the request's bytes, the floor of what any RPC costs.
     if redis_url:
         echo = await _echo_with_tick_pipeline(redis_url) if tick_pipeline else _echo_with_redis(redis_url)
