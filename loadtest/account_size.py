@@ -57,6 +57,7 @@ async def _calls(redis: Redis, command: str) -> int:
 
 class Meter(Protocol):
     unit: str
+    title: str
 
     async def prepare(self) -> None: ...
 
@@ -69,6 +70,7 @@ class Time:
     """Microseconds inside Redis, from INFO commandstats."""
 
     unit = "µs"
+    title = "Redis time per call (INFO commandstats usec_per_call, after CONFIG RESETSTAT)"
 
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
@@ -91,6 +93,7 @@ class Instructions:
     counters zeroed and counting on just before the calls, off and dumped just after."""
 
     unit = "instructions"
+    title = "Instructions Redis executes per call (valgrind --tool=callgrind, counting only during the calls)"
 
     def __init__(self, redis: Redis, pid: int, out: Path) -> None:
         self.redis = redis
@@ -223,13 +226,13 @@ def table(rows: list[tuple[str, float, float]], reference: float, unit: str) -> 
     return "\n".join(lines)
 
 
-async def _run(url: str, meter_of: Callable[[Redis], Meter], calls: int) -> tuple[Meter, str]:
+async def _run(url: str, meter_of: Callable[[Redis], Meter], calls: int) -> str:
     redis = Redis.from_url(url)
     try:
         meter = meter_of(redis)
         await meter.prepare()
         rows, reference = await measure(redis, meter, calls)
-        return meter, table(rows, reference, meter.unit)
+        return f"{meter.title}\n{table(rows, reference, meter.unit)}"
     finally:
         await redis.aclose()
 
@@ -259,14 +262,9 @@ def main(argv: list[str] | None = None) -> int:
             def meter_of(redis: Redis) -> Meter:
                 return Instructions(redis, pid, out) if args.instructions else Time(redis)
 
-            meter, text = asyncio.run(_run(server.url, meter_of, args.calls))
+            print(asyncio.run(_run(server.url, meter_of, args.calls)))
         finally:
             server.stop()
-    if isinstance(meter, Instructions):
-        print("Instructions Redis executes per call (valgrind --tool=callgrind, counting only during the calls)")
-    else:
-        print("Redis time per call (INFO commandstats usec_per_call, after CONFIG RESETSTAT)")
-    print(text)
     return 0
 
 
