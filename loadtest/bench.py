@@ -52,7 +52,7 @@ from loadtest import earn_rules
 from loadtest.driver import POS, Step, StepResult, new_histogram
 from loadtest.lag import LagSampler, wait_until_drained
 from loadtest.population import CARD_FORMAT, Population
-from loadtest.procs import ClientPool, CpuMeter, Service, background_label, idle_cgroup, named, tree
+from loadtest.procs import ClientPool, CpuMeter, Service, background_label, cpu_split, idle_cgroup, named, pin, tree
 from loadtest.stalls import RedisStalls, describe
 from pointauth.client import ClientTLS, NotFoundError, PointsClient
 from pointauth.server.api.credentials import write_credentials_atomically
@@ -268,6 +268,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         " puts them (needs root, the cgroup cpu controller and the embedded stack)",
     )
     p.add_argument(
+        "--store-cpu",
+        action="store_true",
+        help="Redis, PostgreSQL and the write-behind worker on the last CPU, the servers and the load generator on"
+        " the others, as when the stores have hosts of their own (needs the embedded stack)",
+    )
+    p.add_argument(
         "--tick-reference",
         action="store_true",
         help="the echo + 1 Redis call reference makes its call through pointauth's tick pipeline, not redis-py's"
@@ -413,9 +419,10 @@ def run(args: argparse.Namespace, out: contextlib.ExitStack) -> dict[str, Any]:
     population = Population(args.accounts, args.card_format, hot_traffic=args.hot_traffic)
 
     to_background: Callable[[list[int]], None] | None = None
+    store_cpu, others = cpu_split("--store-cpu") if args.store_cpu else (set(), set())
     if args.redis_url:
-        if args.background_idle:
-            raise SystemExit("--background-idle needs the embedded stack (it moves its PostgreSQL)")
+        if args.background_idle or args.store_cpu:
+            raise SystemExit("--background-idle and --store-cpu need the embedded stack (they move its stores)")
         redis_url, postgres_dsn = args.redis_url, args.postgres_dsn or ""
         log_dir = Path(tempfile.mkdtemp(prefix="pointauth-bench-logs-"))
     else:
@@ -496,6 +503,8 @@ def run(args: argparse.Namespace, out: contextlib.ExitStack) -> dict[str, Any]:
             f"pointauth serve ({security})", [*serve, "--workers", workers, "--port", str(port)], port, secure.env,
             log_dir / f"server-{security}.log", ready=ready,
         )  # fmt: skip
+    if others:
+        pin([os.getpid()], others)  # and so the servers and the load generator, started from here
     for service in services.values():
         out.enter_context(service)
     command = worker_command(args)
@@ -503,9 +512,13 @@ def run(args: argparse.Namespace, out: contextlib.ExitStack) -> dict[str, Any]:
         services["worker"] = out.enter_context(
             Service("write-behind worker", command, None, env, log_dir / "worker.log")
         )
+    background = [services["worker"].proc] if "worker" in services else []
     if to_background:
-        background = [services["worker"].proc] if "worker" in services else []
         to_background([pid for proc in [*background, stack.postgres.proc] if proc for pid in tree(proc.pid)])
+    if store_cpu:
+        # PostgreSQL's backends started later are forked by its postmaster, and so run where it does.
+        stores = [*background, stack.redis.proc, stack.postgres.proc]
+        pin([pid for proc in stores if proc for pid in tree(proc.pid)], store_cpu)
     flat = [s for s in scenarios if s not in UNDER_RULES]
     ruled = [s for s in scenarios if s in UNDER_RULES]
     # AuthorizeHold, CaptureHold and GetBalance are the same under rules; EarnPoints is not.
@@ -632,6 +645,11 @@ def run(args: argparse.Namespace, out: contextlib.ExitStack) -> dict[str, Any]:
             "reference_client": "tick pipeline" if args.tick_reference else "redis-py pool",
             "redis_stall_threshold_ms": stalls.threshold_ms if stalls.enabled else None,
             "background": background_label(to_background is not None),
+            "cpus": (
+                f"Redis, PostgreSQL and the worker on CPU {min(store_cpu)}, the rest on {sorted(others)}"
+                if store_cpu
+                else "all shared"
+            ),
             "warmup_s": plan.warmup_s,
             "duration_s": plan.duration_s,
             "repeat": plan.repeat,
@@ -777,7 +795,7 @@ def report(result: dict[str, Any]) -> str:
         f"pointauth benchmark: {cfg['accounts']:,} accounts, {cfg['workers']} server processes, "
         f"{cfg['clients']} client processes, Redis appendfsync={cfg['redis_appendfsync']}, "
         f"each step {cfg['repeat']}x {cfg['duration_s']} s (medians; min-max over the runs)",
-        f"machine: {machine['cpus']} CPUs ({machine['cpu_model']}), Python {machine['python']}",
+        f"machine: {machine['cpus']} CPUs ({machine['cpu_model']}), Python {machine['python']}; CPUs: {cfg['cpus']}",
         "latency from when each call was due; busy = share of all cores' time used, by everything",
         "",
         f"{'':22}{HEADER}",

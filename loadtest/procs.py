@@ -67,6 +67,25 @@ def named(command: str) -> list[int]:
     return found
 
 
+def cpu_split(option: str) -> tuple[set[int], set[int]]:
+    """(the last CPU this process may run on, the others): a CPU of its own for what `option`
+    sets apart, as a deployment would with cpusets or hosts of their own."""
+    allowed = os.sched_getaffinity(0)
+    rest = allowed - {max(allowed)}
+    if not rest:
+        raise SystemExit(f"{option} needs at least two CPUs")
+    return {max(allowed)}, rest
+
+
+def pin(pids: list[int], cpus: set[int]) -> None:
+    """Every thread of these processes onto `cpus`: an affinity is a thread's, and threads made
+    before it was set (Redis's, grpc's) keep their own. Processes gone meanwhile are skipped."""
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(int(task.name), cpus)
+
+
 CGROUP_V1_CPU = Path("/sys/fs/cgroup/cpu")
 CGROUP_V2 = (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified"))
 

@@ -37,7 +37,7 @@ from typing import IO, Any
 import uvloop
 from redis.asyncio import Redis
 
-from loadtest.procs import background_label, cpu_seconds, idle_cgroup, tree
+from loadtest.procs import background_label, cpu_seconds, cpu_split, idle_cgroup, pin, tree
 from pointauth.server.clock import SystemClock
 from pointauth.server.config import LedgerSettings
 from pointauth.server.devstack.stack import EmbeddedStack
@@ -259,19 +259,14 @@ async def split_cpus(dsn: str, worker_pid: int, redis_pid: int | None) -> str:
     """Puts the worker and its PostgreSQL backends on the last CPU, this process (the probe) and
     Redis on the others, as a deployment would with cpusets: the drain then never wakes a till's
     work on a CPU the write-behind is using. Needs the right to set those processes' affinity."""
-    last = max(os.sched_getaffinity(0))
-    rest = set(os.sched_getaffinity(0)) - {last}
-    if not rest:
-        raise SystemExit("--split-cpus needs at least two CPUs")
+    own, rest = cpu_split("--split-cpus")
     async with connection(dsn) as conn:
         backends = await conn.fetch(
             "SELECT pid FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
         )
-    for pid in [*tree(worker_pid), *(int(r["pid"]) for r in backends)]:
-        os.sched_setaffinity(pid, {last})
-    for pid in [os.getpid(), *([redis_pid] if redis_pid else [])]:
-        os.sched_setaffinity(pid, rest)
-    return f"worker and its PostgreSQL backends on CPU {last}, probe and Redis on {sorted(rest)}"
+    pin([*tree(worker_pid), *(int(r["pid"]) for r in backends)], own)
+    pin([os.getpid(), *([redis_pid] if redis_pid else [])], rest)
+    return f"worker and its PostgreSQL backends on CPU {min(own)}, probe and Redis on {sorted(rest)}"
 
 
 def _start_worker(env: dict[str, str], log: IO[bytes]) -> subprocess.Popen[bytes]:
