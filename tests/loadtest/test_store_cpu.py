@@ -59,14 +59,14 @@ def test_bench_runs_the_stores_on_their_cpu_and_the_rest_on_the_others(tmp_path:
         "--scenarios", "authorize", "--security", "", "--store-cpu", "--data-dir", str(tmp_path / "stack"),
         "--json", str(tmp_path / "bench.json"),
     ]  # fmt: skip
-    bench = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    running = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     latest: dict[str, set[frozenset[int]]] = {}
     try:
         # The stores start where the bench runs and are moved before the first step: the last look
         # at each process, taken while the steps run, is where it measured.
-        while bench.poll() is None:
+        while running.poll() is None:
             now: dict[str, set[frozenset[int]]] = {}
-            for pid in tree(bench.pid):
+            for pid in tree(running.pid):
                 try:
                     comm = Path(f"/proc/{pid}/comm").read_text().strip()
                     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -84,11 +84,11 @@ def test_bench_runs_the_stores_on_their_cpu_and_the_rest_on_the_others(tmp_path:
                     now.setdefault(role, set()).update(cpus)
             latest.update(now)
             time.sleep(0.2)
-        output = bench.communicate(timeout=10)[0]
+        output = running.communicate(timeout=10)[0]
     finally:
-        if bench.poll() is None:
-            bench.kill()
-    assert bench.returncode == 0, output
+        if running.poll() is None:
+            running.kill()
+    assert running.returncode == 0, output
     assert f"CPUs: Redis, PostgreSQL and the worker on CPU {max(own)}, the rest on {sorted(rest)}" in output
     assert latest == {
         "redis": {frozenset(own)},
