@@ -23,6 +23,8 @@ def test_quick_bench_reports_ordered_percentiles_and_no_errors(
 ) -> None:
     # `redis` flushed the session's Redis: the bench seeds its own population (1,024 shards).
     out = tmp_path / "bench.json"
+    with SyncRedis.from_url(stack.redis.url) as plain:
+        rewrites_before = plain.info("persistence")["aof_rewrites"]
     command = [
         sys.executable, "-m", "loadtest.bench", "--quick",
         "--accounts", "1000", "--workers", "1", "--clients", "1", "--settle",
@@ -82,6 +84,8 @@ def test_quick_bench_reports_ordered_percentiles_and_no_errors(
     assert result["redis_memory"]["used_memory"] > 0
 
     assert "settled in" in run.stderr  # --settle vacuumed PostgreSQL before measuring
+    with SyncRedis.from_url(stack.redis.url) as plain:  # and rewrote the AOF: no fork during a step
+        assert plain.info("persistence")["aof_rewrites"] == rewrites_before + 1
     # One table, printed once the ratios to the references are known (progress goes to stderr).
     output = run.stdout + run.stderr
     assert output.count(HEADER) == 1, output
